@@ -69,8 +69,6 @@ def parse_spec(text: str | EncoderSpec) -> EncoderSpec:
     head, sep, tail = rest.rpartition(":")
     if sep and tail in MODALITIES:
         rest, modality = head, tail
-    elif prefix == "random" and rest.split("@")[0] in MODALITIES:
-        modality = rest.split("@")[0]
     if not rest:
         raise SpecError(f"'{text}' names a modality but no model")
     return EncoderSpec(prefix, rest, modality)
