@@ -1,0 +1,413 @@
+"""`anybind extract`: run a frozen encoder over one field of a dataset into a feature store.
+
+Decoding and preprocessing run in worker processes while the main process runs the forward
+pass. Work is written shard by shard, atomically; a killed run resumes at the first missing
+shard and ends bit-for-bit equal to an uninterrupted one (same batches, same order). Under
+torchrun (RANK / WORLD_SIZE set) each process takes every WORLD_SIZE-th shard and rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .._hashing import hash_obj
+from ..config import cache_root
+from ..encoders import Encoder, create_encoder
+from ..errors import AnybindError, DataError, StoreError
+from .safetensors_io import DTYPES, canonical_dtype, read_header, write_shard
+from .store import (
+    FORMAT_VERSION, MANIFEST, REQUEST, ROWS, SKIPPED, FeatureStore, StoreKey, describe_mismatch,
+    find_store, shard_name, stores_dir,
+)
+
+log = logging.getLogger("anybind.extract")
+BF16_MIN_COSINE = 0.995  # bf16 is used only where features stay this close to fp32
+CALIBRATION_ITEMS = 16
+
+
+# ---- choices -----------------------------------------------------------------------------------
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_field(index, modality: str) -> str:
+    """The dataset field an encoder of `modality` reads: the only one, or image/caption."""
+    fields = [f for f, m in index.fields.items() if m == modality]
+    if len(fields) == 1:
+        return fields[0]
+    preferred = {"image": "image", "text": "caption"}.get(modality)
+    if preferred in fields:
+        return preferred
+    if not fields:
+        raise DataError(f"dataset '{index.name}' has no {modality} field for this encoder: it has "
+                        + ", ".join(f"{f} ({m})" for f, m in index.fields.items()))
+    raise DataError(f"dataset '{index.name}' has several {modality} fields ({', '.join(fields)}): pass --field")
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def choose_precision(enc: Encoder, refs: list, layers: list[str], pooling: str, device: torch.device, cache=None) -> str:
+    """bf16 autocast where the encoder's features stay within cosine 0.995 of fp32, else fp32.
+
+    Measured once per encoder (weights, preprocessing, pooling, layers, device) on a few real
+    items, and remembered in the cache so every later run decides the same.
+    """
+    if not enc.supports_autocast:
+        return "fp32"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32"
+    memo_key = hash_obj([enc.fingerprint(pooling, "?"), sorted(layers), device.type])
+    memo_file = cache_root(cache) / "precision.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key in memo:
+        return memo[memo_key]["precision"]
+    items = []
+    for ref in refs:
+        try:
+            items.append(enc.preprocess(enc.load_item(ref)))
+        except DataError:
+            continue
+        if len(items) >= CALIBRATION_ITEMS:
+            break
+    if not items:
+        return "fp32"
+    batch = enc.collate(items)
+    with torch.inference_mode():
+        ref32 = enc.encode(_to(batch, device), layers, pooling)
+        with autocast("bf16", device):
+            low = enc.encode(_to(batch, device), layers, pooling)
+    worst = min(
+        torch.nn.functional.cosine_similarity(ref32[k].float(), low[k].float(), dim=-1).min().item() for k in layers
+    )
+    precision = "bf16" if worst >= BF16_MIN_COSINE else "fp32"
+    log.info("precision: bf16 vs fp32 min cosine %.4f over %d items -> %s", worst, len(items), precision)
+    memo[memo_key] = {"precision": precision, "min_cosine": round(worst, 5), "spec": str(enc.spec)}
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_name(f".precision.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo, indent=1))
+    os.replace(tmp, memo_file)
+    return precision
+
+
+def _to(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+# ---- the worker side -------------------------------------------------------------------------------
+class _Items(torch.utils.data.Dataset):
+    """Row position -> (position, model input or None, skip reason or None). Runs in workers."""
+
+    def __init__(self, enc: Encoder, refs: list):
+        self.enc, self.refs = enc, refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, pos: int):
+        ref = self.refs[pos]
+        if ref is None:
+            return pos, None, "missing value"
+        try:
+            return pos, self.enc.preprocess(self.enc.load_item(ref)), None
+        except DataError as e:
+            return pos, None, str(e)
+        except Exception as e:  # a decoder bug on one odd file must not kill a long run
+            return pos, None, f"{type(e).__name__}: {e}"
+
+
+class _Collate:
+    def __init__(self, enc: Encoder):
+        self.enc = enc
+
+    def __call__(self, items):
+        ok = [(p, x) for p, x, _ in items if x is not None]
+        skipped = [(p, r) for p, _, r in items if r is not None]
+        batch = self.enc.collate([x for _, x in ok]) if ok else None
+        return [p for p, _ in ok], batch, skipped
+
+
+def _batches(shards: list[int], shard_size: int, n: int, batch_size: int) -> list[list[int]]:
+    """Fixed batches inside each shard: the same on every run, so a resumed run is bit-identical."""
+    out = []
+    for s in shards:
+        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+        out += [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
+    return out
+
+
+# ---- the store folder ------------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _clean_stale_tmp(path: Path) -> None:
+    """Remove temporary files left by killed writers (their pid is gone)."""
+    for tmp in path.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass
+
+
+def _prepare_folder(path: Path, request: dict) -> None:
+    """Create the store folder with its request, or check an unfinished one matches it."""
+    path.mkdir(parents=True, exist_ok=True)
+    req_file = path / REQUEST
+    if req_file.exists():
+        have = json.loads(req_file.read_text())
+        diffs = describe_mismatch(request, have)
+        if diffs:
+            raise StoreError(
+                f"{path} holds an unfinished store for a different request; it will not be reused:\n  "
+                + "\n  ".join(diffs) + f"\nRemove it (`anybind cache rm {path}`) or choose another --out."
+            )
+        _clean_stale_tmp(path)
+    else:
+        _write_json(req_file, request)
+
+
+def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float) -> FeatureStore:
+    """Merge shard row lists into rows.parquet and skipped.jsonl, then write the manifest last."""
+    rows, skipped, shards = [], [], []
+    for s in range(request["num_shards"]):
+        f = path / shard_name(s)
+        header, _ = read_header(f)
+        meta = header.get("__metadata__", {})
+        n = header["_row"]["shape"][0]
+        from .safetensors_io import map_tensor
+
+        rows.extend(map_tensor(f, "_row", header).tolist() if n else [])
+        skipped.extend(json.loads(meta.get("skipped", "[]")))
+        shards.append({"file": f.name, "rows": n})
+    pq.write_table(
+        pa.table({"row": pa.array(range(len(rows)), pa.int64()),
+                  "item_id": pa.array([ids[r] for r in rows], pa.string()),
+                  "caption_index": pa.array([subs[r] for r in rows], pa.int32()),
+                  "source_row": pa.array(rows, pa.int64())}),
+        path / ROWS,
+    )
+    with open(path / SKIPPED, "w") as fh:
+        for pos, reason in skipped:
+            fh.write(json.dumps({"item_id": ids[pos], "caption_index": subs[pos], "reason": reason}) + "\n")
+    manifest = {
+        "format": FORMAT_VERSION, "key": request["key"], "modality": request["modality"],
+        "layers": request["layer_dims"], "dtype": request["dtype"], "rows": len(rows),
+        "shards": shards, "skipped": len(skipped), "shard_size": request["shard_size"],
+        "batch_size": request["batch_size"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 2), "anybind_version": _version(),
+    }
+    _write_json(path / MANIFEST, manifest)
+    return FeatureStore.open(path)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ---- the entry point -------------------------------------------------------------------------------
+def extract(
+    encoder: str | Encoder,
+    data,
+    *,
+    field: str | None = None,
+    layers=None,
+    pooling: str | None = None,
+    precision: str = "auto",
+    dtype: str = "fp16",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    shard_size: int = 1024,
+    cache: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> FeatureStore | None:
+    """Extract features of `encoder` over one field of `data` into a feature store (or reuse one).
+
+    >>> store = extract("minilm-l6", "openclipart", layers="3,final")
+    >>> store["final"].shape        # (rows, 384), memory-mapped
+    Returns the store (None on non-zero ranks under torchrun, which only write their shards).
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(device)
+    enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
+    enc.to(device)
+    if isinstance(data, (str, os.PathLike)):
+        from ..data import load_dataset
+
+        data = load_dataset(str(data), cache=cache)
+    index = data
+    field = field or default_field(index, enc.modality)
+    if index.modality(field) != enc.modality:
+        raise DataError(f"field '{field}' of '{index.name}' is {index.modality(field)}, but {enc.spec} encodes {enc.modality}")
+    layers = enc.resolve_layers(layers)
+    pooling = enc.check_pooling(pooling)
+    dtype = canonical_dtype(dtype)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise AnybindError(f"precision must be auto, fp32 or bf16, not '{precision}'")
+    if batch_size < 1 or shard_size < 1:
+        raise AnybindError("batch size and shard size must be positive")
+    ids, subs, refs = index.field_rows(field)
+    ds_fp = index.field_fingerprint(field)
+
+    if precision == "auto" and out is None:  # a finished store at any precision is a hit
+        probe = StoreKey(enc.fingerprint(pooling, "fp32"), index.name, ds_fp, field)
+        hit = find_store(probe, layers, cache, any_precision=True)
+        if hit is not None:
+            return _hit(hit, t0)
+    if precision == "auto":
+        precision = choose_precision(enc, refs, layers, pooling, device, cache)
+    key = StoreKey(enc.fingerprint(pooling, precision), index.name, ds_fp, field)
+
+    if out is not None:
+        path = Path(out)
+        if (path / MANIFEST).exists():
+            store = FeatureStore.open(path)
+            diffs = describe_mismatch(key.as_dict(), store.key)
+            missing = [lay for lay in layers if lay not in store.layers]
+            if diffs or missing:
+                raise StoreError(f"{path} holds a store that does not match this request; it will not be reused:\n  "
+                                 + "\n  ".join(diffs + ([f"layers: store lacks {', '.join(missing)}"] if missing else []))
+                                 + "\nChoose another --out, or remove it with `anybind cache rm`.")
+            return _hit(store, t0)
+    else:
+        hit = find_store(key, layers, cache)
+        if hit is not None:
+            return _hit(hit, t0)
+        path = stores_dir(cache) / key.folder_name(layers)
+
+    n = len(refs)
+    num_shards = max(1, -(-n // shard_size))
+    request = {
+        "format": FORMAT_VERSION, "key": key.as_dict(), "modality": enc.modality, "layers": layers,
+        "layer_dims": {lay: enc.output_dim(lay, pooling) for lay in layers}, "dtype": dtype,
+        "shard_size": shard_size, "batch_size": batch_size, "num_rows": n, "num_shards": num_shards,
+    }
+    rank, world = _rank_world()
+    _prepare_folder(path, request)
+    pending = [s for s in range(num_shards) if s % world == rank and not (path / shard_name(s)).exists()]
+    done_before = num_shards - len(pending) if world == 1 else None
+    if done_before:
+        log.info("resuming %s: %d of %d shards already done", path.name, done_before, num_shards)
+    log.info("extracting %s over %s/%s: %d rows, layers %s, %s autocast, stored %s -> %s",
+             enc.spec, index.name, field, n, ",".join(layers), precision, dtype, path)
+    _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress)
+
+    if rank != 0:
+        return None
+    _wait_for_shards(path, num_shards)
+    store = _finalize(path, request, ids, subs, time.perf_counter() - t0)
+    store.report = {"hit": False, "seconds": time.perf_counter() - t0, "rows": len(store),
+                    "skipped": store.manifest["skipped"], "precision": precision, "path": str(path)}
+    if store.manifest["skipped"]:
+        reasons = Counter(s["reason"].split(":")[0] for s in store.skipped)
+        log.warning("skipped %d of %d items (listed in %s): %s", store.manifest["skipped"], n,
+                    path / SKIPPED, ", ".join(f"{r} x{c}" for r, c in reasons.most_common(5)))
+    return store
+
+
+def _hit(store: FeatureStore, t0: float) -> FeatureStore:
+    log.info("cache hit: %s (%d rows, layers %s)", store.path, len(store), ",".join(store.layers))
+    store.report = {"hit": True, "seconds": time.perf_counter() - t0, "rows": len(store),
+                    "skipped": store.manifest.get("skipped", 0), "precision": store.key["encoder"]["precision"],
+                    "path": str(store.path)}
+    return store
+
+
+def _wait_for_shards(path: Path, num_shards: int, poll: float = 1.0) -> None:
+    """Rank 0 waits for the other ranks' shards before merging."""
+    waited = 0.0
+    while True:
+        missing = [s for s in range(num_shards) if not (path / shard_name(s)).exists()]
+        if not missing:
+            return
+        if waited == 0.0:
+            log.info("waiting for %d shards from other ranks", len(missing))
+        time.sleep(poll)
+        waited += poll
+        if waited > float(os.environ.get("ANYBIND_SHARD_WAIT", 86400)):
+            raise StoreError(f"gave up waiting for shards {missing[:5]}... of {path}; run extract again to finish them")
+
+
+def _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress) -> None:
+    if not pending:
+        return
+    shard_size, layers = request["shard_size"], request["layers"]
+    dims, st_dtype = request["layer_dims"], DTYPES[request["dtype"]][1]
+    batches = _batches(pending, shard_size, len(refs), batch_size)
+    if num_workers is None:
+        num_workers = min(2, os.cpu_count() or 1) if enc.modality != "text" else 0
+    ctx = "fork" if num_workers and "fork" in torch.multiprocessing.get_all_start_methods() else None
+    loader = torch.utils.data.DataLoader(
+        _Items(enc, refs), batch_sampler=batches, collate_fn=_Collate(enc), num_workers=num_workers,
+        multiprocessing_context=ctx, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+    )
+    from tqdm.auto import tqdm
+
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="item", desc=f"extract {enc.spec}", disable=not progress, smoothing=0.1)
+    current, chunks, rows, skipped = None, {lay: [] for lay in layers}, [], []
+
+    def flush(shard: int) -> None:
+        tensors = {lay: (torch.cat(chunks[lay]) if chunks[lay] else torch.zeros(0, dims[lay])).to(st_dtype) for lay in layers}
+        tensors["_row"] = torch.tensor(rows, dtype=torch.int64)
+        write_shard(path / shard_name(shard), tensors, {"skipped": json.dumps(skipped), "format": str(FORMAT_VERSION)})
+
+    with torch.inference_mode():
+        for positions, batch, skip in loader:
+            shard = (positions or [p for p, _ in skip])[0] // shard_size
+            if current is not None and shard != current:
+                flush(current)
+                chunks, rows, skipped = {lay: [] for lay in layers}, [], []
+            current = shard
+            skipped.extend(skip)
+            if batch is not None:
+                with autocast(precision, device):
+                    feats = enc.encode(_to(batch, device), layers, request["key"]["encoder"]["pooling"])
+                for lay in layers:
+                    f = feats[lay].float()
+                    if f.shape != (len(positions), dims[lay]):
+                        raise StoreError(f"{enc.spec} returned shape {tuple(f.shape)} for layer {lay}; expected "
+                                         f"({len(positions)}, {dims[lay]}): the adapter's layer dims are wrong")
+                    chunks[lay].append(f.cpu())
+                rows.extend(positions)
+            bar.update(len(positions) + len(skip))
+        if current is not None:
+            flush(current)
+    bar.close()
