@@ -14,7 +14,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImagePreprocess:
-    """Resize the short side to `resize`, centre-crop `size`, scale to [0, 1], normalise."""
+    """Resize the short side to `resize`, centre-crop `size`, scale to [0, 1], normalise.
+
+    ``resize_mode="squash"`` instead resizes straight to ``size x size`` (aspect ratio not kept,
+    nothing cropped), as SigLIP-style models and timm's ``crop_mode="squash"`` expect.
+    """
 
     size: int = 224
     resize: int = 256
@@ -22,9 +26,17 @@ class ImagePreprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     channels_first: bool = True
+    resize_mode: str = "shortest"  # "shortest" (resize + centre crop) or "squash"
+
+    def __post_init__(self):
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ValueError(f"resize_mode must be 'shortest' or 'squash', not {self.resize_mode!r}")
 
     def config(self) -> dict:
-        return asdict(self)
+        cfg = asdict(self)
+        if cfg["resize_mode"] == "shortest":  # the default stays out: older cache keys still match
+            del cfg["resize_mode"]
+        return cfg
 
     def __call__(self, image) -> np.ndarray:
         """PIL image (RGB) -> float32 array [3, size, size] (or [size, size, 3])."""
@@ -35,6 +47,9 @@ class ImagePreprocess:
         ]
         if image.mode != "RGB":
             image = image.convert("RGB")
+        if self.resize_mode == "squash":
+            image = image.resize((self.size, self.size), resample, reducing_gap=3.0)
+            return self._to_array(image)
         w, h = image.size
         scale = self.resize / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
@@ -42,6 +57,9 @@ class ImagePreprocess:
         image = image.resize((nw, nh), resample, reducing_gap=3.0)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
+        return self._to_array(image)
+
+    def _to_array(self, image) -> np.ndarray:
         arr = np.asarray(image, dtype=np.float32) / 255.0
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.channels_first else arr)

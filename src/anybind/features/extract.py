@@ -210,7 +210,7 @@ def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float) 
         from .safetensors_io import map_tensor
 
         rows.extend(map_tensor(f, "_row", header).tolist() if n else [])
-        skipped.extend(json.loads(meta.get("skipped", "[]")))
+        skipped.extend(json.loads(meta.get("anybind", "{}")).get("skipped", []))
         shards.append({"file": f.name, "rows": n})
     pq.write_table(
         pa.table({"row": pa.array(range(len(rows)), pa.int64()),
@@ -387,7 +387,9 @@ def _run_shards(enc, refs, pending, request, path, device, precision, batch_size
     def flush(shard: int) -> None:
         tensors = {lay: (torch.cat(chunks[lay]) if chunks[lay] else torch.zeros(0, dims[lay])).to(st_dtype) for lay in layers}
         tensors["_row"] = torch.tensor(rows, dtype=torch.int64)
-        write_shard(path / shard_name(shard), tensors, {"skipped": json.dumps(skipped), "format": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes several keys in a random order, breaking bit-equality
+        meta = {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": skipped}, sort_keys=True)}
+        write_shard(path / shard_name(shard), tensors, meta)
 
     with torch.inference_mode():
         for positions, batch, skip in loader:
