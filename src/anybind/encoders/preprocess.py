@@ -16,8 +16,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ImagePreprocess:
     """Resize the short side to `resize`, centre-crop `size`, scale to [0, 1], normalise.
 
-    ``resize_mode="squash"`` instead resizes straight to ``size x size`` (aspect ratio not kept,
-    nothing cropped), as SigLIP-style models and timm's ``crop_mode="squash"`` expect.
+    ``resize_mode="squash"`` instead resizes the whole image to ``resize x resize`` (aspect ratio
+    not kept), then centre-crops ``size``: SigLIP-style models (resize == size, nothing cropped)
+    and timm's ``crop_mode="squash"`` expect that.
     """
 
     size: int = 224
@@ -47,12 +48,12 @@ class ImagePreprocess:
         ]
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if self.resize_mode == "squash":
-            image = image.resize((self.size, self.size), resample, reducing_gap=3.0)
-            return self._to_array(image)
         w, h = image.size
-        scale = self.resize / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        if self.resize_mode == "squash":
+            nw = nh = max(self.size, self.resize)
+        else:
+            scale = self.resize / min(w, h)
+            nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         # reducing_gap: a cheap box reduce first, then an exact resample; big images stay fast
         image = image.resize((nw, nh), resample, reducing_gap=3.0)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from .._deps import require
+from .._hashing import hash_dir, hash_obj
 from ..errors import AnybindError
 from .base import Encoder, pool_tokens
-from .hf import hash_obj, hash_state_dict, model_source, resolve_model_dir
+from .hf import hash_state_dict, model_source, resolve_model_dir
 from .spec import EncoderSpec
 
 _OPTIONS = ("local_files_only", "revision", "trust_remote_code", "device", "licence")
@@ -54,8 +55,8 @@ class _HiddenStates:
     def _post(self, module, args, output):
         if self.want:
             states = getattr(output, "hidden_states", None)
-            if states is None and isinstance(output, tuple) and len(output) > 2:
-                states = output[2]
+            if states is None and isinstance(output, tuple):  # return_dict=False: find the tuple
+                states = next((o for o in output[1:] if isinstance(o, tuple)), None)
             self.states = states
 
 
@@ -125,8 +126,6 @@ class SentenceTransformerEncoder(Encoder):
 
     def weights_hash(self) -> str:
         if self._weights_hash is None:
-            from .._hashing import hash_dir
-
             if self.model_dir is not None and self.model_dir.is_dir():
                 self._weights_hash = hash_dir(self.model_dir)
             else:
