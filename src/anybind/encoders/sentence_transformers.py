@@ -38,28 +38,6 @@ def _hf_model(st_model) -> torch.nn.Module | None:
     return model if isinstance(model, torch.nn.Module) and hasattr(model, "config") else None
 
 
-class _HiddenStates:
-    """Hooks on the transformer: ask for hidden states only when layers are wanted, keep them."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.want = False
-        self.states: tuple[torch.Tensor, ...] | None = None
-        model.register_forward_pre_hook(self._pre, with_kwargs=True)
-        model.register_forward_hook(self._post)
-
-    def _pre(self, module, args, kwargs):
-        if self.want:
-            kwargs = {**kwargs, "output_hidden_states": True}
-        return args, kwargs
-
-    def _post(self, module, args, output):
-        if self.want:
-            states = getattr(output, "hidden_states", None)
-            if states is None and isinstance(output, tuple):  # return_dict=False: find the tuple
-                states = next((o for o in output[1:] if isinstance(o, tuple)), None)
-            self.states = states
-
-
 class SentenceTransformerEncoder(Encoder):
     """A SentenceTransformer; ``final`` = ``model.encode``, layers = its transformer's hidden states."""
 
@@ -72,8 +50,8 @@ class SentenceTransformerEncoder(Encoder):
         self.device = torch.device(model.device)
         self._weights_hash: str | None = None
         hf = _hf_model(model)
-        self._hooks = _HiddenStates(hf) if hf is not None else None
-        cfg = getattr(hf, "config", None)
+        self._hf_config = getattr(hf, "config", None)
+        cfg = self._hf_config
         cfg = getattr(cfg, "text_config", None) or cfg
         n_layers, width = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
         self._layer_dims = {f"layer.{i}": int(width) for i in range(int(n_layers) + 1)} if n_layers and width else {}
@@ -94,17 +72,18 @@ class SentenceTransformerEncoder(Encoder):
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
     def _forward(self, texts: Sequence[str], hidden: bool) -> dict[str, Any]:
+        """The model's own forward (as `encode` runs it); with `hidden`, the transformer module
+        also returns ``all_layer_embeddings``, which it does when its config asks for them."""
         features = self._features(texts)
-        if self._hooks is not None:
-            self._hooks.want, self._hooks.states = hidden, None
+        cfg = self._hf_config
+        before = getattr(cfg, "output_hidden_states", False)
+        if cfg is not None:
+            cfg.output_hidden_states = hidden
         try:
-            out = self.model(features)
+            return self.model(features)
         finally:
-            if self._hooks is not None:
-                self._hooks.want = False
-        if hidden:
-            out["_hidden_states"] = self._hooks.states if self._hooks is not None else None
-        return out
+            if cfg is not None:
+                cfg.output_hidden_states = before
 
     @torch.inference_mode()
     def encode(self, batch: Any, layers: Sequence[str], pooling: str | None = None) -> dict[str, torch.Tensor]:
@@ -112,7 +91,7 @@ class SentenceTransformerEncoder(Encoder):
         layers = list(layers)
         hidden = any(name != "final" for name in layers)
         out = self._forward(batch, hidden)
-        states = out.get("_hidden_states")
+        states = out.get("all_layer_embeddings")
         if hidden and (states is None or states[0].shape[:2] != out["attention_mask"].shape):
             raise AnybindError(f"{self.spec}: the transformer gave no per-token hidden states for layers")
         feats = {}
