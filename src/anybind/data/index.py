@@ -77,10 +77,10 @@ class DatasetIndex:
             cols[f] = vals
         cols["label"] = [None if r.get("label") is None else str(r["label"]) for r in records]
         cols["group"] = groups
-        cols["split"] = [r.get("split") or split_of(g) for r, g in zip(records, groups)]
+        cols["split"] = [r.get("split") or split_of(g) for r, g in zip(records, groups, strict=True)]
         cols["fold"] = [fold_of(g) for g in groups]
         schema = []
-        for c, v in cols.items():
+        for c in cols:
             if c == "fold":
                 schema.append(pa.field(c, pa.int8()))
             elif c in fields and fields[c] == "text":
@@ -117,7 +117,7 @@ class DatasetIndex:
         """
         self.modality(field_name)
         ids, subs, refs = [], [], []
-        for item_id, value in zip(self.item_ids, self.column(field_name)):
+        for item_id, value in zip(self.item_ids, self.column(field_name), strict=True):
             values = value if isinstance(value, list) else [value]
             if not values:
                 values = [None]
@@ -134,13 +134,13 @@ class DatasetIndex:
         return ref
 
     def split_ids(self, split: str) -> list[str]:
-        return [i for i, s in zip(self.item_ids, self.column("split")) if s == split]
+        return [i for i, s in zip(self.item_ids, self.column("split"), strict=True) if s == split]
 
     def field_fingerprint(self, field_name: str) -> str:
         """Keys a feature store: only this field's content, so editing captions never re-extracts images."""
         ids, subs, refs = self.field_rows(field_name)
         h = hashlib.sha256()
-        for i, s, r in zip(ids, subs, refs):
+        for i, s, r in zip(ids, subs, refs, strict=True):
             h.update(f"{i}\x1f{s}\x1f{r}\x1e".encode())
         return h.hexdigest()[:16]
 

@@ -286,11 +286,7 @@ class HFEncoder(Encoder):
         if not patch or tokens.ndim != 3:
             return 0
         n_patches = (self.image_preprocess.size // int(patch)) ** 2
-        prefix = int(tokens.shape[1]) - n_patches
-        registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
-        if prefix < 0 or (registers and prefix < 1 + registers):
-            return 0
-        return prefix
+        return max(int(tokens.shape[1]) - n_patches, 0)
 
     @property
     def layer_dims(self) -> dict[str, int]:

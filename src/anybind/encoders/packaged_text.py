@@ -19,6 +19,7 @@ truncation at their ``max_seq_length`` (256 / 384 tokens).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import io
 import json
@@ -107,6 +108,16 @@ class _ConcatReader(io.RawIOBase):
         super().close()
 
 
+class _MpnetMissing(MissingDependencyError):
+    """The part packages need ``--no-deps``, which the generic install hint does not say."""
+
+    def __init__(self, dist_name: str):
+        ImportError.__init__(
+            self, f"the packaged encoder 'mpnet-base' needs the package '{dist_name}', which is not "
+            f"installed: {MPNET_PIP} (--no-deps: each part declares a dependency that does not exist)"
+        )
+
+
 def mpnet_zip_parts() -> list[Path]:
     """The ``.zip.00N`` files of the five part packages, in order (MissingDependencyError if any lacks)."""
     parts = []
@@ -114,7 +125,7 @@ def mpnet_zip_parts() -> list[Path]:
         try:
             dist = md.distribution(dist_name)
         except md.PackageNotFoundError as e:
-            raise MissingDependencyError("the packaged encoder 'mpnet-base'", dist_name) from e
+            raise _MpnetMissing(dist_name) from e
         files = [f for f in (dist.files or ()) if ".zip.0" in f.name]
         if len(files) != 1:
             raise AnybindError(f"package {dist_name} holds no zip part: reinstall it ({MPNET_PIP})")
@@ -167,10 +178,8 @@ def mpnet_base_dir(root: Path | None = None) -> Path:
         (tmp / ".anybind-source.json").write_text(json.dumps(stamp))
         if final.exists() and not _is_complete(final, stamp):  # stale or broken: move it aside
             stale = Path(tempfile.mkdtemp(prefix=".mpnet-base.stale.", dir=models))
-            try:
+            with contextlib.suppress(OSError):  # another process moved it first
                 os.replace(final, stale / "old")
-            except OSError:
-                pass  # another process moved it first
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, final)

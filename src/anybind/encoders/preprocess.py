@@ -31,7 +31,9 @@ class ImagePreprocess:
 
     def __post_init__(self):
         if self.resize_mode not in ("shortest", "squash"):
-            raise ValueError(f"resize_mode must be 'shortest' or 'squash', not {self.resize_mode!r}")
+            raise ValueError(
+                f"resize_mode must be 'shortest' or 'squash', not {self.resize_mode!r}"
+            )
 
     def config(self) -> dict:
         cfg = asdict(self)
