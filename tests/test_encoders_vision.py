@@ -164,8 +164,26 @@ def test_timm_stem_is_the_input_of_the_first_stage():
         enc.resolve_layers("layer.5")
     # different random weights -> a different weights hash -> a different cache key
     other = create_encoder("timm:test_convnext", pretrained=False)
+    assert "options" not in enc.fingerprint()
     assert enc.fingerprint()["weights"] != other.fingerprint()["weights"]
     assert enc.fingerprint()["weights"].startswith("random-init-")
+
+
+@needs_timm
+def test_timm_options_reach_the_model_preprocessing_and_cache_key(timm_vit_dir):
+    import pickle
+
+    folder, _ = timm_vit_dir
+    enc = create_encoder(f"timm:{folder}", img_size=128)
+    assert (enc.image_preprocess.size, enc.image_preprocess.resize) == (128, 134)
+    assert enc.fingerprint()["options"] == {"img_size": 128}
+    x = _batch(enc, 2)
+    # picklable (spawned DataLoader workers get a copy), with the weights hash resolved
+    twin = pickle.loads(pickle.dumps(enc))
+    assert twin.weights_hash() == enc.weights_hash()
+    torch.testing.assert_close(
+        twin.encode(x, ["layer.2"])["layer.2"], enc.encode(x, ["layer.2"])["layer.2"]
+    )
 
 
 @needs_timm
@@ -354,6 +372,12 @@ def test_onnx_declared_outputs(tiny_onnx):
     )
     _check_poolings(enc, x)
     assert len(enc.weights_hash()) == 16
+    assert enc.fingerprint()["options"] == {"num_prefix_tokens": 1, "final_pooling": "cls"}
+    import pickle
+
+    twin = pickle.loads(pickle.dumps(enc))  # sessions are dropped and rebuilt
+    assert not twin._sessions
+    torch.testing.assert_close(twin.encode(x, ["final"])["final"], out["final"])
 
 
 @needs_onnx
@@ -441,6 +465,12 @@ def test_efficientnet_lite0_classifies_real_photos():
     assert top5[1, 0].item() == 967 and probs[1, 967] > 0.9  # espresso
     # a middle layer alone: the same numbers, without running the head
     torch.testing.assert_close(enc.encode(batch, ["layer.8"])["layer.8"], out["layer.8"])
+    # BatchNorm folded into the convolutions (the default) computes the same function
+    plain = create_encoder("efficientnet-lite0", fuse_batchnorm=False).encode(
+        batch, ["layer.8", "final"]
+    )
+    for name in ("layer.8", "final"):
+        torch.testing.assert_close(plain[name], out[name], atol=1e-4, rtol=1e-4)
     from anybind._hashing import hash_file
 
     assert enc.weights_hash() == hash_file(enc.weights_file)

@@ -2,7 +2,13 @@
 
 from .base import POOLINGS, Encoder, pool_feature_map, pool_tokens
 from .preprocess import ImagePreprocess
-from .registry import create_encoder, list_encoders, packaged_names, register_backend, register_packaged
+from .registry import (
+    create_encoder,
+    list_encoders,
+    packaged_names,
+    register_backend,
+    register_packaged,
+)
 from .spec import MODALITIES, EncoderSpec, parse_spec
 
 __all__ = [

@@ -150,8 +150,7 @@ def _interpolation(resample) -> str:
 def image_preprocess_from_processor(processor, config=None) -> ImagePreprocess:
     """ImagePreprocess from an HF image processor: resize the short side, centre-crop, normalise.
 
-    A processor that resizes straight to height x width (ViT) is approximated by a short-side
-    resize to that size and a centre crop: identical for square images.
+    A processor that resizes straight to height x width (ViT) squashes the image to that size.
     """
     size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
     short = _size_get(size, "shortest_edge")
@@ -172,8 +171,10 @@ def image_preprocess_from_processor(processor, config=None) -> ImagePreprocess:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if w and h and w != h:
         log.warning("image processor resizes to %sx%s; anybind uses a square %s crop", h, w, out)
+    # a processor that resizes straight to height x width with no crop squashes the image
+    mode = "squash" if (h and not short and not do_crop) else "shortest"
     return ImagePreprocess(size=int(out), resize=int(max(resize, out)), mean=mean, std=std,
-                           interpolation=_interpolation(getattr(processor, "resample", 3)))
+                           interpolation=_interpolation(getattr(processor, "resample", 3)), resize_mode=mode)
 
 
 def _config_image_size(config) -> int | None:

@@ -158,7 +158,7 @@ class OnnxEncoder(Encoder):
         licence: str | None = None,
         weights: Callable[[], str] | None = None,
     ):
-        import onnx
+        onnx = require("onnx", "reading and cutting ONNX graphs", "onnx")
 
         self.spec, self.path, self.licence = spec, Path(path), licence
         if not self.path.is_file():
@@ -180,6 +180,8 @@ class OnnxEncoder(Encoder):
         if not isinstance(outputs, dict):  # None or the text after '#' in the spec
             outputs = parse_outputs(outputs, [o.name for o in g.output])
         self.outputs = dict(outputs)
+        if final_pooling not in ("cls", "mean"):
+            raise SpecError(f"final_pooling must be 'cls' or 'mean', not {final_pooling!r}")
         self.num_prefix_tokens, self.final_pooling = int(num_prefix_tokens), final_pooling
         self.threads = threads
         self._weights_fn = weights or (
@@ -309,11 +311,26 @@ class OnnxEncoder(Encoder):
             self._weights = self._weights_fn()
         return self._weights
 
+    def fingerprint(self, pooling: str | None = None, precision: str = "fp32") -> dict:
+        fp = super().fingerprint(pooling, precision)
+        fp["options"] = {
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "final_pooling": self.final_pooling,
+        }
+        return fp
+
+    def __getstate__(self) -> dict:
+        """Picklable for spawned workers (which only preprocess): sessions are rebuilt on demand."""
+        state = dict(self.__dict__)
+        state["_sessions"] = OrderedDict()
+        state["_weights"], state["_weights_fn"] = self.weights_hash(), None
+        return state
+
 
 def create(spec: EncoderSpec, device: str | None = None, **options) -> OnnxEncoder:
     """`onnx:/path/model.onnx[#outputs]` -> OnnxEncoder (options: see the module docstring)."""
     require("onnxruntime", "the onnx backend", extra="onnx")
-    require("onnx", "the onnx backend (graph cutting)", extra="onnx")
+    require("onnx", "reading and cutting ONNX graphs", "onnx")
     if spec.modality not in (None, "image"):
         raise SpecError(f"{spec}: the onnx backend runs image models only")
     location, _, fragment = spec.name.partition("#")

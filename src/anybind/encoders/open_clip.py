@@ -105,8 +105,10 @@ class OpenClipEncoder(Encoder):
         tokenizer_name: str,
         weights: Callable[[], str],
         licence: str | None = None,
+        options: dict | None = None,
     ):
         self.spec, self.modality, self.licence = spec, modality, licence
+        self.options = {k: v for k, v in (options or {}).items() if k != "cache_dir"}
         self._weights_fn, self._weights = weights, None
         model = model.eval().requires_grad_(False)
         if modality == "image":
@@ -158,7 +160,11 @@ class OpenClipEncoder(Encoder):
             self.poolings = POOLINGS
         else:
             self._forms = {n: tensor_form(t, self._channels.get(n)) for n, t in got.items()}
-            if "layer.0" in self._forms and "layer.1" in self._forms and got["layer.0"].ndim == 4:
+            if (
+                "layer.0" in got
+                and got["layer.0"].ndim == 4
+                and self._forms.get("layer.1") in ("nchw", "nhwc")
+            ):
                 self._forms["layer.0"] = self._forms["layer.1"]
             self.poolings = token_poolings(self._forms, self.num_prefix_tokens)
             self.channels_last = self.poolings == ("mean",) and "nchw" in self._forms.values()
@@ -203,12 +209,11 @@ class OpenClipEncoder(Encoder):
 
         def forward():
             if self.modality == "text":
-                return (
-                    self.model.encode_text(batch, normalize=True)
-                    if need_final
-                    else self.model.encode_text(batch)
-                )
-            return F.normalize(self.tower(batch), dim=-1)
+                return self.model.encode_text(batch, normalize=True)
+            pooled = self.tower(batch)
+            if isinstance(pooled, tuple):  # towers built with output_tokens (CoCa)
+                pooled = pooled[0]
+            return F.normalize(pooled, dim=-1)
 
         got, final = self.taps.run(forward, names, stop_early=not need_final)
         if not self._batch_first:  # LND -> NLD
@@ -269,31 +274,41 @@ class OpenClipEncoder(Encoder):
             self._weights = self._weights_fn()
         return self._weights
 
+    def __getstate__(self) -> dict:
+        """Picklable for spawned workers: the weights hash is resolved, its closure dropped."""
+        state = dict(self.__dict__)
+        state["_weights"], state["_weights_fn"] = self.weights_hash(), None
+        return state
+
+    def fingerprint(self, pooling: str | None = None, precision: str = "fp32") -> dict:
+        fp = super().fingerprint(pooling, precision)
+        if self.options:  # open_clip.create_model arguments (force_image_size, ...)
+            fp["options"] = dict(self.options)
+        return fp
+
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.isabs(name)
 
 
 def _weights_fn(
-    open_clip, arch: str, tag: str | None, model: nn.Module, tower: str
+    open_clip, arch: str, tag: str | None, model: nn.Module, tower: str, cache_dir=None
 ) -> Callable[[], str]:
-    """How to hash the weights: the checkpoint file when there is one, else the tower's tensors."""
+    """How to hash the weights: the checkpoint file when there is one (open_clip has downloaded
+    it by now: these calls find it in the cache), else the tower's tensors."""
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+
     if arch.startswith("local-dir:"):
         folder = Path(arch.partition(":")[2])
         return lambda: hash_dir(folder)
     if arch.startswith("hf-hub:"):
-        from open_clip.pretrained import download_pretrained_from_hf
-
-        return lambda: hash_file(
-            download_pretrained_from_hf(arch.partition(":")[2])
-        )  # cached by now
+        repo = arch.partition(":")[2]
+        return lambda: hash_file(download_pretrained_from_hf(repo, cache_dir=cache_dir))
     if tag and os.path.isfile(tag):
         return lambda: hash_file(tag)
     if tag:
         cfg = open_clip.get_pretrained_cfg(arch, tag)
-        from open_clip.pretrained import download_pretrained
-
-        return lambda: hash_file(download_pretrained(cfg))  # already downloaded by create_model
+        return lambda: hash_file(download_pretrained(cfg, cache_dir=cache_dir))
     part = model.visual if tower == "image" else model
     return lambda: "random-init-" + module_weights_hash(part)
 
@@ -334,6 +349,7 @@ def create(spec: EncoderSpec, device: str | None = None, **open_clip_kwargs) -> 
         model,
         spec.modality,
         tokenizer_name,
-        _weights_fn(open_clip, arch, tag, model, spec.modality),
+        _weights_fn(open_clip, arch, tag, model, spec.modality, open_clip_kwargs.get("cache_dir")),
+        options=open_clip_kwargs,
     )
     return enc.to(device) if device else enc

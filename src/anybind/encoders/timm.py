@@ -217,12 +217,16 @@ def timm_taps(model: nn.Module) -> tuple[dict[str, Tap], dict[str, int | None]]:
     return taps, channels
 
 
-def preprocess_from_timm(model: nn.Module) -> ImagePreprocess:
-    """timm's resolved data config -> ImagePreprocess (size, crop_pct -> resize, mean/std, ...)."""
+def preprocess_from_timm(model: nn.Module, img_size=None) -> ImagePreprocess:
+    """timm's resolved data config -> ImagePreprocess (size, crop_pct -> resize, mean/std, ...).
+
+    `img_size`: the size the model was built for when it is not the pretrained one."""
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
     _, h, w = cfg["input_size"]
+    if img_size is not None:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if h != w:
         log.warning("timm model input is %dx%d; anybind crops squares: using %d", h, w, max(h, w))
     size = int(max(h, w))
@@ -251,12 +255,14 @@ class TimmEncoder(Encoder):
         model: nn.Module,
         weights: Callable[[], str],
         licence: str | None = None,
+        options: dict | None = None,
     ):
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
         self._weights_fn, self._weights = weights, None
         self.licence = licence or model.pretrained_cfg.get("license")
-        self.image_preprocess = preprocess_from_timm(model)
+        self.options = {k: v for k, v in (options or {}).items() if k != "cache_dir"}
+        self.image_preprocess = preprocess_from_timm(model, self.options.get("img_size"))
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         taps, self._channels = timm_taps(model)
         self.taps = LayerTaps(taps)
@@ -271,18 +277,19 @@ class TimmEncoder(Encoder):
         forms: dict[str, str] = {}
         for name, t in got.items():
             forms[name] = tensor_form(t, self._channels.get(name))
-        if "layer.0" in forms and "layer.1" in forms and got["layer.0"].ndim == 4:
-            forms["layer.0"] = (
-                forms["layer.1"] if forms["layer.1"] in ("nchw", "nhwc") else forms["layer.0"]
-            )
+        if (
+            "layer.0" in got
+            and got["layer.0"].ndim == 4
+            and forms.get("layer.1") in ("nchw", "nhwc")
+        ):
+            forms["layer.0"] = forms["layer.1"]  # a stem map is laid out like the first stage's
         self._forms = forms
         self._dims = {
             **{n: form_dim(got[n], forms[n]) for n in self.taps.names()},
             "final": int(final.shape[-1]),
         }
         self.poolings = token_poolings(forms, self.num_prefix_tokens)
-        maps = "nchw" in forms.values()
-        self.channels_last = maps and self.poolings == ("mean",)
+        self.channels_last = "nchw" in forms.values() and self.poolings == ("mean",)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -323,6 +330,18 @@ class TimmEncoder(Encoder):
         if self._weights is None:
             self._weights = self._weights_fn()
         return self._weights
+
+    def __getstate__(self) -> dict:
+        """Picklable for spawned workers: the weights hash is resolved, its closure dropped."""
+        state = dict(self.__dict__)
+        state["_weights"], state["_weights_fn"] = self.weights_hash(), None
+        return state
+
+    def fingerprint(self, pooling: str | None = None, precision: str = "fp32") -> dict:
+        fp = super().fingerprint(pooling, precision)
+        if self.options:  # timm.create_model arguments change the features (img_size, ...)
+            fp["options"] = dict(self.options)
+        return fp
 
 
 # ---- building a timm model from a spec ----------------------------------------------------------
@@ -370,6 +389,28 @@ def _hub_weights_hash(model: nn.Module) -> str:
     return module_weights_hash(model)
 
 
+def _from_local_path(timm, name: str, kwargs: dict) -> tuple[nn.Module, Callable[[], str]]:
+    """`timm:/folder` (hub layout: config.json + weights) or `timm:/folder/weights-file`."""
+    path = Path(name).expanduser()
+    folder = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise SpecError(f"timm:{name}: no such file or folder")
+    if not (folder / "config.json").is_file():
+        raise SpecError(
+            f"timm:{name} has no config.json beside it to name the architecture: "
+            f"use 'timm:ARCH@{name}', e.g. 'timm:resnet50@{name}'"
+        )
+    if path.is_file():  # a weights file beside a hub-style config: that config's architecture
+        import json
+
+        arch = json.loads((folder / "config.json").read_text()).get("architecture")
+        overlay = {"file": str(path)}
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return model, lambda: hash_file(path)
+    model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
+    return model, lambda: hash_dir(path)
+
+
 def load_timm_model(
     name: str, pretrained: bool | None = None, **timm_kwargs
 ) -> tuple[nn.Module, Callable[[], str]]:
@@ -380,37 +421,26 @@ def load_timm_model(
     try:
         if at and (_looks_like_path(where) or Path(where).expanduser().exists()):
             file = _weights_in(Path(where).expanduser())
+            overlay = {"file": str(file)}
             model = timm.create_model(
-                arch, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs
+                arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
             )
             return model, lambda: hash_file(file)
         if _looks_like_path(name):
-            path = Path(name).expanduser()
-            folder = path if path.is_dir() else path.parent
-            if not path.exists():
-                raise SpecError(f"timm:{name}: no such file or folder")
-            if not (folder / "config.json").is_file():
-                raise SpecError(
-                    f"timm:{name} has no config.json beside it to name the architecture: "
-                    f"use 'timm:ARCH@{name}', e.g. 'timm:resnet50@{name}'"
-                )
-            # a weights file beside a hub-style config: that file, that config's architecture
-            if path.is_file():
-                import json
-
-                arch = json.loads((folder / "config.json").read_text()).get("architecture")
-                model = timm.create_model(
-                    arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
-                )
-                return model, lambda: hash_file(path)
-            model = timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
-            return model, lambda: hash_dir(path)
+            return _from_local_path(timm, name, kwargs)
         pretrained = True if pretrained is None else bool(pretrained)
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except OSError as e:  # the hub download failed: offline, no such file, no access
+            raise AnybindError(
+                f"timm:{name}: could not fetch the pretrained weights ({type(e).__name__}: {e}). "
+                "With no network, download them elsewhere and use 'timm:/path/to/folder' "
+                "(config.json + model.safetensors) or 'timm:ARCH@/path/to/weights'"
+            ) from e
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise SpecError(
-                f"timm has no model '{name}': `timm.list_models('*pattern*')` lists them"
+                f"timm has no model '{arch}': `timm.list_models('*pattern*')` lists them"
             ) from e
         raise
     if pretrained:
@@ -427,5 +457,5 @@ def create(
     if spec.modality not in (None, "image"):
         raise SpecError(f"{spec}: timm models are image encoders, not {spec.modality}")
     model, weights = load_timm_model(spec.name, pretrained=pretrained, **timm_kwargs)
-    enc = TimmEncoder(spec, model, weights)
+    enc = TimmEncoder(spec, model, weights, options=timm_kwargs)
     return enc.to(device) if device else enc

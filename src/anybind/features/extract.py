@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -27,8 +26,17 @@ from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
 from .safetensors_io import DTYPES, canonical_dtype, read_header, write_shard
 from .store import (
-    FORMAT_VERSION, MANIFEST, REQUEST, ROWS, SKIPPED, FeatureStore, StoreKey, describe_mismatch,
-    find_store, shard_name, stores_dir,
+    FORMAT_VERSION,
+    MANIFEST,
+    REQUEST,
+    ROWS,
+    SKIPPED,
+    FeatureStore,
+    StoreKey,
+    describe_mismatch,
+    find_store,
+    shard_name,
+    stores_dir,
 )
 
 log = logging.getLogger("anybind.extract")
