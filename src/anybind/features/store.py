@@ -51,8 +51,9 @@ class StoreKey:
     field: str
 
     def as_dict(self) -> dict:
-        return {"encoder": self.encoder, "dataset": self.dataset,
-                "dataset_fingerprint": self.dataset_fingerprint, "field": self.field}
+        """The key as it reads back from JSON (tuples become lists), so comparisons are exact."""
+        return json.loads(json.dumps({"encoder": self.encoder, "dataset": self.dataset,
+                                      "dataset_fingerprint": self.dataset_fingerprint, "field": self.field}))
 
     @property
     def hash(self) -> str:
