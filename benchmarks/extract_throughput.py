@@ -25,7 +25,14 @@ from anybind.data import load_dataset
 from anybind.data.index import DatasetIndex
 from anybind.encoders import create_encoder
 from anybind.features import extract
-from anybind.features.extract import _Collate, _Items, autocast, choose_precision, default_field, resolve_device
+from anybind.features.extract import (
+    _Collate,
+    _Items,
+    autocast,
+    choose_precision,
+    default_field,
+    resolve_device,
+)
 
 
 def subset(index: DatasetIndex, n: int) -> DatasetIndex:

@@ -31,7 +31,9 @@ def parse_idx(blob: bytes, name: str = "IDX data") -> np.ndarray:
     dtype = np.dtype(_DTYPES[blob[2]])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(blob) - header != expected:
-        raise DataError(f"{name}: IDX header says {shape} ({expected} bytes) but {len(blob) - header} bytes follow")
+        raise DataError(
+            f"{name}: IDX header says {shape} ({expected} bytes) but {len(blob) - header} bytes follow"
+        )
     arr = np.frombuffer(blob, dtype=dtype, offset=header).reshape(shape)
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
@@ -69,7 +71,9 @@ def cached_idx(path: str | os.PathLike) -> np.ndarray:
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write an IDX file (gzip when the name ends in .gz): used by tests and for small exports."""
     array = np.asarray(array)
-    code = {v: k for k, v in _DTYPES.items()}.get(array.dtype.newbyteorder(">").str.replace("|", ">"))
+    code = {v: k for k, v in _DTYPES.items()}.get(
+        array.dtype.newbyteorder(">").str.replace("|", ">")
+    )
     if code is None:
         raise DataError(f"IDX cannot hold dtype {array.dtype}")
     blob = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

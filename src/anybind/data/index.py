@@ -57,7 +57,14 @@ class DatasetIndex:
     meta: dict = field(default_factory=dict)  # provenance: source paths, options, licence
 
     @classmethod
-    def from_records(cls, name: str, records: Sequence[dict], fields: dict[str, str], root: str | None = None, meta: dict | None = None) -> DatasetIndex:
+    def from_records(
+        cls,
+        name: str,
+        records: Sequence[dict],
+        fields: dict[str, str],
+        root: str | None = None,
+        meta: dict | None = None,
+    ) -> DatasetIndex:
         """Build from dicts with item_id, the field columns, optional label and group.
 
         Missing groups default to the item id; split and fold are filled in from the group.
@@ -77,7 +84,9 @@ class DatasetIndex:
             cols[f] = vals
         cols["label"] = [None if r.get("label") is None else str(r["label"]) for r in records]
         cols["group"] = groups
-        cols["split"] = [r.get("split") or split_of(g) for r, g in zip(records, groups, strict=True)]
+        cols["split"] = [
+            r.get("split") or split_of(g) for r, g in zip(records, groups, strict=True)
+        ]
         cols["fold"] = [fold_of(g) for g in groups]
         schema = []
         for c in cols:
@@ -146,22 +155,41 @@ class DatasetIndex:
 
     @property
     def fingerprint(self) -> str:
-        return hash_obj({f: self.field_fingerprint(f) for f in self.fields} | {"splits": hash_obj(self.column("group"))})
+        return hash_obj(
+            {f: self.field_fingerprint(f) for f in self.fields}
+            | {"splits": hash_obj(self.column("group"))}
+        )
 
     def summary(self) -> dict:
         splits: dict[str, int] = {}
         for s in self.column("split"):
             splits[s] = splits.get(s, 0) + 1
         labels = {x for x in self.column("label") if x is not None}
-        return {"name": self.name, "items": len(self), "fields": self.fields, "splits": splits,
-                "groups": len(set(self.column("group"))), "labels": len(labels)}
+        return {
+            "name": self.name,
+            "items": len(self),
+            "fields": self.fields,
+            "splits": splits,
+            "groups": len(set(self.column("group"))),
+            "labels": len(labels),
+        }
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index as Parquet (atomically); fields, root and meta go in the schema metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {b"anybind": json.dumps({"version": INDEX_VERSION, "name": self.name, "fields": self.fields, "root": self.root, "meta": self.meta}).encode()}
+        meta = {
+            b"anybind": json.dumps(
+                {
+                    "version": INDEX_VERSION,
+                    "name": self.name,
+                    "fields": self.fields,
+                    "root": self.root,
+                    "meta": self.meta,
+                }
+            ).encode()
+        }
         table = self.table.replace_schema_metadata(meta)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         pq.write_table(table, tmp)
@@ -173,5 +201,13 @@ class DatasetIndex:
         table = pq.read_table(path)
         info = json.loads((table.schema.metadata or {}).get(b"anybind", b"{}"))
         if info.get("version") != INDEX_VERSION:
-            raise DataError(f"{path} is not an anybind dataset index (version {info.get('version')})")
-        return cls(info["name"], table.replace_schema_metadata(None), info["fields"], info.get("root"), info.get("meta", {}))
+            raise DataError(
+                f"{path} is not an anybind dataset index (version {info.get('version')})"
+            )
+        return cls(
+            info["name"],
+            table.replace_schema_metadata(None),
+            info["fields"],
+            info.get("root"),
+            info.get("meta", {}),
+        )

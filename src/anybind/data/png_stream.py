@@ -7,6 +7,9 @@ correctly) is wrapped into a tiny uncompressed PNG that Pillow unfilters in C, a
 at once. The result is bit-identical to ``Image.reduce`` of the whole image, memory stays at a
 few band sizes, and the time roughly halves (measured: 6-7 s for 623 Mpx).
 
+The stream is inflated with zlib-ng when it is installed (6x faster inflate, 10x faster stored
+"compression" than the system zlib, measured here), else with the standard zlib.
+
 Only 8-bit, non-interlaced PNGs take this path (the previous row must be recoverable from the
 decoded band); anything else returns None and goes through Pillow's normal decode.
 """
@@ -17,6 +20,11 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
+
+try:  # optional: same API, several times faster
+    from zlib_ng import zlib_ng as fastzlib
+except ImportError:  # pragma: no cover - depends on the environment
+    fastzlib = zlib
 
 from PIL import Image
 
@@ -73,9 +81,9 @@ def _chunk(ctype: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 
 
-def _inflated_bands(idat: list[memoryview], band_bytes: int) -> Iterator[bytes]:
-    """The inflated image stream in pieces of `band_bytes` (the last one may be shorter)."""
-    inflater, sources = zlib.decompressobj(), iter(idat)
+def _inflated_bands(idat: list[memoryview], band_bytes: int) -> Iterator[list[bytes]]:
+    """The inflated image stream as pieces of `band_bytes` in all (the last band may be shorter)."""
+    inflater, sources = fastzlib.decompressobj(), iter(idat)
     src: bytes | memoryview = b""
     parts, have = [], 0
     while True:
@@ -85,26 +93,53 @@ def _inflated_bands(idat: list[memoryview], band_bytes: int) -> Iterator[bytes]:
             parts.append(out)
             have += len(out)
             if have == band_bytes:
-                yield b"".join(parts)
+                yield parts
                 parts, have = [], 0
         elif not src:
             src = next(sources, None)
             if src is None:
                 break
     if parts:
-        yield b"".join(parts)
+        yield parts
 
 
-def _band_png(header: PngHeader, aux: list[bytes], rows: int, raw: bytes) -> Image.Image:
+def _stored_deflate(pieces: list[bytes]) -> list[bytes | memoryview]:
+    """A zlib stream of stored (uncompressed) blocks over `pieces`, as pieces: no copy made.
+
+    Blocks end at piece boundaries (any length up to 65,535 is valid), and the Adler-32 runs
+    over the pieces, so the only copy is the final join of the band's PNG.
+    """
+    out: list[bytes | memoryview] = [b"\x78\x01"]
+    adler, views = 1, [memoryview(p) for p in pieces if len(p)]
+    for i, view in enumerate(views):
+        adler = fastzlib.adler32(view, adler)
+        for start in range(0, len(view), 65535):
+            block = view[start : start + 65535]
+            final = i == len(views) - 1 and start + 65535 >= len(view)
+            out += [struct.pack("<BHH", final, len(block), 0xFFFF ^ len(block)), block]
+    out.append(struct.pack(">I", adler))
+    return out
+
+
+def _band_png(header: PngHeader, aux: list[bytes], rows: int, pieces: list[bytes]) -> Image.Image:
     """Wrap raw scanlines into a small uncompressed PNG and let Pillow unfilter it (in C)."""
     ihdr = struct.pack(">IIBBBBB", header.width, rows, 8, header.colour_type, 0, 0, 0)
-    idat = zlib.compress(raw, 0)  # stored blocks: a copy plus a checksum, no compression work
+    idat = _stored_deflate(pieces)
     # Pillow streams IDAT into the decoder without checking its CRC, so none is computed
     png = b"".join(
-        [PNG_SIGNATURE, _chunk(b"IHDR", ihdr), *aux, struct.pack(">I", len(idat)), b"IDAT",
-         idat, b"\0\0\0\0", _chunk(b"IEND", b"")]
+        [
+            PNG_SIGNATURE,
+            _chunk(b"IHDR", ihdr),
+            *aux,
+            struct.pack(">I", sum(len(p) for p in idat)),
+            b"IDAT",
+            *idat,
+            b"\0\0\0\0",
+            _chunk(b"IEND", b""),
+        ]
     )
     im = Image.open(io.BytesIO(png), formats=["PNG"])
+    im.decodermaxblock = 1 << 22  # fewer, larger reads from memory
     im.load()
     return im
 
@@ -135,19 +170,22 @@ def decode_reduced(data: bytes, header: PngHeader, factor: int) -> Image.Image:
     stride, width = header.stride, header.width
     prev_row, outs, rows_done = None, [], 0
     try:
-        for raw in _inflated_bands(idat, factor * stride):
-            rows = len(raw) // stride
+        for parts in _inflated_bands(idat, factor * stride):
+            rows = sum(len(p) for p in parts) // stride
             if rows == 0:
                 break
-            if prev_row is not None:  # the previous row, unfiltered (type 0), primes Up/Avg/Paeth
-                im = _band_png(header, aux, rows + 1, b"\0" + prev_row + raw[: rows * stride])
-                im = im.crop((0, 1, width, rows + 1))
-            else:
-                im = _band_png(header, aux, rows, raw[: rows * stride])
-            prev_row = im.crop((0, rows - 1, width, rows)).tobytes()
-            outs.append(shrinkable(im).reduce((factor, min(factor, rows))))
+            if rows < factor:  # the last band: drop a trailing partial row
+                parts = [b"".join(parts)[: rows * stride]]
+            # the previous row, unfiltered (filter type 0), primes the Up/Avg/Paeth filters
+            head = [b"\0", prev_row] if prev_row is not None else []
+            im = _band_png(header, aux, rows + (1 if head else 0), head + parts)
+            top = 1 if head else 0
+            prev_row = im.crop((0, top + rows - 1, width, top + rows)).tobytes()
+            outs.append(
+                shrinkable(im).reduce((factor, min(factor, rows)), box=(0, top, width, top + rows))
+            )
             rows_done += rows
-    except zlib.error as exc:
+    except (zlib.error, fastzlib.error) as exc:
         raise DataError(f"corrupt PNG data ({exc})") from exc
     if rows_done < header.height:
         raise DataError(f"truncated PNG: {rows_done} of {header.height} rows")

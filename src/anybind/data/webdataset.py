@@ -1,0 +1,128 @@
+"""WebDataset tar shards in the img2dataset layout: ``KEY.jpg`` + ``KEY.txt`` (+ ``KEY.json``).
+
+Shards are given as a directory (every ``*.tar`` in it), one ``.tar``, a glob, or brace notation
+(``shards/{00000..00009}.tar``, ``{a,b}.tar``). Members are listed once per shard
+(`tar_members.list_members`: names, offsets, sizes); captions are read with positional reads;
+images become ``tar://<shard>#<member>`` references that `images.load_image` reads the same way.
+item_id = ``<shard stem>/<key>``: stable whatever other shards are listed.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+from ..errors import DataError
+from .index import DatasetIndex
+from .tar_members import list_members, read_member
+
+LISTING_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_EXTENSIONS = ("txt", "caption", "text")
+LABEL_EXTENSIONS = ("cls", "label")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'a/{00..02}.tar' -> ['a/00.tar', 'a/01.tar', 'a/02.tar']; '{x,y}' lists too; nests."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        options = body.split(",")
+    return list(itertools.chain.from_iterable(expand_braces(head + o + tail) for o in options))
+
+
+def resolve_shards(spec: str | os.PathLike) -> list[Path]:
+    """Shard paths from a directory, a file, a glob or a brace pattern (sorted, existing)."""
+    spec = os.fspath(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        shards = sorted(p for p in path.rglob("*.tar") if p.is_file())
+    elif path.is_file():
+        shards = [path]
+    else:
+        shards = []
+        for pattern in expand_braces(os.path.expanduser(spec)):
+            if glob.has_magic(pattern):
+                shards += [Path(p) for p in sorted(glob.glob(pattern))]
+            elif Path(pattern).is_file():
+                shards.append(Path(pattern))
+            elif "{" in spec:
+                raise DataError(f"shard {pattern} (from {spec}) does not exist")
+    if not shards:
+        raise DataError(f"no tar shards found for '{spec}'")
+    return sorted({p.resolve() for p in shards})
+
+
+def _split_key(member: str) -> tuple[str, str]:
+    """WebDataset convention: the key is everything before the first dot of the base name."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _text(shard: Path, member: str) -> str:
+    return read_member(shard, member).decode("utf-8", "replace").strip()
+
+
+def _shard_records(shard: Path) -> list[dict]:
+    samples: dict[str, dict[str, str]] = {}
+    for member in list_members(shard):
+        key, ext = _split_key(member)
+        if key.rpartition("/")[2].startswith("_") or not ext:
+            continue  # e.g. __index__ files, or members with no extension
+        samples.setdefault(key, {})[ext] = member
+    records = []
+    for key, parts in samples.items():
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if image is None:
+            continue
+        captions = [_text(shard, parts[e]) for e in CAPTION_EXTENSIONS if e in parts]
+        label = next((_text(shard, parts[e]) for e in LABEL_EXTENSIONS if e in parts), None)
+        if "json" in parts:
+            try:
+                info = json.loads(read_member(shard, parts["json"]))
+            except ValueError:
+                info = {}
+            extra = info.get("caption") if isinstance(info, dict) else None
+            if isinstance(extra, str) and extra.strip():
+                captions.append(extra.strip())
+        captions = list(dict.fromkeys(c for c in captions if c))
+        records.append(
+            {
+                "item_id": f"{shard.stem}/{key}",
+                "image": f"tar://{shard}#{image}",
+                "caption": captions,
+                "label": label,
+            }
+        )
+    return records
+
+
+def list_webdataset(shards: str | os.PathLike, name: str | None = None) -> DatasetIndex:
+    """One item per sample key that has an image; captions from .txt (and json 'caption').
+
+    >>> idx = list_webdataset("laion/{00000..00009}.tar")  # doctest: +SKIP
+    """
+    paths = resolve_shards(shards)
+    records = [r for shard in paths for r in _shard_records(shard)]
+    if not records:
+        raise DataError(
+            f"the shards of '{shards}' hold no samples with an image ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    meta = {"source": os.fspath(shards), "shards": [str(p) for p in paths]}
+    default_name = Path(os.fspath(shards)).stem.split("{")[0].strip("-_") or "webdataset"
+    return DatasetIndex.from_records(
+        name or default_name, records, {"image": "image", "caption": "text"}, meta=meta
+    )
