@@ -18,11 +18,9 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from anybind.data import load_dataset
-from anybind.data.index import DatasetIndex
 from anybind.encoders import create_encoder
 from anybind.features import extract
 from anybind.features.extract import (
@@ -33,12 +31,6 @@ from anybind.features.extract import (
     default_field,
     resolve_device,
 )
-
-
-def subset(index: DatasetIndex, n: int) -> DatasetIndex:
-    """An evenly spread sample of n items (so the rare huge images are represented fairly)."""
-    take = np.linspace(0, len(index) - 1, num=min(n, len(index))).round().astype(int)
-    return DatasetIndex(f"{index.name}-bench{len(take)}", index.table.take(take), index.fields, index.root, index.meta)
 
 
 def main() -> None:
@@ -53,7 +45,7 @@ def main() -> None:
 
     device = resolve_device("auto")
     enc = create_encoder(args.encoder).to(device)
-    index = subset(load_dataset(args.data), args.n)
+    index = load_dataset(args.data).spread(args.n)  # evenly spread: rare huge images count fairly
     field = default_field(index, enc.modality)
     _, _, refs = index.field_rows(field)
     layers, pooling = enc.resolve_layers(args.layers), enc.default_pooling

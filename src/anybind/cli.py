@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute precision; auto = bf16 autocast where features stay within cosine 0.995 of fp32")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored dtype (default fp16)")
-    p.add_argument("--batch-size", "-b", type=int, default=64)
+    p.add_argument("--batch-size", "-b", type=int, default=64, help="items per forward pass (texts are batched by length inside each shard)")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images, 0 for text)")
     p.add_argument("--shard-size", type=int, default=1024, help="rows per shard: the unit of resumption")
     p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")

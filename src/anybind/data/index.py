@@ -142,6 +142,21 @@ class DatasetIndex:
             return str(Path(self.root) / ref)
         return ref
 
+    def take(self, rows, name: str | None = None) -> DatasetIndex:
+        """A sub-index of the given row positions; splits and folds stay as they were."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        return DatasetIndex(name or f"{self.name}[{len(rows)}]", self.table.take(rows), dict(self.fields),
+                            self.root, {**self.meta, "subset_of": self.name})
+
+    def spread(self, n: int, name: str | None = None) -> DatasetIndex:
+        """n items evenly spread over the index (deterministic): a representative small sample."""
+        import numpy as np
+
+        rows = np.unique(np.linspace(0, len(self) - 1, num=min(n, len(self))).round().astype(np.int64))
+        return self.take(rows, name or f"{self.name}-spread{len(rows)}")
+
     def split_ids(self, split: str) -> list[str]:
         return [i for i, s in zip(self.item_ids, self.column("split"), strict=True) if s == split]
 

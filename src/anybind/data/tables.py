@@ -159,7 +159,8 @@ def _captions_of(value) -> list[str]:
             parsed = None
         if isinstance(parsed, list):
             return _captions_of(parsed)
-    return [text] if text else []
+    # an empty caption is kept: extraction skips it and lists it, rather than losing it silently
+    return [text]
 
 
 def _scalar(value) -> str | None:

@@ -26,6 +26,7 @@ tokenizer's), ``normalize`` (L2-normalise ``final``), ``local_files_only``, ``re
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -65,6 +66,19 @@ _OPTIONS = ("max_length", "normalize", "local_files_only", "revision", "trust_re
 
 def _transformers():
     return require("transformers", "the hf: encoder backend", "transformers", "hf")
+
+
+@contextlib.contextmanager
+def _quiet_loading(transformers):
+    """No "Loading weights" bar per model load: extraction shows its own progress."""
+    hf_logging = transformers.utils.logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def hub_kwargs(local_files_only: bool | None = None, revision: str | None = None,
@@ -431,7 +445,8 @@ def load_hf_encoder(
     modality = modality or infer_modality(config)
     if modality not in ("image", "text"):
         raise SpecError(f"the hf: backend encodes images and text, not {modality}")
-    model, info = transformers.AutoModel.from_pretrained(source, output_loading_info=True, **kw)
+    with _quiet_loading(transformers):
+        model, info = transformers.AutoModel.from_pretrained(source, output_loading_info=True, **kw)
     tower, projection = _select_tower(model, modality)
     missing = set(info.get("missing_keys", ()))
     # a pooler that the checkpoint does not hold is random: never use it as `final`

@@ -173,12 +173,19 @@ class _Collate:
         return [p for p, _ in ok], batch, skipped
 
 
-def _batches(shards: list[int], shard_size: int, n: int, batch_size: int) -> list[list[int]]:
-    """Fixed batches inside each shard: the same on every run, so a resumed run is bit-identical."""
+def _batches(shards: list[int], shard_size: int, refs: list, batch_size: int, by_length: bool = False) -> list[list[int]]:
+    """Fixed batches inside each shard: the same on every run, so a resumed run is bit-identical.
+
+    With `by_length` (text), rows of a shard are batched in order of length, so a batch holds
+    captions of similar length and little padding is computed; shards are written back in row
+    order, so the store does not depend on it.
+    """
     out = []
     for s in shards:
-        lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-        out += [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
+        rows = list(range(s * shard_size, min((s + 1) * shard_size, len(refs))))
+        if by_length:
+            rows.sort(key=lambda r: (len(refs[r]) if isinstance(refs[r], str) else 0, r))
+        out += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return out
 
 
@@ -268,7 +275,7 @@ def extract(
     pooling: str | None = None,
     precision: str = "auto",
     dtype: str = "fp16",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     shard_size: int = 1024,
     cache: str | os.PathLike | None = None,
@@ -299,6 +306,7 @@ def extract(
     dtype = canonical_dtype(dtype)
     if precision not in ("auto", "fp32", "bf16"):
         raise AnybindError(f"precision must be auto, fp32 or bf16, not '{precision}'")
+    batch_size = batch_size or 64
     if batch_size < 1 or shard_size < 1:
         raise AnybindError("batch size and shard size must be positive")
     ids, subs, refs = index.field_rows(field)
@@ -388,7 +396,7 @@ def _run_shards(enc, refs, pending, request, path, device, precision, batch_size
         return
     shard_size, layers = request["shard_size"], request["layers"]
     dims, st_dtype = request["layer_dims"], DTYPES[request["dtype"]][1]
-    batches = _batches(pending, shard_size, len(refs), batch_size)
+    batches = _batches(pending, shard_size, refs, batch_size, by_length=enc.modality == "text")
     if num_workers is None:
         num_workers = min(2, os.cpu_count() or 1) if enc.modality != "text" else 0
     ctx = "fork" if num_workers and "fork" in torch.multiprocessing.get_all_start_methods() else None
@@ -404,8 +412,10 @@ def _run_shards(enc, refs, pending, request, path, device, precision, batch_size
     current, chunks, rows, skipped = None, {lay: [] for lay in layers}, [], []
 
     def flush(shard: int) -> None:
-        tensors = {lay: (torch.cat(chunks[lay]) if chunks[lay] else torch.zeros(0, dims[lay])).to(st_dtype) for lay in layers}
-        tensors["_row"] = torch.tensor(rows, dtype=torch.int64)
+        order = torch.argsort(torch.tensor(rows, dtype=torch.int64))  # back to row order
+        tensors = {lay: (torch.cat(chunks[lay])[order] if chunks[lay] else torch.zeros(0, dims[lay])).to(st_dtype) for lay in layers}
+        tensors["_row"] = torch.tensor(rows, dtype=torch.int64)[order]
+        skipped.sort()
         # one metadata key: safetensors writes several keys in a random order, breaking bit-equality
         meta = {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": skipped}, sort_keys=True)}
         write_shard(path / shard_name(shard), tensors, meta)
