@@ -61,3 +61,29 @@ def test_extract_wrong_field_is_clear(tmp_path, cache, capsys):
     table = _pairs(tmp_path)
     assert main(["extract", "-e", "random:text", "-d", f"table:{table}", "--field", "image", "-q"]) == 2
     assert "encodes text" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_write_one_store(tmp_path, cache):
+    """`torchrun --nproc_per_node=2 anybind extract ...`: each rank extracts its shards, rank 0 merges."""
+    import os
+    import subprocess
+    import sys
+
+    from anybind.features import FeatureStore
+
+    table = _pairs(tmp_path, n=30)
+    out = tmp_path / "dist-store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "anybind.cli", "extract", "-e", "random:image", "-d", f"table:{table}", "--shard-size", "4",
+           "--batch-size", "3", "--workers", "0", "--precision", "fp32", "-o", str(out), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    dist = FeatureStore.open(out)
+    assert main(["extract", "-e", "random:image", "-d", f"table:{table}", "--shard-size", "4", "--batch-size", "3",
+                 "--workers", "0", "--precision", "fp32", "-o", str(tmp_path / "single"), "-q"]) == 0
+    single = FeatureStore.open(tmp_path / "single")
+    assert len(dist) == len(single) == 30 and dist.manifest["skipped"] == 1
+    assert dist.item_ids == single.item_ids
+    import numpy as np
+
+    np.testing.assert_array_equal(dist["final"].read(), single["final"].read())
