@@ -184,6 +184,35 @@ class Encoder(ABC):
         return f"<{type(self).__name__} {self.spec} {self.modality} layers=0..{self.num_blocks}+final>"
 
 
+class LazyHashEncoder(Encoder):
+    """An adapter whose weights hash is computed on first use, from `_weights_fn`.
+
+    Hashing a checkpoint costs seconds, so it waits until a cache key is needed; the creation
+    `options` (image size overrides, ...) change the features, so they are part of the key.
+    """
+
+    _weights: str | None = None
+    _weights_fn = None
+    options: dict = {}
+
+    def weights_hash(self) -> str:
+        if self._weights is None:
+            self._weights = self._weights_fn()
+        return self._weights
+
+    def __getstate__(self) -> dict:
+        """Picklable for spawned workers: the weights hash is resolved, its closure dropped."""
+        state = dict(self.__dict__)
+        state["_weights"], state["_weights_fn"] = self.weights_hash(), None
+        return state
+
+    def fingerprint(self, pooling: str | None = None, precision: str = "fp32") -> dict:
+        fp = super().fingerprint(pooling, precision)
+        if self.options:
+            fp["options"] = dict(self.options)
+        return fp
+
+
 # ---- pooling helpers shared by the adapters ------------------------------------------------------
 def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, num_prefix: int = 1) -> torch.Tensor:
     """[B, T, D] token states -> [B, D] (or [B, 2D] for cls+mean).

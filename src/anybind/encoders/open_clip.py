@@ -37,7 +37,7 @@ from torch import nn
 from .._deps import require
 from .._hashing import hash_dir, hash_file
 from ..errors import AnybindError, SpecError
-from .base import POOLINGS, Encoder, module_weights_hash
+from .base import POOLINGS, LazyHashEncoder, module_weights_hash
 from .preprocess import ImagePreprocess
 from .spec import EncoderSpec
 from .timm import LayerTaps, Tap, form_dim, pool_form, tensor_form, timm_taps, token_poolings
@@ -94,7 +94,7 @@ def preprocess_from_open_clip(model: nn.Module) -> ImagePreprocess:
     )
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(LazyHashEncoder):
     """One tower of an open_clip model (see the module docstring for layers and pooling)."""
 
     def __init__(
@@ -268,23 +268,6 @@ class OpenClipEncoder(Encoder):
             else:
                 out[name] = pool_form(got[name], self._forms[name], pooling, self.num_prefix_tokens)
         return out
-
-    def weights_hash(self) -> str:
-        if self._weights is None:
-            self._weights = self._weights_fn()
-        return self._weights
-
-    def __getstate__(self) -> dict:
-        """Picklable for spawned workers: the weights hash is resolved, its closure dropped."""
-        state = dict(self.__dict__)
-        state["_weights"], state["_weights_fn"] = self.weights_hash(), None
-        return state
-
-    def fingerprint(self, pooling: str | None = None, precision: str = "fp32") -> dict:
-        fp = super().fingerprint(pooling, precision)
-        if self.options:  # open_clip.create_model arguments (force_image_size, ...)
-            fp["options"] = dict(self.options)
-        return fp
 
 
 def _looks_like_path(name: str) -> bool:

@@ -43,7 +43,13 @@ from torch import nn
 from .._deps import require
 from .._hashing import hash_dir, hash_file
 from ..errors import AnybindError, SpecError
-from .base import POOLINGS, Encoder, module_weights_hash, pool_feature_map, pool_tokens
+from .base import (
+    POOLINGS,
+    LazyHashEncoder,
+    module_weights_hash,
+    pool_feature_map,
+    pool_tokens,
+)
 from .preprocess import ImagePreprocess
 from .spec import EncoderSpec
 
@@ -244,7 +250,7 @@ def preprocess_from_timm(model: nn.Module, img_size=None) -> ImagePreprocess:
     )
 
 
-class TimmEncoder(Encoder):
+class TimmEncoder(LazyHashEncoder):
     """A timm model as a frozen image encoder with canonical layers (see the module docstring)."""
 
     modality = "image"
@@ -325,23 +331,6 @@ class TimmEncoder(Encoder):
             else pool_form(got[name], self._forms[name], pooling, self.num_prefix_tokens)
             for name in layers
         }
-
-    def weights_hash(self) -> str:
-        if self._weights is None:
-            self._weights = self._weights_fn()
-        return self._weights
-
-    def __getstate__(self) -> dict:
-        """Picklable for spawned workers: the weights hash is resolved, its closure dropped."""
-        state = dict(self.__dict__)
-        state["_weights"], state["_weights_fn"] = self.weights_hash(), None
-        return state
-
-    def fingerprint(self, pooling: str | None = None, precision: str = "fp32") -> dict:
-        fp = super().fingerprint(pooling, precision)
-        if self.options:  # timm.create_model arguments change the features (img_size, ...)
-            fp["options"] = dict(self.options)
-        return fp
 
 
 # ---- building a timm model from a spec ----------------------------------------------------------
