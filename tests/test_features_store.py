@@ -41,6 +41,10 @@ def test_store_layout_rows_and_skips(cache):
     # several captions per item = several rows with the same item id, caption_index 0/1
     ids, caps = store.item_ids, store.caption_index
     assert ids[:2] == ["item0000", "item0000"] and list(caps[:2]) == [0, 1]
+    # the index's split decision is carried per row
+    split_of = dict(zip(index.item_ids, index.column("split")))
+    assert store.splits == [split_of[i] for i in ids]
+    assert store.rows.column("fold").to_pylist()[0] == index.column("fold")[0]
     assert list(store.layers) == ["layer.0", "layer.1", "layer.2", "layer.3", "final"]
     # stored vectors equal a direct forward pass over the same captions (fp16 storage tolerance)
     enc = create_encoder("random:text")

@@ -150,7 +150,7 @@ def _prepare_folder(path: Path, request: dict) -> None:
         _write_json(req_file, request)
 
 
-def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float) -> FeatureStore:
+def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, splits: dict) -> FeatureStore:
     """Merge shard row lists into rows.parquet and skipped.jsonl, then write the manifest last."""
     rows, skipped, shards = [], [], []
     for s in range(request["num_shards"]):
@@ -165,7 +165,12 @@ def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float) 
         pa.table({"row": pa.array(range(len(rows)), pa.int64()),
                   "item_id": pa.array([ids[r] for r in rows], pa.string()),
                   "caption_index": pa.array([subs[r] for r in rows], pa.int32()),
-                  "source_row": pa.array(rows, pa.int64())}),
+                  "source_row": pa.array(rows, pa.int64()),
+                  # the dataset index's split decision travels with the store: training and
+                  # evaluation read it from here and never re-split
+                  "split": pa.array([splits[ids[r]][0] for r in rows], pa.string()),
+                  "fold": pa.array([splits[ids[r]][1] for r in rows], pa.int8()),
+                  "group": pa.array([splits[ids[r]][2] for r in rows], pa.string())}),
         path / ROWS,
     )
     with open(path / SKIPPED, "w") as fh:
@@ -281,7 +286,8 @@ def extract(
     if rank != 0:
         return None
     _wait_for_shards(path, num_shards)
-    store = _finalize(path, request, ids, subs, time.perf_counter() - t0)
+    splits = dict(zip(index.item_ids, zip(index.column("split"), index.column("fold"), index.column("group"))))
+    store = _finalize(path, request, ids, subs, time.perf_counter() - t0, splits)
     store.report = {"hit": False, "seconds": time.perf_counter() - t0, "rows": len(store),
                     "skipped": store.manifest["skipped"], "precision": precision, "path": str(path)}
     if store.manifest["skipped"]:

@@ -2,7 +2,7 @@
 
 A folder holding ``request.json`` (what is being extracted, written first), finished
 ``shard-NNNNN.safetensors`` files (one [n, d] tensor per layer plus ``_row``, the planned row
-of each stored vector), then ``rows.parquet`` (row -> item_id, caption_index), ``skipped.jsonl``
+of each stored vector), then ``rows.parquet`` (row -> item_id, caption_index, split, fold, group), ``skipped.jsonl``
 (item_id, reason) and ``manifest.json``, written last: a store without a manifest is unfinished.
 """
 
@@ -177,6 +177,11 @@ class FeatureStore:
     @property
     def item_ids(self) -> list[str]:
         return self.rows.column("item_id").to_pylist()
+
+    @property
+    def splits(self) -> list[str]:
+        """Each row's split (train/val/test) as the dataset index decided it."""
+        return self.rows.column("split").to_pylist()
 
     @property
     def caption_index(self) -> np.ndarray:
