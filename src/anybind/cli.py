@@ -21,6 +21,8 @@ EPILOG = """examples:
   anybind extract --encoder minilm-l6 --data openclipart --layers 3,final
   anybind extract --encoder hf:facebook/dinov2-small --data table:pairs.csv --layers all --pooling cls+mean
   anybind cache ls
+  anybind recipes                                   # the training recipes
+  anybind train --recipe structure --store image=efficientnet-lite0+openclipart --store text=minilm-l6+openclipart
 """
 
 
@@ -90,6 +92,78 @@ def cmd_extract(args) -> int:
     print(f"{status}: {len(store)} rows x layers {', '.join(f'{k}({v})' for k, v in store.layers.items())}, "
           f"{r['skipped']} skipped, {r['precision']} compute, {store.dtype} stored")
     print(store.path)
+    return 0
+
+
+def _resolve_store(side: str, value: str, layers: list[str] | None, cache, progress: bool):
+    """A store folder, or ENCODER+DATASET: the cached store of that pair (extracted if missing)."""
+    from pathlib import Path
+
+    from .features import FeatureStore, extract
+
+    if Path(value).is_dir():
+        return FeatureStore.open(value)
+    encoder, sep, data = value.rpartition("+")
+    if not sep or not encoder or not data:
+        raise AnybindError(f"--store {side}={value}: give a store folder, or ENCODER+DATASET "
+                           "(e.g. image=efficientnet-lite0+openclipart)")
+    return extract(encoder, data, layers=layers or ["final"], cache=cache, progress=progress)
+
+
+def _side_values(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        side, sep, value = item.partition("=")
+        if not sep or not side or not value:
+            raise AnybindError(f"{flag} takes SIDE=VALUE (e.g. image=...), not {item!r}")
+        out[side] = value
+    return out
+
+
+def cmd_train(args) -> int:
+    """Train projectors that bind two feature stores into one space, with a recipe."""
+    from datetime import datetime
+
+    from .align import load_recipe
+    from .align.trainer import format_result, train
+
+    recipe = load_recipe(args.recipe, args.set)
+    stores_arg = _side_values(args.store, "--store")
+    if len(stores_arg) != 2:
+        raise AnybindError("give two stores: --store image=STORE --store text=STORE "
+                           "(a store folder, or ENCODER+DATASET such as minilm-l6+openclipart)")
+    layers = {k: [s for s in v.split(",") if s] for k, v in _side_values(args.layers, "--layers").items()}
+    stores = {side: _resolve_store(side, value, layers.get(side), args.cache, not args.quiet)
+              for side, value in stores_arg.items()}
+    if layers:  # a store of several layers: pick the names the user gave (canonical forms)
+        layers = {k: [f"layer.{x}" if x.isdigit() else x for x in v] for k, v in layers.items()}
+    out = args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    result = train(recipe, stores, out=out, layers=layers or None, device=args.device,
+                   resume=not args.restart, progress=not args.quiet)
+    print(format_result(result))
+    print(f"\n{result.steps} steps in {result.seconds:.0f}s"
+          + (" (stopped early)" if result.stopped_early else "")
+          + f"; best model: {result.out / 'best'}; log: {result.out / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    """List the built-in recipes, or print one (resolved, with --set overrides) as YAML."""
+    from .align import available_recipes, load_recipe
+
+    if args.name:
+        import yaml
+
+        print(yaml.safe_dump(load_recipe(args.name, args.set).to_dict(), sort_keys=False), end="")
+        return 0
+    rows = []
+    for name in available_recipes():
+        r = load_recipe(name)
+        proj = ", ".join(f"{k}: {v['name']}" for k, v in r.projector.items())
+        rows.append({"recipe": name, "projector": proj, "loss": r.loss.name
+                     + (f" + STRUCTURE x{r.loss.structure_weight:g}" if r.loss.structure_weight else ""),
+                     "description": " ".join(r.description.split())[:70]})
+    print(_table(rows, ["recipe", "projector", "loss", "description"]))
     return 0
 
 
@@ -173,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1024, help="rows per shard: the unit of resumption")
     p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
+
+    p = verb("train", cmd_train, "train projectors that bind two stores (a recipe)")
+    p.add_argument("--recipe", "-r", default="default", help="a built-in recipe (`anybind recipes`) or a YAML file")
+    p.add_argument("--store", "-s", action="append", metavar="SIDE=STORE", required=True,
+                   help="a store folder, or ENCODER+DATASET (extracted if missing); give two, e.g. "
+                        "image=efficientnet-lite0+openclipart text=minilm-l6+openclipart")
+    p.add_argument("--layers", action="append", metavar="SIDE=LAYERS",
+                   help="layers a side reads, e.g. image=8,final (several need projector layermix)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. loss.structure_weight=5 or train.batch_size=2048")
+    p.add_argument("--out", "-o", help="run folder (default runs/RECIPE-TIME); an existing run resumes")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+
+    p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
+    p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     cache = sub.add_parser("cache", help="show or clear cached feature stores")
     csub = cache.add_subparsers(dest="cache_verb", metavar="ACTION", required=True)

@@ -273,3 +273,59 @@ def remove_store(path: str | os.PathLike) -> None:
 
 def stored_torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name][1]
+
+
+def write_store(
+    path: str | os.PathLike,
+    arrays: dict[str, np.ndarray],
+    item_ids: list[str],
+    *,
+    modality: str,
+    field: str,
+    dataset: str,
+    encoder: str = "external",
+    caption_index: list[int] | None = None,
+    splits: list[str] | None = None,
+    folds: list[int] | None = None,
+    groups: list[str] | None = None,
+    dtype: str = "float32",
+) -> FeatureStore:
+    """Write features computed elsewhere (or synthetic ones) as a store: bring your own embeddings.
+
+    `arrays` maps layer names to [n, d] arrays aligned with `item_ids`. Splits default to the
+    dataset index's rule (a hash of the group, or of the item id when no group is given).
+    """
+    import pyarrow as pa
+
+    from ..data.index import fold_of, split_of
+    from .safetensors_io import DTYPES, canonical_dtype, write_shard
+
+    path = Path(path)
+    n = len(item_ids)
+    if not arrays or any(a.ndim != 2 or len(a) != n for a in arrays.values()):
+        raise StoreError(f"every array must be [n={n}, d]: got " + ", ".join(f"{k} {a.shape}" for k, a in arrays.items()))
+    dtype = canonical_dtype(dtype)
+    groups = list(groups) if groups is not None else list(item_ids)
+    splits = list(splits) if splits is not None else [split_of(g) for g in groups]
+    folds = list(folds) if folds is not None else [fold_of(g) for g in groups]
+    caption_index = list(caption_index) if caption_index is not None else [0] * n
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(DTYPES[dtype][1]) for k, a in arrays.items()}
+    tensors["_row"] = torch.arange(n, dtype=torch.int64)
+    write_shard(path / shard_name(0), tensors, {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": []})})
+    pq.write_table(pa.table({
+        "row": pa.array(range(n), pa.int64()), "item_id": pa.array(item_ids, pa.string()),
+        "caption_index": pa.array(caption_index, pa.int32()), "source_row": pa.array(range(n), pa.int64()),
+        "split": pa.array(splits, pa.string()), "fold": pa.array(folds, pa.int8()), "group": pa.array(groups, pa.string()),
+    }), path / ROWS)
+    (path / SKIPPED).write_text("")
+    key = {"encoder": {"spec": encoder, "modality": modality, "weights": hash_obj(encoder), "preprocess": {},
+                       "pooling": "n/a", "precision": "external"},
+           "dataset": dataset, "dataset_fingerprint": hash_obj(item_ids), "field": field}
+    manifest = {"format": FORMAT_VERSION, "key": key, "modality": modality,
+                "layers": {k: int(a.shape[1]) for k, a in arrays.items()}, "dtype": dtype, "rows": n,
+                "shards": [{"file": shard_name(0), "rows": n}], "skipped": 0}
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path / MANIFEST)
+    return FeatureStore.open(path)

@@ -1,0 +1,167 @@
+"""Paired training data from feature stores: join modalities on item id, select a split.
+
+An anchor store has one row per item (images); a partner store may have several rows per item
+(captions). Every partner row whose item has an anchor row makes one pair; pairs of the same
+item are all positives of each other. Features stay memory-mapped unless they fit comfortably
+in memory, so a store larger than RAM still trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import AnybindError, StoreError
+from ..features import FeatureStore, LayerArray
+
+log = logging.getLogger("anybind.align")
+IN_MEMORY_BYTES = 4 << 30  # below this, features are copied to RAM (float32) for speed
+
+
+class PairingError(AnybindError):
+    """Stores that cannot be paired: different datasets, no common items, bad features."""
+
+
+@dataclass
+class Side:
+    """One modality of the pairs: its store and the layers the projector reads."""
+
+    name: str
+    store: FeatureStore
+    layers: list[str]
+    arrays: list  # per layer: LayerArray (memory-mapped) or a float32 torch tensor (in memory)
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.store.layers[lay] for lay in self.layers]
+
+    def rows(self, index: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        """Features of the given store rows, one float32 tensor per layer."""
+        out = []
+        for arr in self.arrays:
+            if isinstance(arr, torch.Tensor):
+                out.append(arr[torch.as_tensor(index, dtype=torch.long)])
+            else:
+                out.append(torch.from_numpy(arr.read(np.asarray(index))))
+        return out
+
+
+@dataclass
+class Pairs:
+    """Pairs of one split: anchor row, partner row and item code (equal codes = positives)."""
+
+    anchor_rows: np.ndarray
+    partner_rows: np.ndarray
+    item: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+
+class PairedFeatures:
+    """Two feature stores joined by item id, with the dataset index's splits.
+
+    >>> data = PairedFeatures({"image": img_store, "text": txt_store})
+    >>> train = data.pairs("train")
+    """
+
+    def __init__(self, stores: dict[str, FeatureStore], layers: dict[str, list[str]] | None = None,
+                 in_memory: bool | None = None, check_values: bool = True):
+        if len(stores) != 2:
+            raise PairingError(f"training binds two stores at a time (got {len(stores)}: {', '.join(stores)})")
+        layers = layers or {}
+        names = list(stores)
+        datasets = {n: s.key["dataset"] for n, s in stores.items()}
+        if len(set(datasets.values())) != 1:
+            raise PairingError("the stores come from different datasets ("
+                               + ", ".join(f"{n}: {d}" for n, d in datasets.items())
+                               + "): pairs are joined by item id within one dataset")
+        counts = {n: len(s) for n, s in stores.items()}
+        uniq = {n: len(set(s.item_ids)) for n, s in stores.items()}
+        # the anchor has one row per item (images); the partner may have several (captions)
+        anchor = next((n for n in names if counts[n] == uniq[n]), None)
+        if anchor is None:
+            raise PairingError("neither store has exactly one row per item: one side must be the anchor (e.g. images)")
+        partner = names[1] if anchor == names[0] else names[0]
+        self.anchor_name, self.partner_name = anchor, partner
+        self.sides = {}
+        total_bytes = 0
+        for n in (anchor, partner):
+            store = stores[n]
+            want = layers.get(n) or ["final"]
+            missing = [lay for lay in want if lay not in store.layers]
+            if missing:
+                raise PairingError(f"the {n} store {store.path.name} has no layer {', '.join(missing)}: "
+                                   f"it has {', '.join(store.layers)}")
+            total_bytes += sum(len(store) * store.layers[lay] * 4 for lay in want)
+            self.sides[n] = Side(n, store, want, [store.array(lay) for lay in want])
+        in_memory = total_bytes <= IN_MEMORY_BYTES if in_memory is None else in_memory
+        if check_values:
+            for side in self.sides.values():
+                _check_finite(side)
+        if in_memory:
+            for side in self.sides.values():
+                side.arrays = [torch.from_numpy(a.read()) for a in side.arrays]
+        self._join()
+
+    def _join(self) -> None:
+        a, p = self.sides[self.anchor_name].store, self.sides[self.partner_name].store
+        a_ids = a.item_ids
+        row_of = {item: r for r, item in enumerate(a_ids)}
+        p_ids = p.item_ids
+        keep = np.array([i in row_of for i in p_ids], dtype=bool)
+        if not keep.any():
+            raise PairingError(f"the {self.anchor_name} and {self.partner_name} stores share no item ids: "
+                               "were they extracted from the same dataset?")
+        lost_p = int((~keep).sum())
+        paired_items = {i for i, k in zip(p_ids, keep) if k}
+        lost_a = len(a_ids) - len(paired_items)
+        if lost_p or lost_a:
+            log.warning("%d %s rows and %d %s items have no partner (skipped at extraction?) and are left out",
+                        lost_p, self.partner_name, lost_a, self.anchor_name)
+        self.partner_rows_all = np.nonzero(keep)[0]
+        self.anchor_rows_all = np.array([row_of[p_ids[r]] for r in self.partner_rows_all], dtype=np.int64)
+        a_splits = a.splits if "split" in a.rows.column_names else None
+        if a_splits is None:
+            raise StoreError(f"{a.path} has no per-row split: re-extract it with this version of anybind")
+        self.split_of_pair = np.array([a_splits[r] for r in self.anchor_rows_all])
+        self.item_of_pair = self.anchor_rows_all.copy()  # the anchor row identifies the item
+
+    # ---- access --------------------------------------------------------------------------------
+    def pairs(self, split: str | list[str] = "train") -> Pairs:
+        splits = [split] if isinstance(split, str) else list(split)
+        sel = np.isin(self.split_of_pair, splits)
+        if not sel.any():
+            raise PairingError(f"no pairs in split {', '.join(splits)}: the dataset index put none there")
+        return Pairs(self.anchor_rows_all[sel], self.partner_rows_all[sel], self.item_of_pair[sel])
+
+    def side(self, name: str) -> Side:
+        return self.sides[name]
+
+    @property
+    def names(self) -> list[str]:
+        return [self.anchor_name, self.partner_name]
+
+    def summary(self) -> dict:
+        out = {"anchor": self.anchor_name, "partner": self.partner_name}
+        for s in ("train", "val", "test"):
+            sel = self.split_of_pair == s
+            out[s] = {"pairs": int(sel.sum()), "items": int(len(np.unique(self.item_of_pair[sel])))}
+        return out
+
+
+def _check_finite(side: Side, chunk: int = 65536) -> None:
+    """NaN or inf features would poison training silently: refuse them up front, with where."""
+    for lay, arr in zip(side.layers, side.arrays):
+        if not isinstance(arr, LayerArray):
+            continue
+        bad = 0
+        for lo in range(0, len(arr), chunk):
+            x = arr.read(slice(lo, lo + chunk))
+            bad += int((~np.isfinite(x)).any(axis=1).sum())
+        if bad:
+            raise PairingError(f"the {side.name} store {side.store.path.name} has {bad} rows with NaN or inf "
+                               f"in layer {lay}: re-extract with --precision fp32 or drop those items")

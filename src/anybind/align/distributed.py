@@ -1,0 +1,63 @@
+"""Several processes (torchrun): every rank sees the global batch through gathered embeddings.
+
+Each rank embeds its slice of the global batch; `gather_with_grad` concatenates the slices of all
+ranks with gradients flowing back to their owners, so the contrastive loss sees every negative.
+Every rank then computes the same global loss; averaging parameter gradients over ranks gives
+exactly the single-process gradient of that loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); False when alone."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' tensors concatenated in rank order; gradients reach each rank's own slice."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t), dim=0)
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' tensors concatenated, no gradient (frozen features, item codes)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def average_gradients(params) -> None:
+    """Mean of each parameter's gradient over ranks (what DDP does), after backward."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,466 @@
+"""Projectors: the small trainable heads that map frozen encoder features into the shared space.
+
+A registry keyed by short names, so recipes name a projector and a saved one is a folder that
+names its registered kind (``config.json``) next to its weights (``model.safetensors``), never an
+import path or a pickle::
+
+    proj = build_projector("star", in_dim=384, out_dim=512)
+    z = proj(features)            # [B, 512], not normalised: the losses normalise
+    proj.save("runs/s1/image")
+    same = Projector.load("runs/s1/image")
+
+Registered kinds: ``linear``, ``mlp``, ``star`` (SAIL), ``lowrank`` (STRUCTURE's residual
+low-rank head) and ``layermix`` (several cached layers of one encoder, softmax-weighted).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import AnybindError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+P = TypeVar("P", bound="Projector")
+
+#: name -> projector class; filled by `register_projector`.
+PROJECTORS: dict[str, type[Projector]] = {}
+
+
+def register_projector(name: str) -> Callable[[type[P]], type[P]]:
+    """Class decorator: make a `Projector` subclass buildable and loadable by `name`."""
+
+    def register(cls: type[P]) -> type[P]:
+        if not (isinstance(cls, type) and issubclass(cls, Projector)):
+            raise AnybindError(
+                f"register_projector('{name}') decorates Projector subclasses, not {cls!r}"
+            )
+        known = PROJECTORS.get(name)
+        if known is not None and known is not cls:
+            raise AnybindError(
+                f"projector name '{name}' is already registered by {known.__qualname__}: "
+                "choose another name"
+            )
+        cls.name = name
+        PROJECTORS[name] = cls
+        return cls
+
+    return register
+
+
+def projector_options(name: str) -> dict[str, Any]:
+    """The options a registered projector accepts, with their defaults."""
+    cls = _projector_class(name)
+    return {
+        p.name: p.default
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def build_projector(name: str, in_dim: int | list[int], out_dim: int, **options: Any) -> Projector:
+    """Build a registered projector by name.
+
+    >>> build_projector("mlp", 384, 256, depth=3).config["depth"]
+    3
+    """
+    cls = _projector_class(name)
+    accepted = projector_options(name)
+    for key in options:
+        if key not in accepted:
+            raise AnybindError(
+                f"projector '{name}' has no option '{key}'{_did_you_mean(key, accepted)}; "
+                f"it accepts: {', '.join(sorted(accepted)) or 'no options'}"
+            )
+    return cls(in_dim, out_dim, **options)
+
+
+class Projector(nn.Module):
+    """Base class: maps features of one encoder to ``[B, out_dim]`` (not normalised).
+
+    Subclasses take their options as keyword-only ``__init__`` arguments (that is how
+    `build_projector` knows which ones exist) and pass the resolved values to
+    ``super().__init__`` so that `config` rebuilds exactly the same architecture.
+    """
+
+    name: ClassVar[str] = ""
+    #: True for projectors that read several layers (``in_dim`` is then a list of dims).
+    takes_layers: ClassVar[bool] = False
+
+    def __init__(
+        self, in_dim: int | list[int], out_dim: int, options: Mapping[str, Any] | None = None
+    ):
+        super().__init__()
+        if not self.name or PROJECTORS.get(self.name) is not type(self):
+            raise AnybindError(
+                f"{type(self).__qualname__} is not registered: decorate it with "
+                "@register_projector('some-name')"
+            )
+        self.in_dim = _check_in_dim(self.name, in_dim, self.takes_layers)
+        self.out_dim = _positive_int(f"projector '{self.name}': out_dim", out_dim)
+        self._options = dict(options or {})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this projector: ``{"name", "in_dim", "out_dim", **options}``."""
+        in_dim = list(self.in_dim) if isinstance(self.in_dim, list) else self.in_dim
+        return {"name": self.name, "in_dim": in_dim, "out_dim": self.out_dim, **self._options}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "name")
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Check the feature dimension and cast to the weights' dtype (stores hold fp16)."""
+        if not isinstance(x, Tensor):
+            raise AnybindError(
+                f"projector '{self.name}' takes a tensor [B, {self.in_dim}], not {type(x).__name__}"
+            )
+        if x.ndim < 1 or x.shape[-1] != self.in_dim:
+            raise AnybindError(
+                f"projector '{self.name}' expects features of dimension {self.in_dim}, got shape "
+                f"{tuple(x.shape)}: the store or layer differs from the one it was built for"
+            )
+        dtype = next(self.parameters()).dtype
+        return x if x.dtype == dtype else x.to(dtype)
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (no pickles) into `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config_text = json.dumps(self.config, indent=2, sort_keys=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(
+            directory / WEIGHTS_FILE,
+            lambda tmp: save_file(
+                state, str(tmp), metadata={"format": "pt", "projector": self.name}
+            ),
+        )
+        _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config_text + "\n"))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Projector:
+        """Rebuild a saved projector from its folder (kind from ``config.json``, strict weights load)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise AnybindError(
+                f"no {CONFIG_FILE} in {directory}: give the folder that Projector.save wrote"
+            )
+        try:
+            config = json.loads(config_path.read_text())
+            name, in_dim, out_dim = config.pop("name"), config.pop("in_dim"), config.pop("out_dim")
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            raise AnybindError(f"{config_path} is corrupt ({e}): save the projector again") from e
+        projector = build_projector(name, in_dim, out_dim, **config)
+        if cls is not Projector and not isinstance(projector, cls):
+            raise AnybindError(
+                f"{directory} holds a '{name}' projector, not a {cls.__qualname__}: "
+                "load it with Projector.load"
+            )
+        weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise AnybindError(
+                f"no {WEIGHTS_FILE} in {directory}: the save was interrupted; save the projector again"
+            )
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (
+            Exception
+        ) as e:  # safetensors raises its own error types for truncated or garbled files
+            raise AnybindError(f"{weights_path} is corrupt ({e}): save the projector again") from e
+        try:
+            projector.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise AnybindError(
+                f"the weights in {weights_path} do not fit the '{name}' projector its "
+                f"{CONFIG_FILE} describes ({e}); save the projector again"
+            ) from e
+        return projector
+
+
+# ---- the registered projectors ---------------------------------------------------------------------
+@register_projector("linear")
+class LinearProjector(Projector):
+    """One linear map: the simplest projector (STRUCTURE's and many baselines' choice)."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, bias: bool = True):
+        super().__init__(in_dim, out_dim, {"bias": _bool("linear", "bias", bias)})
+        self.linear = nn.Linear(in_dim, out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self._prepare(x))
+
+
+@register_projector("mlp")
+class MLPProjector(Projector):
+    """LayerNorm (optional), then `depth` Linear layers with GELU and dropout between them.
+
+    ``hidden_dim`` defaults to ``2 * max(in_dim, out_dim)``: wide enough not to be a bottleneck
+    on either side, small enough to stay cheap next to the frozen encoders (freeze-align's MLP).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        depth: int = 2,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+        layernorm: bool = True,
+    ):
+        depth = _positive_int("projector 'mlp': depth", depth)
+        if hidden_dim is None:
+            hidden_dim = 2 * max(
+                _positive_int("projector 'mlp': in_dim", in_dim),
+                _positive_int("projector 'mlp': out_dim", out_dim),
+            )
+        hidden_dim = _positive_int("projector 'mlp': hidden_dim", hidden_dim)
+        dropout = _fraction("projector 'mlp': dropout", dropout)
+        layernorm = _bool("mlp", "layernorm", layernorm)
+        super().__init__(
+            in_dim,
+            out_dim,
+            {"depth": depth, "hidden_dim": hidden_dim, "dropout": dropout, "layernorm": layernorm},
+        )
+        dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
+        layers: list[nn.Module] = [nn.LayerNorm(in_dim)] if layernorm else []
+        for i in range(depth):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < depth - 1:
+                layers += [nn.GELU(), nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self._prepare(x))
+
+
+@register_projector("star")
+class StarProjector(Projector):
+    """SAIL's gated "star" MLP: ``g(ReLU6(W1 x) * W2 x)`` after a LayerNorm.
+
+    The element-wise product of two projections gives the head second-order (multiplicative)
+    features at the cost of an MLP; SAIL uses a hidden width of 8x the input (``hidden_mult``).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, hidden_mult: float = 8.0):
+        hidden_mult = _positive_float("projector 'star': hidden_mult", hidden_mult)
+        super().__init__(in_dim, out_dim, {"hidden_mult": hidden_mult})
+        hidden = max(1, round(in_dim * hidden_mult))
+        self.norm = nn.LayerNorm(in_dim)
+        self.w1 = nn.Linear(in_dim, hidden)
+        self.w2 = nn.Linear(in_dim, hidden)
+        self.g = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(self._prepare(x))
+        return self.g(F.relu6(self.w1(x)) * self.w2(x))
+
+
+@register_projector("lowrank")
+class LowRankProjector(Projector):
+    """STRUCTURE's residual low-rank head: ``P x + a * U GELU(D x)``.
+
+    ``P`` (in -> out) starts orthogonal, so training starts from a projection that keeps the
+    input geometry; the residual ``U GELU(D x)`` (in -> rank -> out) adds a cheap non-linear
+    correction, scaled by a learnable gate ``a = sigmoid(s)`` in (0, 1).
+
+    The gate starts at ``gate_init`` (0.1) and ``U`` at PyTorch's default (not zero): with a gate
+    of exactly 0 or a zero ``U``, the gate and ``U`` would get no gradient and the residual could
+    never switch on, which is what a zero-initialised gate does in the reference code.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        rank: int = 32,
+        gate_init: float = 0.1,
+        dropout: float = 0.0,
+    ):
+        rank = _positive_int("projector 'lowrank': rank", rank)
+        gate_init = _float("projector 'lowrank': gate_init", gate_init)
+        if not 0.0 < gate_init < 1.0:
+            raise AnybindError(
+                f"projector 'lowrank': gate_init must be strictly between 0 and 1 (the gate is a "
+                f"sigmoid; 0 would stop it learning), not {gate_init}"
+            )
+        dropout = _fraction("projector 'lowrank': dropout", dropout)
+        super().__init__(
+            in_dim, out_dim, {"rank": rank, "gate_init": gate_init, "dropout": dropout}
+        )
+        self.skip = nn.Linear(in_dim, out_dim, bias=False)
+        nn.init.orthogonal_(self.skip.weight)
+        self.down = nn.Linear(in_dim, rank, bias=False)
+        self.up = nn.Linear(rank, out_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.gate_logit = nn.Parameter(torch.tensor(math.log(gate_init / (1.0 - gate_init))))
+
+    def gate(self) -> Tensor:
+        """The residual's current weight, in (0, 1)."""
+        return torch.sigmoid(self.gate_logit)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._prepare(x)
+        residual = self.up(self.dropout(F.gelu(self.down(x))))
+        return self.skip(x) + self.gate() * residual
+
+
+@register_projector("layermix")
+class LayerMixProjector(Projector):
+    """Reads several cached layers of one encoder and mixes them with learnable softmax weights.
+
+    Each layer gets its own LayerNorm (layers differ in scale by orders of magnitude) and its own
+    Linear straight to ``out_dim``; the outputs are summed with ``softmax(w)`` weights (``w``
+    starts at zero: uniform). So it is a linear projector over the normalised layers whose
+    per-layer weights are readable with `layer_weights` (which layers did training use?).
+    ``in_dim`` is the list of per-layer dims, in the order `forward` receives them.
+    """
+
+    takes_layers = True
+
+    def __init__(self, in_dim: list[int], out_dim: int):
+        super().__init__(in_dim, out_dim, {})
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in self.in_dim)
+        self.heads = nn.ModuleList(nn.Linear(d, out_dim) for d in self.in_dim)
+        self.mix_logits = nn.Parameter(torch.zeros(len(self.in_dim)))
+
+    def layer_weights(self) -> Tensor:
+        """Softmax weights over the layers (sums to 1), for reports."""
+        return torch.softmax(self.mix_logits, dim=0)
+
+    def forward(self, x: Sequence[Tensor] | Mapping[str, Tensor] | Tensor) -> Tensor:
+        layers = self._layers(x)
+        weights = self.layer_weights()
+        out = None
+        for i, (h, norm, head) in enumerate(zip(layers, self.norms, self.heads)):
+            y = weights[i] * head(norm(h))
+            out = y if out is None else out + y
+        return out
+
+    def _layers(self, x: Sequence[Tensor] | Mapping[str, Tensor] | Tensor) -> list[Tensor]:
+        if isinstance(x, Tensor):
+            x = [x]
+        elif isinstance(x, Mapping):
+            x = list(x.values())
+        elif not isinstance(x, Sequence):
+            raise AnybindError(
+                f"projector 'layermix' takes a list (or dict, in layer order) of {len(self.in_dim)} "
+                f"tensors, not {type(x).__name__}"
+            )
+        if len(x) != len(self.in_dim):
+            raise AnybindError(
+                f"projector 'layermix' was built for {len(self.in_dim)} layers (dims {self.in_dim}) "
+                f"but got {len(x)}: give the same layers, in the same order"
+            )
+        dtype = self.mix_logits.dtype
+        out = []
+        for i, (h, d) in enumerate(zip(x, self.in_dim)):
+            if not isinstance(h, Tensor) or h.ndim < 1 or h.shape[-1] != d:
+                shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+                raise AnybindError(
+                    f"projector 'layermix': layer {i} should have dimension {d}, got {shape}: "
+                    "give the layers in the order the projector was built with"
+                )
+            out.append(h.to(dtype) if h.dtype != dtype else h)
+        return out
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _projector_class(name: str) -> type[Projector]:
+    cls = PROJECTORS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise AnybindError(
+            f"unknown projector '{name}'{_did_you_mean(str(name), PROJECTORS)}; "
+            f"registered: {', '.join(sorted(PROJECTORS))}"
+        )
+    return cls
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_in_dim(name: str, in_dim: Any, takes_layers: bool) -> int | list[int]:
+    if takes_layers:
+        if isinstance(in_dim, (str, bytes)) or not isinstance(in_dim, Sequence) or not in_dim:
+            raise AnybindError(
+                f"projector '{name}' reads several layers: in_dim must be a non-empty list of "
+                f"per-layer dims, not {in_dim!r}"
+            )
+        return [_positive_int(f"projector '{name}': in_dim[{i}]", d) for i, d in enumerate(in_dim)]
+    if isinstance(in_dim, Sequence) and not isinstance(in_dim, (str, bytes)):
+        raise AnybindError(
+            f"projector '{name}' reads one layer: in_dim must be an int, not {in_dim!r} "
+            "(use the 'layermix' projector to read several layers)"
+        )
+    return _positive_int(f"projector '{name}': in_dim", in_dim)
+
+
+def _positive_int(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AnybindError(f"{what} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _float(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AnybindError(f"{what} must be a number, not {value!r}")
+    return float(value)
+
+
+def _positive_float(what: str, value: Any) -> float:
+    value = _float(what, value)
+    if value <= 0:
+        raise AnybindError(f"{what} must be positive, not {value}")
+    return value
+
+
+def _fraction(what: str, value: Any) -> float:
+    value = _float(what, value)
+    if not 0.0 <= value < 1.0:
+        raise AnybindError(f"{what} must be in [0, 1), not {value}")
+    return value
+
+
+def _bool(name: str, option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise AnybindError(f"projector '{name}': {option} must be true or false, not {value!r}")
+    return value
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file and rename, so a killed save never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AnybindError(
+            f"could not write {path} ({e.strerror or e}): check the folder is writable "
+            "and the disk is not full"
+        ) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,261 @@
+"""Recipes: the training settings only (projectors, loss, optimiser, schedule, batch, stopping).
+
+No data and no encoders, so one recipe applies to any pair of stores. One dataclass, loaded
+from YAML (a built-in name or a path), overridden with ``--set loss.structure_weight=5``; every
+key and value is checked before training starts, and the resolved recipe is saved beside the
+outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import AnybindError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+
+
+class RecipeError(AnybindError, ValueError):
+    """A recipe with an unknown key or a bad value."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"  #: contrastive loss: infonce | siglip
+    temperature: float = 0.07  #: InfoNCE initial temperature
+    learn_temperature: bool = True  #: learn it (clamped to logit scale 1..100) or keep it fixed
+    structure_weight: float = 0.0  #: lambda of the STRUCTURE regulariser (0 = off)
+    structure_levels: int = 1  #: random-walk levels compared (cost is cubic per extra level)
+    structure_tau: float | None = None  #: softmax temperature of the similarity rows (None = the paper's)
+    structure_level_weighting: str = "uniform"  #: uniform (1) or inverse (1/l)
+    structure_warmup_steps: int = 0  #: lambda rises linearly from 0 over these steps
+    structure_max_batch: int = 4096  #: computed on a sub-batch of at most this many rows
+    chunk_size: int | None = None  #: compute the logits in row chunks (batches of 32k on CPU)
+
+    def __post_init__(self):
+        _choice("loss.name", self.name, ("infonce", "siglip"))
+        _choice("loss.structure_level_weighting", self.structure_level_weighting, ("uniform", "inverse"))
+        _positive("loss.temperature", self.temperature)
+        _at_least("loss.structure_weight", self.structure_weight, 0)
+        _at_least("loss.structure_levels", self.structure_levels, 1)
+        _at_least("loss.structure_warmup_steps", self.structure_warmup_steps, 0)
+        _at_least("loss.structure_max_batch", self.structure_max_batch, 2)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  #: adamw | lion
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  #: max gradient norm (0 = no clipping)
+    schedule: str = "cosine"  #: cosine (to min_lr_ratio * lr) | constant, both after warm-up
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        _choice("optimizer.name", self.name, ("adamw", "lion"))
+        _choice("optimizer.schedule", self.schedule, ("cosine", "constant"))
+        _positive("optimizer.lr", self.lr)
+        _at_least("optimizer.weight_decay", self.weight_decay, 0)
+        _at_least("optimizer.grad_clip", self.grad_clip, 0)
+        _at_least("optimizer.warmup_steps", self.warmup_steps, 0)
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise RecipeError(f"optimizer.betas must be two numbers in [0, 1), not {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096  #: global batch (split over processes under torchrun)
+    epochs: int = 40
+    max_steps: int | None = None  #: stop after this many steps (None = epochs decide)
+    precision: str = "auto"  #: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    seed: int = 0
+    val_every: int = 50  #: steps between validation retrievals
+    patience: int = 10  #: early stopping: validations without improvement
+    metric: str = "mean_R@10"  #: validation metric that picks the best checkpoint
+    checkpoint_every: int = 50  #: steps between resumable checkpoints
+    captions: str = "all"  #: all: every caption is a pair (all positives counted) | one: one per item per epoch
+
+    def __post_init__(self):
+        _at_least("train.batch_size", self.batch_size, 2)
+        _at_least("train.epochs", self.epochs, 1)
+        if self.max_steps is not None:
+            _at_least("train.max_steps", self.max_steps, 1)
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _at_least("train.val_every", self.val_every, 1)
+        _at_least("train.patience", self.patience, 1)
+        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
+        _choice("train.captions", self.captions, ("all", "one"))
+        if not self.metric.startswith(("mean_R@", "image_to_text_R@", "text_to_image_R@")):
+            raise RecipeError(f"train.metric must be a retrieval recall such as mean_R@10, not {self.metric!r}")
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    dim: int = 512  #: dimension of the shared space
+    #: projector per modality ("default" applies to any modality not named), e.g. {"default": {"name": "linear"}}
+    projector: dict[str, dict] = field(default_factory=lambda: {"default": {"name": "linear"}})
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _at_least("dim", self.dim, 1)
+        if not isinstance(self.projector, dict) or not self.projector:
+            raise RecipeError("projector must map a modality (or 'default') to {name: ..., options}")
+        for modality, spec in self.projector.items():
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise RecipeError(f"projector.{modality} needs a 'name' (linear, mlp, star, lowrank, layermix)")
+
+    def projector_for(self, modality: str) -> dict:
+        spec = self.projector.get(modality) or self.projector.get("default")
+        if spec is None:
+            raise RecipeError(f"the recipe names no projector for '{modality}' and no 'default'")
+        return dict(spec)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
+        return d
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def _choice(key: str, value, options) -> None:
+    if value not in options:
+        raise RecipeError(f"{key} must be one of {', '.join(map(str, options))}, not {value!r}")
+
+
+def _positive(key: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise RecipeError(f"{key} must be a positive number, not {value!r}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+        raise RecipeError(f"{key} must be a number >= {low}, not {value!r}")
+
+
+# ---- building from dicts, with type checks ----------------------------------------------------------
+def _coerce(key: str, value, tp):
+    """Check/convert one value against its annotated type; a clear error names the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key} must be true or false, not {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise RecipeError(f"{key} must be a whole number, not {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key} must be a number, not {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key} must be text, not {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key} must be a list, not {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a mapping, not {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'the recipe'} must be a mapping, not {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise RecipeError(f"unknown recipe key{'s' if len(unknown) > 1 else ''} "
+                          + ", ".join(f"'{prefix}{k}'" for k in unknown)
+                          + f": {prefix.rstrip('.') or 'the recipe'} has " + ", ".join(fields))
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(f"{prefix}{k}", v, tp)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{prefix.rstrip('.') or 'recipe'}: {e}") from e
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    return _build(Recipe, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` strings (values parsed as YAML) applied to a recipe dict."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set takes key=value (e.g. loss.structure_weight=5), not {item!r}")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | os.PathLike = "default", overrides: list[str] | None = None) -> Recipe:
+    """A built-in recipe by name (`anybind recipes` lists them) or a YAML file, plus --set overrides.
+
+    >>> r = load_recipe("structure", ["loss.structure_weight=5", "train.batch_size=1024"])
+    >>> r.loss.structure_weight
+    5.0
+    """
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise RecipeError(f"no recipe '{name_or_path}': built-in recipes are {', '.join(available_recipes())}, "
+                              "or give a path to a .yaml file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from e
+    return recipe_from_dict(apply_overrides(data, overrides or []))

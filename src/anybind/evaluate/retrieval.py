@@ -1,0 +1,226 @@
+"""Cross-modal retrieval recall@k, as pure functions.
+
+Definition (as CLIP_benchmark's ``recall_at_k``): a query is retrieved at k when ANY of its
+positives is among the k gallery items with the highest cosine similarity; recall@k is the
+fraction of queries retrieved. Image -> text: an image's positives are all its captions.
+Text -> image: a caption has exactly one positive, its image.
+
+Ties, one rule, pessimistic: a positive tied with a negative ranks below it. So the rank
+(0-based) of a query's best positive is the number of negatives scoring >= that positive's
+score, and the query is retrieved at k when that number is < k. Ties among positives do not
+matter (any positive counts). A model that maps everything to one point therefore scores 0,
+never a lucky 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import AnybindError
+
+ArrayLike = Any  # numpy array or torch tensor
+
+
+def best_positive_rank(scores: ArrayLike, positives: ArrayLike) -> Tensor:
+    """Per query, the 0-based rank of its best positive: negatives scoring >= it (ties pessimistic).
+
+    `scores` is [Nq, Ng]; `positives` a boolean [Nq, Ng] matrix with >= 1 positive per row.
+    """
+    s = _as_float_tensor("scores", scores)
+    pos = torch.as_tensor(np.asarray(positives) if not isinstance(positives, Tensor) else positives)
+    if s.ndim != 2 or tuple(pos.shape) != tuple(s.shape) or pos.dtype != torch.bool:
+        raise AnybindError(
+            f"scores must be [Nq, Ng] and positives a boolean matrix of the same shape, got "
+            f"{tuple(s.shape)} and {tuple(pos.shape)} of {pos.dtype}"
+        )
+    pos = pos.to(s.device)
+    if not bool(pos.any(dim=1).all()):
+        missing = torch.nonzero(~pos.any(dim=1)).flatten()[:5].tolist()
+        raise AnybindError(f"queries {missing} have no positive: every query needs at least one")
+    best = s.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)
+    return ((s >= best) & ~pos).sum(dim=1)
+
+
+def recall_at_k(
+    scores: ArrayLike, positives: ArrayLike, ks: Iterable[int] = (1, 5, 10)
+) -> dict[int, float]:
+    """Recall@k for each k on a full score matrix: ``{k: fraction of queries retrieved at k}``.
+
+    The low-level definition; `retrieval_metrics` computes the same from embeddings in chunks.
+    """
+    ks = _check_ks(ks)
+    rank = best_positive_rank(scores, positives)
+    return {k: float((rank < k).double().mean()) for k in ks}
+
+
+def retrieval_metrics(
+    image_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_image: ArrayLike,
+    ks: Iterable[int] = (1, 5, 10),
+    chunk_size: int = 4096,
+) -> dict[str, float]:
+    """Image <-> text recall@k from embeddings (cosine), never holding the full score matrix.
+
+    `text_to_image[j]` is the row in `image_emb` of caption j's image; an image may have several
+    captions, and every image needs at least one. Scores are computed in blocks of
+    ``chunk_size x chunk_size``, keeping per query only its best positive score and its ``max(ks)``
+    highest negative scores, so memory is O(chunk_size^2 + N max(ks)) whatever the sizes
+    (100k images x 500k captions fits). Returns ``image_to_text_R@k``, ``text_to_image_R@k`` and
+    ``mean_R@k`` (the mean of the two directions) for each k.
+
+    >>> retrieval_metrics(img, txt, np.arange(len(img)))["mean_R@1"]   # one caption per image
+    """
+    ks = _check_ks(ks)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise AnybindError(f"chunk_size must be a positive integer, not {chunk_size!r}")
+    images = _embeddings("image_emb", image_emb)
+    texts = _embeddings("text_emb", text_emb).to(images.device)
+    if images.shape[1] != texts.shape[1]:
+        raise AnybindError(
+            f"image_emb and text_emb must share the embedding dimension, got {images.shape[1]} "
+            f"and {texts.shape[1]}"
+        )
+    owner = _text_to_image(text_to_image, len(texts), len(images)).to(images.device)
+    images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+
+    def captions_of_query_images(q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
+        """(row, column) in the block of each positive: images q0..q1 x captions g0..g1."""
+        cols = torch.nonzero((owner[g0:g1] >= q0) & (owner[g0:g1] < q1)).flatten()
+        return owner[g0 + cols] - q0, cols
+
+    def images_of_query_texts(q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
+        """(row, column) in the block of each positive: captions q0..q1 x images g0..g1."""
+        rows = torch.nonzero((owner[q0:q1] >= g0) & (owner[q0:q1] < g1)).flatten()
+        return rows, owner[q0 + rows] - g0
+
+    i2t = _streamed_recall(images, texts, captions_of_query_images, ks, chunk_size)
+    t2i = _streamed_recall(texts, images, images_of_query_texts, ks, chunk_size)
+    out = {f"image_to_text_R@{k}": i2t[k] for k in ks}
+    out.update({f"text_to_image_R@{k}": t2i[k] for k in ks})
+    out.update({f"mean_R@{k}": (i2t[k] + t2i[k]) / 2 for k in ks})
+    return out
+
+
+def chance_recall(n_gallery: int, n_positives_per_query: int | Sequence[int], k: int) -> float:
+    """Expected recall@k of a random ranking, exactly: ``1 - C(n - p, k) / C(n, k)``.
+
+    The chance that k items drawn without replacement from a gallery of n miss all p positives,
+    subtracted from 1. With a sequence of p (one per query), the mean over queries.
+    """
+    n = _int_at_least("n_gallery", n_gallery, 1)
+    k = _int_at_least("k", k, 1)
+    if isinstance(n_positives_per_query, (Sequence, np.ndarray)):
+        counts = [int(p) for p in np.asarray(n_positives_per_query).ravel()]
+        if not counts:
+            raise AnybindError("n_positives_per_query is empty: give one count per query")
+        return float(np.mean([chance_recall(n, p, k) for p in counts]))
+    p = _int_at_least("n_positives_per_query", n_positives_per_query, 1)
+    if p > n:
+        raise AnybindError(f"a query cannot have {p} positives in a gallery of {n}")
+    if k > n - p:
+        return 1.0
+    miss = 1.0
+    for i in range(k):  # C(n-p, k) / C(n, k) as a product: no huge integers
+        miss *= (n - p - i) / (n - i)
+    return 1.0 - miss
+
+
+# ---- internals -------------------------------------------------------------------------------------
+def _streamed_recall(
+    queries: Tensor,
+    gallery: Tensor,
+    positives_in_block: Callable[[int, int, int, int], tuple[Tensor, Tensor]],
+    ks: list[int],
+    chunk: int,
+) -> dict[int, float]:
+    """Recall@k by blocks: a query is retrieved at k when its best positive beats its k-th best negative.
+
+    That is the pessimistic rule: (negatives >= best positive) < k  <=>  k-th largest negative < best.
+    Per query only the best positive score and the top ``max(ks)`` negative scores are kept; the
+    positives of a block come as sparse (row, column) indices (a query has few).
+    """
+    kmax = max(ks)
+    hits = dict.fromkeys(ks, 0)
+    ninf = float("-inf")
+    with torch.no_grad():
+        for q0 in range(0, len(queries), chunk):
+            q1 = min(q0 + chunk, len(queries))
+            q = queries[q0:q1]
+            best = q.new_full((q1 - q0,), ninf)
+            top_neg = q.new_full((q1 - q0, kmax), ninf)
+            for g0 in range(0, len(gallery), chunk):
+                g1 = min(g0 + chunk, len(gallery))
+                scores = q @ gallery[g0:g1].T
+                rows, cols = positives_in_block(q0, q1, g0, g1)
+                best.scatter_reduce_(0, rows, scores[rows, cols], reduce="amax")
+                scores[rows, cols] = ninf  # what is left are the negatives
+                block_top = scores.topk(min(kmax, g1 - g0), dim=1).values
+                top_neg = torch.cat([top_neg, block_top], dim=1).topk(kmax, dim=1).values
+            for k in ks:
+                hits[k] += int((best > top_neg[:, k - 1]).sum())
+    return {k: hits[k] / len(queries) for k in ks}
+
+
+def _as_float_tensor(what: str, x: ArrayLike) -> Tensor:
+    t = x.detach() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise AnybindError(f"{what} must hold numbers, not {t.dtype}")
+    return t.float()
+
+
+def _embeddings(what: str, x: ArrayLike) -> Tensor:
+    t = _as_float_tensor(what, x)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise AnybindError(f"{what} must be a non-empty [N, D] matrix, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise AnybindError(
+            f"{what} holds NaN or inf values: check the features and the projector that made them"
+        )
+    return t
+
+
+def _text_to_image(text_to_image: ArrayLike, n_texts: int, n_images: int) -> Tensor:
+    owner = torch.as_tensor(
+        np.asarray(text_to_image) if not isinstance(text_to_image, Tensor) else text_to_image
+    )
+    if owner.ndim != 1 or len(owner) != n_texts:
+        raise AnybindError(
+            f"text_to_image must give one image row per caption ({n_texts}), got shape "
+            f"{tuple(owner.shape)}"
+        )
+    if owner.is_floating_point() or owner.dtype == torch.bool:
+        raise AnybindError(f"text_to_image must hold integer image rows, not {owner.dtype}")
+    owner = owner.long()
+    if int(owner.min()) < 0 or int(owner.max()) >= n_images:
+        raise AnybindError(
+            f"text_to_image holds image rows outside 0..{n_images - 1} "
+            f"(min {int(owner.min())}, max {int(owner.max())})"
+        )
+    captions = torch.bincount(owner.cpu(), minlength=n_images)
+    if bool((captions == 0).any()):
+        lonely = torch.nonzero(captions == 0).flatten()[:5].tolist()
+        raise AnybindError(
+            f"{int((captions == 0).sum())} images have no caption (rows {lonely}...): "
+            "image -> text recall needs at least one per image; drop those images"
+        )
+    return owner
+
+
+def _check_ks(ks: Iterable[int]) -> list[int]:
+    ks = list(ks)
+    if not ks:
+        raise AnybindError("ks is empty: give the k of recall@k, e.g. (1, 5, 10)")
+    return [_int_at_least("k", k, 1) for k in ks]
+
+
+def _int_at_least(what: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise AnybindError(f"{what} must be an integer >= {minimum}, not {value!r}")
+    return int(value)

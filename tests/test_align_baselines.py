@@ -1,0 +1,331 @@
+"""Training-free baselines (anybind.align.baselines) on synthetic data with a planted map."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+
+from anybind.align.baselines import (
+    BASELINES,
+    Baseline,
+    PairedArrays,
+    build_baseline,
+    register_baseline,
+)
+from anybind.errors import AnybindError
+
+NAMES = ["procrustes", "cca", "asif", "nn-transfer"]
+
+
+def recall_at_k(zi: torch.Tensor, zt: torch.Tensor, t2i: np.ndarray, k: int) -> tuple[float, float]:
+    """(image->text, text->image) R@k; a query counts when any positive is in its top k."""
+    scores = (zt @ zi.T).numpy()
+    top_img = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    t2i_hits = np.mean([t2i[j] in top_img[j] for j in range(len(t2i))])
+    top_txt = np.argsort(-scores.T, axis=1, kind="stable")[:, :k]
+    i2t_hits = np.mean(
+        [np.isin(np.flatnonzero(t2i == i), top_txt[i]).any() for i in range(len(zi))]
+    )
+    return float(i2t_hits), float(t2i_hits)
+
+
+@cache
+def planted(
+    noise: float = 0.5, n_train: int = 400, n_test: int = 300, dim: int = 32, seed: int = 0
+):
+    """text = image @ Q + noise, Q a random orthogonal map, 2 captions per image, offset mean."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    scale = np.linspace(2.0, 0.5, dim)
+
+    def make(n: int) -> PairedArrays:
+        img = rng.normal(size=(n, dim)) * scale + 1.0
+        t2i = np.repeat(np.arange(n), 2)
+        txt = img[t2i] @ q + noise * rng.normal(size=(2 * n, dim))
+        return PairedArrays(img.astype(np.float32), txt.astype(np.float32), t2i)
+
+    return make(n_train), make(n_test), q
+
+
+# ------------------------------------------------------------------ registry and interface
+
+
+def test_registry_lists_every_baseline():
+    assert sorted(BASELINES) == sorted(NAMES)
+    for name in NAMES:
+        model = build_baseline(name)
+        assert isinstance(model, Baseline) and model.name == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_is_json_and_records_the_fit(name):
+    train, _, _ = planted()
+    model = build_baseline(name)
+    before = json.loads(json.dumps(model.config()))
+    assert before["name"] == name and "fitted" not in before
+    after = json.loads(json.dumps(model.fit(train).config()))
+    assert after["fitted"]["n_images"] == 400 and after["fitted"]["n_texts"] == 800
+    assert after["fitted"]["out_dim"] == model.out_dim
+    assert {k: v for k, v in after.items() if k != "fitted"} == before
+
+
+# minimum test R@1 (both directions) on the planted data (noise 0.5, 400 train, 300 test
+# images; 1/300 is chance). Measured: procrustes, cca 1.00; nn-transfer 0.94-0.99;
+# asif 0.80-0.89 over seeds 0-2.
+R1_FLOOR = {"procrustes": 0.9, "cca": 0.9, "nn-transfer": 0.85, "asif": 0.7}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_retrieves_a_planted_correspondence(name):
+    train, test, _ = planted()
+    model = build_baseline(name).fit(train)
+    zi, zt = model.encode("image", test.image), model.encode("text", test.text)
+    i2t1, t2i1 = recall_at_k(zi, zt, test.text_to_image, 1)
+    i2t10, t2i10 = recall_at_k(zi, zt, test.text_to_image, 10)
+    assert min(i2t1, t2i1) >= R1_FLOOR[name], (i2t1, t2i1)
+    assert min(i2t10, t2i10) >= 0.95, (i2t10, t2i10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_normalisation_and_inputs(name):
+    train, test, _ = planted()
+    model = build_baseline(name).fit(train)
+    zi, zt = model.encode("image", test.image[:7]), model.encode("text", test.text[:5])
+    assert zi.dtype == torch.float32 and zt.dtype == torch.float32
+    assert zi.shape == (7, model.out_dim) and zt.shape == (5, model.out_dim)
+    torch.testing.assert_close(zi.norm(dim=1), torch.ones(7))
+    torch.testing.assert_close(zt.norm(dim=1), torch.ones(5))
+    # torch input (any float dtype), aliases of the modality names, one row as a 1-D vector
+    torch.testing.assert_close(model.encode("first", torch.from_numpy(test.image[:7]).double()), zi)
+    torch.testing.assert_close(model.encode(1, test.text[:5]), zt)
+    torch.testing.assert_close(model.encode("image", test.image[3]), zi[3:4])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic(name):
+    train, test, _ = planted()
+    a = build_baseline(name).fit(train)
+    copy = PairedArrays(train.image.copy(), train.text.copy(), train.text_to_image.copy())
+    b = build_baseline(name).fit(copy)
+    for side, x in (("image", test.image), ("text", test.text)):
+        assert torch.equal(a.encode(side, x), b.encode(side, x))
+        assert torch.equal(a.encode(side, x), a.encode(side, x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_read_only_arrays_need_no_copy_warning(name):
+    train, test, _ = planted()
+    arrays = [a.copy() for a in (train.image, train.text, test.image)]
+    for a in arrays:
+        a.setflags(write=False)  # like a memory-mapped store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_baseline(name).fit(PairedArrays(arrays[0], arrays[1], train.text_to_image))
+        model.encode("image", arrays[2])
+
+
+# ------------------------------------------------------------------ procrustes
+
+
+@pytest.mark.parametrize("scaling", ["none", "whiten"])
+@pytest.mark.parametrize("normalize_input", [True, False])
+def test_procrustes_recovers_a_planted_rotation_exactly(scaling, normalize_input):
+    rng = np.random.default_rng(3)
+    dim = 12
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    img = (rng.normal(size=(200, dim)) * np.linspace(3, 1, dim) + 0.5).astype(np.float64)
+    train = PairedArrays(img.astype(np.float32), (img @ q).astype(np.float32), np.arange(200))
+    model = build_baseline(
+        "procrustes", dim=dim, scaling=scaling, normalize_input=normalize_input
+    ).fit(train)
+    rot = model.rotation
+    np.testing.assert_allclose(rot @ rot.T, np.eye(dim), atol=1e-10)
+    fresh = rng.normal(size=(50, dim)) * 2
+    zi = model.encode("image", fresh.astype(np.float32))
+    zt = model.encode("text", (fresh @ q).astype(np.float32))
+    torch.testing.assert_close(zi, zt, atol=2e-5, rtol=0)
+
+
+def test_procrustes_default_dim_is_capped():
+    train = PairedArrays(
+        np.random.default_rng(0).normal(size=(30, 40)).astype(np.float32),
+        np.random.default_rng(1).normal(size=(30, 50)).astype(np.float32),
+        np.arange(30),
+    )
+    assert build_baseline("procrustes").fit(train).out_dim == 29  # min(Di, Dt, 256, N - 1)
+
+
+# ------------------------------------------------------------------ cca
+
+
+def test_cca_perfectly_correlated_1d_signals_have_correlation_one():
+    s = np.array([[-2.0], [-1.0], [0.5], [1.0], [3.0]], dtype=np.float32)
+    train = PairedArrays.one_to_one(s, 2 * s + 1)
+    model = build_baseline("cca", reg=0.0, normalize_input=False).fit(train)
+    np.testing.assert_allclose(model.correlations, [1.0], atol=1e-10)
+    # the regulariser adds reg * (average eigenvalue) to each variance: rho = 1 / (1 + reg)
+    model = build_baseline("cca", reg=1.0, normalize_input=False).fit(train)
+    np.testing.assert_allclose(model.correlations, [0.5], atol=1e-10)
+    # a value and its image map to the same side of the 1-d shared space
+    assert model.encode("image", [[2.0]]).item() == pytest.approx(
+        model.encode("text", [[5.0]]).item()
+    )
+
+
+def test_cca_shared_and_private_dimensions():
+    # x = [a, b], y = [a, c] with a, b, c zero-mean and mutually orthogonal: rho = (1, 0)
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(50, 3))
+    basis, _ = np.linalg.qr(m - m.mean(axis=0))  # combinations of zero-mean columns: zero-mean
+    a, b, c = basis.T
+    x = np.stack([a, b], 1).astype(np.float32)
+    y = np.stack([a, c], 1).astype(np.float32)
+    model = build_baseline("cca", reg=0.0, normalize_input=False).fit(PairedArrays.one_to_one(x, y))
+    np.testing.assert_allclose(model.correlations, [1.0, 0.0], atol=1e-5)
+
+
+def test_cca_power_weights_dimensions_by_correlation():
+    train, test, _ = planted(noise=1.0)
+    flat = build_baseline("cca", power=0.0).fit(train)
+    weighted = build_baseline("cca", power=2.0).fit(train)
+    np.testing.assert_allclose(flat.correlations, weighted.correlations)
+    assert (np.diff(flat.correlations) <= 1e-12).all()  # descending
+    assert not torch.allclose(
+        flat.encode("image", test.image), weighted.encode("image", test.image)
+    )
+
+
+# ------------------------------------------------------------------ asif
+
+
+def test_asif_is_sparse_in_the_captioned_anchor_space():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(60, 8)).astype(np.float32)
+    t2i = np.array([i for i in range(50) for _ in range(1 + i % 3)])  # images 50..59: no caption
+    txt = (img[t2i] + 0.05 * rng.normal(size=(len(t2i), 8))).astype(np.float32)
+    model = build_baseline("asif", k=5).fit(PairedArrays(img, txt, t2i))
+    assert model.out_dim == 50  # one anchor per captioned image
+    zi, zt = model.encode("image", img[:10]), model.encode("text", txt[:10])
+    assert ((zi != 0).sum(dim=1) <= 5).all() and ((zt != 0).sum(dim=1) <= 5).all()
+    # a training image and a training caption are closest to their own anchor
+    assert torch.equal(zi.argmax(dim=1), torch.arange(10))
+    assert torch.equal(zt.argmax(dim=1), torch.from_numpy(t2i[:10]))
+
+
+# ------------------------------------------------------------------ nn-transfer
+
+
+def test_nn_transfer_with_one_neighbour_returns_the_captions_of_that_image():
+    train, _, _ = planted()
+    model = build_baseline("nn-transfer", k=1).fit(train)
+    zi = model.encode("image", train.image[:5])  # each retrieves itself
+    captions = model.encode("text", train.text[:10]).reshape(5, 2, -1).mean(dim=1)
+    torch.testing.assert_close(zi, torch.nn.functional.normalize(captions, dim=1))
+    assert model.out_dim == train.text.shape[1]  # the shared space is the text space
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_unknown_baseline_lists_the_registered_ones():
+    with pytest.raises(AnybindError, match="procrustes") as err:
+        build_baseline("pca-magic")
+    assert "nn-transfer" in str(err.value)
+
+
+def test_unknown_option_lists_the_options():
+    with pytest.raises(AnybindError, match="temperature") as err:
+        build_baseline("nn-transfer", kk=3)
+    assert "kk" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("asif", {"k": 0}),
+        ("asif", {"power": -1}),
+        ("asif", {"caption_aggregate": "median"}),
+        ("cca", {"reg": -0.1}),
+        ("cca", {"dim": 0}),
+        ("procrustes", {"scaling": "zca"}),
+        ("procrustes", {"normalize_input": "yes"}),
+        ("nn-transfer", {"weighting": "vote"}),
+        ("nn-transfer", {"temperature": 0}),
+    ],
+)
+def test_bad_option_values(name, options):
+    with pytest.raises(AnybindError, match=next(iter(options))):
+        build_baseline(name, **options)
+
+
+def test_mismatched_and_non_finite_training_pairs():
+    img = np.ones((4, 3), np.float32)
+    txt = np.ones((6, 2), np.float32)
+    with pytest.raises(AnybindError, match="one entry per text row"):
+        PairedArrays(img, txt, np.arange(4))
+    with pytest.raises(AnybindError, match="outside the 4 image rows"):
+        PairedArrays(img, txt, np.array([0, 1, 2, 3, 4, 0]))
+    with pytest.raises(AnybindError, match="integer"):
+        PairedArrays(img, txt, np.zeros(6))
+    with pytest.raises(AnybindError, match="as many image rows"):
+        PairedArrays.one_to_one(img, txt)
+    bad = img.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(AnybindError, match="NaN or inf.*row 2"):
+        PairedArrays(bad, txt, np.zeros(6, dtype=np.int64))
+    bad_txt = txt.copy()
+    bad_txt[5, 0] = np.inf
+    with pytest.raises(AnybindError, match="text features.*row 5"):
+        PairedArrays(img, bad_txt, np.zeros(6, dtype=np.int64))
+    with pytest.raises(AnybindError, match="2-D"):
+        PairedArrays(img[0], txt, np.zeros(6, dtype=np.int64))
+
+
+def test_fit_and_encode_errors():
+    train, test, _ = planted()
+    model = build_baseline("cca")
+    with pytest.raises(AnybindError, match="not fitted"):
+        model.encode("image", test.image)
+    with pytest.raises(AnybindError, match="PairedArrays"):
+        model.fit((train.image, train.text))
+    with pytest.raises(AnybindError, match="at least 2"):
+        model.fit(PairedArrays(train.image, train.text[:1], np.array([0])))
+    with pytest.raises(AnybindError, match="exceeds"):
+        build_baseline("cca", dim=64).fit(train)
+    model.fit(train)
+    with pytest.raises(AnybindError, match="dimension 31"):
+        model.encode("image", test.image[:, :31])
+    bad = test.text[:3].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(AnybindError, match="NaN"):
+        model.encode("text", bad)
+    with pytest.raises(AnybindError, match="unknown modality"):
+        model.encode("audio", test.image)
+
+
+def test_register_a_custom_baseline():
+    @register_baseline("identity-test")
+    @dataclass(eq=False)
+    class Identity(Baseline):
+        scale: float = 1.0
+
+        def _fit(self, train):
+            self._fitted_info["out_dim"] = train.image.shape[1]
+
+        def _encode(self, side, x):
+            return x * self.scale
+
+    try:
+        train, test, _ = planted()
+        model = build_baseline("identity-test", scale=2.0).fit(train)
+        assert model.encode("image", test.image).shape == (300, model.out_dim)
+        with pytest.raises(AnybindError, match="already registered"):
+            register_baseline("identity-test")(build_baseline("cca").__class__)
+    finally:
+        BASELINES.pop("identity-test", None)

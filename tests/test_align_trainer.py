@@ -1,0 +1,187 @@
+"""The trainer on synthetic stores: it learns a planted correspondence, resumes exactly, runs under
+torchrun with results equal to one process, and refuses bad input before training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anybind.align import load_recipe
+from anybind.align.data import PairingError
+from anybind.align.recipe import RecipeError
+from anybind.align.trainer import train
+from anybind.features import write_store
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _synthetic import planted_stores  # noqa: E402
+
+FAST = ["train.batch_size=256", "train.val_every=10", "train.checkpoint_every=10", "optimizer.warmup_steps=5"]
+
+
+@pytest.fixture()
+def stores(tmp_path):
+    img, txt = planted_stores(tmp_path / "stores")
+    return {"image": img, "text": txt}
+
+
+def test_learns_a_planted_correspondence(stores, tmp_path):
+    recipe = load_recipe("linear", FAST + ["train.max_steps=120", "optimizer.lr=0.01", "train.patience=100"])
+    result = train(recipe, stores, out=tmp_path / "run", progress=False)
+    assert result.val["mean_R@1"] >= 0.9, result.val
+    assert result.val["mean_R@1"] > 10 * result.chance["mean_R@1"]
+    out = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "best/bound.json",
+                 "best/image/model.safetensors", "best/text/config.json"):
+        assert (out / name).exists(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, 121))
+    assert {r["step"] for r in lines if r["split"] == "val"} == set(range(10, 121, 10))
+    first, last = lines[0]["loss"], [r for r in lines if r["split"] == "train"][-1]["loss"]
+    assert last < 0.5 * first
+    summary = json.loads((out / "summary.json").read_text())
+    assert "nn-transfer" in summary["baselines"] and summary["val"] == result.val
+    assert load_recipe(out / "recipe.yaml").to_dict() == recipe.to_dict()  # the resolved recipe
+
+
+@pytest.mark.parametrize("name", ["default", "structure", "sail", "freeze-align", "linear"])
+def test_every_recipe_trains_a_few_steps(name, stores, tmp_path):
+    recipe = load_recipe(name, FAST + ["train.max_steps=6", "train.val_every=3"])
+    result = train(recipe, stores, out=tmp_path / name, progress=False, baselines=False)
+    lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if r["split"] == "train"]
+    assert len(train_lines) == 6 and all(np.isfinite(r["loss"]) for r in train_lines)
+    if recipe.loss.structure_weight:
+        assert all("structure" in r for r in train_lines)
+    assert 0 <= result.val["mean_R@10"] <= 1
+
+
+def test_layer_mixing_projector(stores, tmp_path):
+    recipe = load_recipe("linear", FAST + ["train.max_steps=5", "projector.image.name=layermix"])
+    result = train(recipe, stores, out=tmp_path / "mix", layers={"image": ["layer.1", "final"]},
+                   progress=False, baselines=False)
+    assert result.steps == 5
+    with pytest.raises(Exception, match="layermix"):
+        train(load_recipe("linear", FAST + ["train.max_steps=2"]), stores, out=tmp_path / "mix2",
+              layers={"image": ["layer.1", "final"]}, progress=False)
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from anybind.align import load_recipe
+    from anybind.align.trainer import train
+    from anybind.features import FeatureStore
+    import time, torch
+    stores = {{"image": FeatureStore.open({img!r}), "text": FeatureStore.open({txt!r})}}
+    recipe = load_recipe({recipe!r}, {overrides!r})
+    if {slow}:
+        real = torch.optim.AdamW.step
+        def slow_step(self, *a, **k):
+            time.sleep({slow})
+            return real(self, *a, **k)
+        torch.optim.AdamW.step = slow_step
+    r = train(recipe, stores, out={out!r}, progress=False, baselines=False)
+    print("DONE", r.steps, r.best_step)
+""")
+
+
+def _script(stores, out, recipe, overrides, slow=0.0):
+    return RUN_SCRIPT.format(tests=str(Path(__file__).parent), img=str(stores["image"].path),
+                             txt=str(stores["text"].path), out=str(out), recipe=recipe,
+                             overrides=overrides, slow=slow)
+
+
+def _weights(run: Path) -> dict:
+    return {m: load_file(run / "best" / m / "model.safetensors") for m in ("image", "text")}
+
+
+def test_killed_run_resumes_to_the_same_result(stores, tmp_path):
+    overrides = FAST + ["train.max_steps=60", "train.patience=100"]
+    code_ref = _script(stores, tmp_path / "ref", "structure", overrides)
+    ref = subprocess.run([sys.executable, "-c", code_ref], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    victim = subprocess.Popen([sys.executable, "-c", _script(stores, tmp_path / "run", "structure", overrides, 0.05)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the step-20 checkpoint, then kill mid-way to 30
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["state"]["step"] >= 20:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert torch.load(ckpt, weights_only=True)["state"]["step"] < 60
+    resumed = subprocess.run([sys.executable, "-c", _script(stores, tmp_path / "run", "structure", overrides)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.split() == ref.stdout.split()
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    for m in a:
+        for k in a[m]:
+            torch.testing.assert_close(a[m][k], b[m][k], rtol=0, atol=0)
+    log_a = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert log_a == log_b
+
+
+def test_torchrun_equals_one_process(stores, tmp_path):
+    """2 processes (gloo), each half the global batch, gathered with gradients == 1 process."""
+    overrides = FAST + ["train.max_steps=12", "train.patience=100", "loss.structure_weight=1.0"]
+    script = tmp_path / "run.py"
+    script.write_text(_script(stores, tmp_path / "ddp", "structure", overrides))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29541", str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-c", _script(stores, tmp_path / "one", "structure", overrides)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    for m in a:
+        for k in a[m]:
+            torch.testing.assert_close(a[m][k], b[m][k], rtol=1e-4, atol=1e-5)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
+
+
+def test_bad_input_is_refused_before_training(stores, tmp_path):
+    recipe = load_recipe("linear", FAST + ["train.max_steps=2"])
+    other = write_store(tmp_path / "other", {"final": np.ones((5, 32), np.float32)}, [f"x{i}" for i in range(5)],
+                        modality="text", field="caption", dataset="another-dataset")
+    with pytest.raises(PairingError, match="different datasets"):
+        train(recipe, {"image": stores["image"], "text": other}, out=tmp_path / "r1", progress=False)
+    bad = np.ones((600, 32), np.float32)
+    bad[7, 3] = np.nan
+    nan_store = write_store(tmp_path / "nan", {"final": bad}, stores["image"].item_ids, modality="text",
+                            field="caption", dataset="planted")
+    with pytest.raises(PairingError, match="NaN or inf"):
+        train(recipe, {"image": stores["image"], "text": nan_store}, out=tmp_path / "r2", progress=False)
+    disjoint = write_store(tmp_path / "disjoint", {"final": np.ones((5, 32), np.float32)},
+                           [f"x{i}" for i in range(5)], modality="text", field="caption", dataset="planted")
+    with pytest.raises(PairingError, match="share no item ids"):
+        train(recipe, {"image": stores["image"], "text": disjoint}, out=tmp_path / "r3", progress=False)
+    with pytest.raises(PairingError, match="no layer layer.9"):
+        train(recipe, stores, out=tmp_path / "r4", layers={"image": ["layer.9"]}, progress=False)
+    with pytest.raises(RecipeError, match="unknown recipe key 'loss.nope'"):
+        load_recipe("linear", ["loss.nope=1"])
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_resume_refuses_another_recipe(stores, tmp_path):
+    train(load_recipe("linear", FAST + ["train.max_steps=3"]), stores, out=tmp_path / "run", progress=False, baselines=False)
+    with pytest.raises(Exception, match="another recipe"):
+        train(load_recipe("linear", FAST + ["train.max_steps=4"]), stores, out=tmp_path / "run", progress=False)
+    r = train(load_recipe("linear", FAST + ["train.max_steps=4"]), stores, out=tmp_path / "run", progress=False,
+              resume=False, baselines=False)
+    assert r.steps == 4
