@@ -334,7 +334,7 @@ def nn_transfer_baseline(data: PairedFeatures, train_pairs: Pairs, val_pairs: Pa
 
 def format_result(result: TrainResult, metric_ks=(1, 10)) -> str:
     """A small table: the trained model beside the baselines and chance, on the val split."""
-    rows = [("trained (best, step %d)" % result.best_step, result.val)]
+    rows = [(f"trained (best, step {result.best_step})", result.val)]
     rows += [(f"baseline: {k}", v) for k, v in result.baselines.items()]
     rows += [("chance", result.chance)]
     cols = [f"{d}_R@{k}" for k in metric_ks for d in ("image_to_text", "text_to_image", "mean")]

@@ -1,6 +1,14 @@
 """Feature extraction and the feature store (format v1)."""
 
 from .extract import extract
-from .store import FeatureStore, LayerArray, StoreKey, find_store, list_stores, remove_store, write_store
+from .store import (
+    FeatureStore,
+    LayerArray,
+    StoreKey,
+    find_store,
+    list_stores,
+    remove_store,
+    write_store,
+)
 
 __all__ = ["FeatureStore", "LayerArray", "StoreKey", "extract", "find_store", "list_stores", "remove_store", "write_store"]
