@@ -151,6 +151,30 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+# ---- one step's loss -----------------------------------------------------------------------------------
+def step_loss(model: BoundModel, contrastive, structure, names: list[str], xa: list[torch.Tensor],
+              xp: list[torch.Tensor], item: torch.Tensor, lam: float, autocast, seed: int) -> tuple[torch.Tensor, dict]:
+    """The training loss of one (local) batch: contrastive on the gathered global batch, plus
+    lambda x STRUCTURE on each side. Shared by the trainer and benchmarks/train_throughput.py."""
+    with autocast:
+        za = model.project(names[0], xa)
+        zp = model.project(names[1], xp)
+    za, zp = dist.gather_with_grad(za.float()), dist.gather_with_grad(zp.float())
+    items = dist.gather(item)
+    pos = items[:, None] == items[None, :]
+    loss = contrastive(za, zp, pos)
+    record = {"contrastive": float(loss.detach())}
+    if structure is not None:
+        g = torch.Generator().manual_seed(seed)
+        # each projector's output geometry is compared with its own input's (the last layer it
+        # reads stands for its input when several are mixed)
+        reg = (structure(dist.gather(xa[-1].float()), za, generator=g)
+               + structure(dist.gather(xp[-1].float()), zp, generator=g))
+        record["structure"] = float(reg.detach())
+        loss = loss + lam * reg
+    return loss, record
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 def train(
     recipe: Recipe,
@@ -254,23 +278,10 @@ def train(
             xa = [x.to(device) for x in a_side.rows(train_pairs.anchor_rows[local])]
             xp = [x.to(device) for x in p_side.rows(train_pairs.partner_rows[local])]
             item = torch.as_tensor(train_pairs.item[local], device=device)
-            with autocast:
-                za = model.project(data.anchor_name, xa)
-                zp = model.project(data.partner_name, xp)
-            za, zp = dist.gather_with_grad(za.float()), dist.gather_with_grad(zp.float())
-            items = dist.gather(item)
-            pos = items[:, None] == items[None, :]
-            loss = contrastive(za, zp, pos)
-            record = {"step": step + 1, "split": "train", "contrastive": float(loss.detach())}
-            if structure is not None:
-                lam = warmup_weight(step, recipe.loss.structure_weight, recipe.loss.structure_warmup_steps)
-                g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-                # the regulariser compares each projector's output geometry with its own input's
-                # (the last layer it reads stands for its input when several are mixed)
-                reg = (structure(dist.gather(xa[-1].float()), za, generator=g)
-                       + structure(dist.gather(xp[-1].float()), zp, generator=g))
-                record["structure"] = float(reg.detach())
-                loss = loss + lam * reg
+            lam = warmup_weight(step, recipe.loss.structure_weight, recipe.loss.structure_warmup_steps)
+            loss, record = step_loss(model, contrastive, structure, data.names, xa, xp, item, lam,
+                                     autocast, seed=cfg.seed * 7919 + step)
+            record = {"step": step + 1, "split": "train", **record}
             if not torch.isfinite(loss):
                 raise AnybindError(f"the loss became {float(loss)} at step {step}: lower optimizer.lr or use fp32")
             optimizer.zero_grad(set_to_none=True)
