@@ -171,6 +171,10 @@ def test_bad_input_is_refused_before_training(stores, tmp_path):
                            [f"x{i}" for i in range(5)], modality="text", field="caption", dataset="planted")
     with pytest.raises(PairingError, match="share no item ids"):
         train(recipe, {"image": stores["image"], "text": disjoint}, out=tmp_path / "r3", progress=False)
+    half = write_store(tmp_path / "half", {"final": np.ones((300, 32), np.float32)}, stores["image"].item_ids[:300],
+                       modality="text", field="caption", dataset="planted")
+    with pytest.raises(PairingError, match="different item sets: 300 of 600 image items"):
+        train(recipe, {"image": stores["image"], "text": half}, out=tmp_path / "r5", progress=False)
     with pytest.raises(PairingError, match="no layer layer.9"):
         train(recipe, stores, out=tmp_path / "r4", layers={"image": ["layer.9"]}, progress=False)
     with pytest.raises(RecipeError, match="unknown recipe key 'loss.nope'"):

@@ -69,7 +69,8 @@ class PairedFeatures:
     """
 
     def __init__(self, stores: dict[str, FeatureStore], layers: dict[str, list[str]] | None = None,
-                 in_memory: bool | None = None, check_values: bool = True):
+                 in_memory: bool | None = None, check_values: bool = True, max_unpaired: float = 0.05):
+        self.max_unpaired = max_unpaired
         if len(stores) != 2:
             raise PairingError(f"training binds two stores at a time (got {len(stores)}: {', '.join(stores)})")
         layers = layers or {}
@@ -119,7 +120,13 @@ class PairedFeatures:
         lost_p = int((~keep).sum())
         paired_items = {i for i, k in zip(p_ids, keep) if k}
         lost_a = len(a_ids) - len(paired_items)
-        if lost_p or lost_a:
+        share = max(lost_p / len(p_ids), lost_a / len(a_ids))
+        if share > self.max_unpaired:
+            raise PairingError(
+                f"the stores hold different item sets: {lost_a} of {len(a_ids)} {self.anchor_name} items and "
+                f"{lost_p} of {len(p_ids)} {self.partner_name} rows have no partner ({share:.0%} > "
+                f"{self.max_unpaired:.0%}); extract both from the same dataset index")
+        if lost_p or lost_a:  # a few items skipped at extraction (a corrupt image, an empty caption)
             log.warning("%d %s rows and %d %s items have no partner (skipped at extraction?) and are left out",
                         lost_p, self.partner_name, lost_a, self.anchor_name)
         self.partner_rows_all = np.nonzero(keep)[0]
