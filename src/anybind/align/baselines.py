@@ -582,13 +582,7 @@ class ASIF(Baseline):
         _check_int("asif", "batch_size", self.batch_size, 1)
 
     def _fit(self, train: PairedArrays) -> None:
-        rows, anchor_of_text = train.captioned_images()
-        anchor_images = train.image[rows]
-        self._spaces = {
-            "image": _CosineSpace.fit(anchor_images, self.center),
-            "text": _CosineSpace.fit(train.text, self.center),
-        }
-        self._anchor_image = self._spaces["image"](_tensor(anchor_images))
+        rows, anchor_of_text = _fit_anchor_spaces(self, train)
         self._anchor_text = self._spaces["text"](_tensor(train.text))
         self._anchor_of_text = _tensor(anchor_of_text)
         self._n_anchors = len(rows)
@@ -614,6 +608,18 @@ class ASIF(Baseline):
             vals = (vals / vals[:, :1].clamp(min=1e-12)).pow(self.power)
             out[part].scatter_(1, idx, vals)
         return out
+
+
+def _fit_anchor_spaces(model: Baseline, train: PairedArrays) -> tuple[np.ndarray, np.ndarray]:
+    """Anchors = training images with a caption: fit each side's cosine space, embed the anchors."""
+    rows, anchor_of_text = train.captioned_images()
+    anchor_images = train.image[rows]
+    model._spaces = {
+        "image": _CosineSpace.fit(anchor_images, model.center),
+        "text": _CosineSpace.fit(train.text, model.center),
+    }
+    model._anchor_image = model._spaces["image"](_tensor(anchor_images))
+    return rows, anchor_of_text
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,13 +656,7 @@ class NNTransfer(Baseline):
         _check_int("nn-transfer", "batch_size", self.batch_size, 1)
 
     def _fit(self, train: PairedArrays) -> None:
-        rows, anchor_of_text = train.captioned_images()
-        anchor_images = train.image[rows]
-        self._spaces = {
-            "image": _CosineSpace.fit(anchor_images, self.center),
-            "text": _CosineSpace.fit(train.text, self.center),
-        }
-        self._anchor_image = self._spaces["image"](_tensor(anchor_images))
+        rows, anchor_of_text = _fit_anchor_spaces(self, train)
         captions = self._spaces["text"](_tensor(train.text))
         index = _tensor(anchor_of_text)
         sums = torch.zeros(len(rows), captions.shape[1]).index_add_(0, index, captions)
