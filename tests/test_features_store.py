@@ -223,3 +223,24 @@ def test_safetensors_header_reader_roundtrip(tmp_path):
     header, _ = safetensors_io.read_header(tmp_path / "s.safetensors")
     assert header["__metadata__"] == {"k": "v"}
     np.testing.assert_array_equal(safetensors_io.map_tensor(tmp_path / "s.safetensors", "a"), t["a"].numpy())
+
+
+def test_non_finite_or_overflowing_features_are_reported_skips(cache):
+    """NaN from an encoder, or a value beyond fp16's range, skips that item with a reason."""
+    enc = create_encoder("random:text")
+    real = enc.encode
+
+    def poisoned(batch, layers, pooling=None):
+        out = real(batch, layers, pooling)
+        out["final"][0, 0] = float("nan")  # first item of every batch
+        if len(out["final"]) > 1:
+            out["final"][1, 0] = 1e6  # finite in fp32, inf in fp16
+        return out
+
+    enc.encode = poisoned
+    store = extract(enc, toy_text_index(20), layers="final", batch_size=5, shard_size=10, progress=False,
+                    cache=cache, precision="fp32")
+    reasons = [s["reason"] for s in store.skipped if s["reason"] != "empty caption"]
+    assert len(reasons) == 2 * (40 // 5) and all("non-finite" in r for r in reasons)
+    assert np.isfinite(store["final"].read()).all()
+    assert len(store) + store.manifest["skipped"] == 40

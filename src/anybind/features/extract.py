@@ -360,13 +360,25 @@ def _run_shards(enc, refs, pending, request, path, device, precision, batch_size
             if batch is not None:
                 with autocast(precision, device):
                     feats = enc.encode(_to(batch, device), layers, request["key"]["encoder"]["pooling"])
+                out = {}
                 for lay in layers:
-                    f = feats[lay].float()
+                    f = feats[lay].float().cpu()
                     if f.shape != (len(positions), dims[lay]):
                         raise StoreError(f"{enc.spec} returned shape {tuple(f.shape)} for layer {lay}; expected "
                                          f"({len(positions)}, {dims[lay]}): the adapter's layer dims are wrong")
-                    chunks[lay].append(f.cpu())
-                rows.extend(positions)
+                    out[lay] = f
+                # an item whose features are NaN/inf, or overflow the stored dtype (fp16 tops out at
+                # 65504), is a reported skip: one bad item must not poison training later
+                limit = torch.finfo(st_dtype).max
+                ok = torch.ones(len(positions), dtype=torch.bool)
+                for f in out.values():
+                    ok &= torch.isfinite(f).all(1) & (f.abs() <= limit).all(1)
+                for i in torch.nonzero(~ok).flatten().tolist():
+                    skipped.append((positions[i], f"non-finite features (or beyond {request['dtype']}: store as fp32)"))
+                keep = ok.tolist()
+                for lay in layers:
+                    chunks[lay].append(out[lay][ok])
+                rows.extend(p for p, k in zip(positions, keep) if k)
             bar.update(len(positions) + len(skip))
         if current is not None:
             flush(current)
