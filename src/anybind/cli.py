@@ -83,7 +83,7 @@ def cmd_extract(args) -> int:
         args.encoder, args.data, field=args.field, layers=args.layers, pooling=args.pooling,
         precision=args.precision, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.workers,
         shard_size=args.shard_size, cache=args.cache, out=args.out, device=args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, assessment=args.assessment,
     )
     if store is None:  # a non-zero torchrun rank: its shards are written, rank 0 merges
         return 0
@@ -133,8 +133,17 @@ def cmd_train(args) -> int:
         raise AnybindError("give two stores: --store image=STORE --store text=STORE "
                            "(a store folder, or ENCODER+DATASET such as minilm-l6+openclipart)")
     layers = {k: [s for s in v.split(",") if s] for k, v in _side_values(args.layers, "--layers").items()}
-    stores = {side: _resolve_store(side, value, layers.get(side), args.cache, not args.quiet)
-              for side, value in stores_arg.items()}
+    stores = {}
+    for side, value in stores_arg.items():
+        if layers.get(side) == ["auto"]:  # the layer the latest assessment recommends for this encoder
+            from pathlib import Path
+
+            from .assess import auto_layers
+            from .features import FeatureStore
+
+            spec = FeatureStore.open(value).key["encoder"]["spec"] if Path(value).is_dir() else value.rpartition("+")[0]
+            layers[side] = auto_layers(spec, args.assessment, args.cache)
+        stores[side] = _resolve_store(side, value, layers.get(side), args.cache, not args.quiet)
     if layers:  # a store of several layers: pick the names the user gave (canonical forms)
         layers = {k: [f"layer.{x}" if x.isdigit() else x for x in v] for k, v in layers.items()}
     out = args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -144,6 +153,30 @@ def cmd_train(args) -> int:
     print(f"\n{result.steps} steps in {result.seconds:.0f}s"
           + (" (stopped early)" if result.stopped_early else "")
           + f"; best model: {result.out / 'best'}; log: {result.out / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_assess(args) -> int:
+    """Rank candidate encoders and layers by alignability on paired features, before training."""
+    from .assess import assess
+
+    stores: dict[str, list] = {}
+    for item in args.store:
+        side, sep, value = item.partition("=")
+        if not sep or not side or not value:
+            raise AnybindError(f"--store takes SIDE=STORE, not {item!r}")
+        stores.setdefault(side, []).append(_resolve_store(side, value, ["all"], args.cache, not args.quiet))
+    if len(stores) != 2:
+        raise AnybindError("give stores for two sides, e.g. --store image=A --store image=B --store text=C")
+    k = int(args.k) if str(args.k).isdigit() else args.k
+    result = assess(stores, n=args.n, metric=args.metric, k=k, standardize=args.standardize, seed=args.seed,
+                    out=args.out, cache=args.cache, progress=not args.quiet)
+    print(result.table())
+    rec = result.recommendation()["pair"]
+    sides = [s for s in rec if s != "score"]
+    print("\nrecommended: " + ", ".join(f"{s}={rec[s]['encoder']} layers {','.join(rec[s]['layers'])}" for s in sides)
+          + f"  ({args.metric} {rec['score']:.4f})")
+    print(f"report: {args.out}/ranking.md, heatmaps in {args.out}/; `--layers auto` now reads it")
     return 0
 
 
@@ -237,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", "-e", required=True, help="encoder spec: efficientnet-lite0, minilm-l6, hf:NAME, st:NAME, timm:NAME, open_clip:ARCH@TAG:image, onnx:FILE#out, random:text")
     p.add_argument("--data", "-d", required=True, help="dataset: openclipart, fashion-mnist, skimage-photos, table:FILE, folder:DIR, wds:SHARDS")
     p.add_argument("--field", help="which field to encode (default: the one matching the encoder's modality)")
-    p.add_argument("--layers", "-l", default="final", help="comma list (7,8,final / layer.7), 'all', or 'last' (default: final)")
+    p.add_argument("--layers", "-l", default="final",
+                   help="comma list (7,8,final / layer.7), 'all', 'last', or 'auto' (the layer `anybind assess` recommends)")
+    p.add_argument("--assessment", help="assessment.json for --layers auto (default: the latest `anybind assess`)")
     p.add_argument("--pooling", choices=["cls", "mean", "cls+mean"], help="token pooling (default: the encoder's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute precision; auto = bf16 autocast where features stay within cosine 0.995 of fp32")
@@ -259,7 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe setting, e.g. loss.structure_weight=5 or train.batch_size=2048")
     p.add_argument("--out", "-o", help="run folder (default runs/RECIPE-TIME); an existing run resumes")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
+    p.add_argument("--assessment", help="assessment.json for --layers SIDE=auto (default: the latest)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+
+    p = verb("assess", cmd_assess, "rank encoders and layers by alignability (before training)")
+    p.add_argument("--store", "-s", action="append", required=True, metavar="SIDE=STORE",
+                   help="a candidate: a store folder or ENCODER+DATASET (all layers); repeat per candidate and side")
+    p.add_argument("--n", type=int, default=2000, help="paired train items to score on (default 2000)")
+    p.add_argument("--metric", default="mutual_knn",
+                   choices=["mutual_knn", "cycle_knn", "linear_cka", "unbiased_cka", "cknna", "rbf_cka"])
+    p.add_argument("--k", default="10", help="neighbours: a number, or a rule: sqrt, sturges, rice")
+    p.add_argument("--standardize", action="store_true", help="standardise each dimension first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", default="assessment", help="report folder (default ./assessment)")
 
     p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
     p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")

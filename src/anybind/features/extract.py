@@ -210,6 +210,7 @@ def extract(
     out: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
+    assessment: str | os.PathLike | None = None,
 ) -> FeatureStore | None:
     """Extract features of `encoder` over one field of `data` into a feature store (or reuse one).
 
@@ -229,6 +230,10 @@ def extract(
     field = field or default_field(index, enc.modality)
     if index.modality(field) != enc.modality:
         raise DataError(f"field '{field}' of '{index.name}' is {index.modality(field)}, but {enc.spec} encodes {enc.modality}")
+    if isinstance(layers, str) and layers.strip() == "auto":  # the layer an assessment recommends
+        from ..assess import auto_layers
+
+        layers = auto_layers(str(enc.spec), assessment, cache)
     layers = enc.resolve_layers(layers)
     pooling = enc.check_pooling(pooling)
     dtype = canonical_dtype(dtype)
