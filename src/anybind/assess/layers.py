@@ -1,0 +1,162 @@
+"""Every layer of one encoder against every layer of another, without L1 x L2 recomputations.
+
+``layer_pair_scores(xs, ys, metric)`` returns the [len(xs), len(ys)] matrix that calling
+``metrics.score(metric, xs[a], ys[b])`` for every pair would give, but does the per-layer work once:
+
+* k-NN metrics (mutual_knn, cycle_knn): each layer's neighbour lists are found once
+  (L1 + L2 top-k passes); the L1 x L2 overlaps are then counted in one batched comparison of the
+  stacked [L, n, k] index tensors (cycle: one batched gather per y layer);
+* linear_cka: each layer is normalised and centred once, its self-HSIC computed once; the cross
+  HSICs ||Xc_a^T Yc_b||_F^2 come from one matmul per x layer against all y layers concatenated;
+* unbiased_cka: the same batched cross products, plus per-layer vectors for the unbiased terms;
+* rbf_cka: each layer's centred RBF Gram matrix is built once (the y layers' are kept:
+  L2 * n^2 * 8 bytes), cross HSICs are their inner products;
+* cknna: each layer's Gram matrix and neighbour lists once (y layers kept, as for rbf_cka); the
+  masked unbiased HSIC is then computed per pair (it depends on both masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from anybind.assess import metrics as M
+from anybind.errors import AnybindError
+
+
+def _prepare_all(layers: Sequence[Any], standardize: bool, name: str) -> list[torch.Tensor]:
+    if isinstance(layers, (torch.Tensor, np.ndarray)) or not isinstance(layers, Sequence):
+        raise AnybindError(
+            f"{name} must be a list of per-layer feature arrays [n, d], got {type(layers).__name__}"
+        )
+    if len(layers) == 0:
+        raise AnybindError(f"{name} is an empty list: give at least one layer's features")
+    return [M.prepare(f, standardize, f"{name}[{i}]") for i, f in enumerate(layers)]
+
+
+def layer_pair_scores(
+    xs: list,
+    ys: list,
+    metric: str = "mutual_knn",
+    k: int | str = 10,
+    standardize: bool = False,
+) -> np.ndarray:
+    """[len(xs), len(ys)] scores of every layer of x against every layer of y (float64).
+
+    Equal, up to float rounding, to ``metrics.score(metric, xs[a], ys[b], k, standardize)`` for
+    every (a, b). All layers must hold the same n items in the same order.
+    """
+    M.check_metric(metric)
+    fxs = _prepare_all(xs, standardize, "xs")
+    fys = _prepare_all(ys, standardize, "ys")
+    n = fxs[0].shape[0]
+    for name, fs in (("xs", fxs), ("ys", fys)):
+        for i, f in enumerate(fs):
+            if f.shape[0] != n:
+                raise AnybindError(
+                    f"{name}[{i}] has {f.shape[0]} rows but xs[0] has {n}: every layer must hold "
+                    "the same paired items in the same order"
+                )
+    if metric in ("mutual_knn", "cycle_knn"):
+        kk = M.knn_k(n, k)
+        nx = torch.stack([M.nearest_neighbors(f, kk) for f in fxs])
+        ny = torch.stack([M.nearest_neighbors(f, kk) for f in fys])
+        if metric == "mutual_knn":
+            return (M.knn_overlap(nx, ny).double().mean(dim=2) / kk).numpy()
+        return M.cycle_hits(nx, ny).double().mean(dim=2).numpy()
+    if metric == "linear_cka":
+        return _linear_cka(fxs, fys)
+    if metric == "unbiased_cka":
+        return _unbiased_cka(fxs, fys)
+    if metric == "rbf_cka":
+        return _rbf_cka(fxs, fys)
+    return _cknna(fxs, fys, k)
+
+
+def _cross_frob2(ax: list[torch.Tensor], ay: list[torch.Tensor]) -> np.ndarray:
+    """[L1, L2] of ||ax_a^T ay_b||_F^2: one matmul per x layer against all y layers at once."""
+    n = ax[0].shape[0]
+    dys = [f.shape[1] for f in ay]
+    out = np.empty((len(ax), len(ay)))
+    if max(f.shape[1] for f in ax) * max(dys) > n * n:  # wide features: Gram form is cheaper
+        grams = [f @ f.T for f in ay]
+        for a, fa in enumerate(ax):
+            ga = fa @ fa.T
+            for b, gb in enumerate(grams):
+                out[a, b] = float((ga * gb).sum())
+        return out
+    cat = torch.cat(ay, dim=1)
+    bounds = np.cumsum([0, *dys])
+    for a, fa in enumerate(ax):
+        sq = (fa.T @ cat).square().sum(dim=0)  # per y column, then per y layer block
+        for b in range(len(ay)):
+            out[a, b] = float(sq[bounds[b] : bounds[b + 1]].sum())
+    return out
+
+
+def _ratios(cross: np.ndarray, sx: list[float], sy: list[float]) -> np.ndarray:
+    out = np.empty_like(cross)
+    for a in range(cross.shape[0]):
+        for b in range(cross.shape[1]):
+            out[a, b] = M._ratio(float(cross[a, b]), sx[a], sy[b])
+    return out
+
+
+def _linear_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
+    M._need_n(fxs[0].shape[0], 2, "linear CKA")
+    cx = [M.centred(f) for f in fxs]
+    cy = [M.centred(f) for f in fys]
+    sx = [M.frob2_cross(c, c) for c in cx]
+    sy = [M.frob2_cross(c, c) for c in cy]
+    return _ratios(_cross_frob2(cx, cy), sx, sy)
+
+
+def _unbiased_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
+    n = fxs[0].shape[0]
+    M._need_n(n, 4, "unbiased CKA")
+    stx = [M.unbiased_stats(f) for f in fxs]
+    sty = [M.unbiased_stats(f) for f in fys]
+    sx = [M.hsic_unbiased_from(M.frob2_cross(f, f), s, s, n) for f, s in zip(fxs, stx)]
+    sy = [M.hsic_unbiased_from(M.frob2_cross(f, f), s, s, n) for f, s in zip(fys, sty)]
+    cross = _cross_frob2(fxs, fys)
+    hs = np.empty_like(cross)
+    for a in range(len(fxs)):
+        for b in range(len(fys)):
+            hs[a, b] = M.hsic_unbiased_from(float(cross[a, b]), stx[a], sty[b], n)
+    return _ratios(hs, sx, sy)
+
+
+def _rbf_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
+    M._need_n(fxs[0].shape[0], 2, "RBF CKA")
+    ly = [M.rbf_centred_kernel(f, None) for f in fys]
+    sy = [float(lc.square().sum()) for lc in ly]
+    out = np.empty((len(fxs), len(fys)))
+    for a, f in enumerate(fxs):
+        kc = M.rbf_centred_kernel(f, None)
+        sx = float(kc.square().sum())
+        for b, lc in enumerate(ly):
+            out[a, b] = M._ratio(float((kc * lc).sum()), sx, sy[b])
+        del kc
+    return out
+
+
+def _cknna(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str) -> np.ndarray:
+    n = fxs[0].shape[0]
+    kk = M.knn_k(n, k)
+    if kk < 2:
+        raise AnybindError("CKNNA needs k >= 2 (as platonic-rep): use a larger k")
+    M._need_n(n, 4, "CKNNA")
+    ys = []
+    for f in fys:
+        nb, g = M.nearest_neighbors(f, kk), f @ f.T
+        ys.append((g, nb, M.cknna_similarity(g, g, nb, nb)))
+    out = np.empty((len(fxs), len(fys)))
+    for a, f in enumerate(fxs):
+        nb, g = M.nearest_neighbors(f, kk), f @ f.T
+        sx = M.cknna_similarity(g, g, nb, nb)
+        for b, (gy, nby, sy) in enumerate(ys):
+            out[a, b] = M._ratio(M.cknna_similarity(g, gy, nb, nby), sx, sy)
+    return out
