@@ -141,7 +141,7 @@ def test_torchrun_equals_one_process(stores, tmp_path):
     script.write_text(_script(stores, tmp_path / "ddp", "structure", overrides))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29541", str(script)], capture_output=True, text=True, timeout=300, env=env)
+                          "--standalone", str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, "-c", _script(stores, tmp_path / "one", "structure", overrides)],
                             capture_output=True, text=True, timeout=300, env=env)

@@ -73,7 +73,7 @@ def test_torchrun_two_processes_write_one_store(tmp_path, cache):
 
     table = _pairs(tmp_path, n=30)
     out = tmp_path / "dist-store"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "anybind.cli", "extract", "-e", "random:image", "-d", f"table:{table}", "--shard-size", "4",
            "--batch-size", "3", "--workers", "0", "--precision", "fp32", "-o", str(out), "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
