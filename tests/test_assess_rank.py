@@ -16,13 +16,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _toy import toy_text_index  # noqa: E402
 
 
-def _stores(root: Path, n=400, seed=0):
+def _stores(root: Path, n=400, seed=0, all_train=True):
     """Text 'final' is a linear view of a latent; image candidate A holds it at layer.2 (its final
     is noisier), candidate B is unrelated noise."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((n, 8)).astype(np.float32)
     ids = [f"it{i:04d}" for i in range(n)]
-    splits = ["train"] * n
+    splits = ["train"] * n if all_train else None  # None: the index's hash rule (train/val/test)
     good = {"layer.1": rng.standard_normal((n, 24)).astype(np.float32),
             "layer.2": z @ rng.standard_normal((8, 24)).astype(np.float32),
             "final": z @ rng.standard_normal((8, 16)).astype(np.float32) + 1.5 * rng.standard_normal((n, 16)).astype(np.float32)}
@@ -73,3 +73,14 @@ def test_cli_assess(tmp_path, cache, capsys):
     out = capsys.readouterr().out
     assert "recommended: image=enc-a layers layer.2" in out
     assert main(["assess", "--store", f"image={a.path}", "-q"]) == 2
+
+
+def test_train_layers_auto_uses_the_assessment(tmp_path, cache, capsys):
+    a, b, t = _stores(tmp_path, n=500, all_train=False)
+    assess({"image": [a, b], "text": [t]}, n=300, out=tmp_path / "rep", progress=False)
+    code = main(["train", "--recipe", "linear", "--store", f"image={a.path}", "--store", f"text={t.path}",
+                 "--layers", "image=auto", "--set", "train.max_steps=4", "--set", "train.batch_size=64",
+                 "--set", "train.val_every=2", "--out", str(tmp_path / "run"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    bound = json.loads((tmp_path / "run" / "best" / "bound.json").read_text())
+    assert bound["layers"]["image"] == ["layer.2"]  # what the assessment recommended for enc-a
