@@ -100,12 +100,12 @@ class PairedFeatures:
             total_bytes += sum(len(store) * store.layers[lay] * 4 for lay in want)
             self.sides[n] = Side(n, store, want, [store.array(lay) for lay in want])
         in_memory = total_bytes <= IN_MEMORY_BYTES if in_memory is None else in_memory
+        if in_memory:  # read once, then check the copy: no second pass over the files
+            for side in self.sides.values():
+                side.arrays = [torch.from_numpy(a.read()) for a in side.arrays]
         if check_values:
             for side in self.sides.values():
                 _check_finite(side)
-        if in_memory:
-            for side in self.sides.values():
-                side.arrays = [torch.from_numpy(a.read()) for a in side.arrays]
         self._join()
 
     def _join(self) -> None:
@@ -163,12 +163,11 @@ class PairedFeatures:
 def _check_finite(side: Side, chunk: int = 65536) -> None:
     """NaN or inf features would poison training silently: refuse them up front, with where."""
     for lay, arr in zip(side.layers, side.arrays):
-        if not isinstance(arr, LayerArray):
-            continue
-        bad = 0
-        for lo in range(0, len(arr), chunk):
-            x = arr.read(slice(lo, lo + chunk))
-            bad += int((~np.isfinite(x)).any(axis=1).sum())
+        if isinstance(arr, LayerArray):  # memory-mapped: scan in chunks
+            bad = sum(int((~np.isfinite(arr.read(slice(lo, lo + chunk)))).any(axis=1).sum())
+                      for lo in range(0, len(arr), chunk))
+        else:
+            bad = int((~torch.isfinite(arr)).any(dim=1).sum())
         if bad:
             raise PairingError(f"the {side.name} store {side.store.path.name} has {bad} rows with NaN or inf "
                                f"in layer {lay}: re-extract with --precision fp32 or drop those items")
