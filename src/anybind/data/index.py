@@ -46,6 +46,14 @@ def fold_of(group: str, num_folds: int = NUM_FOLDS) -> int:
     return int(_unit_hash(group, "fold") * num_folds)
 
 
+def rows_fingerprint(ids: list, subs: list, refs: list) -> str:
+    """The hash of a field's rows (what `DatasetIndex.field_fingerprint` returns)."""
+    h = hashlib.sha256()
+    for i, s, r in zip(ids, subs, refs, strict=True):
+        h.update(f"{i}\x1f{s}\x1f{r}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class DatasetIndex:
     """A listed dataset: a pyarrow table plus which fields it has and their modalities."""
@@ -162,11 +170,7 @@ class DatasetIndex:
 
     def field_fingerprint(self, field_name: str) -> str:
         """Keys a feature store: only this field's content, so editing captions never re-extracts images."""
-        ids, subs, refs = self.field_rows(field_name)
-        h = hashlib.sha256()
-        for i, s, r in zip(ids, subs, refs, strict=True):
-            h.update(f"{i}\x1f{s}\x1f{r}\x1e".encode())
-        return h.hexdigest()[:16]
+        return rows_fingerprint(*self.field_rows(field_name))
 
     @property
     def fingerprint(self) -> str:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..data.index import rows_fingerprint
 from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
 from .precision import _to, autocast, choose_precision
@@ -243,7 +244,7 @@ def extract(
     if batch_size < 1 or shard_size < 1:
         raise AnybindError("batch size and shard size must be positive")
     ids, subs, refs = index.field_rows(field)
-    ds_fp = index.field_fingerprint(field)
+    ds_fp = rows_fingerprint(ids, subs, refs)  # = index.field_fingerprint(field), without listing twice
 
     if precision == "auto" and out is None:  # a finished store at any precision is a hit
         probe = StoreKey(enc.fingerprint(pooling, "fp32"), index.name, ds_fp, field)
