@@ -213,6 +213,15 @@ class LazyHashEncoder(Encoder):
         return fp
 
 
+def check_options(spec, options: dict, allowed, who: str = "it") -> None:
+    """Refuse creation options an adapter does not know, naming the ones it takes."""
+    unknown = set(options) - set(allowed)
+    if unknown:
+        raise AnybindError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for {spec}: {who} takes " + ", ".join(allowed)
+        )
+
+
 # ---- pooling helpers shared by the adapters ------------------------------------------------------
 def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, num_prefix: int = 1) -> torch.Tensor:
     """[B, T, D] token states -> [B, D] (or [B, 2D] for cls+mean).

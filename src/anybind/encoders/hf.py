@@ -39,7 +39,7 @@ import torch
 from .._deps import require
 from .._hashing import hash_dir, hash_obj
 from ..errors import AnybindError, SpecError
-from .base import Encoder, pool_feature_map, pool_tokens
+from .base import Encoder, check_options, pool_feature_map, pool_tokens
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
 from .spec import EncoderSpec
 
@@ -475,10 +475,5 @@ def load_hf_encoder(
 
 def create(spec: EncoderSpec, **options) -> HFEncoder:
     """``hf:NAME-OR-DIR[:modality]`` -> HFEncoder. Options: see the module docstring."""
-    unknown = set(options) - set(_OPTIONS)
-    if unknown:
-        raise AnybindError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for {spec}: the hf: backend takes "
-            + ", ".join(_OPTIONS)
-        )
+    check_options(spec, options, _OPTIONS, "the hf: backend")
     return load_hf_encoder(spec, model_source(spec.name), modality=spec.modality, **options)

@@ -32,6 +32,7 @@ from pathlib import Path
 from .._deps import require
 from ..config import cache_root
 from ..errors import AnybindError, MissingDependencyError
+from .base import check_options
 from .hf import HFEncoder, load_hf_encoder
 from .spec import EncoderSpec
 
@@ -43,11 +44,7 @@ _OPTIONS = ("max_length", "device")
 
 
 def _load(spec: EncoderSpec, model_dir: Path, options: dict) -> HFEncoder:
-    unknown = set(options) - set(_OPTIONS)
-    if unknown:
-        raise AnybindError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for {spec}: it takes " + ", ".join(_OPTIONS)
-        )
+    check_options(spec, options, _OPTIONS, "it")
     return load_hf_encoder(
         spec, str(model_dir), modality="text", normalize=True, local_files_only=True,
         licence=LICENCE, **options,

@@ -24,7 +24,7 @@ import torch
 from .._deps import require
 from .._hashing import hash_dir, hash_obj
 from ..errors import AnybindError
-from .base import Encoder, pool_tokens
+from .base import Encoder, check_options, pool_tokens
 from .hf import hash_state_dict, model_source, resolve_model_dir
 from .spec import EncoderSpec
 
@@ -118,12 +118,7 @@ class SentenceTransformerEncoder(Encoder):
 
 def create(spec: EncoderSpec, **options) -> SentenceTransformerEncoder:
     """``st:NAME-OR-DIR`` -> SentenceTransformerEncoder (text only)."""
-    unknown = set(options) - set(_OPTIONS)
-    if unknown:
-        raise AnybindError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for {spec}: the st: backend takes "
-            + ", ".join(_OPTIONS)
-        )
+    check_options(spec, options, _OPTIONS, "the st: backend")
     if spec.modality not in (None, "text"):
         raise AnybindError(f"{spec}: the st: backend encodes text only")
     st = require("sentence_transformers", "the st: encoder backend", "sentence-transformers", "st")
