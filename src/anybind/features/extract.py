@@ -246,12 +246,13 @@ def extract(
     ids, subs, refs = index.field_rows(field)
     ds_fp = rows_fingerprint(ids, subs, refs)  # = index.field_fingerprint(field), without listing twice
 
-    if precision == "auto" and out is None:  # a finished store at any precision is a hit
+    auto = precision == "auto"
+    if auto and out is None:  # a finished store at any precision is a hit
         probe = StoreKey(enc.fingerprint(pooling, "fp32"), index.name, ds_fp, field)
         hit = find_store(probe, layers, cache, any_precision=True)
         if hit is not None:
             return _hit(hit, t0)
-    if precision == "auto":
+    if auto:
         precision = choose_precision(enc, refs, layers, pooling, device, cache)
     key = StoreKey(enc.fingerprint(pooling, precision), index.name, ds_fp, field)
 
@@ -267,7 +268,7 @@ def extract(
                                  + "\nChoose another --out, or remove it with `anybind cache rm`.")
             return _hit(store, t0)
     else:
-        hit = find_store(key, layers, cache)
+        hit = None if auto else find_store(key, layers, cache)  # auto already searched every precision
         if hit is not None:
             return _hit(hit, t0)
         path = stores_dir(cache) / key.folder_name(layers)
