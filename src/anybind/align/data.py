@@ -69,8 +69,10 @@ class PairedFeatures:
     """
 
     def __init__(self, stores: dict[str, FeatureStore], layers: dict[str, list[str]] | None = None,
-                 in_memory: bool | None = None, check_values: bool = True, max_unpaired: float = 0.05):
+                 in_memory: bool | None = None, check_values: bool = True, max_unpaired: float = 0.05,
+                 fold: int | None = None):
         self.max_unpaired = max_unpaired
+        self.fold = fold  # None: the index's fixed split; 0-4: cross-validation (anybind.data.crossval)
         if len(stores) != 2:
             raise PairingError(f"training binds two stores at a time (got {len(stores)}: {', '.join(stores)})")
         layers = layers or {}
@@ -131,11 +133,20 @@ class PairedFeatures:
                         lost_p, self.partner_name, lost_a, self.anchor_name)
         self.partner_rows_all = np.nonzero(keep)[0]
         self.anchor_rows_all = np.array([row_of[p_ids[r]] for r in self.partner_rows_all], dtype=np.int64)
-        a_splits = a.splits if "split" in a.rows.column_names else None
-        if a_splits is None:
-            raise StoreError(f"{a.path} has no per-row split: re-extract it with this version of anybind")
-        self.split_of_pair = np.array([a_splits[r] for r in self.anchor_rows_all])
+        self.split_of_pair = self.anchor_splits()[self.anchor_rows_all]
         self.item_of_pair = self.anchor_rows_all.copy()  # the anchor row identifies the item
+
+    def anchor_splits(self) -> np.ndarray:
+        """train/val/test per anchor row: the index's split, or the cross-validation fold's."""
+        a = self.sides[self.anchor_name].store
+        need = ["split"] if self.fold is None else ["group", "fold"]
+        if any(c not in a.rows.column_names for c in need):
+            raise StoreError(f"{a.path} has no per-row {' or '.join(need)}: re-extract it with this version of anybind")
+        if self.fold is None:
+            return np.array(a.splits)
+        from ..data.crossval import fold_splits
+
+        return fold_splits(a.rows.column("group").to_pylist(), a.rows.column("fold").to_numpy(), self.fold)
 
     # ---- access --------------------------------------------------------------------------------
     def pairs(self, split: str | list[str] = "train") -> Pairs:
@@ -153,7 +164,7 @@ class PairedFeatures:
         return [self.anchor_name, self.partner_name]
 
     def summary(self) -> dict:
-        out = {"anchor": self.anchor_name, "partner": self.partner_name}
+        out = {"anchor": self.anchor_name, "partner": self.partner_name, "fold": self.fold}
         for s in ("train", "val", "test"):
             sel = self.split_of_pair == s
             out[s] = {"pairs": int(sel.sum()), "items": int(len(np.unique(self.item_of_pair[sel])))}

@@ -108,9 +108,14 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: inference-time retrieval correction fitted on a bank of training embeddings and shipped with
+    #: the model, e.g. {"name": "qb-norm", "beta": 20} (anybind.evaluate.corrections); none by default
+    correction: dict = field(default_factory=lambda: {"name": "none"})
 
     def __post_init__(self):
         _at_least("dim", self.dim, 1)
+        if not isinstance(self.correction, dict) or "name" not in self.correction:
+            raise RecipeError("correction must be a mapping with a 'name' (none, qb-norm, invgc, ...)")
         if not isinstance(self.projector, dict) or not self.projector:
             raise RecipeError("projector must map a modality (or 'default') to {name: ..., options}")
         for modality, spec in self.projector.items():

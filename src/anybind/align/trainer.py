@@ -108,6 +108,18 @@ def epoch_batches(pairs: Pairs, batch_size: int, epoch: int, seed: int, captions
     return [b[: len(b) - len(b) % world] for b in batches if len(b) >= 2 * world]
 
 
+def subsample_items(pairs: Pairs, n_items: int, seed: int) -> Pairs:
+    """A seeded random subset of `n_items` items (all their pairs): the same items for a seed."""
+    items = np.unique(pairs.item)
+    if n_items >= len(items):
+        return pairs
+    if n_items < 2:
+        raise AnybindError(f"max_train_pairs must be at least 2, not {n_items}")
+    keep = np.random.default_rng([seed, 104729]).choice(items, size=n_items, replace=False)
+    sel = np.isin(pairs.item, keep)
+    return Pairs(pairs.anchor_rows[sel], pairs.partner_rows[sel], pairs.item[sel])
+
+
 # ---- validation ----------------------------------------------------------------------------------
 def embed_split(model: BoundModel, data: PairedFeatures, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Shared-space embeddings of a split: unique anchors, every partner row, partner -> anchor."""
@@ -186,17 +198,26 @@ def train(
     resume: bool = True,
     progress: bool = True,
     baselines: bool = True,
+    fold: int | None = None,
+    max_train_pairs: int | None = None,
 ) -> TrainResult:
-    """Train the recipe's projectors on two stores; writes checkpoints, logs and the best model to `out`."""
+    """Train the recipe's projectors on two stores; writes checkpoints, logs and the best model to `out`.
+
+    `fold` trains on a cross-validation fold (`anybind.data.crossval`) instead of the index's
+    fixed split; `max_train_pairs` keeps a seeded random subset of the train items (the
+    data-efficiency sweep), every caption of a kept item included.
+    """
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     distributed = dist.init_from_env(device)
     rank, world = dist.rank_world()
     stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
     out = Path(out)
-    data = PairedFeatures(stores, layers)
+    data = PairedFeatures(stores, layers, fold=fold)
     train_pairs, val_pairs = data.pairs("train"), data.pairs("val")
     cfg = recipe.train
+    if max_train_pairs is not None:
+        train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
     if cfg.batch_size % world:
         raise AnybindError(f"train.batch_size {cfg.batch_size} must divide by the {world} processes")
     torch.manual_seed(cfg.seed)  # the initial projector weights are part of the result
@@ -212,6 +233,7 @@ def train(
     precision = resolve_precision(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
+    split_key = {"fold": fold, "max_train_pairs": max_train_pairs}
     state = {"step": 0, "best_metric": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False}
     ckpt_path, log_path = out / CHECKPOINT, out / "metrics.jsonl"
     if rank == 0:
@@ -219,7 +241,8 @@ def train(
     dist.barrier()
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["recipe"] != recipe.to_dict() or ckpt["stores"] != {k: str(s.path) for k, s in stores.items()}:
+        if ckpt["recipe"] != recipe.to_dict() or ckpt["stores"] != {k: str(s.path) for k, s in stores.items()} \
+                or ckpt.get("split") != split_key:
             raise AnybindError(f"{out} holds a run with another recipe or other stores: choose another --out, "
                                "or pass --restart to overwrite it")
         model.load_state_dict(ckpt["model"])
@@ -241,7 +264,7 @@ def train(
             _atomic_save({"model": model.state_dict(), "loss": contrastive.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "state": dict(state), "recipe": recipe.to_dict(),
-                          "stores": {k: str(s.path) for k, s in stores.items()}}, ckpt_path)
+                          "stores": {k: str(s.path) for k, s in stores.items()}, "split": split_key}, ckpt_path)
         dist.barrier()
 
     def log_line(record: dict) -> None:
@@ -322,7 +345,7 @@ def train(
             "recipe": recipe.name, "best_step": result.best_step, "steps": result.steps,
             "stopped_early": result.stopped_early, "metric": cfg.metric, "val": result.val,
             "baselines": result.baselines, "chance": result.chance, "seconds": round(result.seconds, 1),
-            "data": data.summary(), "precision": precision, "world_size": world,
+            "data": data.summary(), "train_pairs": len(train_pairs), "precision": precision, "world_size": world,
         }, indent=1))
     if distributed:
         dist.barrier()

@@ -6,6 +6,9 @@ Spec strings name a dataset:
   points a built-in at another copy of its files)
 - ``table:PATH`` (CSV/TSV/JSONL/JSON/Parquet), ``folder:PATH`` (class subfolders),
   ``wds:PATTERN`` (WebDataset tar shards: a dir, a .tar, a glob or ``{00000..00009}``)
+- ``imagenet:PATH`` (a labelled evaluation folder ``PATH/<wnid>/*.JPEG``; option
+  ``class_names=`` a JSON or ``LOC_synset_mapping.txt``), ``karpathy:PATH`` (COCO / Flickr30k
+  captions in a Karpathy-split JSON; option ``images=`` the image folder)
 - a bare existing path, detected by its kind
 
 Listers are imported lazily from the registry (``"module:function"``): importing
@@ -78,7 +81,11 @@ PREFIXES: dict[str, str] = {
     "table": "tables:list_table",
     "folder": "folders:list_folder",
     "wds": "webdataset:list_webdataset",
+    "imagenet": "imagenet_folder:list_imagenet_folder",
+    "karpathy": "karpathy:list_karpathy",
 }
+#: options that name a file the listing reads: its stamp keys the listing cache too
+FILE_OPTIONS = ("class_names",)
 
 
 @dataclass
@@ -125,7 +132,7 @@ def _unknown(spec: str) -> DataError:
     names = ", ".join(BUILTINS)
     return DataError(
         f"unknown dataset '{spec}': use a built-in ({names}), table:PATH, folder:PATH, "
-        "wds:PATTERN, or an existing path"
+        "wds:PATTERN, imagenet:PATH, karpathy:PATH, or an existing path"
     )
 
 
@@ -139,9 +146,12 @@ def _resolve(spec: str, options: dict) -> _Target:
         return _Target(prefix, BUILTINS[prefix].lister, (), {**options, "root": rest}, [rest])
     if sep and prefix in PREFIXES and rest:
         name = Path(rest.split("{")[0].rstrip("/*")).stem or prefix
-        return _Target(
-            f"{prefix}-{name}", PREFIXES[prefix], (rest,), dict(options), _stamp_paths(prefix, rest)
-        )
+        stamp = _stamp_paths(prefix, rest) + [
+            os.path.abspath(os.path.expanduser(str(options[k])))
+            for k in FILE_OPTIONS
+            if options.get(k)
+        ]
+        return _Target(f"{prefix}-{name}", PREFIXES[prefix], (rest,), dict(options), stamp)
     path = Path(spec).expanduser()
     kind = _detect(path) if path.exists() else None
     if kind is None and ("{" in spec or "*" in spec) and spec.endswith(".tar"):

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..errors import AnybindError
 
 ArrayLike = Any  # numpy array or torch tensor
+ScoreFn = Callable[[Tensor, "Tensor | None"], Tensor]  # (cosine block, offsets) -> keys
 
 
 def best_positive_rank(scores: ArrayLike, positives: ArrayLike) -> Tensor:
@@ -65,6 +66,12 @@ def retrieval_metrics(
     text_to_image: ArrayLike,
     ks: Iterable[int] = (1, 5, 10),
     chunk_size: int = 4096,
+    *,
+    image_offset: ArrayLike | None = None,
+    text_offset: ArrayLike | None = None,
+    score_fn: ScoreFn | None = None,
+    image_gallery_emb: ArrayLike | None = None,
+    text_gallery_emb: ArrayLike | None = None,
 ) -> dict[str, float]:
     """Image <-> text recall@k from embeddings (cosine), never holding the full score matrix.
 
@@ -74,6 +81,15 @@ def retrieval_metrics(
     highest negative scores, so memory is O(chunk_size^2 + N max(ks)) whatever the sizes
     (100k images x 500k captions fits). Returns ``image_to_text_R@k``, ``text_to_image_R@k`` and
     ``mean_R@k`` (the mean of the two directions) for each k.
+
+    Hubness corrections (`anybind.evaluate.corrections`, through its `apply_correction`) rank by
+    a corrected score instead: `image_offset` (one value per image) is subtracted from every score
+    of that image when images are the gallery (text -> image), `text_offset` (one per caption)
+    likewise for image -> text. `score_fn(scores, offset)`, when given, replaces that subtraction:
+    it maps a block of cosine scores [queries, gallery items] and the block's offsets
+    ([gallery items], or None) to the ranking keys. `image_gallery_emb` / `text_gallery_emb`
+    (same shapes as `image_emb` / `text_emb`) replace the embeddings of the gallery side only;
+    the queries stay `image_emb` / `text_emb`. Ties stay pessimistic, on the keys.
 
     >>> retrieval_metrics(img, txt, np.arange(len(img)))["mean_R@1"]   # one caption per image
     """
@@ -89,6 +105,14 @@ def retrieval_metrics(
         )
     owner = _text_to_image(text_to_image, len(texts), len(images)).to(images.device)
     images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    image_gallery = _gallery_embeddings("image", image_gallery_emb, images)
+    text_gallery = _gallery_embeddings("text", text_gallery_emb, texts)
+    image_off = _offset("image_offset", image_offset, len(images), "image", images.device)
+    text_off = _offset("text_offset", text_offset, len(texts), "caption", images.device)
+    if score_fn is not None and not callable(score_fn):
+        raise AnybindError(
+            f"score_fn must be a function (scores, offset) -> keys, not {score_fn!r}"
+        )
 
     def captions_of_query_images(q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
         """(row, column) in the block of each positive: images q0..q1 x captions g0..g1."""
@@ -100,8 +124,12 @@ def retrieval_metrics(
         rows = torch.nonzero((owner[q0:q1] >= g0) & (owner[q0:q1] < g1)).flatten()
         return rows, owner[q0 + rows] - g0
 
-    i2t = _streamed_recall(images, texts, captions_of_query_images, ks, chunk_size)
-    t2i = _streamed_recall(texts, images, images_of_query_texts, ks, chunk_size)
+    i2t = _streamed_recall(
+        images, text_gallery, captions_of_query_images, ks, chunk_size, text_off, score_fn
+    )
+    t2i = _streamed_recall(
+        texts, image_gallery, images_of_query_texts, ks, chunk_size, image_off, score_fn
+    )
     out = {f"image_to_text_R@{k}": i2t[k] for k in ks}
     out.update({f"text_to_image_R@{k}": t2i[k] for k in ks})
     out.update({f"mean_R@{k}": (i2t[k] + t2i[k]) / 2 for k in ks})
@@ -139,12 +167,15 @@ def _streamed_recall(
     positives_in_block: Callable[[int, int, int, int], tuple[Tensor, Tensor]],
     ks: list[int],
     chunk: int,
+    offset: Tensor | None = None,
+    score_fn: ScoreFn | None = None,
 ) -> dict[int, float]:
     """Recall@k by blocks: a query is retrieved at k when its best positive beats its k-th best negative.
 
     That is the pessimistic rule: (negatives >= best positive) < k  <=>  k-th largest negative < best.
     Per query only the best positive score and the top ``max(ks)`` negative scores are kept; the
-    positives of a block come as sparse (row, column) indices (a query has few).
+    positives of a block come as sparse (row, column) indices (a query has few). Scores are the
+    cosine minus the gallery item's `offset`, or ``score_fn(cosine, offset)`` when given.
     """
     kmax = max(ks)
     hits = dict.fromkeys(ks, 0)
@@ -153,11 +184,23 @@ def _streamed_recall(
         for q0 in range(0, len(queries), chunk):
             q1 = min(q0 + chunk, len(queries))
             q = queries[q0:q1]
-            best = q.new_full((q1 - q0,), ninf)
-            top_neg = q.new_full((q1 - q0, kmax), ninf)
+            best = top_neg = None
             for g0 in range(0, len(gallery), chunk):
                 g1 = min(g0 + chunk, len(gallery))
                 scores = q @ gallery[g0:g1].T
+                off = None if offset is None else offset[g0:g1]
+                if score_fn is not None:
+                    scores = score_fn(scores, off)
+                elif off is not None:
+                    scores = scores - off
+                if tuple(scores.shape) != (q1 - q0, g1 - g0):
+                    raise AnybindError(
+                        f"score_fn returned shape {tuple(scores.shape)} for a block of "
+                        f"{(q1 - q0, g1 - g0)} scores: it must return one key per score"
+                    )
+                if best is None:  # the keys' dtype (a score_fn may rank in float64)
+                    best = scores.new_full((q1 - q0,), ninf)
+                    top_neg = scores.new_full((q1 - q0, kmax), ninf)
                 rows, cols = positives_in_block(q0, q1, g0, g1)
                 best.scatter_reduce_(0, rows, scores[rows, cols], reduce="amax")
                 scores[rows, cols] = ninf  # what is left are the negatives
@@ -184,6 +227,37 @@ def _embeddings(what: str, x: ArrayLike) -> Tensor:
             f"{what} holds NaN or inf values: check the features and the projector that made them"
         )
     return t
+
+
+def _gallery_embeddings(modality: str, x: ArrayLike | None, queries: Tensor) -> Tensor:
+    """The (normalised) embeddings of `modality` as a gallery: `x`, or the query ones."""
+    if x is None:
+        return queries
+    what = f"{modality}_gallery_emb"
+    t = _embeddings(what, x).to(queries.device)
+    if t.shape != queries.shape:
+        raise AnybindError(
+            f"{what} must have the shape of {modality}_emb {tuple(queries.shape)} (the same "
+            f"items, corrected), got {tuple(t.shape)}"
+        )
+    return F.normalize(t, dim=-1)
+
+
+def _offset(
+    what: str, x: ArrayLike | None, n: int, item: str, device: torch.device
+) -> Tensor | None:
+    """A per-gallery-item score offset: 1-D, one finite value per item, or None."""
+    if x is None:
+        return None
+    t = _as_float_tensor(what, x)
+    if t.ndim != 1 or len(t) != n:
+        raise AnybindError(
+            f"{what} must give one value per {item} ({n}), got shape {tuple(t.shape)}: compute "
+            "it on the same gallery that is passed as the embeddings"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise AnybindError(f"{what} holds NaN or inf values: check the correction that made it")
+    return t.to(device)
 
 
 def _text_to_image(text_to_image: ArrayLike, n_texts: int, n_images: int) -> Tensor:

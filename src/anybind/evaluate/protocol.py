@@ -1,0 +1,286 @@
+"""The protocol: models over cross-validation folds x seeds, tuned on validation only, resumable.
+
+    spec = ModelSpec("default", recipe="default")
+    doc = run_model(spec, suite, folds=range(5), seeds=range(3), out="evals/default")
+
+Every (model settings, fold, seed, split) result is one line of ``log.jsonl`` keyed by a hash of
+the settings, so an interrupted evaluation or sweep resumes where it stopped and a finished one
+is read back instantly. Trained models live under ``runs/<hash>/`` (the trainer's own
+checkpoints make a killed training resume too).
+
+Tuning (`tune`) gives every model the same budget: a few candidate settings, each trained on one
+fold's train split and scored on that fold's *validation* split, never on a test fold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._hashing import hash_obj
+from ..errors import AnybindError
+from . import results as res
+from .suite import BaselineEmbedder, Suite
+
+log = logging.getLogger("anybind.eval")
+PROTOCOL_VERSION = 1
+BANK_SIZE = 4096  # training embeddings a retrieval correction is fitted on
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model setting: a recipe (trained) or a training-free baseline, plus a correction."""
+
+    name: str
+    recipe: str | None = None  # a built-in recipe name or a YAML path
+    overrides: tuple[str, ...] = ()  # --set style recipe overrides
+    baseline: str | None = None  # procrustes | cca | asif | nn-transfer
+    options: tuple[tuple[str, Any], ...] = ()  # baseline options
+    correction: tuple[tuple[str, Any], ...] | None = None  # overrides the recipe's correction
+
+    def __post_init__(self):
+        if (self.recipe is None) == (self.baseline is None):
+            raise AnybindError(f"model {self.name!r} needs exactly one of a recipe or a baseline")
+
+    @property
+    def trained(self) -> bool:
+        return self.recipe is not None
+
+    def with_overrides(self, *extra: str, name: str | None = None) -> ModelSpec:
+        return replace(self, overrides=self.overrides + tuple(extra), name=name or self.name)
+
+    def with_options(self, name: str | None = None, **opts) -> ModelSpec:
+        merged = dict(self.options) | opts
+        return replace(self, options=tuple(sorted(merged.items())), name=name or self.name)
+
+    def recipe_obj(self, seed: int | None = None):
+        from ..align.recipe import load_recipe
+
+        extra = [f"train.seed={seed}"] if seed is not None else []
+        r = load_recipe(self.recipe, list(self.overrides) + extra)
+        if self.correction is not None:
+            r.correction = dict(self.correction)
+        return r
+
+    def settings(self) -> dict:
+        """What the result depends on (the display name excluded)."""
+        d = asdict(self)
+        d.pop("name")
+        if self.trained:  # the resolved recipe, so editing a recipe file invalidates old results
+            d["resolved"] = self.recipe_obj().to_dict()
+        return d
+
+
+def baseline_spec(name: str, **options) -> ModelSpec:
+    return ModelSpec(name, baseline=name, options=tuple(sorted(options.items())))
+
+
+# ---- one (model, fold, seed) ------------------------------------------------------------------------
+def fit_model(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, run_dir: Path,
+              max_train_pairs: int | None = None, progress: bool = False):
+    """The fitted model of one fold and seed, and its correction (or None), and info."""
+    from ..align.trainer import subsample_items, train
+
+    fd = suite.fold_data(fold)
+    info: dict[str, Any] = {}
+    if spec.trained:
+        recipe = spec.recipe_obj(seed)
+        t0 = time.perf_counter()
+        result = train(recipe, suite.stores, out=run_dir, layers=suite.layers, fold=fold, progress=progress,
+                       baselines=False, max_train_pairs=max_train_pairs)
+        from ..align.model import BoundModel
+
+        model = BoundModel.load(run_dir / "best")
+        info |= {"best_step": result.best_step, "steps": result.steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+        correction_cfg = recipe.correction
+    else:
+        from ..align.baselines import PairedArrays, build_baseline
+
+        pairs = fd.split_pairs["train"]
+        if max_train_pairs is not None:
+            pairs = subsample_items(pairs, max_train_pairs, seed)
+        a, p = fd.data.side(fd.data.anchor_name), fd.data.side(fd.data.partner_name)
+        anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
+        fit = PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(pairs.partner_rows)[-1].numpy(), inverse.astype(np.int64))
+        model = BaselineEmbedder(build_baseline(spec.baseline, **dict(spec.options)).fit(fit),
+                                 {fd.data.anchor_name: "image", fd.data.partner_name: "text"})
+        correction_cfg = dict(spec.correction) if spec.correction else {"name": "none"}
+    train_pairs = fd.split_pairs["train"]
+    if max_train_pairs is not None:
+        train_pairs = subsample_items(train_pairs, max_train_pairs, seed)
+    info["train_items"] = int(len(np.unique(train_pairs.item)))
+    correction = fit_correction(correction_cfg, model, suite, fold, seed)
+    return model, correction, info
+
+
+def fit_correction(cfg: dict | None, model, suite: Suite, fold: int | None, seed: int):
+    """Fit the retrieval correction on a bank of (at most BANK_SIZE) training items' embeddings."""
+    if not cfg or cfg.get("name", "none") == "none":
+        return None
+    from .corrections import build_correction
+
+    fd = suite.fold_data(fold)
+    pairs = fd.split_pairs["train"]
+    items = np.unique(pairs.item)
+    rng = np.random.default_rng([seed, 7])
+    keep = np.isin(pairs.item, rng.choice(items, size=min(BANK_SIZE, len(items)), replace=False))
+    data = fd.data
+    zi = model.encode(data.anchor_name, data.side(data.anchor_name).rows(np.unique(pairs.anchor_rows[keep])))
+    zt = model.encode(data.partner_name, data.side(data.partner_name).rows(pairs.partner_rows[keep]))
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    return build_correction(cfg["name"], **params).fit({"image": zi, "text": zt})
+
+
+# ---- the results log ----------------------------------------------------------------------------------
+class ResultsLog:
+    """Append-only JSONL of finished (settings, fold, seed, split) results: what makes runs resumable."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._done: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: that run is simply redone
+                    continue
+                self._done[rec["key"]] = rec
+
+    def get(self, key: str) -> dict | None:
+        return self._done.get(key)
+
+    def add(self, rec: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._done[rec["key"]] = rec
+
+
+def result_key(spec: ModelSpec, suite: Suite, fold, seed, split, max_train_pairs, tasks) -> str:
+    return hash_obj({"v": PROTOCOL_VERSION, "model": spec.settings(), "suite": suite_identity(suite),
+                     "fold": fold, "seed": seed, "split": split, "max_train_pairs": max_train_pairs,
+                     "tasks": sorted(tasks)})
+
+
+def suite_identity(suite: Suite) -> dict:
+    return {"stores": {k: str(s.path.name) for k, s in suite.stores.items()}, "layers": suite.layers,
+            "probe": None if suite.probe is None else [suite.probe.name, len(suite.probe.labels)],
+            "classes": suite.class_names, "templates": suite.templates}
+
+
+def evaluate_one(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, out: Path, log_: ResultsLog,
+                 split: str = "test", max_train_pairs: int | None = None,
+                 tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"), progress: bool = False) -> dict:
+    """One result record, from the log when it is there, else fitted and evaluated now."""
+    seed_used = seed if (spec.trained or max_train_pairs) else -1  # a baseline does not depend on a seed
+    key = result_key(spec, suite, fold, seed_used, split, max_train_pairs, tasks)
+    done = log_.get(key)
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    model, correction, info = fit_model(spec, suite, fold, seed_used, out / "runs" / key, max_train_pairs, progress)
+    metrics, per_class, ev_info = suite.evaluate(model, fold, split, correction, tasks)
+    rec = {"key": key, "model": spec.name, "fold": fold, "seed": seed_used, "split": split,
+           "max_train_pairs": max_train_pairs, "metrics": metrics, "per_class": per_class,
+           "info": info | ev_info | {"seconds": round(time.perf_counter() - t0, 1)}}
+    log_.add(rec)
+    return rec
+
+
+def run_model(spec: ModelSpec, suite: Suite, folds: Iterable[int | None], seeds: Iterable[int], out: str | os.PathLike,
+              split: str = "test", max_train_pairs: int | None = None,
+              tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"), progress: bool = True,
+              protocol_note: str = "") -> dict:
+    """A results document (schema `results.SCHEMA`) for `spec` over every fold x seed."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    log_ = ResultsLog(out / "log.jsonl")
+    folds, seeds = list(folds), list(seeds)
+    seeds_used = seeds if (spec.trained or max_train_pairs) else [seeds[0]]
+    doc = res.new_results(
+        model={"name": spec.name, "kind": "trained" if spec.trained else "baseline",
+               "recipe": spec.recipe_obj().to_dict() if spec.trained else None,
+               "settings": {k: v for k, v in spec.settings().items() if k != "resolved"}},
+        data=data_section(suite),
+        protocol={"folds": folds, "seeds": seeds_used, "split": split, "max_train_pairs": max_train_pairs,
+                  "description": protocol_note or protocol_description(split)})
+    jobs = [(f, s) for f in folds for s in seeds_used]
+    bar = tqdm(jobs, desc=f"eval {spec.name}", unit="run", disable=not progress)
+    for fold, seed in bar:
+        rec = evaluate_one(spec, suite, fold, seed, out, log_, split, max_train_pairs, tasks)
+        res.add_run(doc, fold, rec["seed"], rec["metrics"], per_class=rec["per_class"], info=rec["info"])
+    bar.close()
+    doc["chance"] = _mean_dicts([suite.chance(f, split) for f in folds])
+    doc["reference"] = {"majority class": _mean_dicts([suite.majority(f, split) for f in folds])}
+    if suite.probe is not None and "probe" in tasks:
+        doc["reference"]["frozen encoder (probe)"] = suite.frozen_probe()
+    return doc
+
+
+def tune(candidates: Sequence[ModelSpec], suite: Suite, out: str | os.PathLike, fold: int = 0, seed: int = 0,
+         metric: str = "suite/score", tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"),
+         progress: bool = True) -> tuple[ModelSpec, list[dict]]:
+    """The candidate with the best validation `metric` on one fold (test folds are never read)."""
+    from tqdm.auto import tqdm
+
+    log_ = ResultsLog(Path(out) / "log.jsonl")
+    scores = []
+    for spec in tqdm(candidates, desc="tune", unit="setting", disable=not progress):
+        rec = evaluate_one(spec, suite, fold, seed, Path(out), log_, split="val", tasks=tasks)
+        if metric not in rec["metrics"]:
+            raise AnybindError(f"tuning metric {metric} not measured; measured: {', '.join(rec['metrics'])}")
+        scores.append({"model": spec.name, "settings": {k: v for k, v in spec.settings().items() if k != "resolved"},
+                       "val": rec["metrics"][metric]})
+    best = int(np.argmax([s["val"] for s in scores]))
+    return candidates[best], scores
+
+
+def data_section(suite: Suite) -> dict:
+    first = next(iter(suite.stores.values()))
+    return {"dataset": first.key["dataset"], "dataset_fingerprint": first.key.get("dataset_fingerprint"),
+            "stores": {k: {"spec": s.key["encoder"]["spec"], "layers": suite.layers.get(k) or ["final"], "path": str(s.path)}
+                       for k, s in suite.stores.items()},
+            "probe": None if suite.probe is None else {"name": suite.probe.name, "rows": int(len(suite.probe.labels)),
+                                                       "train": int(suite.probe.is_train.sum())},
+            "zeroshot_classes": suite.class_names}
+
+
+def protocol_description(split: str) -> str:
+    return (f"group {('cross-validation folds' if split == 'test' else 'folds, validation split')}: test = one fold, "
+            "val = half of the next fold's groups, train = the rest; groups over 2.5% of the items always train")
+
+
+def _mean_dicts(ds: list[dict]) -> dict:
+    keys = set().union(*ds) if ds else set()
+    return {k: float(np.mean([d[k] for d in ds if k in d])) for k in sorted(keys)}
+
+
+@dataclass
+class Grid:
+    """A tuning grid: the same number of candidate settings for every model."""
+
+    lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    baseline_grids: dict[str, tuple[dict, ...]] = field(default_factory=lambda: {
+        "procrustes": ({"dim": 128}, {"dim": 256}, {}),
+        "cca": ({"reg": 0.1}, {"reg": 0.3}, {"reg": 1.0}),
+        "asif": ({"k": 200}, {"k": 800}, {"k": 1600}),
+        "nn-transfer": ({"k": 5}, {"k": 10}, {"k": 20}),
+    })
+
+    def candidates(self, spec: ModelSpec) -> list[ModelSpec]:
+        if spec.trained:
+            lr = spec.recipe_obj().optimizer.lr
+            return [spec.with_overrides(f"optimizer.lr={lr * f:.3g}", name=spec.name) for f in self.lr_factors]
+        grid = self.baseline_grids.get(spec.baseline, ({},))
+        return [spec.with_options(**g) for g in grid]
