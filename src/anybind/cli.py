@@ -23,6 +23,9 @@ EPILOG = """examples:
   anybind cache ls
   anybind recipes                                   # the training recipes
   anybind train --recipe structure --store image=efficientnet-lite0+openclipart --store text=minilm-l6+openclipart
+  anybind eval --models default,structure,nn-transfer --tune   # built-in suite, 5 folds x 3 seeds
+  anybind eval --models default --sweep n=500,1000,2000,4000,all
+  anybind eval --compare evals/builtin/results/*.json --reference default
 """
 
 
@@ -154,6 +157,90 @@ def cmd_train(args) -> int:
           + (" (stopped early)" if result.stopped_early else "")
           + f"; best model: {result.out / 'best'}; log: {result.out / 'metrics.jsonl'}")
     return 0
+
+
+def cmd_eval(args) -> int:
+    """Evaluate models on the built-in suite over group folds x seeds, compare them, or sweep a setting.
+
+    The suite: openclipart retrieval (group folds, with a near-duplicate leakage check), zero-shot
+    over curated openclipart noun classes (balanced accuracy), and a linear probe on Fashion-MNIST
+    (10k/2k). Models are recipes (trained per fold and seed) or training-free baselines
+    (procrustes, cca, asif, nn-transfer). With --tune each model first gets the same small grid,
+    scored on a validation split only. Every result is logged under --out keyed by its settings,
+    so an interrupted evaluation resumes and a finished one is read back instantly.
+    """
+    from pathlib import Path
+
+    from .evaluate import report as rep
+    from .evaluate import results as res
+
+    if args.compare:
+        docs = [res.read_results(p) for p in args.compare]
+        print(rep.compare_table(docs, args.reference, args.metric))
+        if args.out:
+            print(f"\nreport: {rep.write_report(docs, args.out, reference=args.reference, metric=args.metric)['report']}")
+        return 0
+
+    from .align.baselines import BASELINES
+    from .evaluate.protocol import Grid, ModelSpec, baseline_spec, compare_models, sweep
+    from .evaluate.suite import Suite
+
+    layers = {k: [f"layer.{x}" if x.isdigit() else x for x in v.split(",") if x]
+              for k, v in _side_values(args.layers, "--layers").items()}
+    specs = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name in BASELINES:
+            specs.append(baseline_spec(name))
+        else:
+            specs.append(ModelSpec(Path(name).stem, recipe=name, overrides=tuple(args.set)))
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    suite = Suite.builtin(args.image, args.text, layers or None, cache=args.cache, probe="probe" in tasks,
+                          progress=not args.quiet)
+    out = Path(args.out or "evals/builtin")
+    folds, seeds = _count_or_list(args.folds), _count_or_list(args.seeds)
+    if args.sweep:
+        from .evaluate.plots import plot_sweep
+
+        key, _, raw = args.sweep.partition("=")
+        values = [v for v in raw.split(",") if v]
+        if not key or not values:
+            raise AnybindError("--sweep takes KEY=V1,V2,... e.g. n=500,1000,2000,all or loss.structure_weight=0,1,10")
+        series, table = {}, []
+        for spec in specs:
+            points = sweep(spec, suite, key.strip(), values, out, folds=folds, seeds=seeds, metric=args.metric,
+                           tasks=tasks, progress=not args.quiet)
+            x = [p["train_items"] if key.strip() == "n" else float(p["value"]) for p in points]
+            series[spec.name] = [{"value": xv, "mean": p["mean"], "sd": p["sd"]} for xv, p in zip(x, points, strict=True)]
+            table += [{"model": spec.name, key: p["value"], "train items": p["train_items"], "runs": p["n_runs"],
+                       args.metric: f"{100 * p['mean']:.1f} ± {100 * p['sd']:.1f}"} for p in points]
+        png = plot_sweep(series, out / f"sweep-{_slug(key)}.png", xlabel="training items" if key == "n" else key,
+                         ylabel=args.metric, log_x=key == "n")
+        (out / f"sweep-{_slug(key)}.json").write_text(json.dumps({"key": key, "metric": args.metric, "series": series,
+                                                                  "folds": list(folds), "seeds": list(seeds)}, indent=1))
+        print(_table(table, ["model", key, "train items", "runs", args.metric]))
+        print(f"\nplot: {png}")
+        return 0
+    docs = compare_models(specs, suite, out, folds=folds, seeds=seeds, grid=Grid() if args.tune else None,
+                          tasks=tasks, progress=not args.quiet)
+    reference = args.reference if args.reference in {d["model"]["name"] for d in docs} else None
+    print(rep.compare_table(docs, reference, args.metric))
+    paths = rep.write_report(docs, out, reference=reference, metric=args.metric)
+    print(f"\nresults: {out / 'results'}/*.json; report: {paths['report']}")
+    return 0
+
+
+def _count_or_list(text: str) -> list[int]:
+    """'5' -> [0..4]; '0,2' -> [0, 2]."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise AnybindError(f"expected a count (5) or a list (0,2,4), not {text!r}") from None
+    return list(range(vals[0])) if len(vals) == 1 else vals
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def cmd_assess(args) -> int:
@@ -307,6 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--standardize", action="store_true", help="standardise each dimension first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "-o", default="assessment", help="report folder (default ./assessment)")
+
+    p = verb("eval", cmd_eval, "evaluate, compare or sweep models on the built-in suite (folds x seeds)")
+    p.add_argument("--models", "-m", default="default",
+                   help="comma list of recipes (names or YAML files) and baselines (procrustes, cca, asif, nn-transfer)")
+    p.add_argument("--image", default="efficientnet-lite0", help="image encoder of the suite (default efficientnet-lite0)")
+    p.add_argument("--text", default="minilm-l6", help="text encoder of the suite (default minilm-l6)")
+    p.add_argument("--layers", action="append", metavar="SIDE=LAYERS", help="layers a side reads, e.g. text=3,final")
+    p.add_argument("--folds", default="5", help="number of group folds (5), or a list such as 0,1")
+    p.add_argument("--seeds", default="3", help="number of seeds per fold (3), or a list")
+    p.add_argument("--tasks", default="retrieval,zeroshot,probe", help="any of retrieval, zeroshot, probe")
+    p.add_argument("--tune", action="store_true",
+                   help="first pick each model's setting from the same small grid, on fold 0's validation split")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every recipe")
+    p.add_argument("--sweep", metavar="KEY=V1,V2", help="sweep n (training items; 'all') or a recipe field")
+    p.add_argument("--metric", default="suite/score", help="the metric compared, tuned and swept (default suite/score)")
+    p.add_argument("--reference", default="default", help="model the others are compared with (paired differences)")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS.json", help="only compare finished results documents")
+    p.add_argument("--out", "-o", help="evaluation folder (default evals/builtin); re-running resumes")
 
     p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
     p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")

@@ -111,11 +111,18 @@ class Recipe:
     #: inference-time retrieval correction fitted on a bank of training embeddings and shipped with
     #: the model, e.g. {"name": "qb-norm", "beta": 20} (anybind.evaluate.corrections); none by default
     correction: dict = field(default_factory=lambda: {"name": "none"})
+    #: blend the trained space with a training-free baseline's: scores become
+    #: weight * trained + (1 - weight) * baseline, e.g. {"name": "nn-transfer", "weight": 0.5, "k": 10}
+    blend: dict = field(default_factory=lambda: {"name": "none"})
 
     def __post_init__(self):
         _at_least("dim", self.dim, 1)
         if not isinstance(self.correction, dict) or "name" not in self.correction:
             raise RecipeError("correction must be a mapping with a 'name' (none, qb-norm, invgc, ...)")
+        if not isinstance(self.blend, dict) or "name" not in self.blend:
+            raise RecipeError("blend must be a mapping with a 'name' (none, nn-transfer, ...) and a weight")
+        if self.blend["name"] != "none" and not 0 < float(self.blend.get("weight", 0.5)) < 1:
+            raise RecipeError(f"blend.weight must be in (0, 1), not {self.blend.get('weight')!r}")
         if not isinstance(self.projector, dict) or not self.projector:
             raise RecipeError("projector must map a modality (or 'default') to {name: ..., options}")
         for modality, spec in self.projector.items():

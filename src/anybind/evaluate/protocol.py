@@ -28,7 +28,7 @@ import numpy as np
 from .._hashing import hash_obj
 from ..errors import AnybindError
 from . import results as res
-from .suite import BaselineEmbedder, Suite
+from .suite import BaselineEmbedder, BlendEmbedder, Suite
 
 log = logging.getLogger("anybind.eval")
 PROTOCOL_VERSION = 1
@@ -70,6 +70,16 @@ class ModelSpec:
             r.correction = dict(self.correction)
         return r
 
+    def training_settings(self) -> dict:
+        """What the trained projectors depend on: not the correction nor the blend (applied after)."""
+        d = self.settings()
+        for k in ("correction", "name"):
+            d.pop(k, None)
+        if "resolved" in d:
+            d["resolved"] = {k: v for k, v in d["resolved"].items() if k not in ("correction", "blend", "name", "description")}
+            d.pop("overrides")
+        return d
+
     def settings(self) -> dict:
         """What the result depends on (the display name excluded)."""
         d = asdict(self)
@@ -99,19 +109,15 @@ def fit_model(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, run_di
         from ..align.model import BoundModel
 
         model = BoundModel.load(run_dir / "best")
-        info |= {"best_step": result.best_step, "steps": result.steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+        if recipe.blend.get("name", "none") != "none":
+            opts = {k: v for k, v in recipe.blend.items() if k not in ("name", "weight")}
+            base = fit_baseline(recipe.blend["name"], opts, fd, max_train_pairs, seed)
+            model = BlendEmbedder(model, base, recipe.blend.get("weight", 0.5))
+        info |= {"best_step": result.best_step, "steps": result.steps, "train_seconds": round(time.perf_counter() - t0, 1),
+                 "metrics_jsonl": str(run_dir / "metrics.jsonl")}
         correction_cfg = recipe.correction
     else:
-        from ..align.baselines import PairedArrays, build_baseline
-
-        pairs = fd.split_pairs["train"]
-        if max_train_pairs is not None:
-            pairs = subsample_items(pairs, max_train_pairs, seed)
-        a, p = fd.data.side(fd.data.anchor_name), fd.data.side(fd.data.partner_name)
-        anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
-        fit = PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(pairs.partner_rows)[-1].numpy(), inverse.astype(np.int64))
-        model = BaselineEmbedder(build_baseline(spec.baseline, **dict(spec.options)).fit(fit),
-                                 {fd.data.anchor_name: "image", fd.data.partner_name: "text"})
+        model = fit_baseline(spec.baseline, dict(spec.options), fd, max_train_pairs, seed)
         correction_cfg = dict(spec.correction) if spec.correction else {"name": "none"}
     train_pairs = fd.split_pairs["train"]
     if max_train_pairs is not None:
@@ -119,6 +125,21 @@ def fit_model(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, run_di
     info["train_items"] = int(len(np.unique(train_pairs.item)))
     correction = fit_correction(correction_cfg, model, suite, fold, seed)
     return model, correction, info
+
+
+def fit_baseline(name: str, options: dict, fd, max_train_pairs: int | None, seed: int) -> BaselineEmbedder:
+    """A training-free baseline fitted on the fold's train pairs (the last layer of each side)."""
+    from ..align.baselines import PairedArrays, build_baseline
+    from ..align.trainer import subsample_items
+
+    pairs = fd.split_pairs["train"]
+    if max_train_pairs is not None:
+        pairs = subsample_items(pairs, max_train_pairs, seed)
+    a, p = fd.data.side(fd.data.anchor_name), fd.data.side(fd.data.partner_name)
+    anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
+    fit = PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(pairs.partner_rows)[-1].numpy(), inverse.astype(np.int64))
+    return BaselineEmbedder(build_baseline(name, **options).fit(fit),
+                            {fd.data.anchor_name: "image", fd.data.partner_name: "text"})
 
 
 def fit_correction(cfg: dict | None, model, suite: Suite, fold: int | None, seed: int):
@@ -130,7 +151,7 @@ def fit_correction(cfg: dict | None, model, suite: Suite, fold: int | None, seed
     fd = suite.fold_data(fold)
     pairs = fd.split_pairs["train"]
     items = np.unique(pairs.item)
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([max(seed, 0), 7])
     keep = np.isin(pairs.item, rng.choice(items, size=min(BANK_SIZE, len(items)), replace=False))
     data = fd.data
     zi = model.encode(data.anchor_name, data.side(data.anchor_name).rows(np.unique(pairs.anchor_rows[keep])))
@@ -188,7 +209,11 @@ def evaluate_one(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, out
     if done is not None:
         return done
     t0 = time.perf_counter()
-    model, correction, info = fit_model(spec, suite, fold, seed_used, out / "runs" / key, max_train_pairs, progress)
+    # the trained model depends on neither the split evaluated nor the tasks: tuning's run is reused
+    run_dir = out / "runs" / hash_obj({"v": PROTOCOL_VERSION, "model": spec.training_settings(), "fold": fold,
+                                       "seed": seed_used, "max_train_pairs": max_train_pairs,
+                                       "suite": suite_identity(suite)["stores"], "layers": suite.layers})
+    model, correction, info = fit_model(spec, suite, fold, seed_used, run_dir, max_train_pairs, progress)
     metrics, per_class, ev_info = suite.evaluate(model, fold, split, correction, tasks)
     rec = {"key": key, "model": spec.name, "fold": fold, "seed": seed_used, "split": split,
            "max_train_pairs": max_train_pairs, "metrics": metrics, "per_class": per_class,
@@ -284,3 +309,51 @@ class Grid:
             return [spec.with_overrides(f"optimizer.lr={lr * f:.3g}", name=spec.name) for f in self.lr_factors]
         grid = self.baseline_grids.get(spec.baseline, ({},))
         return [spec.with_options(**g) for g in grid]
+
+
+# ---- whole comparisons and sweeps -----------------------------------------------------------------------
+def compare_models(specs: Sequence[ModelSpec], suite: Suite, out: str | os.PathLike, folds: Sequence[int] = range(5),
+                   seeds: Sequence[int] = range(3), grid: Grid | None = None, tune_fold: int = 0,
+                   tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"), progress: bool = True) -> list[dict]:
+    """Tune each model on `tune_fold`'s validation split (same grid size for all), then run the
+    chosen setting over every fold x seed; writes ``results/<model>.json`` and returns the documents."""
+    out = Path(out)
+    docs = []
+    for spec in specs:
+        chosen, scores = spec, []
+        if grid is not None:
+            chosen, scores = tune(grid.candidates(spec), suite, out, fold=tune_fold, tasks=tasks, progress=progress)
+            log.info("%s: tuned on fold %d val -> %s", spec.name, tune_fold, chosen.overrides or chosen.options)
+        doc = run_model(chosen, suite, folds, seeds, out, tasks=tasks, progress=progress)
+        doc["model"]["tuning"] = {"fold": tune_fold, "split": "val", "candidates": scores} if scores else None
+        res.write_results(doc, out / "results" / f"{_slug(spec.name)}.json")
+        docs.append(doc)
+    return docs
+
+
+def sweep(spec: ModelSpec, suite: Suite, key: str, values: Sequence, out: str | os.PathLike,
+          folds: Sequence[int] = (0,), seeds: Sequence[int] = range(3), metric: str = "suite/score",
+          tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"), progress: bool = True) -> list[dict]:
+    """Score against one setting: ``n`` (training items; "all" = every one: the data-efficiency
+    curve) or any recipe field (``loss.structure_weight``). Resumable through the results log."""
+    points = []
+    for value in values:
+        if key == "n":
+            n = None if str(value) == "all" else int(value)
+            doc = run_model(spec, suite, folds, seeds, out, max_train_pairs=n, tasks=tasks, progress=progress)
+        else:
+            if not spec.trained:
+                raise AnybindError(f"--sweep {key} changes a recipe setting, but {spec.name} is a training-free baseline")
+            doc = run_model(spec.with_overrides(f"{key}={value}"), suite, folds, seeds, out, tasks=tasks, progress=progress)
+        summary = res.summarise(doc)
+        if metric not in summary:
+            raise AnybindError(f"sweep metric {metric} not measured; measured: {', '.join(summary)}")
+        n_items = [r["info"].get("train_items") for r in doc["runs"]]
+        points.append({"value": value, "mean": summary[metric]["mean"], "sd": summary[metric]["sd"],
+                       "n_runs": summary[metric]["n"], "train_items": int(np.mean(n_items)) if n_items else None,
+                       "summary": summary})
+    return points
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

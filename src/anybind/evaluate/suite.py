@@ -64,6 +64,18 @@ class BaselineEmbedder:
         return F.normalize(torch.as_tensor(self.baseline.encode(self.names[modality], feats[-1])).float(), dim=1)
 
 
+class BlendEmbedder:
+    """Two spaces side by side: [sqrt(w) z1, sqrt(1-w) z2], so a cosine is w * s1 + (1 - w) * s2."""
+
+    def __init__(self, first: Embedder, second: Embedder, weight: float):
+        self.first, self.second, self.weight = first, second, float(weight)
+
+    def encode(self, modality: str, feats: list[torch.Tensor]) -> torch.Tensor:
+        a = self.first.encode(modality, feats) * self.weight**0.5
+        b = self.second.encode(modality, feats) * (1 - self.weight) ** 0.5
+        return torch.cat([a, b], dim=1)
+
+
 # ---- the built-in probe set ------------------------------------------------------------------------
 def probe_index(n_train: int = PROBE_TRAIN, n_test: int = PROBE_TEST, cache=None):
     """A fixed Fashion-MNIST subset for the linear probe: `n_train` official-train and `n_test`
@@ -144,18 +156,24 @@ class Suite:
     @classmethod
     def builtin(cls, image: str = "efficientnet-lite0", text: str = "minilm-l6",
                 layers: dict[str, list[str]] | None = None, cache=None, probe: bool = True,
-                progress: bool = True) -> Suite:
+                progress: bool = True, items: int | None = None,
+                probe_sizes: tuple[int, int] = (PROBE_TRAIN, PROBE_TEST)) -> Suite:
         """openclipart (group folds, curated zero-shot classes) + the Fashion-MNIST probe subset.
 
-        Stores come from the cache; missing ones are extracted first."""
+        Stores come from the cache; missing ones are extracted first. `items` evaluates on an
+        evenly spread subset of openclipart instead of all 8,121 (for quick checks)."""
+        from ..data import load_dataset
         from ..data.openclipart_classes import CURATED_CLASSES, curated_class
 
         layers = layers or {}
-        img = _store_for(image, "openclipart", layers.get("image"), cache, progress)
-        txt = _store_for(text, "openclipart", layers.get("text"), cache, progress)
+        data = load_dataset("openclipart", cache=cache)
+        if items is not None:
+            data = data.spread(items)
+        img = _store_for(image, data, layers.get("image"), cache, progress)
+        txt = _store_for(text, data, layers.get("text"), cache, progress)
         probe_feats = None
         if probe:
-            pidx = probe_index(cache=cache)
+            pidx = probe_index(*probe_sizes, cache=cache)
             pstore = _store_for(image, pidx, layers.get("image"), cache, progress)
             probe_feats = LabelledFeatures.from_store("fashion-mnist", pstore, layers.get("image") or ["final"], pidx,
                                                       train_of=lambda i: i.startswith("train-"))

@@ -1,0 +1,197 @@
+"""Cross-validation splits, the suite's tasks and the resumable protocol, on planted stores."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _synthetic import planted_stores
+from anybind.align.data import PairedFeatures
+from anybind.cli import main
+from anybind.data.crossval import fold_splits
+from anybind.evaluate import results as res
+from anybind.evaluate.protocol import Grid, ModelSpec, ResultsLog, baseline_spec, compare_models, run_model, sweep
+from anybind.evaluate.suite import LabelledFeatures, Suite
+
+FAST = ("train.max_steps=40", "train.val_every=10", "train.batch_size=128", "train.patience=3")
+
+
+# ---- cross-validation splits -------------------------------------------------------------------------
+def test_fold_splits_by_hand():
+    # ten groups, one per fold pair; "big" holds 30% of the items and must always train
+    groups = ["a", "a", "b", "c", "d", "e", "big", "big", "big", "f"]
+    folds = [0, 0, 1, 1, 2, 3, 4, 4, 4, 0]
+    s = fold_splits(groups, folds, fold=0, max_group_share=0.25)
+    assert list(s[[0, 1, 9]]) == ["test"] * 3  # every fold-0 item
+    assert set(s[[2, 3]]) <= {"val", "train"}  # fold 1 is the validation fold, about half of its groups
+    assert list(s[[4, 5]]) == ["train", "train"]
+    assert list(s[6:9]) == ["train"] * 3  # oversized group: never test, even though its fold is 4
+    s4 = fold_splits(groups, folds, fold=4, max_group_share=0.25)
+    assert "test" not in s4[6:9]
+    # the validation half is decided per group: both items of a group always agree
+    many = [f"g{i // 2}" for i in range(400)]
+    f = [1] * 400
+    v = fold_splits(many, f, fold=0, max_group_share=1.0)
+    assert all(v[i] == v[i + 1] for i in range(0, 400, 2))
+    assert 0.35 < np.mean(v == "val") < 0.65
+    with pytest.raises(ValueError, match="fold must be"):
+        fold_splits(groups, folds, fold=5)
+
+
+def test_paired_features_use_the_fold(tmp_path):
+    img, txt = planted_stores(tmp_path, n_items=300)
+    folds = np.array(img.rows.column("fold").to_pylist())
+    for f in range(5):
+        data = PairedFeatures({"image": img, "text": txt}, fold=f)
+        test_items = np.unique(data.pairs("test").anchor_rows)
+        assert set(test_items) == set(np.nonzero(folds == f)[0])  # items are their own groups here
+        val_items = np.unique(data.pairs("val").anchor_rows)
+        assert set(folds[val_items]) == {(f + 1) % 5}
+        assert not set(test_items) & set(np.unique(data.pairs("train").anchor_rows))
+
+
+# ---- the suite on planted data -----------------------------------------------------------------------
+@pytest.fixture()
+def planted_suite(tmp_path):
+    """A suite whose tasks have known answers: 4 classes carried by the planted latent."""
+    img, txt = planted_stores(tmp_path / "stores", n_items=400, latent=8)
+    x = img.array("final").read()
+    # the class of an item: the sign pattern of two latent directions seen through the image features
+    proj = np.random.default_rng(1).standard_normal((x.shape[1], 2)).astype(np.float32)
+    code = ((x @ proj) > 0).astype(int) @ np.array([1, 2])
+    classes = ["c0", "c1", "c2", "c3"]
+    label = {i: classes[c] for i, c in zip(img.item_ids, code, strict=True)}
+    probe = LabelledFeatures("planted", [torch.from_numpy(x)], code, classes, np.arange(len(code)) % 4 != 0)
+    return Suite(img, txt, zeroshot_labels=lambda ids: [label[i] for i in ids], class_names=classes,
+                 templates=["{c}"], probe=probe, prompt_features=[torch.zeros(4, txt.layers["final"])])
+
+
+def test_zeroshot_on_a_model_whose_answer_is_known(planted_suite):
+    """Images embed as their class direction, prompts as the class direction: zero-shot is perfect."""
+    suite = planted_suite
+    fd = suite.fold_data(0)
+    rows, y, _ = suite.zeroshot_rows(fd, "test")
+    code_of_row = {int(r): int(c) for r, c in zip(rows, y, strict=True)}
+    eye = torch.eye(4)
+
+    class Oracle:
+        def encode(self, modality, feats):
+            n = len(feats[0])
+            if modality == "text":  # the 4 prompts, in class order
+                return eye[:n]
+            return eye[torch.as_tensor([code_of_row.get(i, 0) for i in range(n)])]
+
+    class RowAware(Oracle):  # the suite passes features of `rows`; map them back by content
+        def encode(self, modality, feats):
+            if modality == "text":
+                return eye
+            x = feats[0]
+            allx = torch.from_numpy(suite.stores["image"].array("final").read())
+            idx = [int(torch.argmin(((allx - r) ** 2).sum(1))) for r in x]
+            return eye[torch.as_tensor([code_of_row[i] for i in idx])]
+
+    m, per_class = suite.zeroshot(RowAware(), fd, "test")
+    assert m["zeroshot/top1"] == 1.0 and m["zeroshot/balanced_accuracy"] == 1.0
+    assert set(per_class) <= {"c0", "c1", "c2", "c3"} and all(v == 1.0 for v in per_class.values())
+    chance = suite.chance(0)
+    assert chance["zeroshot/balanced_accuracy"] == 0.25
+    assert suite.majority(0)["zeroshot/top1"] == pytest.approx(np.bincount(y).max() / len(y))
+
+
+def test_protocol_runs_resumes_and_compares(planted_suite, tmp_path):
+    suite, out = planted_suite, tmp_path / "eval"
+    trained = ModelSpec("linear", recipe="linear", overrides=FAST)
+    base = baseline_spec("procrustes")
+    doc_t = run_model(trained, suite, folds=[0, 1], seeds=[0, 1], out=out, progress=False)
+    doc_b = run_model(base, suite, folds=[0, 1], seeds=[0, 1], out=out, progress=False)
+    assert [(r["fold"], r["seed"]) for r in doc_t["runs"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(r["fold"], r["seed"]) for r in doc_b["runs"]] == [(0, -1), (1, -1)]  # no seed: fitted once per fold
+    for doc in (doc_t, doc_b):
+        for run in doc["runs"]:
+            m = run["metrics"]
+            assert all(0.0 <= v <= 1.0 for v in m.values())
+            # a planted correspondence: far above chance on retrieval, and the probe learns the classes
+            assert m["retrieval/mean_R@10"] > 3 * doc["chance"]["retrieval/mean_R@10"]
+            assert m["probe/top1"] > 0.6
+            assert m["suite/score"] == pytest.approx(np.mean([m["retrieval/mean_recall"],
+                                                              m["zeroshot/balanced_accuracy"], m["probe/top1"]]))
+            assert 0.0 <= run["info"]["leakage_share"] <= 1.0  # measured on the raw image features
+    assert "majority class" in doc_t["reference"] and "frozen encoder (probe)" in doc_t["reference"]
+    # the documents validate and round-trip
+    path = res.write_results(doc_t, tmp_path / "linear.json")
+    assert res.read_results(path)["runs"] == doc_t["runs"]
+    diff = res.paired_difference(doc_t, doc_b, "retrieval/mean_R@10")
+    assert diff["n"] == 4 and diff["low"] <= diff["mean"] <= diff["high"]
+    # a second call reads every result back from the log: nothing is trained again
+    lines = (out / "log.jsonl").read_text().splitlines()
+    mtimes = {p: p.stat().st_mtime for p in (out / "runs").rglob("best/*")}
+    again = run_model(trained, suite, folds=[0, 1], seeds=[0, 1], out=out, progress=False)
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in doc_t["runs"]]
+    assert (out / "log.jsonl").read_text().splitlines() == lines
+    assert mtimes == {p: p.stat().st_mtime for p in (out / "runs").rglob("best/*")}
+
+
+def test_a_cut_log_line_is_redone_not_fatal(tmp_path):
+    log = ResultsLog(tmp_path / "log.jsonl")
+    log.add({"key": "a", "metrics": {}})
+    with open(tmp_path / "log.jsonl", "a") as fh:
+        fh.write('{"key": "b", "metr')  # killed mid-write
+    again = ResultsLog(tmp_path / "log.jsonl")
+    assert again.get("a") is not None and again.get("b") is None
+
+
+def test_tuning_reads_validation_only_and_sweeps_resume(planted_suite, tmp_path):
+    suite, out = planted_suite, tmp_path / "eval"
+    docs = compare_models([ModelSpec("linear", recipe="linear", overrides=FAST), baseline_spec("nn-transfer")],
+                          suite, out, folds=[0, 1], seeds=[0], grid=Grid(), progress=False)
+    for doc in docs:
+        tuning = doc["model"]["tuning"]
+        assert tuning["split"] == "val" and len(tuning["candidates"]) == 3  # the same budget for every model
+    logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in logged if r["fold"] == 0 and r["model"] == "linear"} == {"val", "test"}
+    assert sorted((out / "results").glob("*.json"))
+    points = sweep(ModelSpec("linear", recipe="linear", overrides=FAST), suite, "n", [40, "all"], out,
+                   folds=[0], seeds=[0, 1], progress=False)
+    assert [p["n_runs"] for p in points] == [2, 2]
+    assert points[0]["train_items"] == 40 and points[1]["train_items"] > 200
+    field = sweep(ModelSpec("linear", recipe="linear", overrides=FAST), suite, "optimizer.lr", [0.001, 0.01], out,
+                  folds=[0], seeds=[0], progress=False)
+    assert len(field) == 2 and all(0 <= p["mean"] <= 1 for p in field)
+
+
+def test_retrieval_correction_ships_in_the_evaluation(planted_suite, tmp_path):
+    suite = planted_suite
+    qb = ModelSpec("linear+qb", recipe="linear", overrides=FAST, correction=(("beta", 20.0), ("name", "qb-norm")))
+    plain = ModelSpec("linear", recipe="linear", overrides=FAST)
+    a = run_model(qb, suite, folds=[0], seeds=[0], out=tmp_path, tasks=("retrieval",), progress=False)
+    b = run_model(plain, suite, folds=[0], seeds=[0], out=tmp_path, tasks=("retrieval",), progress=False)
+    assert a["runs"][0]["metrics"] != b["runs"][0]["metrics"]  # the same training, a different ranking
+    assert set(a["runs"][0]["metrics"]) == set(b["runs"][0]["metrics"])
+
+
+def test_cli_compare_prints_the_table(planted_suite, tmp_path, capsys):
+    docs = [run_model(s, planted_suite, folds=[0, 1], seeds=[0], out=tmp_path, progress=False, tasks=("retrieval",))
+            for s in (baseline_spec("procrustes"), baseline_spec("nn-transfer"))]
+    paths = [str(res.write_results(d, tmp_path / f"{d['model']['name']}.json")) for d in docs]
+    assert main(["eval", "--compare", *paths, "--reference", "procrustes", "--metric", "retrieval/mean_R@10",
+                 "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "procrustes" in out and "nn-transfer" in out and "chance" in out
+    assert (tmp_path / "report" / "report.md").exists()
+    assert main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
+
+
+def test_embeddings_are_normalised_by_the_baseline_wrapper(planted_suite):
+    from anybind.align.baselines import PairedArrays, build_baseline
+    from anybind.evaluate.suite import BaselineEmbedder
+
+    fd = planted_suite.fold_data(0)
+    pairs = fd.split_pairs["train"]
+    a, p = fd.data.side("image"), fd.data.side("text")
+    anchors, inv = np.unique(pairs.anchor_rows, return_inverse=True)
+    base = build_baseline("cca").fit(PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(pairs.partner_rows)[-1].numpy(), inv))
+    z = BaselineEmbedder(base, {"image": "image", "text": "text"}).encode("image", a.rows(anchors[:5]))
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    assert torch.allclose(F.normalize(z, dim=1), z)
