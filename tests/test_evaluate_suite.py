@@ -195,3 +195,45 @@ def test_embeddings_are_normalised_by_the_baseline_wrapper(planted_suite):
     z = BaselineEmbedder(base, {"image": "image", "text": "text"}).encode("image", a.rows(anchors[:5]))
     torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
     assert torch.allclose(F.normalize(z, dim=1), z)
+
+
+def _replicas(root):
+    """A Flickr30k-style Karpathy JSON and an ImageNet-style folder, tiny, in their usual layouts."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    images = root / "flickr"  # the Flickr30k JSON sits beside its images here (default images=)
+    images.mkdir(parents=True)
+    entries = []
+    for i in range(60):
+        name = list(colours)[i % 3]
+        Image.new("RGB", (8, 8), tuple(min(255, c + i) for c in colours[name])).save(images / f"{1000 + i}.jpg")
+        entries.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": "train" if i < 50 else "test",
+                        "sentences": [{"raw": f"a {name} square number {i}"}, {"raw": f"something {name}"}]})
+    karpathy = root / "flickr" / "dataset_flickr30k.json"
+    karpathy.write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
+    val = root / "imagenet" / "val"
+    for k, name in enumerate(colours):
+        (val / f"n0000{k}").mkdir(parents=True)
+        for j in range(12):
+            Image.new("RGB", (8, 8), tuple(min(255, c + 3 * j) for c in colours[name])).save(val / f"n0000{k}" / f"{j}.png")
+    (root / "imagenet" / "names.txt").write_text("".join(f"n0000{k} {n}, other\n" for k, n in enumerate(colours)))
+    return karpathy, images, val, root / "imagenet" / "names.txt"
+
+
+def test_cli_eval_on_user_datasets_in_standard_layouts(tmp_path, cache, capsys):
+    """Retrieval on a Karpathy-split JSON, zero-shot and the probe on an ImageNet-style folder."""
+    karpathy, _, val, _ = _replicas(tmp_path)
+    out = tmp_path / "eval"
+    argv = ["eval", "--image", "random:image", "--text", "random:text", "--models", "nn-transfer,procrustes",
+            "--data", f"karpathy:{karpathy}", "--zeroshot", f"imagenet:{val}", "--probe", f"imagenet:{val}",
+            "--folds", "0,1", "--seeds", "1", "--metric", "retrieval/mean_R@10", "--reference", "nn-transfer",
+            "--out", str(out), "-q"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "nn-transfer" in text and "procrustes" in text and "leakage" in text
+    doc = res.read_results(out / "results" / "nn-transfer.json")
+    assert doc["data"]["zeroshot_classes"] == ["n00000", "n00001", "n00002"]  # folder names (no names file)
+    for run in doc["runs"]:
+        assert {"retrieval/mean_R@10", "zeroshot/balanced_accuracy", "probe/top1"} <= set(run["metrics"])
+    assert (out / "report.md").exists()

@@ -194,8 +194,14 @@ def cmd_eval(args) -> int:
         else:
             specs.append(ModelSpec(Path(name).stem, recipe=name, overrides=tuple(args.set)))
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    suite = Suite.builtin(args.image, args.text, layers or None, cache=args.cache, probe="probe" in tasks,
-                          progress=not args.quiet)
+    if args.data or args.zeroshot or args.probe:  # a suite of the user's datasets
+        suite = Suite.from_datasets(args.image, args.text, args.data or "openclipart", zeroshot=args.zeroshot,
+                                    probe=args.probe, templates=args.templates or "default", layers=layers or None,
+                                    cache=args.cache, progress=not args.quiet)
+        tasks = tuple(t for t in tasks if (t != "zeroshot" or args.zeroshot) and (t != "probe" or args.probe))
+    else:
+        suite = Suite.builtin(args.image, args.text, layers or None, cache=args.cache, probe="probe" in tasks,
+                              progress=not args.quiet)
     out = Path(args.out or "evals/builtin")
     folds, seeds = _count_or_list(args.folds), _count_or_list(args.seeds)
     if args.sweep:
@@ -223,8 +229,14 @@ def cmd_eval(args) -> int:
     docs = compare_models(specs, suite, out, folds=folds, seeds=seeds, grid=Grid() if args.tune else None,
                           tasks=tasks, progress=not args.quiet)
     reference = args.reference if args.reference in {d["model"]["name"] for d in docs} else None
-    print(rep.compare_table(docs, reference, args.metric))
-    paths = rep.write_report(docs, out, reference=reference, metric=args.metric)
+    metric = args.metric if all(args.metric in r["metrics"] for d in docs for r in d["runs"]) else "retrieval/mean_R@10"
+    print(rep.compare_table(docs, reference, metric))
+    shares = [r["info"]["leakage_share"] for r in docs[0]["runs"] if "leakage_share" in r["info"]]
+    if shares:
+        share = max(shares)
+        print(f"\nleakage: up to {share:.1%} of a test fold's images have a near-duplicate (cosine > 0.9) in train"
+              + ("  WARNING: above 5%, retrieval is flattered; regroup the dataset" if share > 0.05 else ""))
+    paths = rep.write_report(docs, out, reference=reference, metric=metric)
     print(f"\nresults: {out / 'results'}/*.json; report: {paths['report']}")
     return 0
 
@@ -401,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default="efficientnet-lite0", help="image encoder of the suite (default efficientnet-lite0)")
     p.add_argument("--text", default="minilm-l6", help="text encoder of the suite (default minilm-l6)")
     p.add_argument("--layers", action="append", metavar="SIDE=LAYERS", help="layers a side reads, e.g. text=3,final")
+    p.add_argument("--data", help="a paired dataset for retrieval instead of the built-in suite (table:, wds:, karpathy:...)")
+    p.add_argument("--zeroshot", help="a labelled image set for zero-shot: imagenet:DIR, folder:DIR, table:FILE")
+    p.add_argument("--probe", help="a labelled image set for the linear probe (its train split fits the probe)")
+    p.add_argument("--templates", help="zero-shot prompt templates: default, openai_imagenet, clipart, or a JSON file")
     p.add_argument("--folds", default="5", help="number of group folds (5), or a list such as 0,1")
     p.add_argument("--seeds", default="3", help="number of seeds per fold (3), or a list")
     p.add_argument("--tasks", default="retrieval,zeroshot,probe", help="any of retrieval, zeroshot, probe")

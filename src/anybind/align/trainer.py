@@ -149,6 +149,11 @@ def chance_metrics(pairs: Pairs, ks=(1, 5, 10)) -> dict:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
+def _training_part(recipe: dict) -> dict:
+    """The settings training depends on (the correction and blend are applied after training)."""
+    return {k: v for k, v in recipe.items() if k not in ("name", "description", "correction", "blend")}
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
@@ -241,7 +246,7 @@ def train(
     dist.barrier()
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["recipe"] != recipe.to_dict() or ckpt["stores"] != {k: str(s.path) for k, s in stores.items()} \
+        if _training_part(ckpt["recipe"]) != _training_part(recipe.to_dict()) or ckpt["stores"] != {k: str(s.path) for k, s in stores.items()} \
                 or ckpt.get("split") != split_key:
             raise AnybindError(f"{out} holds a run with another recipe or other stores: choose another --out, "
                                "or pass --restart to overwrite it")

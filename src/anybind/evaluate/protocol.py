@@ -194,9 +194,12 @@ def result_key(spec: ModelSpec, suite: Suite, fold, seed, split, max_train_pairs
 
 
 def suite_identity(suite: Suite) -> dict:
-    return {"stores": {k: str(s.path.name) for k, s in suite.stores.items()}, "layers": suite.layers,
-            "probe": None if suite.probe is None else [suite.probe.name, len(suite.probe.labels)],
-            "classes": suite.class_names, "templates": suite.templates}
+    ident = {"stores": {k: str(s.path.name) for k, s in suite.stores.items()}, "layers": suite.layers,
+             "probe": None if suite.probe is None else [suite.probe.name, len(suite.probe.labels)],
+             "classes": suite.class_names, "templates": suite.templates}
+    if suite.zeroshot_set is not None:
+        ident["zeroshot_set"] = [suite.zeroshot_set.name, len(suite.zeroshot_set.labels)]
+    return ident
 
 
 def evaluate_one(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, out: Path, log_: ResultsLog,

@@ -137,7 +137,7 @@ class Suite:
                  layers: dict[str, list[str]] | None = None, *, zeroshot_labels: Callable | None = None,
                  class_names: Sequence[str] | None = None, templates: str | Sequence[str] = "clipart",
                  probe: LabelledFeatures | None = None, prompt_features: list[torch.Tensor] | None = None,
-                 name: str = "custom"):
+                 zeroshot_set: LabelledFeatures | None = None, name: str = "custom"):
         from ..align.data import PairedFeatures
 
         self.stores = {"image": _open(image_store), "text": _open(text_store)}
@@ -146,7 +146,8 @@ class Suite:
         self._paired = PairedFeatures  # imported lazily: the align package pulls torch modules in
         self._folds: dict = {}
         self.zeroshot_labels = zeroshot_labels
-        self.class_names = list(class_names or [])
+        self.zeroshot_set = zeroshot_set  # a separate labelled image set (ImageNet-style); else the paired test images
+        self.class_names = list(zeroshot_set.classes if zeroshot_set is not None else class_names or [])
         self.templates = templates
         self.probe = probe
         self._prompt_features = prompt_features
@@ -179,6 +180,40 @@ class Suite:
                                                       train_of=lambda i: i.startswith("train-"))
         return cls(img, txt, layers, zeroshot_labels=lambda ids: [curated_class(i) for i in ids],
                    class_names=CURATED_CLASSES, templates="clipart", probe=probe_feats, name="builtin")
+
+    @classmethod
+    def from_datasets(cls, image: str, text: str, data: str = "openclipart", *, zeroshot: str | None = None,
+                      probe: str | None = None, templates: str | Sequence[str] = "default",
+                      layers: dict[str, list[str]] | None = None, cache=None, progress: bool = True) -> Suite:
+        """Any paired dataset for retrieval, any labelled image set for zero-shot (an ImageNet-style
+        folder, `folder:`, a table with labels) and for the probe (its train split fits, the rest tests).
+
+        >>> Suite.from_datasets("efficientnet-lite0", "minilm-l6", "karpathy:dataset_coco.json",
+        ...                     zeroshot="imagenet:/data/imagenet/val")  # doctest: +SKIP
+        """
+        from ..data import load_dataset
+
+        layers = layers or {}
+        paired = load_dataset(data, cache=cache)
+        img = _store_for(image, paired, layers.get("image"), cache, progress)
+        txt = _store_for(text, paired, layers.get("text"), cache, progress)
+
+        def labelled(spec: str) -> LabelledFeatures:
+            idx = load_dataset(spec, cache=cache)
+            if not any(lab is not None for lab in idx.column("label")):
+                raise AnybindError(f"{spec} has no labels: zero-shot and the probe need a labelled image set")
+            store = _store_for(image, idx, layers.get("image"), cache, progress)
+            split = dict(zip(idx.item_ids, idx.column("split"), strict=True))
+            if "train" in split.values():
+                train_of = lambda i: split[i] == "train"  # noqa: E731
+            else:  # an evaluation-only set (an ImageNet val folder): its group folds 1-4 fit a probe, fold 0 tests
+                fold = dict(zip(idx.item_ids, idx.column("fold"), strict=True))
+                train_of = lambda i: fold[i] != 0  # noqa: E731
+            return LabelledFeatures.from_store(idx.name, store, layers.get("image") or ["final"], idx, train_of=train_of)
+
+        return cls(img, txt, layers, templates=templates, name=paired.name,
+                   zeroshot_set=labelled(zeroshot) if zeroshot else None,
+                   probe=labelled(probe) if probe else None)
 
     # -- per fold ----------------------------------------------------------------------------------
     def fold_data(self, fold: int | None) -> FoldData:
@@ -218,7 +253,7 @@ class Suite:
         if "retrieval" in tasks:
             metrics.update(self.retrieval(model, fd, split, correction))
             info["leakage_share"] = self.leakage(fold, split)
-        if "zeroshot" in tasks and self.zeroshot_labels is not None:
+        if "zeroshot" in tasks and self.has_zeroshot:
             zs, pc = self.zeroshot(model, fd, split)
             metrics.update(zs)
             per_class["zeroshot"] = pc
@@ -244,6 +279,10 @@ class Suite:
                                                       for k in RETRIEVAL_KS]))
         return out
 
+    @property
+    def has_zeroshot(self) -> bool:
+        return self.zeroshot_labels is not None or self.zeroshot_set is not None
+
     def zeroshot_rows(self, fd: FoldData, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Anchor rows of `split` that carry a class, their class codes, and the classes present."""
         store = fd.data.side(fd.data.anchor_name).store
@@ -257,10 +296,16 @@ class Suite:
     def zeroshot(self, model: Embedder, fd: FoldData, split: str) -> tuple[dict[str, float], dict[str, float]]:
         from .zeroshot import classification_metrics, zeroshot_classify
 
-        rows, y, classes = self.zeroshot_rows(fd, split)
-        if len(rows) == 0:
-            raise AnybindError(f"no {split} image of fold {fd.fold} carries one of the zero-shot classes")
-        zi = model.encode(fd.data.anchor_name, fd.data.side(fd.data.anchor_name).rows(rows))
+        if self.zeroshot_set is not None:  # a separate labelled set: every one of its evaluation images
+            zs = self.zeroshot_set
+            rows = np.nonzero(~zs.is_train)[0] if (~zs.is_train).any() else np.arange(len(zs.labels))
+            y, classes = zs.labels[rows], zs.classes
+            zi = model.encode(fd.data.anchor_name, [f[torch.as_tensor(rows)] for f in zs.feats])
+        else:
+            rows, y, classes = self.zeroshot_rows(fd, split)
+            if len(rows) == 0:
+                raise AnybindError(f"no {split} image of fold {fd.fold} carries one of the zero-shot classes")
+            zi = model.encode(fd.data.anchor_name, fd.data.side(fd.data.anchor_name).rows(rows))
         cls = self.class_embeddings(model, fd)
         m = classification_metrics(zeroshot_classify(zi, cls), y, ks=(1, 5))
         out = {"zeroshot/top1": m["top1"], "zeroshot/top5": m["top5"],
@@ -307,8 +352,8 @@ class Suite:
             t2i = chance_recall(n_img, 1, k)
             out |= {f"retrieval/i2t_R@{k}": i2t, f"retrieval/t2i_R@{k}": t2i, f"retrieval/mean_R@{k}": (i2t + t2i) / 2}
         out["retrieval/mean_recall"] = float(np.mean([out[f"retrieval/mean_R@{k}"] for k in RETRIEVAL_KS]))
-        if self.zeroshot_labels is not None:
-            _, y, classes = self.zeroshot_rows(fd, split)
+        if self.has_zeroshot:
+            classes = self.class_names
             out["zeroshot/top1"] = 1 / len(classes)
             out["zeroshot/top5"] = min(5, len(classes)) / len(classes)
             out["zeroshot/balanced_accuracy"] = 1 / len(classes)
@@ -322,8 +367,13 @@ class Suite:
     def majority(self, fold: int | None, split: str = "test") -> dict[str, float]:
         """Always answering the most frequent class: top-1 is its share (balanced accuracy stays 1/C)."""
         out = {}
-        if self.zeroshot_labels is not None:
-            _, y, classes = self.zeroshot_rows(self.fold_data(fold), split)
+        if self.has_zeroshot:
+            if self.zeroshot_set is not None:
+                zs = self.zeroshot_set
+                y = zs.labels[~zs.is_train] if (~zs.is_train).any() else zs.labels
+                classes = zs.classes
+            else:
+                _, y, classes = self.zeroshot_rows(self.fold_data(fold), split)
             out["zeroshot/top1"] = float(np.bincount(y).max() / len(y))
             out["zeroshot/balanced_accuracy"] = 1 / len(classes)
         if self.probe is not None:
