@@ -329,3 +329,20 @@ def test_register_a_custom_baseline():
             register_baseline("identity-test")(build_baseline("cca").__class__)
     finally:
         BASELINES.pop("identity-test", None)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_a_saved_baseline_loads_to_identical_outputs(name, tmp_path):
+    """Bundles carry fitted baselines (a blend): safetensors + JSON, no pickles, bit-identical."""
+    from anybind.align.baselines import Baseline
+
+    rng = np.random.default_rng(0)
+    pa = PairedArrays(rng.standard_normal((120, 24)).astype(np.float32),
+                      rng.standard_normal((240, 16)).astype(np.float32), np.repeat(np.arange(120), 2))
+    fitted = (build_baseline(name, dim=8) if name == "procrustes" else build_baseline(name)).fit(pa)
+    fitted.save(tmp_path / name)
+    assert {p.name for p in (tmp_path / name).iterdir()} == {"baseline.json", "state.safetensors"}
+    again = Baseline.load(tmp_path / name)
+    for side, x in (("image", pa.image[:7]), ("text", pa.text[:7])):
+        assert torch.equal(fitted.encode(side, x), again.encode(side, x))
+    assert again.config() == fitted.config()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from _synthetic import planted_stores
+from _toy import replicas
 from anybind.align.data import PairedFeatures
 from anybind.cli import main
 from anybind.data.crossval import fold_splits
@@ -197,33 +198,9 @@ def test_embeddings_are_normalised_by_the_baseline_wrapper(planted_suite):
     assert torch.allclose(F.normalize(z, dim=1), z)
 
 
-def _replicas(root):
-    """A Flickr30k-style Karpathy JSON and an ImageNet-style folder, tiny, in their usual layouts."""
-    from PIL import Image
-
-    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-    images = root / "flickr"  # the Flickr30k JSON sits beside its images here (default images=)
-    images.mkdir(parents=True)
-    entries = []
-    for i in range(60):
-        name = list(colours)[i % 3]
-        Image.new("RGB", (8, 8), tuple(min(255, c + i) for c in colours[name])).save(images / f"{1000 + i}.jpg")
-        entries.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": "train" if i < 50 else "test",
-                        "sentences": [{"raw": f"a {name} square number {i}"}, {"raw": f"something {name}"}]})
-    karpathy = root / "flickr" / "dataset_flickr30k.json"
-    karpathy.write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
-    val = root / "imagenet" / "val"
-    for k, name in enumerate(colours):
-        (val / f"n0000{k}").mkdir(parents=True)
-        for j in range(12):
-            Image.new("RGB", (8, 8), tuple(min(255, c + 3 * j) for c in colours[name])).save(val / f"n0000{k}" / f"{j}.png")
-    (root / "imagenet" / "names.txt").write_text("".join(f"n0000{k} {n}, other\n" for k, n in enumerate(colours)))
-    return karpathy, images, val, root / "imagenet" / "names.txt"
-
-
 def test_cli_eval_on_user_datasets_in_standard_layouts(tmp_path, cache, capsys):
     """Retrieval on a Karpathy-split JSON, zero-shot and the probe on an ImageNet-style folder."""
-    karpathy, _, val, _ = _replicas(tmp_path)
+    karpathy, _, val, _ = replicas(tmp_path)
     out = tmp_path / "eval"
     argv = ["eval", "--image", "random:image", "--text", "random:text", "--models", "nn-transfer,procrustes",
             "--data", f"karpathy:{karpathy}", "--zeroshot", f"imagenet:{val}", "--probe", f"imagenet:{val}",

@@ -8,4 +8,12 @@ from .errors import AnybindError
 
 __version__ = "0.1.0"
 
-__all__ = ["AnybindError", "__version__"]
+
+def load(path, device: str = "cpu"):
+    """Load a bundle written by `anybind export`: ``anybind.load("bundle").encode_text(["a bird"])``."""
+    from .bundle import load as _load
+
+    return _load(path, device)
+
+
+__all__ = ["AnybindError", "__version__", "load"]

@@ -255,6 +255,17 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def cmd_export(args) -> int:
+    """Write a trained run as a bundle: encoder specs, projectors, blend and correction, model card."""
+    from .bundle import export_bundle, load
+
+    out = export_bundle(args.run, args.out, results=args.results, overwrite=args.overwrite)
+    model = load(out)
+    encoders = ", ".join(f"{m}={v['encoder']}" for m, v in model.info["modalities"].items())
+    print(f"bundle: {out}  ({encoders}; dim {model.dim})\nload it with: anybind.load({str(out)!r})")
+    return 0
+
+
 def cmd_assess(args) -> int:
     """Rank candidate encoders and layers by alignability on paired features, before training."""
     from .assess import assess
@@ -428,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="default", help="model the others are compared with (paired differences)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS.json", help="only compare finished results documents")
     p.add_argument("--out", "-o", help="evaluation folder (default evals/builtin); re-running resumes")
+
+    p = verb("export", cmd_export, "write a trained run as a loadable bundle (anybind.load)")
+    p.add_argument("--run", required=True, help="a finished `anybind train` run folder")
+    p.add_argument("--out", "-o", required=True, help="the bundle folder to write")
+    p.add_argument("--results", nargs="*", help="results documents (anybind eval) for the model card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
 
     p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
     p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")

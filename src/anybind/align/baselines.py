@@ -248,6 +248,42 @@ class Baseline(ABC):
             cfg["fitted"] = dict(self._fitted_info)
         return cfg
 
+    def save(self, directory) -> None:
+        """The options (baseline.json) and the fitted state (state.safetensors): no pickles."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        if not hasattr(self, "_input_dims"):
+            raise BaselineError(f"baseline {self.name!r} is not fitted: nothing to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        state = {k: _flatten(v, k, tensors) for k, v in vars(self).items() if k.startswith("_")}
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(directory / "state.safetensors"))
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        (directory / "baseline.json").write_text(json.dumps({"name": self.name, "options": options, "state": state}, indent=1))
+
+    @classmethod
+    def load(cls, directory) -> Baseline:
+        """A fitted baseline saved by `save`."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            info = json.loads((directory / "baseline.json").read_text())
+            tensors = load_file(str(directory / "state.safetensors"))
+        except (OSError, ValueError) as e:
+            raise BaselineError(f"{directory} is not a saved baseline ({e})") from e
+        model = build_baseline(info["name"], **info["options"])
+        for k, v in info["state"].items():
+            setattr(model, k, _unflatten(v, tensors))
+        return model
+
     @property
     def out_dim(self) -> int:
         """The dimension of the shared space (after fitting)."""
@@ -260,6 +296,37 @@ class Baseline(ABC):
 
     @abstractmethod
     def _encode(self, side: str, x: torch.Tensor) -> torch.Tensor: ...
+
+
+_STATE_CLASSES: dict[str, type] = {}  # small fitted-state holders, filled below (_AffineMap, _CosineSpace)
+
+
+def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able description of a fitted attribute; its tensors go into `tensors` by path."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu()
+        return {"$tensor": path}
+    if isinstance(value, dict):
+        return {"$dict": {k: _flatten(v, f"{path}.{k}", tensors) for k, v in value.items()}}
+    if type(value).__name__ in _STATE_CLASSES:
+        fields = {k: _flatten(v, f"{path}.{k}", tensors) for k, v in vars(value).items()}
+        return {"$object": type(value).__name__, "fields": fields}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise BaselineError(f"cannot save fitted attribute {path} of type {type(value).__name__}")
+
+
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and "$tensor" in value:
+        return tensors[value["$tensor"]]
+    if isinstance(value, dict) and "$dict" in value:
+        return {k: _unflatten(v, tensors) for k, v in value["$dict"].items()}
+    if isinstance(value, dict) and "$object" in value:
+        obj = object.__new__(_STATE_CLASSES[value["$object"]])
+        for k, v in value["fields"].items():
+            setattr(obj, k, _unflatten(v, tensors))
+        return obj
+    return value
 
 
 def _option_defaults(cls: type[Baseline]) -> dict[str, Any]:
@@ -537,6 +604,9 @@ class _CosineSpace:
         if self.mean is not None:
             x = F.normalize(x - self.mean, dim=1)
         return x
+
+
+_STATE_CLASSES.update(_AffineMap=_AffineMap, _CosineSpace=_CosineSpace)
 
 
 def _chunks(n: int, size: int):

@@ -123,7 +123,7 @@ def fit_model(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, run_di
     if max_train_pairs is not None:
         train_pairs = subsample_items(train_pairs, max_train_pairs, seed)
     info["train_items"] = int(len(np.unique(train_pairs.item)))
-    correction = fit_correction(correction_cfg, model, suite, fold, seed)
+    correction = fit_correction(correction_cfg, model, fd, seed)
     return model, correction, info
 
 
@@ -142,13 +142,12 @@ def fit_baseline(name: str, options: dict, fd, max_train_pairs: int | None, seed
                             {fd.data.anchor_name: "image", fd.data.partner_name: "text"})
 
 
-def fit_correction(cfg: dict | None, model, suite: Suite, fold: int | None, seed: int):
+def fit_correction(cfg: dict | None, model, fd, seed: int):
     """Fit the retrieval correction on a bank of (at most BANK_SIZE) training items' embeddings."""
     if not cfg or cfg.get("name", "none") == "none":
         return None
     from .corrections import build_correction
 
-    fd = suite.fold_data(fold)
     pairs = fd.split_pairs["train"]
     items = np.unique(pairs.item)
     rng = np.random.default_rng([max(seed, 0), 7])

@@ -1,0 +1,71 @@
+"""Bundles: export a trained run, load it in one line, and get exactly the evaluated embeddings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import anybind
+from _toy import replicas
+from anybind.bundle import BundleError, export_bundle
+from anybind.cli import main
+from anybind.features import FeatureStore
+
+
+@pytest.fixture()
+def trained_run(tmp_path, cache):
+    karpathy, *_ = replicas(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "default", "--store", f"image=random:image+karpathy:{karpathy}",
+                 "--store", f"text=random:text+karpathy:{karpathy}", "--set", "train.max_steps=20",
+                 "--set", "train.batch_size=32", "--set", "train.val_every=10", "--out", str(run), "-q"]) == 0
+    return run, karpathy
+
+
+def test_export_load_and_encode_reproduce_the_evaluated_space(trained_run, tmp_path):
+    trained_run, karpathy = trained_run
+    out = tmp_path / "bundle"
+    assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
+    info = json.loads((out / "bundle.json").read_text())
+    assert info["blend"]["name"] == "nn-transfer"  # the default recipe blends: the bundle carries it
+    assert {p.name for p in out.iterdir()} >= {"bundle.json", "projectors", "blend", "card.json", "card.md", "recipe.yaml"}
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))  # no pickles
+    model = anybind.load(out)
+    assert model.modalities == ["image", "text"]
+    # raw captions through the bundle == the stored caption features through the evaluated space
+    stores = {k: FeatureStore.open(v) for k, v in json.loads((trained_run / "stores.json").read_text()).items()}
+    txt = stores["text"]
+    rows = np.arange(5)
+    captions = _captions(txt, rows, karpathy)
+    z = model.encode_text(captions)
+    want = model.space.encode("text", [torch.from_numpy(txt["final"].read(rows)).float()])
+    torch.testing.assert_close(z, torch.nn.functional.normalize(want, dim=1), atol=2e-3, rtol=0)
+    assert z.shape == (5, model.dim) and torch.allclose(z.norm(dim=1), torch.ones(5))
+    probs = model.classify([np.full((8, 8, 3), 200, np.uint8)], ["red", "green", "blue"])
+    assert probs.shape == (1, 3) and torch.allclose(probs.sum(1), torch.ones(1))
+    with pytest.raises(BundleError, match="binds image, text"):
+        model.encode("audio", ["x"])
+    with pytest.raises(BundleError, match="no text items"):
+        model.encode_text([])
+
+
+def test_export_refuses_to_overwrite_and_load_refuses_a_non_bundle(trained_run, tmp_path):
+    trained_run, _ = trained_run
+    out = tmp_path / "bundle"
+    export_bundle(trained_run, out)
+    with pytest.raises(anybind.AnybindError, match="--overwrite"):
+        export_bundle(trained_run, out)
+    export_bundle(trained_run, out, overwrite=True)
+    with pytest.raises(BundleError, match="not an anybind bundle"):
+        anybind.load(tmp_path)
+    assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "b2")]) == 2
+
+
+def _captions(store, rows, karpathy):
+    """The caption text of store rows, from the dataset listing, through the item ids."""
+    from anybind.data import load_dataset
+
+    ids = [store.item_ids[r] for r in rows]
+    caps = dict(zip(*[load_dataset(f"karpathy:{karpathy}").column(c) for c in ("item_id", "caption")], strict=True))
+    return [caps[i][j] for i, j in zip(ids, store.caption_index[rows], strict=True)]
