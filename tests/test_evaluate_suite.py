@@ -13,7 +13,15 @@ from anybind.align.data import PairedFeatures
 from anybind.cli import main
 from anybind.data.crossval import fold_splits
 from anybind.evaluate import results as res
-from anybind.evaluate.protocol import Grid, ModelSpec, ResultsLog, baseline_spec, compare_models, run_model, sweep
+from anybind.evaluate.protocol import (
+    Grid,
+    ModelSpec,
+    ResultsLog,
+    baseline_spec,
+    compare_models,
+    run_model,
+    sweep,
+)
 from anybind.evaluate.suite import LabelledFeatures, Suite
 
 FAST = ("train.max_steps=40", "train.val_every=10", "train.batch_size=128", "train.patience=3")
