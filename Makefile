@@ -6,11 +6,9 @@ VENV ?= .venv
 install:
 	bash scripts/install.sh
 
-# the main job: for now, cache the built-in openclipart data with the default encoders
+# the main job: the built-in run file (extract, assess, train, evaluate, export, report)
 demo: install
-	$(VENV)/bin/anybind extract --encoder efficientnet-lite0 --data openclipart
-	$(VENV)/bin/anybind extract --encoder minilm-l6 --data openclipart --layers 3,final
-	$(VENV)/bin/anybind cache ls
+	$(VENV)/bin/anybind run default --out runs/default
 
 test: install
 	$(VENV)/bin/python -m pytest -q

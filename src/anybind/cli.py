@@ -26,6 +26,9 @@ EPILOG = """examples:
   anybind eval --models default,structure,nn-transfer --tune   # built-in suite, 5 folds x 3 seeds
   anybind eval --models default --sweep n=500,1000,2000,4000,all
   anybind eval --compare evals/builtin/results/*.json --reference default
+  anybind index --bundle bundles/clipart --data openclipart --out indexes/clipart
+  anybind search indexes/clipart "a red bird" --k 5
+  anybind serve --bundle bundles/clipart --index indexes/clipart   # web page at http://127.0.0.1:8000/
 """
 
 
@@ -255,6 +258,24 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
+def cmd_run(args) -> int:
+    """Run a whole experiment from a run file: extract -> assess -> train + evaluate -> export -> report.
+
+    Every stage is cached (features in the cache, stage outputs in the run folder), so running the
+    same file again loads no encoder, and a killed run resumes where it stopped. With no file, the
+    built-in `default` run: efficientnet-lite0 + minilm-l6 on openclipart, the built-in suite.
+    """
+    from .run import load_run_file, run_pipeline
+
+    run = load_run_file(args.runfile)
+    out = run_pipeline(run, out=args.out, cache=args.cache, progress=not args.quiet)
+    stages = json.loads((out / "stages.json").read_text())
+    print(_table([{"stage": k, "seconds (first)": v.get("seconds")} for k, v in stages.items()], ["stage", "seconds (first)"]))
+    print(f"\nreport: {out / 'report.html'} (and report.md)"
+          + (f"\nbundle: {out / 'bundle'}" if (out / "bundle").exists() else ""))
+    return 0
+
+
 def cmd_export(args) -> int:
     """Write a trained run as a bundle: encoder specs, projectors, blend and correction, model card."""
     from .bundle import export_bundle, load
@@ -341,6 +362,57 @@ def cmd_cache_rm(args) -> int:
     for t in targets:
         remove_store(t)
         print(f"removed {t}")
+    return 0
+
+
+def cmd_index(args) -> int:
+    """Embed a dataset's images with a bundle into a FAISS index (exact below 50k items; HNSW or IVF above).
+
+    The features come from the feature cache (batched, with a progress bar, resumable; a corrupt
+    image is skipped and reported), so a second index of the same data with the same encoder is fast.
+    """
+    from .serve.index import build_index
+
+    idx = build_index(args.bundle, args.data, args.out, kind=args.kind, modality=args.modality, field=args.field,
+                      cache=args.cache, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                      progress=not args.quiet, overwrite=args.overwrite)
+    info = idx.info
+    print(f"index: {idx.path}  ({info['kind']}, {len(idx)} {info['modality']} items of {info['dataset']}, dim {idx.dim}"
+          + (f", correction {info['correction']} as an extra dimension" if idx.augmented else "") + ")")
+    if info.get("skipped"):
+        print(f"skipped {info['skipped']} unreadable items, e.g. "
+              + "; ".join(f"{s['item_id']}: {s['reason']}" for s in info["skipped_items"][:3]))
+    print(f'search it: anybind search {idx.path} "a red bird"')
+    return 0
+
+
+def cmd_search(args) -> int:
+    """Search an index with a text query (or an image, --image), encoded by the index's bundle."""
+    from .serve.index import search_index
+
+    if (args.query is None) == (args.image is None):
+        raise AnybindError('give a text query or --image PATH (one of them), e.g. anybind search INDEX "a red bird"')
+    hits = search_index(args.index, text=args.query, image=args.image, k=args.k, bundle=args.bundle)
+    rows = hits.records()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_table([{**r, "score": f"{r['score']:.4f}"} for r in rows], ["rank", "score", "item_id", "path"]))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve a bundle over HTTP: /embed, /classify, /search (with --index), /images, /health, a web page at /."""
+    from .serve.app import serve
+
+    labels = None
+    if args.labels:
+        from pathlib import Path
+
+        text = Path(args.labels).read_text() if Path(args.labels).is_file() else args.labels
+        labels = [x.strip() for x in (text.splitlines() if "\n" in text.strip() else text.split(",")) if x.strip()]
+    serve(args.bundle, args.index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, labels=labels,
+          log_level="warning" if args.quiet else "info")
     return 0
 
 
@@ -440,11 +512,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", metavar="RESULTS.json", help="only compare finished results documents")
     p.add_argument("--out", "-o", help="evaluation folder (default evals/builtin); re-running resumes")
 
+    p = verb("run", cmd_run, "run a whole experiment from a run file (extract, assess, train, eval, export)")
+    p.add_argument("runfile", nargs="?", default="default", help="a run YAML file or a built-in name (default)")
+    p.add_argument("--out", "-o", help="run folder (default runs/NAME); re-running resumes and reuses every stage")
+
     p = verb("export", cmd_export, "write a trained run as a loadable bundle (anybind.load)")
     p.add_argument("--run", required=True, help="a finished `anybind train` run folder")
     p.add_argument("--out", "-o", required=True, help="the bundle folder to write")
     p.add_argument("--results", nargs="*", help="results documents (anybind eval) for the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+
+    p = verb("index", cmd_index, "embed a dataset's images with a bundle into a search index (FAISS)")
+    p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")
+    p.add_argument("--data", "-d", required=True, help="dataset spec: openclipart, karpathy:FILE, table:FILE, folder:DIR, wds:SHARDS ...")
+    p.add_argument("--out", "-o", required=True, help="the index folder to write")
+    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
+                   help="flat = exact inner product; ivf / hnsw = approximate, for large collections (auto: flat below 50k items)")
+    p.add_argument("--modality", default="image", help="which side of the bundle the items are (default image)")
+    p.add_argument("--field", help="the dataset field to index (default: the one of that modality)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per forward pass")
+    p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an index built from another bundle, dataset or kind")
+
+    p = verb("search", cmd_search, "search an index with a text (or --image) query")
+    p.add_argument("index", help="an index folder (anybind index)")
+    p.add_argument("query", nargs="?", help="the text to search for")
+    p.add_argument("--image", help="search with this image instead of a text")
+    p.add_argument("--k", "-k", type=int, default=10, help="how many results (default 10)")
+    p.add_argument("--bundle", help="the bundle to encode the query (default: the one the index was built with)")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("serve", cmd_serve, "serve a bundle (and an index) over HTTP with a web page")
+    p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")
+    p.add_argument("--index", "-i", help="an index folder (anybind index): enables /search and /images")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted image upload (default 10 MiB)")
+    p.add_argument("--labels", help="default zero-shot labels: a comma list or a file with one per line "
+                                    "(default: the classes the bundle was evaluated on)")
 
     p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
     p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")

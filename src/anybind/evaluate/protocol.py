@@ -240,13 +240,15 @@ def run_model(spec: ModelSpec, suite: Suite, folds: Iterable[int | None], seeds:
                "recipe": spec.recipe_obj().to_dict() if spec.trained else None,
                "settings": {k: v for k, v in spec.settings().items() if k != "resolved"}},
         data=data_section(suite),
-        protocol={"folds": folds, "seeds": seeds_used, "split": split, "max_train_pairs": max_train_pairs,
-                  "description": protocol_note or protocol_description(split)})
+        protocol={"folds": [-1 if f is None else f for f in folds], "seeds": seeds_used, "split": split,
+                  "max_train_pairs": max_train_pairs,
+                  "description": protocol_note or protocol_description(split, folds)})
     jobs = [(f, s) for f in folds for s in seeds_used]
     bar = tqdm(jobs, desc=f"eval {spec.name}", unit="run", disable=not progress)
     for fold, seed in bar:
         rec = evaluate_one(spec, suite, fold, seed, out, log_, split, max_train_pairs, tasks)
-        res.add_run(doc, fold, rec["seed"], rec["metrics"], per_class=rec["per_class"], info=rec["info"])
+        res.add_run(doc, -1 if fold is None else fold, rec["seed"], rec["metrics"], per_class=rec["per_class"],
+                    info=rec["info"])
     bar.close()
     doc["chance"] = _mean_dicts([suite.chance(f, split) for f in folds])
     doc["reference"] = {"majority class": _mean_dicts([suite.majority(f, split) for f in folds])}
@@ -283,7 +285,9 @@ def data_section(suite: Suite) -> dict:
             "zeroshot_classes": suite.class_names}
 
 
-def protocol_description(split: str) -> str:
+def protocol_description(split: str, folds: Sequence = ()) -> str:
+    if list(folds) == [None]:
+        return f"the dataset index's fixed split (train / val / test by group hash), scored on {split}"
     return (f"group {('cross-validation folds' if split == 'test' else 'folds, validation split')}: test = one fold, "
             "val = half of the next fold's groups, train = the rest; groups over 2.5% of the items always train")
 

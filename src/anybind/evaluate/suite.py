@@ -164,7 +164,6 @@ class Suite:
         Stores come from the cache; missing ones are extracted first. `items` evaluates on an
         evenly spread subset of openclipart instead of all 8,121 (for quick checks)."""
         from ..data import load_dataset
-        from ..data.openclipart_classes import CURATED_CLASSES, curated_class
 
         layers = layers or {}
         data = load_dataset("openclipart", cache=cache)
@@ -172,13 +171,22 @@ class Suite:
             data = data.spread(items)
         img = _store_for(image, data, layers.get("image"), cache, progress)
         txt = _store_for(text, data, layers.get("text"), cache, progress)
+        pidx = probe_index(*probe_sizes, cache=cache) if probe else None
+        pstore = _store_for(image, pidx, layers.get("image"), cache, progress) if probe else None
+        return cls.builtin_from_stores(img, txt, layers, pstore, pidx)
+
+    @classmethod
+    def builtin_from_stores(cls, image: FeatureStore, text: FeatureStore, layers: dict[str, list[str]] | None = None,
+                            probe_store: FeatureStore | None = None, probe_idx=None) -> Suite:
+        """The built-in suite over stores already extracted (no encoder is loaded)."""
+        from ..data.openclipart_classes import CURATED_CLASSES, curated_class
+
+        layers = layers or {}
         probe_feats = None
-        if probe:
-            pidx = probe_index(*probe_sizes, cache=cache)
-            pstore = _store_for(image, pidx, layers.get("image"), cache, progress)
-            probe_feats = LabelledFeatures.from_store("fashion-mnist", pstore, layers.get("image") or ["final"], pidx,
-                                                      train_of=lambda i: i.startswith("train-"))
-        return cls(img, txt, layers, zeroshot_labels=lambda ids: [curated_class(i) for i in ids],
+        if probe_store is not None:
+            probe_feats = LabelledFeatures.from_store("fashion-mnist", probe_store, layers.get("image") or ["final"],
+                                                      probe_idx, train_of=lambda i: i.startswith("train-"))
+        return cls(image, text, layers, zeroshot_labels=lambda ids: [curated_class(i) for i in ids],
                    class_names=CURATED_CLASSES, templates="clipart", probe=probe_feats, name="builtin")
 
     @classmethod

@@ -1,0 +1,8 @@
+"""Serving a bundle: a vector index over a dataset, an HTTP API with a web page, loader shims.
+
+Submodules import their optional dependencies (faiss, fastapi) lazily, on first use:
+
+- `anybind.serve.index`: `build_index`, `VectorIndex`, `search_index` (needs faiss-cpu)
+- `anybind.serve.app`: `create_app`, `serve` (needs fastapi, uvicorn, python-multipart)
+- `anybind.serve.compat`: `create_model_and_transforms` (open_clip / CLIP_benchmark style)
+"""

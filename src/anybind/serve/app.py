@@ -1,0 +1,366 @@
+"""The HTTP API and web page of a bundle (and an index): `anybind serve`.
+
+    app = create_app("bundles/clipart", index="indexes/clipart")   # any ASGI server runs it
+    serve("bundles/clipart", index="indexes/clipart", port=8000)   # or uvicorn, here
+
+Routes: ``POST /embed`` (JSON ``{"texts": [...]}`` or a multipart image upload) -> embeddings;
+``POST /classify`` (an image upload, optional ``labels``) -> zero-shot labels, most likely first;
+``GET /search?q=...&k=10`` (with an index) -> items with score and image URL;
+``GET /images/{item_id}`` -> an indexed image (only items the index lists: an id is looked up,
+never joined to a path); ``GET /health``; ``GET /`` the web page; OpenAPI docs at ``/docs``.
+
+Why it is built this way: every error is a 4xx/5xx JSON ``{"error": message}`` and never takes
+the server down; uploads are read with a size limit before anything decodes them; model calls
+run in the threadpool behind one lock (encoders are not re-entrant), so the event loop keeps
+answering /health, static images and queued requests while a model works.
+"""
+
+import importlib.util
+import io
+import json
+import logging
+import mimetypes
+import os
+import threading
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from .._deps import require
+from ..errors import AnybindError, DataError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD = 10 * 2**20
+#: form fields besides the image (labels) and multipart framing may add this much to an upload
+FORM_SLACK = 256 * 2**10
+MAX_TEXTS, MAX_TEXT_CHARS, MAX_LABELS, MAX_K = 256, 2000, 1000, 1000
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; connect-src 'self'; object-src 'none'; base-uri 'none'")
+
+
+class ApiError(AnybindError):
+    """A request the API refuses: `status` is the HTTP status, the message says what to send."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _fastapi():
+    return require("fastapi", "the HTTP API (anybind serve)", "fastapi", extra="serve")
+
+
+def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, labels: list[str] | None = None):
+    """A FastAPI app serving `bundle` (a folder or a loaded bundle) and optionally `index`.
+
+    `labels` replaces the bundle's default zero-shot classes (`BoundEncoders.default_labels`)
+    for /classify requests that give none, and for the page's editable label list.
+    """
+    fastapi = _fastapi()
+    if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
+        raise MissingDependencyError("image uploads (anybind serve)", "python-multipart", "serve")
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from ..bundle import BoundEncoders, load
+    from .index import VectorIndex
+
+    model = bundle if isinstance(bundle, BoundEncoders) else load(bundle)
+    idx = index if isinstance(index, VectorIndex) or index is None else VectorIndex.load(index)
+    if idx is not None:
+        idx.check_bundle(model)
+    if int(max_upload_bytes) < 1:
+        raise AnybindError("the upload limit must be positive (--max-upload-mb)")
+    max_upload_bytes = int(max_upload_bytes)
+    default_labels = list(labels) if labels else model.default_labels
+    lock = threading.Lock()
+    image_side = (model.info["modalities"].get("image") or {}).get("preprocess") or {}
+    min_side = image_side.get("resize")
+
+    def locked(fn, *args):
+        with lock:
+            return fn(*args)
+
+    async def on_model(fn, *args):
+        """Run a model call in the threadpool, one at a time."""
+        return await run_in_threadpool(locked, fn, *args)
+
+    app = fastapi.FastAPI(
+        title="anybind", version=_version(),
+        description=f"Embeddings, zero-shot classification and search with the bundle `{model.path}` "
+                    f"({', '.join(model.modalities)}; {model.dim} dimensions).")
+
+    # ---- errors: always JSON {"error": ...}; the server stays up -----------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(AnybindError)
+    async def _anybind_error(request, exc: AnybindError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'request'}: {e.get('msg')}"
+                 for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc):
+        log.exception("error serving %s", request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    # ---- routes ----------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(_page(), headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/health", summary="Liveness, and what this server serves")
+    async def health():
+        return {"status": "ok", "bundle": str(model.path), "modalities": model.modalities, "dim": model.dim,
+                "index": None if idx is None else {"kind": idx.kind, "count": len(idx), "modality": idx.modality,
+                                                   "dataset": idx.info.get("dataset")},
+                "default_labels": default_labels, "max_upload_bytes": max_upload_bytes}
+
+    @app.post("/embed", summary="Embed texts (JSON {\"texts\": [...]}) or one image (multipart field 'file')",
+              openapi_extra=_EMBED_BODY)
+    async def embed(request: fastapi.Request):
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            body = await _read_limited(request, FORM_SLACK + MAX_TEXTS * MAX_TEXT_CHARS * 4)
+            texts = _texts_from_json(body)
+            emb = await on_model(model.encode_text, texts)
+            return {"modality": "text", "dim": model.dim, "embeddings": emb.tolist()}
+        if ctype.startswith("multipart/form-data"):
+            form = await _read_form(request, max_upload_bytes)
+            image = await run_in_threadpool(_decode_upload, *_upload(form, max_upload_bytes), min_side)
+            emb = await on_model(model.encode_image, [image])
+            return {"modality": "image", "dim": model.dim, "embeddings": emb.tolist()}
+        raise ApiError(415, "send JSON {\"texts\": [\"a red bird\", ...]} (Content-Type: application/json) or an "
+                            "image as multipart/form-data in the field 'file'")
+
+    @app.post("/classify", summary="Zero-shot labels of an uploaded image (multipart: 'file', optional 'labels')",
+              openapi_extra=_CLASSIFY_BODY)
+    async def classify(request: fastapi.Request):
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(415, "send the image as multipart/form-data in the field 'file' (and optionally 'labels')")
+        form = await _read_form(request, max_upload_bytes)
+        names = _labels(form) or default_labels
+        if not names:
+            raise ApiError(400, "give the labels to classify into (form field 'labels': a JSON list, or one per line): "
+                                "this bundle names no default classes")
+        image = await run_in_threadpool(_decode_upload, *_upload(form, max_upload_bytes), min_side)
+        probs = await on_model(model.classify, [image], names)
+        ranked = sorted(zip(names, probs[0].tolist(), strict=True), key=lambda t: -t[1])
+        return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
+
+    @app.get("/search", summary="The indexed items nearest a text query")
+    async def search(request: fastapi.Request, q: str = "", k: str = "10"):
+        if idx is None:
+            raise ApiError(404, "this server has no index: build one with `anybind index` and start it with --index")
+        q = q.strip()
+        if not q:
+            raise ApiError(400, "the query is empty: give some words, e.g. /search?q=a+red+bird")
+        if len(q) > MAX_TEXT_CHARS:
+            raise ApiError(400, f"the query is too long ({len(q)} characters; at most {MAX_TEXT_CHARS})")
+        try:
+            kk = int(k)
+        except ValueError:
+            kk = 0
+        if not 1 <= kk <= MAX_K:
+            raise ApiError(400, f"k must be an integer from 1 to {MAX_K}, not {k!r}")
+        vec = await on_model(model.encode_text, [q])
+        hits = await run_in_threadpool(idx.search, vec, kk, idx.modality != "text")
+        base = str(request.base_url)
+        results = []
+        for r in hits.records():  # the server's file paths stay on the server
+            row = {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"]}
+            if idx.modality == "image":
+                row["image_url"] = base + "images/" + quote(r["item_id"], safe="/")
+            else:
+                row[idx.modality] = r["path"]  # a text gallery: the text itself
+            results.append(row)
+        return {"query": q, "k": kk, "results": results}
+
+    @app.get("/images/{item_id:path}", summary="An indexed image (only items the index lists)")
+    def image(item_id: str):
+        ref = idx.reference(item_id) if idx is not None and idx.modality == "image" else None
+        if ref is None:
+            raise ApiError(404, f"no indexed image has the id {item_id!r}")
+        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
+        local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
+        if local is not None:
+            if not os.path.isfile(local):
+                raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
+            ctype = mimetypes.guess_type(local)[0] or ""
+            if ctype.startswith("image/") and ctype != "image/svg+xml":
+                return FileResponse(local, media_type=ctype, headers=headers)
+        from ..data.images import load_image
+
+        try:  # tar://, idx://, or a file of an unusual type: decode it and send a PNG
+            img = load_image(ref)
+        except DataError as e:
+            raise ApiError(404, f"the indexed image of {item_id!r} cannot be read: {e}") from e
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png", headers=headers)
+
+    app.state.bundle, app.state.index = model, idx
+    return app
+
+
+def serve(bundle, index=None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
+          labels: list[str] | None = None, warmup: bool = True, log_level: str = "info") -> None:
+    """Run the API and page with uvicorn until interrupted (loads the encoders first, if `warmup`)."""
+    uvicorn = require("uvicorn", "the HTTP server (anybind serve)", "uvicorn", extra="serve")
+    app = create_app(bundle, index, max_upload_bytes=int(max_upload_mb * 2**20), labels=labels)
+    if warmup:  # pay the encoders' loading before the first request, not during it
+        import numpy as np
+
+        model = app.state.bundle
+        if "text" in model.modalities:
+            model.encode_text(["warm up"])
+        if "image" in model.modalities:
+            model.encode_image([np.full((32, 32, 3), 255, np.uint8)])
+    print(f"anybind: serving {app.state.bundle.path} at http://{host}:{port}/  (API docs: /docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+# ---- request parsing ------------------------------------------------------------------------------------
+async def _read_limited(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (never read whole first)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the upload is too large ({int(declared) / 2**20:.1f} MiB; the limit is "
+                            f"{limit / 2**20:.1f} MiB)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the upload is too large (over the limit of {limit / 2**20:.1f} MiB)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_form(request, max_upload_bytes: int):
+    """Parse a multipart body read with a limit (the image itself is checked in `_upload`)."""
+    from starlette.requests import Request
+
+    body = await _read_limited(request, max_upload_bytes + FORM_SLACK)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        return await Request(request.scope, replay).form(max_files=4, max_fields=MAX_LABELS + 8, max_part_size=FORM_SLACK)
+    except Exception as e:  # noqa: BLE001 - malformed multipart: the client's fault
+        raise ApiError(400, f"malformed multipart form: {e}") from e
+
+
+def _upload(form, max_upload_bytes: int) -> tuple[bytes, str]:
+    """(bytes, filename) of the uploaded image in field 'file' (or 'image')."""
+    up = form.get("file") or form.get("image")
+    if up is None or isinstance(up, str):
+        raise ApiError(400, "no image: send it as a file in the multipart field 'file'")
+    data = up.file.read(max_upload_bytes + 1)
+    if len(data) > max_upload_bytes:
+        raise ApiError(413, f"the image is too large (over the limit of {max_upload_bytes / 2**20:.1f} MiB)")
+    if not data:
+        raise ApiError(400, "the uploaded file is empty")
+    return data, up.filename or "upload"
+
+
+def _decode_upload(data: bytes, name: str, min_side: int | None) -> Any:
+    """Decode uploaded bytes exactly as `load_image` decodes a file (reduced to the encoder's size)."""
+    from ..data.images import open_file, reduce_to, to_rgb
+
+    try:
+        return to_rgb(reduce_to(open_file(data, min_side, name=name), min_side))
+    except DataError as e:
+        raise ApiError(415, f"{name} is not a readable image: {e}") from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on a non-image
+        raise ApiError(415, f"{name} is not an image (send a PNG, JPEG, GIF, WebP or BMP): "
+                            f"{type(e).__name__}: {e}") from e
+
+
+def _texts_from_json(body: bytes) -> list[str]:
+    try:
+        doc = json.loads(body or b"null")
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+    texts = doc.get("texts") if isinstance(doc, dict) else None
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(400, "send {\"texts\": [\"a red bird\", ...]}: a non-empty list of strings")
+    if len(texts) > MAX_TEXTS:
+        raise ApiError(413, f"too many texts ({len(texts)}; at most {MAX_TEXTS} a request)")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ApiError(400, f"texts[{i}] is empty or not a string: every text needs some words")
+        if len(t) > MAX_TEXT_CHARS:
+            raise ApiError(400, f"texts[{i}] is too long ({len(t)} characters; at most {MAX_TEXT_CHARS})")
+    return texts
+
+
+def _labels(form) -> list[str]:
+    """Labels from repeated 'labels' fields, a JSON list, or one per line (commas also split one line)."""
+    values = [v for v in form.getlist("labels") if isinstance(v, str)]
+    out: list[str] = []
+    for v in values:
+        v = v.strip()
+        if v.startswith("["):
+            try:
+                parsed = json.loads(v)
+            except ValueError as e:
+                raise ApiError(400, f"labels: not a valid JSON list: {e}") from e
+            if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+                raise ApiError(400, "labels: give a JSON list of strings")
+            out += parsed
+        else:
+            lines = v.splitlines()
+            out += [p for line in lines for p in (line.split(",") if len(lines) == 1 else [line])]
+    out = list(dict.fromkeys(x.strip() for x in out if x.strip()))  # unique, in order
+    if len(out) > MAX_LABELS:
+        raise ApiError(413, f"too many labels ({len(out)}; at most {MAX_LABELS})")
+    if any(len(x) > 200 for x in out):
+        raise ApiError(400, "a label is longer than 200 characters")
+    return out
+
+
+def _page() -> str:
+    return resources.files(__package__).joinpath("page.html").read_text("utf-8")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+_IMAGE_PART = {"type": "string", "format": "binary", "description": "the image (PNG, JPEG, ...)"}
+_EMBED_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["texts"], "properties": {
+        "texts": {"type": "array", "items": {"type": "string"}, "example": ["a red bird"]}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _IMAGE_PART}}},
+}}}
+_CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": _IMAGE_PART,
+        "labels": {"type": "string", "description": "a JSON list, or one label per line (default: the bundle's classes)"}}}},
+}}}
+
+__all__ = ["ApiError", "create_app", "serve"]

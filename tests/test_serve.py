@@ -1,0 +1,322 @@
+"""Serving: the vector index, the HTTP API, the web page in a real browser, the open_clip shim.
+
+One tiny real bundle (random encoders on the Karpathy replica, with a qb-norm retrieval
+correction so the index must carry offsets) and one exact index over the replica serve every test.
+"""
+
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import anybind
+from _toy import replicas
+from anybind.cli import main
+
+pytest.importorskip("faiss", reason="the serve extra is not installed: pip install 'anybind[serve]'")
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anybind[serve]'")
+
+from anybind.serve.index import VectorIndex, VectorIndexError, build_index, search_index  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+COLOURS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A bundle (qb-norm correction) and a flat index over the replica's 60 images, built by the CLI."""
+    root = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANYBIND_CACHE", str(root / "cache"))
+        karpathy, *_ = replicas(root)
+        run, bundle, index = root / "run", root / "bundle", root / "index"
+        assert main(["train", "--recipe", "default", "--store", f"image=random:image+karpathy:{karpathy}",
+                     "--store", f"text=random:text+karpathy:{karpathy}", "--set", "train.max_steps=10",
+                     "--set", "train.batch_size=32", "--set", "train.val_every=5",
+                     "--set", "correction.name=qb-norm", "--out", str(run), "-q"]) == 0
+        assert main(["export", "--run", str(run), "--out", str(bundle), "-q"]) == 0
+        assert main(["index", "--bundle", str(bundle), "--data", f"karpathy:{karpathy}", "--out", str(index), "-q"]) == 0
+        model = anybind.load(bundle)
+        yield SimpleNamespace(root=root, karpathy=karpathy, bundle=bundle, index_path=index, model=model,
+                              index=VectorIndex.load(index))
+
+
+# ---- the index ---------------------------------------------------------------------------------------
+def test_exact_index_equals_brute_force_ranking_with_the_correction_offsets(served):
+    idx, model = served.index, served.model
+    assert (len(idx), idx.kind, idx.dim, idx.modality) == (60, "flat", model.dim, "image")
+    assert idx.augmented and idx.info["correction"] == "qb-norm" and idx.info["vector_dim"] == model.dim + 1
+    assert idx.info["bundle"] == str(served.bundle.resolve()) and len(idx.info["bundle_fingerprint"]) == 16
+    assert all(Path(p).is_file() for p in idx.paths) and idx.refs[0] == "1000.jpg"
+    # brute force from the raw images through the bundle: cosine with g' minus each item's offset
+    g, offset = model.gallery("image", model.encode_image(idx.paths))
+    assert offset is not None and float(offset.std()) > 0
+    queries = ["a red square number 3", "something blue", "green", "a square"]
+    q = model.encode_text(queries)
+    brute = (q @ g.T - offset[None]).numpy()
+    hits = idx.search(q, k=10)
+    for i in range(len(queries)):
+        want = np.sort(brute[i])[::-1][:10]
+        np.testing.assert_allclose(hits.scores[i], want, atol=1e-4)
+        np.testing.assert_allclose([brute[i, r] for r in hits.rows[i]], hits.scores[i], atol=1e-4)
+        assert hits.ids[i] == [idx.item_ids[r] for r in hits.rows[i]]
+    # the library call and the CLI give the same answer
+    one = search_index(served.index_path, text=queries[0], k=5, bundle=model)
+    assert one.ids[0] == hits.ids[0][:5]
+
+
+def test_an_indexed_images_own_embedding_finds_it_first(served):
+    idx, model = served.index, served.model
+    for row in (0, 7, 31, 59):
+        hits = search_index(idx, image=idx.paths[row], k=3, bundle=model)  # image query: plain cosine with g'
+        assert hits.ids[0][0] == idx.item_ids[row] and hits.scores[0][0] == pytest.approx(1.0, abs=1e-4)
+        raw = idx.search(model.encode_image([idx.paths[row]]), k=1, corrected=False)
+        assert raw.ids[0] == [idx.item_ids[row]]
+    for kind in ("hnsw", "ivf"):  # the approximate kinds, on the same vectors
+        other = build_index(model, f"karpathy:{served.karpathy}", served.root / f"index-{kind}", kind=kind, progress=False)
+        assert other.kind == kind and len(other) == 60
+        assert other.search(model.encode_image([idx.paths[5]]), 1, corrected=False).ids[0] == [idx.item_ids[5]]
+
+
+def test_cli_search_prints_results_and_json(served, capsys):
+    assert main(["search", str(served.index_path), "something red", "--k", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [1, 2, 3] and all(Path(r["path"]).is_file() for r in rows)
+    assert main(["search", str(served.index_path), "--image", served.index.paths[4], "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].split()[2] == served.index.item_ids[4]
+    assert main(["search", str(served.index_path)]) == 2  # no query at all
+    assert main(["search", str(served.index_path), "   "]) == 2
+    assert main(["search", str(served.root / "nowhere"), "x"]) == 2
+
+
+def test_rebuilding_is_instant_and_another_kind_needs_overwrite(served):
+    again = build_index(served.bundle, f"karpathy:{served.karpathy}", served.index_path, progress=False)
+    assert again.info["created"] == served.index.info["created"]  # up to date: not rebuilt
+    with pytest.raises(VectorIndexError, match="--overwrite"):
+        build_index(served.bundle, f"karpathy:{served.karpathy}", served.index_path, kind="hnsw", progress=False)
+    assert main(["index", "--bundle", str(served.bundle), "--data", "openclipart-nope", "--out",
+                 str(served.root / "x"), "-q"]) == 2
+
+
+def test_a_corrupt_image_is_skipped_and_reported(served, capsys):
+    copy = served.root / "corrupt"
+    shutil.copytree(served.karpathy.parent, copy)
+    (copy / "1013.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert main(["index", "--bundle", str(served.bundle), "--data", f"karpathy:{copy / served.karpathy.name}",
+                 "--out", str(served.root / "index-corrupt"), "-q"]) == 0
+    assert "skipped 1 unreadable items, e.g. 1013:" in capsys.readouterr().out
+    idx = VectorIndex.load(served.root / "index-corrupt")
+    assert len(idx) == 59 and "1013" not in idx.item_ids and idx.info["skipped_items"][0]["item_id"] == "1013"
+
+
+def test_an_index_refuses_a_bundle_that_changed(served):
+    other = served.root / "bundle-edited"
+    shutil.copytree(served.bundle, other)
+    (other / "bundle.json").write_text((other / "bundle.json").read_text() + "\n")
+    with pytest.raises(VectorIndexError, match="rebuild the index"):
+        search_index(served.index, text="red", bundle=other)
+
+
+# ---- the HTTP API ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(served):
+    from fastapi.testclient import TestClient
+
+    from anybind.serve.app import create_app
+
+    app = create_app(served.model, served.index, max_upload_bytes=4000, labels=COLOURS)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _png(colour=(200, 30, 30), size=16) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_routes_answer(served, client):
+    model, idx = served.model, served.index
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["dim"] == model.dim and h["index"]["count"] == 60 and h["default_labels"] == COLOURS
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'id="gallery"' in page.text and "http" not in page.text.split("<script>")[1]  # no CDN, no remote URL
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/docs").status_code == 200
+    assert {"/embed", "/classify", "/search", "/health"} <= set(client.get("/openapi.json").json()["paths"])
+
+    r = client.post("/embed", json={"texts": ["a red square", "something blue"]}).json()
+    assert r["modality"] == "text" and np.asarray(r["embeddings"]).shape == (2, model.dim)
+    np.testing.assert_allclose(r["embeddings"], model.encode_text(["a red square", "something blue"]).numpy(), atol=1e-6)
+    jpg = Path(idx.paths[3])
+    r = client.post("/embed", files={"file": ("x.jpg", jpg.read_bytes(), "image/jpeg")}).json()
+    np.testing.assert_allclose(r["embeddings"], model.encode_image([jpg]).numpy(), atol=1e-6)  # same as the file
+
+    r = client.post("/classify", files={"file": ("r.png", _png(), "image/png")},
+                    data={"labels": json.dumps(["blue", "red", "green", "car"])}).json()
+    probs = [x["probability"] for x in r["labels"]]
+    assert sorted(x["label"] for x in r["labels"]) == ["blue", "car", "green", "red"]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+    r = client.post("/classify", files={"file": ("r.png", _png(), "image/png")}, data={"labels": "cat\ndog"}).json()
+    assert {x["label"] for x in r["labels"]} == {"cat", "dog"}
+    r = client.post("/classify", files={"file": ("r.png", _png(), "image/png")}).json()  # the default labels
+    assert {x["label"] for x in r["labels"]} == set(COLOURS)
+
+    r = client.get("/search", params={"q": "a red square", "k": 5}).json()
+    assert [x["rank"] for x in r["results"]] == [1, 2, 3, 4, 5]
+    assert r["results"][0]["item_id"] == search_index(idx, text="a red square", k=1, bundle=model).ids[0][0]
+    assert "path" not in r["results"][0]  # the server's file paths stay on the server
+    img = client.get(r["results"][0]["image_url"].replace("http://testserver", ""))
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+    assert img.content == Path(idx.reference(r["results"][0]["item_id"])).read_bytes()
+
+
+@pytest.mark.parametrize("method,url,kwargs,status,words", [
+    ("get", "/search", {"params": {"q": ""}}, 400, "empty"),
+    ("get", "/search", {"params": {"q": "   "}}, 400, "empty"),
+    ("get", "/search", {"params": {"q": "red", "k": "0"}}, 400, "k must be"),
+    ("get", "/search", {"params": {"q": "red", "k": "ten"}}, 400, "k must be"),
+    ("get", "/search", {"params": {"q": "red", "k": "100000"}}, 400, "k must be"),
+    ("post", "/embed", {"json": {"texts": []}}, 400, "non-empty list"),
+    ("post", "/embed", {"json": {"texts": ["ok", ""]}}, 400, "texts[1] is empty"),
+    ("post", "/embed", {"json": {"words": ["x"]}}, 400, "texts"),
+    ("post", "/embed", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("post", "/embed", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
+    ("post", "/embed", {"files": {"file": ("a.png", b"hello, I am text", "image/png")}}, 415, "not an image"),
+    ("post", "/embed", {"files": {"file": ("big.png", b"\x89PNG" + bytes(5000), "image/png")}}, 413, "too large"),
+    ("post", "/embed", {"files": {"file": ("empty.png", b"", "image/png")}}, 400, "empty"),
+    ("post", "/classify", {"files": {"file": ("a.txt", b"plain text", "text/plain")}}, 415, "not an image"),
+    ("post", "/classify", {"data": {"labels": "red"}, "files": {"other": ("a.png", _png(), "image/png")}}, 400, "no image"),
+    ("post", "/classify", {"json": {"labels": ["red"]}}, 415, "multipart"),
+    ("post", "/classify", {"files": {"file": ("a.png", _png(), "image/png")}, "data": {"labels": "[1, 2"}}, 400, "JSON"),
+    ("get", "/images/..%2F..%2F..%2Fetc%2Fpasswd", {}, 404, "no indexed image"),
+    ("get", "/images/%2Fetc%2Fpasswd", {}, 404, "no indexed image"),
+    ("get", "/images//etc/passwd", {}, 404, "no indexed image"),
+    ("get", "/images/1000/../../../../etc/passwd", {}, 404, None),
+    ("get", "/images/nope", {}, 404, "no indexed image"),
+])
+def test_bad_requests_get_a_clear_4xx_json_error_and_the_server_stays_up(client, method, url, kwargs, status, words):
+    r = getattr(client, method)(url, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert "error" in body and (words is None or words in body["error"]), body
+    assert b"root:" not in r.content
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_without_an_index_or_labels(served):
+    from fastapi.testclient import TestClient
+
+    from anybind.serve.app import create_app
+
+    with TestClient(create_app(served.bundle)) as c:  # a bundle path, no index, no default classes
+        r = c.get("/search", params={"q": "red"})
+        assert r.status_code == 404 and "--index" in r.json()["error"]
+        assert c.get("/images/1000").status_code == 404
+        r = c.post("/classify", files={"file": ("a.png", _png(), "image/png")})
+        assert r.status_code == 400 and "labels" in r.json()["error"]
+        assert c.get("/health").json()["index"] is None
+
+
+# ---- the web page in a real browser ------------------------------------------------------------------
+@pytest.fixture()
+def live_server(served):
+    """uvicorn on a free loopback port, in a thread; stopped after the test."""
+    import uvicorn
+
+    from anybind.serve.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(served.model, served.index, labels=COLOURS)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+def test_the_page_searches_and_classifies_in_headless_chromium(served, live_server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from PIL import Image
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(live_server)
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "60 image items" in d.find_element(By.ID, "info").text)
+        box = driver.find_element(By.ID, "q")
+        box.send_keys("a red square")
+        box.submit()
+        loaded = ("return Array.from(document.querySelectorAll('#gallery img'))"
+                  ".filter(i => i.complete && i.naturalWidth > 0).length")
+        wait.until(lambda d: d.execute_script(loaded) >= 10)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 20  # the page asks for k=20
+        assert "results for" in driver.find_element(By.ID, "search-status").text
+        # an image through the file input: its zero-shot labels over the editable label set
+        assert driver.find_element(By.ID, "label-set").get_attribute("value").split("\n") == COLOURS
+        driver.find_element(By.ID, "file").send_keys(served.index.paths[0])
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#labels li")) == 3)
+        shot = tmp_path / "page.png"
+        assert driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape[1] >= 800 and pixels.var() > 100  # not a blank page
+
+
+# ---- open_clip / CLIP_benchmark compatibility --------------------------------------------------------
+def test_a_clip_benchmark_style_zero_shot_loop_through_the_shim_matches_classify(served):
+    from PIL import Image
+
+    from anybind.evaluate.zeroshot import load_templates
+    from anybind.serve.compat import create_model_and_transforms
+
+    model, preprocess, tokenizer = create_model_and_transforms(served.bundle)
+    model = model.eval().to("cpu")
+    templates = load_templates(served.model.card.get("templates") or "default")
+    with torch.no_grad():  # as CLIP_benchmark's zeroshot_classifier + run_classification do
+        weights = []
+        for name in COLOURS:
+            texts = tokenizer([t.replace("{c}", name) for t in templates]).to("cpu")
+            emb = torch.nn.functional.normalize(model.encode_text(texts), dim=-1).mean(dim=0)
+            weights.append(emb / emb.norm())
+        weights = torch.stack(weights, dim=1)
+        paths = served.index.paths[::4]
+        images = torch.stack([preprocess(Image.open(p)) for p in paths]).to("cpu")
+        feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        pred = (100.0 * feats @ weights).argmax(dim=1)
+    bundle = anybind.load(served.bundle)
+    assert torch.equal(pred, bundle.classify(paths, COLOURS).argmax(dim=1))
+    torch.testing.assert_close(feats, bundle.encode_image(paths), atol=1e-6, rtol=0)
+    assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
