@@ -285,12 +285,17 @@ def _upload(form, max_upload_bytes: int) -> tuple[bytes, str]:
 
 def _decode_upload(data: bytes, name: str, min_side: int | None) -> Any:
     """Decode uploaded bytes exactly as `load_image` decodes a file (reduced to the encoder's size)."""
+    from PIL import UnidentifiedImageError
+
     from ..data.images import open_file, reduce_to, to_rgb
 
     try:
         return to_rgb(reduce_to(open_file(data, min_side, name=name), min_side))
     except DataError as e:
         raise ApiError(415, f"{name} is not a readable image: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ApiError(415, f"{name} is not an image (unknown or corrupt format): send a PNG, JPEG, GIF, WebP "
+                            "or BMP") from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on a non-image
         raise ApiError(415, f"{name} is not an image (send a PNG, JPEG, GIF, WebP or BMP): "
                             f"{type(e).__name__}: {e}") from e
