@@ -31,7 +31,6 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -245,11 +244,6 @@ class Suite:
             fd.leakage[split] = float(near_duplicate_share(a.rows(train)[-1], a.rows(test)[-1], LEAKAGE_THRESHOLD)["share"])
         return fd.leakage[split]
 
-    @property
-    def layers_of(self) -> dict[str, list[str]]:
-        fd = next(iter(self._folds.values()), None) or self.fold_data(None)
-        return {n: fd.data.side(n).layers for n in fd.data.names}
-
     # -- tasks -----------------------------------------------------------------------------------
     def evaluate(self, model: Embedder, fold: int | None, split: str = "test", correction=None,
                  tasks: Sequence[str] = ("retrieval", "zeroshot", "probe")) -> tuple[dict, dict, dict]:
@@ -440,9 +434,3 @@ def _store_for(spec: str, dataset, layers, cache, progress: bool) -> FeatureStor
     enc = create_encoder(spec)
     field_name = "image" if enc.modality == "image" else "caption"
     return extract(enc, dataset, field=field_name, layers=layers, cache=cache, progress=progress)
-
-
-def default_suite_dir(cache=None) -> Path:
-    from ..config import cache_root
-
-    return Path(cache_root(cache)) / "evaluations"
