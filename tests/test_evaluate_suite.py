@@ -222,3 +222,15 @@ def test_cli_eval_on_user_datasets_in_standard_layouts(tmp_path, cache, capsys):
     for run in doc["runs"]:
         assert {"retrieval/mean_R@10", "zeroshot/balanced_accuracy", "probe/top1"} <= set(run["metrics"])
     assert (out / "report.md").exists()
+
+
+def test_fold_and_seed_arguments_are_a_count_or_a_list():
+    from anybind.cli import _count_or_list
+    from anybind.errors import AnybindError
+
+    assert _count_or_list("5") == [0, 1, 2, 3, 4] and _count_or_list("1") == [0]
+    assert _count_or_list("0,2") == [0, 2] and _count_or_list("2,") == [2]
+    with pytest.raises(AnybindError, match="'0,'"):
+        _count_or_list("0")  # "no folds" is never what was meant
+    with pytest.raises(AnybindError, match="a count"):
+        _count_or_list("x")

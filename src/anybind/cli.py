@@ -245,13 +245,18 @@ def cmd_eval(args) -> int:
 
 
 def _count_or_list(text: str) -> list[int]:
-    """'5' -> [0..4]; '0,2' -> [0, 2]."""
-    parts = [p for p in str(text).split(",") if p.strip()]
+    """'5' -> [0..4] (a count); '0,2' -> [0, 2] and '2,' -> [2] (a list)."""
+    text = str(text).strip()
+    parts = [p for p in text.split(",") if p.strip()]
     try:
         vals = [int(p) for p in parts]
     except ValueError:
-        raise AnybindError(f"expected a count (5) or a list (0,2,4), not {text!r}") from None
-    return list(range(vals[0])) if len(vals) == 1 else vals
+        raise AnybindError(f"expected a count (5) or a list (0,2,4; one item: 2,), not {text!r}") from None
+    if len(vals) == 1 and "," not in text:
+        if vals[0] < 1:
+            raise AnybindError(f"a count must be at least 1, not {vals[0]}: for only fold or seed 0 write '0,'")
+        return list(range(vals[0]))
+    return vals
 
 
 def _slug(text: str) -> str:
@@ -500,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot", help="a labelled image set for zero-shot: imagenet:DIR, folder:DIR, table:FILE")
     p.add_argument("--probe", help="a labelled image set for the linear probe (its train split fits the probe)")
     p.add_argument("--templates", help="zero-shot prompt templates: default, openai_imagenet, clipart, or a JSON file")
-    p.add_argument("--folds", default="5", help="number of group folds (5), or a list such as 0,1")
-    p.add_argument("--seeds", default="3", help="number of seeds per fold (3), or a list")
+    p.add_argument("--folds", default="5", help="how many group folds (5 = folds 0-4), or a list: 0,1 (only fold 2: 2,)")
+    p.add_argument("--seeds", default="3", help="how many seeds per fold (3 = seeds 0-2), or a list")
     p.add_argument("--tasks", default="retrieval,zeroshot,probe", help="any of retrieval, zeroshot, probe")
     p.add_argument("--tune", action="store_true",
                    help="first pick each model's setting from the same small grid, on fold 0's validation split")

@@ -234,6 +234,8 @@ def run_model(spec: ModelSpec, suite: Suite, folds: Iterable[int | None], seeds:
     out = Path(out)
     log_ = ResultsLog(out / "log.jsonl")
     folds, seeds = list(folds), list(seeds)
+    if not folds or not seeds:
+        raise AnybindError(f"nothing to evaluate: folds {folds}, seeds {seeds}")
     seeds_used = seeds if (spec.trained or max_train_pairs) else [seeds[0]]
     doc = res.new_results(
         model={"name": spec.name, "kind": "trained" if spec.trained else "baseline",
