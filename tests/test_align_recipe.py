@@ -38,9 +38,11 @@ def test_published_settings():
     assert not s.loss.learn_temperature and s.loss.structure_weight == 10
     assert sail.projector["default"] == {"name": "star", "hidden_mult": 8} and sail.loss.name == "siglip"
     assert fa.projector["default"]["name"] == "mlp" and fa.loss.learn_temperature
+    # the default is freeze-align's training (stopping earlier) blended with caption transfer
     default = load_recipe("default").to_dict()
-    assert {k: v for k, v in default.items() if k not in ("name", "description")} == \
-        {k: v for k, v in s.to_dict().items() if k not in ("name", "description")}
+    same = ("dim", "projector", "loss", "optimizer")
+    assert {k: default[k] for k in same} == {k: fa.to_dict()[k] for k in same}
+    assert default["blend"] == {"name": "nn-transfer", "weight": 0.5, "k": 10} and default["train"]["patience"] == 3
 
 
 def test_overrides_and_types():

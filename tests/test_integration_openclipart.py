@@ -102,7 +102,9 @@ def test_eval_suite_on_real_encoders_and_data(cache, tmp_path, capsys):
         [run] = doc["runs"]
         m = run["metrics"]
         assert all(np.isfinite(v) and 0 <= v <= 1 for v in m.values())
-        assert m["retrieval/mean_R@10"] > 2 * doc["chance"]["retrieval/mean_R@10"]  # real signal, small data
+        # real signal on a small test fold (~30 images: chance R@10 is already ~35%)
+        assert m["retrieval/mean_R@1"] > 2 * doc["chance"]["retrieval/mean_R@1"]
+        assert m["retrieval/mean_R@10"] > doc["chance"]["retrieval/mean_R@10"] + 0.1
         assert m["probe/top1"] > 0.4  # 10 clothing classes from 300 examples; chance is 0.1
         assert run["per_class"]["zeroshot"]  # curated classes present in the test fold
         assert 0 <= run["info"]["leakage_share"] <= 1
