@@ -77,3 +77,29 @@ evaluate: {probe_sizes: [200, 100], baselines: [nn-transfer]}
     assert time.perf_counter() - t0 < 30
     this_run = json.loads((out / "report.json").read_text())["this_run"]
     assert all(v == 0.0 for k, v in this_run.items() if k != "report"), this_run
+
+
+def test_a_custom_suite_run_on_standard_layouts(tmp_path, cache):
+    """A run file on the user's own data: a Karpathy JSON for retrieval, an ImageNet-style folder
+    for zero-shot and the probe (tiny replicas, random encoders)."""
+    from _toy import replicas
+
+    karpathy, _, val, _ = replicas(tmp_path)
+    runfile = tmp_path / "custom.yaml"
+    runfile.write_text(f"""
+name: custom
+data: karpathy:{karpathy}
+encoders:
+  image: {{spec: "random:image"}}
+  text: {{spec: "random:text"}}
+assess: {{enabled: false}}
+recipe: linear
+overrides: [train.max_steps=10, train.val_every=5, train.batch_size=32]
+evaluate: {{suite: custom, zeroshot: "imagenet:{val}", probe: "imagenet:{val}", templates: default,
+           baselines: [nn-transfer]}}
+""")
+    out = tmp_path / "run"
+    assert main(["run", str(runfile), "--out", str(out), "-q"]) == 0
+    doc = json.loads((out / "eval" / "results" / "linear.json").read_text())
+    assert {"retrieval/mean_R@10", "zeroshot/balanced_accuracy", "probe/top1"} <= set(doc["runs"][0]["metrics"])
+    assert (out / "report.html").exists() and (out / "bundle" / "bundle.json").exists()

@@ -48,7 +48,10 @@ class AssessSpec:
 
 @dataclass
 class EvalSpec:
-    suite: str = "builtin"  #: builtin (openclipart + Fashion-MNIST probe); custom datasets via `anybind eval`
+    suite: str = "builtin"  #: builtin (openclipart + Fashion-MNIST probe), or custom: the run's data + the sets below
+    zeroshot: str | None = None  #: custom suite: a labelled image set for zero-shot (imagenet:DIR, folder:DIR)
+    probe: str | None = None  #: custom suite: a labelled image set for the linear probe
+    templates: str = "openai_imagenet"  #: custom suite: zero-shot prompt templates
     folds: list = field(default_factory=lambda: ["fixed"])  #: "fixed" (the index's split) or fold numbers
     seeds: list = field(default_factory=lambda: [0])
     tasks: list = field(default_factory=lambda: ["retrieval", "zeroshot", "probe"])
@@ -247,14 +250,21 @@ def _evaluate(run: RunFile, stores: dict, layers: dict, probe, out: Path, progre
     from .features import FeatureStore
 
     ev = run.evaluate
-    if ev.suite != "builtin":
-        raise RunFileError(f"evaluate.suite {ev.suite!r}: a run file evaluates on the built-in suite; "
-                           "use `anybind eval --data ... --zeroshot ... --probe ...` for your own datasets")
     if set(stores) != {"image", "text"}:
-        raise RunFileError("the built-in suite needs an image and a text encoder")
-    suite = Suite.builtin_from_stores(FeatureStore.open(stores["image"]["store"]), FeatureStore.open(stores["text"]["store"]),
-                                      layers, FeatureStore.open(probe[0]["store"]) if probe else None,
-                                      probe[1] if probe else None)
+        raise RunFileError("the evaluation suites need an image and a text encoder")
+    if ev.suite == "builtin":
+        suite = Suite.builtin_from_stores(FeatureStore.open(stores["image"]["store"]),
+                                          FeatureStore.open(stores["text"]["store"]), layers,
+                                          FeatureStore.open(probe[0]["store"]) if probe else None,
+                                          probe[1] if probe else None)
+    elif ev.suite == "custom":  # the run's own paired data for retrieval, the named labelled sets
+        layer_text = {m: ",".join(v) for m, v in layers.items()}
+        suite = Suite.from_datasets(run.encoders["image"].spec, run.encoders["text"].spec, run.data,
+                                    zeroshot=ev.zeroshot, probe=ev.probe, templates=ev.templates,
+                                    layers={m: v.split(",") for m, v in layer_text.items()}, progress=progress)
+        ev.tasks = [t for t in ev.tasks if (t != "zeroshot" or ev.zeroshot) and (t != "probe" or ev.probe)]
+    else:
+        raise RunFileError(f"evaluate.suite must be builtin or custom, not {ev.suite!r}")
     folds = [None if f == "fixed" else int(f) for f in ev.folds]
     seeds = [int(s) for s in ev.seeds]
     spec = ModelSpec(Path(run.recipe).stem, recipe=run.recipe, overrides=tuple(run.overrides))
