@@ -72,7 +72,7 @@ def write_run_report(out: Path, run, eval_out: dict, assessment: dict | None, bu
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 3px}"""
+td:first-child,th:first-child{text-align:left}.tbl{overflow-x:auto}img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 3px}"""
 
 
 def markdown_to_html(text: str, base: Path, title: str) -> str:
@@ -92,11 +92,11 @@ def markdown_to_html(text: str, base: Path, title: str) -> str:
                 rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
                 i += 1
             body = [r for r in rows if not all(re.fullmatch(r":?-+:?", c) for c in r if c)]
-            out.append("<table>")
+            out.append("<div class='tbl'><table>")
             for j, r in enumerate(body):
                 tag = "th" if j == 0 else "td"
                 out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in r) + "</tr>")
-            out.append("</table>")
+            out.append("</table></div>")
             continue
         elif m := re.fullmatch(r"!\[(.*?)\]\((.*?)\)", line.strip()):
             p = base / m.group(2)
@@ -113,4 +113,5 @@ def markdown_to_html(text: str, base: Path, title: str) -> str:
 def _inline(s: str) -> str:
     s = html.escape(s)
     s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    s = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<i>\1</i>", s)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
