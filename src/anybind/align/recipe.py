@@ -39,7 +39,9 @@ class LossConfig:
     chunk_size: int | None = None  #: compute the logits in row chunks (batches of 32k on CPU)
 
     def __post_init__(self):
-        _choice("loss.name", self.name, ("infonce", "siglip"))
+        from .losses import LOSSES  # the registry: a loss registered there is a valid name here
+
+        _choice("loss.name", self.name, tuple(LOSSES))
         _choice("loss.structure_level_weighting", self.structure_level_weighting, ("uniform", "inverse"))
         _positive("loss.temperature", self.temperature)
         _at_least("loss.structure_weight", self.structure_weight, 0)

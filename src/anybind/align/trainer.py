@@ -71,7 +71,7 @@ def build_contrastive(recipe: Recipe):
     if cfg.name == "infonce":
         return build_loss("infonce", temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
                           chunk_size=cfg.chunk_size)
-    return build_loss("siglip", chunk_size=cfg.chunk_size)
+    return build_loss(cfg.name, chunk_size=cfg.chunk_size)
 
 
 def build_structure(recipe: Recipe) -> StructureRegulariser | None:

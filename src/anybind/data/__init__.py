@@ -99,7 +99,8 @@ class _Target:
 
 def _import(lister: str):
     module_name, _, func = lister.partition(":")
-    module = importlib.import_module(f"{__name__}.{module_name}")
+    # a dotted name is the user's own module ("mypkg.data:list_mine"); a bare one is anybind's
+    module = importlib.import_module(module_name if "." in module_name else f"{__name__}.{module_name}")
     return module, getattr(module, func)
 
 

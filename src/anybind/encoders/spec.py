@@ -17,6 +17,15 @@ from ..errors import SpecError
 
 MODALITIES = ("image", "text", "audio", "video", "pointcloud", "molecule", "tabular")
 BACKENDS = ("hf", "st", "timm", "open_clip", "onnx", "random", "packaged")
+
+
+def known_backends() -> tuple[str, ...]:
+    """The built-in prefixes plus any added with `registry.register_backend`."""
+    from .registry import BACKENDS as registered
+
+    return tuple(dict.fromkeys([*BACKENDS, *registered]))
+
+
 _PATHLIKE = re.compile(r"^(/|\./|\.\./|~|[A-Za-z]:\\)|\.(onnx|pt|pth|bin|safetensors)$")
 
 
@@ -58,10 +67,11 @@ def parse_spec(text: str | EncoderSpec) -> EncoderSpec:
             "other encoders need a backend prefix (hf:, st:, timm:, open_clip:, onnx:, random:). "
             "`anybind encoders` lists them."
         )
-    if prefix not in BACKENDS or prefix == "packaged":
+    backends = known_backends()
+    if prefix not in backends or prefix == "packaged":
         raise SpecError(
             f"unknown encoder backend '{prefix}:' in '{text}': use one of "
-            + ", ".join(f"'{b}:'" for b in BACKENDS if b != "packaged")
+            + ", ".join(f"'{b}:'" for b in backends if b != "packaged")
         )
     if not rest:
         raise SpecError(f"'{text}' names a backend but no model: e.g. '{prefix}:NAME-OR-PATH'")
