@@ -48,7 +48,9 @@ def markdown_table(docs: Sequence[Mapping[str, Any]], metrics: list[str] | None 
             if m not in summary:
                 cells.append("–")
                 continue
-            text = f"{_pct(summary[m]['mean'])} ± {_pct(summary[m]['sd'])}"
+            text = _pct(summary[m]["mean"])  # one run has no spread to show
+            if summary[m]["n"] > 1:
+                text += f" ± {_pct(summary[m]['sd'])}"
             bold = len(docs) > 1 and summary[m]["mean"] >= best[m] - 1e-12
             cells.append(f"**{text}**" if bold else text)
         lines.append(f"| {_cell(doc['model']['name'])} | " + " | ".join(cells) + " |")
