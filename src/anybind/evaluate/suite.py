@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import AnybindError
 from ..features import FeatureStore
-from .retrieval import chance_recall, retrieval_metrics
+from .retrieval import retrieval_metrics
 
 log = logging.getLogger("anybind.eval")
 
@@ -266,16 +266,15 @@ class Suite:
         return metrics, per_class, info
 
     def retrieval(self, model: Embedder, fd: FoldData, split: str, correction=None) -> dict[str, float]:
-        data, pairs = fd.data, fd.split_pairs[split]
-        anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
-        zi = model.encode(data.anchor_name, data.side(data.anchor_name).rows(anchors))
-        zt = model.encode(data.partner_name, data.side(data.partner_name).rows(pairs.partner_rows))
+        from ..align.trainer import embed_split
+
+        zi, zt, inverse = embed_split(model, fd.data, fd.split_pairs[split])
         kwargs = {"image_emb": zi, "text_emb": zt}
         if correction is not None:
             from .corrections import apply_correction
 
             kwargs = apply_correction(correction, zi, zt)
-        m = retrieval_metrics(**kwargs, text_to_image=inverse.astype(np.int64), ks=RETRIEVAL_KS)
+        m = retrieval_metrics(**kwargs, text_to_image=inverse, ks=RETRIEVAL_KS)
         out = {f"retrieval/{_short(k)}": float(v) for k, v in m.items() if isinstance(v, float)}
         out["retrieval/mean_recall"] = float(np.mean([m[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image")
                                                       for k in RETRIEVAL_KS]))
@@ -344,15 +343,10 @@ class Suite:
 
     # -- what knowing nothing scores -------------------------------------------------------------
     def chance(self, fold: int | None, split: str = "test") -> dict[str, float]:
-        fd = self.fold_data(fold)
-        pairs = fd.split_pairs[split]
-        n_img = len(np.unique(pairs.anchor_rows))
-        per_image = np.bincount(np.unique(pairs.anchor_rows, return_inverse=True)[1])
-        out = {}
-        for k in RETRIEVAL_KS:
-            i2t = float(np.mean([chance_recall(len(pairs), int(c), k) for c in per_image]))
-            t2i = chance_recall(n_img, 1, k)
-            out |= {f"retrieval/i2t_R@{k}": i2t, f"retrieval/t2i_R@{k}": t2i, f"retrieval/mean_R@{k}": (i2t + t2i) / 2}
+        from ..align.trainer import chance_metrics
+
+        pairs = self.fold_data(fold).split_pairs[split]
+        out = {f"retrieval/{_short(k)}": v for k, v in chance_metrics(pairs, RETRIEVAL_KS).items()}
         out["retrieval/mean_recall"] = float(np.mean([out[f"retrieval/mean_R@{k}"] for k in RETRIEVAL_KS]))
         if self.has_zeroshot:
             classes = self.class_names
