@@ -189,3 +189,24 @@ def test_resume_refuses_another_recipe(stores, tmp_path):
     r = train(load_recipe("linear", FAST + ["train.max_steps=4"]), stores, out=tmp_path / "run", progress=False,
               resume=False, baselines=False)
     assert r.steps == 4
+
+
+def test_preloaded_features_train_exactly_as_read_per_step(stores, tmp_path):
+    # preload copies the features to the device once (the GPU path); here the device is the CPU,
+    # so both runs must give the same weights bit for bit
+    recipe = load_recipe("freeze-align", FAST + ["train.max_steps=12"])
+    for preload in (False, True):
+        train(recipe, stores, out=tmp_path / f"p{preload}", progress=False, baselines=False, preload=preload)
+    a, b = _weights(tmp_path / "pFalse"), _weights(tmp_path / "pTrue")
+    for m in a:
+        assert a[m].keys() == b[m].keys() and all(torch.equal(a[m][k], b[m][k]) for k in a[m])
+
+
+def test_preload_of_memory_mapped_features_is_refused(stores, tmp_path):
+    from anybind.align.data import PairedFeatures
+    from anybind.align.trainer import should_preload
+    from anybind.errors import AnybindError
+    data = PairedFeatures(dict(stores), in_memory=False)
+    assert should_preload(data, torch.device("cpu"), None) is False  # auto: only on a GPU
+    with pytest.raises(AnybindError, match="memory-mapped"):
+        should_preload(data, torch.device("cpu"), True)

@@ -599,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
+        # extraction keeps its finished shards, training its last checkpoint, eval and run their logs
+        print("interrupted: the work done so far is kept; run the same command again to resume", file=sys.stderr)
         return 130
 
 

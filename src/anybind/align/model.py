@@ -41,12 +41,15 @@ class BoundModel(nn.Module):
             raise AnybindError(f"this model binds {', '.join(self.modalities)}, not '{modality}'")
         if isinstance(feats, torch.Tensor):
             feats = [feats]
+        # features may sit on the CPU (stores) while the projectors sit on a GPU: compute where the
+        # projector is, hand back where the features came from
+        device = next(self.projectors[modality].parameters(), torch.empty(0)).device
         was_training = self.training
         self.eval()
         out = []
         for lo in range(0, len(feats[0]), batch_size):
-            z = self.project(modality, [f[lo : lo + batch_size].float() for f in feats])
-            out.append(torch.nn.functional.normalize(z.float(), dim=-1))
+            z = self.project(modality, [f[lo : lo + batch_size].to(device).float() for f in feats])
+            out.append(torch.nn.functional.normalize(z.float(), dim=-1).to(feats[0].device))
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, 0)
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,33 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # ---- one step's loss -----------------------------------------------------------------------------------
+def batch_reader(side, device: torch.device, preload: bool) -> Callable[[np.ndarray], list[torch.Tensor]]:
+    """Rows of one side for a training batch, on `device`.
+
+    With `preload`, the side's in-memory features are copied to the device once and each batch is
+    an index there: on a GPU this replaces a host gather plus a host-to-device copy per step.
+    """
+    if preload:
+        on_device = [a.to(device) for a in side.arrays]
+        return lambda rows: [a[torch.as_tensor(rows, dtype=torch.long, device=device)] for a in on_device]
+    return lambda rows: [x.to(device, non_blocking=True) for x in side.rows(rows)]
+
+
+def should_preload(data: PairedFeatures, device: torch.device, preload: bool | None) -> bool:
+    """Preload (see `batch_reader`) on a GPU when the features are in memory and take at most a
+    third of its free memory; `preload` True/False forces it."""
+    arrays = [a for n in data.names for a in data.side(n).arrays]
+    in_memory = all(isinstance(a, torch.Tensor) for a in arrays)
+    if preload is not None:
+        if preload and not in_memory:
+            raise AnybindError("preload needs the features in memory; these stores are memory-mapped (too large)")
+        return preload
+    if device.type != "cuda" or not in_memory:
+        return False
+    need = sum(a.numel() * a.element_size() for a in arrays)
+    return need <= torch.cuda.mem_get_info(device)[0] / 3
+
+
 def step_loss(model: BoundModel, contrastive, structure, names: list[str], xa: list[torch.Tensor],
               xp: list[torch.Tensor], item: torch.Tensor, lam: float, autocast, seed: int) -> tuple[torch.Tensor, dict]:
     """The training loss of one (local) batch: contrastive on the gathered global batch, plus
@@ -205,12 +233,14 @@ def train(
     baselines: bool = True,
     fold: int | None = None,
     max_train_pairs: int | None = None,
+    preload: bool | None = None,
 ) -> TrainResult:
     """Train the recipe's projectors on two stores; writes checkpoints, logs and the best model to `out`.
 
     `fold` trains on a cross-validation fold (`anybind.data.crossval`) instead of the index's
     fixed split; `max_train_pairs` keeps a seeded random subset of the train items (the
-    data-efficiency sweep), every caption of a kept item included.
+    data-efficiency sweep), every caption of a kept item included. `preload` puts the features on the GPU once
+    (default: when they fit in a third of its free memory; see `batch_reader`).
     """
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -295,6 +325,8 @@ def train(
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc=f"train {recipe.name}",
                disable=not progress or rank != 0)
     a_side, p_side = data.side(data.anchor_name), data.side(data.partner_name)
+    on_device = should_preload(data, device, preload)
+    read_a, read_p = batch_reader(a_side, device, on_device), batch_reader(p_side, device, on_device)
     model.train()
     while state["step"] < total_steps and not state["stopped_early"]:
         epoch, offset = divmod(state["step"], steps_per_epoch)
@@ -303,8 +335,7 @@ def train(
             step = state["step"]
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: the same on resume
             local = np.array_split(batch, world)[rank]
-            xa = [x.to(device) for x in a_side.rows(train_pairs.anchor_rows[local])]
-            xp = [x.to(device) for x in p_side.rows(train_pairs.partner_rows[local])]
+            xa, xp = read_a(train_pairs.anchor_rows[local]), read_p(train_pairs.partner_rows[local])
             item = torch.as_tensor(train_pairs.item[local], device=device)
             lam = warmup_weight(step, recipe.loss.structure_weight, recipe.loss.structure_warmup_steps)
             loss, record = step_loss(model, contrastive, structure, data.names, xa, xp, item, lam,
