@@ -90,6 +90,28 @@ def test_editing_captions_never_touches_image_key(cache):
     assert s1.path != s2.path and not s2.report["hit"]
 
 
+def test_a_hit_takes_the_index_s_current_grouping(cache):
+    # the same captions regrouped (say, by a better near-duplicate rule): the store is found by
+    # content, and its rows must carry the new groups and folds, not the ones from extraction time
+    from anybind.data.index import DatasetIndex
+
+    first = toy_text_index()
+    store = _extract(first, cache)
+    recs = [{"item_id": i, "caption": c, "group": f"merged{int(i[4:]) % 3}"}
+            for i, c in zip(first.item_ids, first.column("caption"))]
+    regrouped = DatasetIndex.from_records("toy", recs, {"caption": "text"})
+    assert regrouped.field_fingerprint("caption") == first.field_fingerprint("caption")
+    again = _extract(regrouped, cache)
+    assert again.report["hit"] and again.path == store.path
+    want = dict(zip(regrouped.item_ids, zip(regrouped.column("group"), regrouped.column("fold"), regrouped.column("split"))))
+    reopened = FeatureStore.open(store.path)
+    got = zip(reopened.item_ids, reopened.rows.column("group").to_pylist(), reopened.rows.column("fold").to_pylist(),
+              reopened.splits)
+    assert all(want[i] == (g, f, s) for i, g, f, s in got)
+    assert {g for g in reopened.rows.column("group").to_pylist()} == {"merged0", "merged1", "merged2"}
+    assert np.array_equal(reopened.numpy("final"), store.numpy("final"))  # the vectors are untouched
+
+
 def test_out_dir_mismatch_is_refused(cache, tmp_path):
     out = tmp_path / "mystore"
     _extract(toy_text_index(), cache, out=out, layers="final")

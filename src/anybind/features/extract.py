@@ -251,7 +251,7 @@ def extract(
         probe = StoreKey(enc.fingerprint(pooling, "fp32"), index.name, ds_fp, field)
         hit = find_store(probe, layers, cache, any_precision=True)
         if hit is not None:
-            return _hit(hit, t0)
+            return _hit(hit, t0, index)
     if auto:
         precision = choose_precision(enc, refs, layers, pooling, device, cache)
     key = StoreKey(enc.fingerprint(pooling, precision), index.name, ds_fp, field)
@@ -266,11 +266,11 @@ def extract(
                 raise StoreError(f"{path} holds a store that does not match this request; it will not be reused:\n  "
                                  + "\n  ".join(diffs + ([f"layers: store lacks {', '.join(missing)}"] if missing else []))
                                  + "\nChoose another --out, or remove it with `anybind cache rm`.")
-            return _hit(store, t0)
+            return _hit(store, t0, index)
     else:
         hit = None if auto else find_store(key, layers, cache)  # auto already searched every precision
         if hit is not None:
-            return _hit(hit, t0)
+            return _hit(hit, t0, index)
         path = stores_dir(cache) / key.folder_name(layers)
 
     n = len(refs)
@@ -293,7 +293,7 @@ def extract(
     if rank != 0:
         return None
     _wait_for_shards(path, num_shards)
-    splits = dict(zip(index.item_ids, zip(index.column("split"), index.column("fold"), index.column("group"))))
+    splits = _index_splits(index)
     store = _finalize(path, request, ids, subs, time.perf_counter() - t0, splits)
     store.report = {"hit": False, "seconds": time.perf_counter() - t0, "rows": len(store),
                     "skipped": store.manifest["skipped"], "precision": precision, "path": str(path)}
@@ -304,8 +304,45 @@ def extract(
     return store
 
 
-def _hit(store: FeatureStore, t0: float) -> FeatureStore:
+def _index_splits(index) -> dict:
+    return dict(zip(index.item_ids, zip(index.column("split"), index.column("fold"), index.column("group"))))
+
+
+def sync_splits(store: FeatureStore, index) -> int:
+    """Give a store the index's current split, fold and group per row; returns the rows changed.
+
+    A store is found by its field's content, but the split decision belongs to the dataset index:
+    when the grouping changes (a caption edit joins two items, better near-duplicate rules), the
+    image store found by content must not keep the old folds, or its test items could have twins
+    in train. Rewritten atomically; the vectors are not touched.
+    """
+    splits = _index_splits(index)
+    rows = store.rows
+    ids = rows.column("item_id").to_pylist()
+    if any(i not in splits for i in ids):  # not this index's store (cannot happen for a hit by fingerprint)
+        return 0
+    old = list(zip(rows.column("split").to_pylist(), rows.column("fold").to_pylist(), rows.column("group").to_pylist()))
+    new = [(splits[i][0], None if splits[i][1] is None else int(splits[i][1]), splits[i][2]) for i in ids]
+    changed = sum(a != b for a, b in zip(old, new, strict=True))
+    if not changed:
+        return 0
+    table = rows
+    for name, values, kind in (("split", [n[0] for n in new], pa.string()), ("fold", [n[1] for n in new], pa.int8()),
+                               ("group", [n[2] for n in new], pa.string())):
+        table = table.set_column(table.column_names.index(name), name, pa.array(values, kind))
+    tmp = store.path / f".{ROWS}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, store.path / ROWS)
+    store._rows = None
+    log.warning("%s: the dataset index regrouped %d of %d rows since extraction; their split, fold and group "
+                "were updated from the index (the vectors are unchanged)", store.path.name, changed, len(ids))
+    return changed
+
+
+def _hit(store: FeatureStore, t0: float, index=None) -> FeatureStore:
     log.info("cache hit: %s (%d rows, layers %s)", store.path, len(store), ",".join(store.layers))
+    if index is not None:
+        sync_splits(store, index)
     store.report = {"hit": True, "seconds": time.perf_counter() - t0, "rows": len(store),
                     "skipped": store.manifest.get("skipped", 0), "precision": store.key["encoder"]["precision"],
                     "path": str(store.path)}
