@@ -234,3 +234,30 @@ def test_fold_and_seed_arguments_are_a_count_or_a_list():
         _count_or_list("0")  # "no folds" is never what was meant
     with pytest.raises(AnybindError, match="a count"):
         _count_or_list("x")
+
+
+def test_a_regrouped_dataset_reruns_instead_of_reading_stale_results(tmp_path):
+    # results and trained runs are keyed by the stores *and* their grouping: after the dataset
+    # index regroups items (sync_splits on a cache hit), fold 0 is another split and must re-run
+    from anybind.data.index import DatasetIndex
+    from anybind.features.extract import sync_splits
+
+    img, txt = planted_stores(tmp_path / "stores", n_items=300)
+    spec, out = ModelSpec("linear", recipe="linear", overrides=FAST), tmp_path / "eval"
+    before = Suite(img, txt)
+    run_model(spec, before, folds=[0], seeds=[0], out=out, tasks=("retrieval",), progress=False)
+    run_model(spec, Suite(img, txt), folds=[0], seeds=[0], out=out, tasks=("retrieval",), progress=False)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1  # same grouping: read back
+    recs = [{"item_id": i, "image": f"{i}.png", "group": f"pair{k // 2}"} for k, i in enumerate(img.item_ids)]
+    regrouped_index = DatasetIndex.from_records("planted", recs, {"image": "image"})
+    assert sync_splits(img, regrouped_index) > 0 and sync_splits(txt, regrouped_index) > 0
+    after = Suite(img, txt)
+    assert after.splits_fingerprint != before.splits_fingerprint
+    doc = run_model(spec, after, folds=[0], seeds=[0], out=out, tasks=("retrieval",), progress=False)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2  # re-run on the new split
+    assert len(list((out / "runs").iterdir())) == 2  # and trained again, not resumed from the old split
+    test_items = np.unique(after.fold_data(0).split_pairs["test"].anchor_rows)
+    pair_of = {k: k // 2 for k in range(300)}
+    train_items = set(np.unique(after.fold_data(0).split_pairs["train"].anchor_rows).tolist())
+    assert not any(pair_of[t] == pair_of[u] for t in test_items for u in train_items if abs(t - u) == 1)
+    assert doc["runs"][0]["metrics"]["retrieval/mean_R@10"] > 0

@@ -156,6 +156,17 @@ class PairedFeatures:
             raise PairingError(f"no pairs in split {', '.join(splits)}: the dataset index put none there")
         return Pairs(self.anchor_rows_all[sel], self.partner_rows_all[sel], self.item_of_pair[sel])
 
+    @property
+    def splits_fingerprint(self) -> str:
+        """A hash of which pairs are train, val and test: a resumed run or a logged result is only
+        reused on the same split (a regrouped dataset index changes it)."""
+        import hashlib
+
+        h = hashlib.sha256(str(self.fold).encode())
+        for name in ("split_of_pair", "anchor_rows_all", "partner_rows_all"):
+            h.update(np.ascontiguousarray(getattr(self, name)).astype("U5" if name == "split_of_pair" else np.int64).tobytes())
+        return h.hexdigest()[:16]
+
     def side(self, name: str) -> Side:
         return self.sides[name]
 

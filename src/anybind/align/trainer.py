@@ -268,7 +268,7 @@ def train(
     precision = resolve_precision(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
-    split_key = {"fold": fold, "max_train_pairs": max_train_pairs}
+    split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint}
     state = {"step": 0, "best_metric": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False}
     ckpt_path, log_path = out / CHECKPOINT, out / "metrics.jsonl"
     if rank == 0:
@@ -278,8 +278,8 @@ def train(
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if _training_part(ckpt["recipe"]) != _training_part(recipe.to_dict()) or ckpt["stores"] != {k: str(s.path) for k, s in stores.items()} \
                 or ckpt.get("split") != split_key:
-            raise AnybindError(f"{out} holds a run with another recipe or other stores: choose another --out, "
-                               "or pass --restart to overwrite it")
+            raise AnybindError(f"{out} holds a run with another recipe, other stores or another split (a regrouped "
+                               "dataset): choose another --out, or pass --restart to overwrite it")
         model.load_state_dict(ckpt["model"])
         contrastive.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -18,10 +18,11 @@ from pathlib import Path
 from ..errors import DataError
 from .groups import group_by_keys, group_stats, oversized_groups
 from .index import DatasetIndex
+from .near_duplicates import THRESHOLD, look_keys, thumbnails
 from .openclipart_text import CaptionBuilder, ClipartMeta
 
 DEFAULT_ROOT = "/usr/share/openclipart"
-LISTING_VERSION = 1
+LISTING_VERSION = 2  # 2: near-duplicates by look join groups
 _HEAD = 1 << 16  # the metadata block sits at the top of every file in the set (checked)
 
 _WORK = re.compile(r"<cc:Work\b.*?</cc:Work>", re.S)
@@ -66,9 +67,10 @@ def _digest(path: Path) -> str:
 
 
 def list_openclipart(
-    root: str | os.PathLike | None = None, max_group_share: float = 0.025
+    root: str | os.PathLike | None = None, max_group_share: float = 0.025, by_look: bool = True
 ) -> DatasetIndex:
-    """List openclipart: one item per PNG, captions from its SVG, groups by collection and series.
+    """List openclipart: one item per PNG, captions from its SVG, groups by collection, series
+    and look (near-identical thumbnails, see `near_duplicates`; ``by_look=False`` skips that).
 
     Groups over `max_group_share` of the items (the star set, the big icon themes, the card
     decks) go to train rather than by hash: in val or test they would be most of the split.
@@ -94,10 +96,12 @@ def list_openclipart(
         metas.append(meta)
     builder = CaptionBuilder(metas)
     captions = [builder.captions(m) for m in metas]
-    groups = group_by_keys(
-        [m.item_id for m in metas],
-        [builder.group_keys(m, c[0]) for m, c in zip(metas, captions, strict=True)],
-    )
+    keys = [builder.group_keys(m, c[0]) for m, c in zip(metas, captions, strict=True)]
+    looks = look_keys(thumbnails(pngs)) if by_look else [None] * len(pngs)
+    for item_keys, look in zip(keys, looks, strict=True):
+        if look:
+            item_keys.append(look)
+    groups = group_by_keys([m.item_id for m in metas], keys)
     to_train = oversized_groups(groups, max_group_share)
     records = [
         {
@@ -120,6 +124,9 @@ def list_openclipart(
         "largest_groups": stats["largest"],
         "groups_sent_to_train": sorted(to_train),
         "max_group_share": max_group_share,
+        "near_duplicates_by_look": {"blank": looks.count("look:blank"),
+                                    "in_look_groups": sum(1 for k in looks if k and k != "look:blank"),
+                                    "threshold": THRESHOLD} if by_look else None,
     }
     return DatasetIndex.from_records(
         "openclipart", records, {"image": "image", "caption": "text"}, root=str(png_root), meta=meta

@@ -194,6 +194,7 @@ def result_key(spec: ModelSpec, suite: Suite, fold, seed, split, max_train_pairs
 
 def suite_identity(suite: Suite) -> dict:
     ident = {"stores": {k: str(s.path.name) for k, s in suite.stores.items()}, "layers": suite.layers,
+             "splits": suite.splits_fingerprint,
              "probe": None if suite.probe is None else [suite.probe.name, len(suite.probe.labels)],
              "classes": suite.class_names, "templates": suite.templates}
     if suite.zeroshot_set is not None:
@@ -214,7 +215,8 @@ def evaluate_one(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, out
     # the trained model depends on neither the split evaluated nor the tasks: tuning's run is reused
     run_dir = out / "runs" / hash_obj({"v": PROTOCOL_VERSION, "model": spec.training_settings(), "fold": fold,
                                        "seed": seed_used, "max_train_pairs": max_train_pairs,
-                                       "suite": suite_identity(suite)["stores"], "layers": suite.layers})
+                                       "suite": suite_identity(suite)["stores"], "layers": suite.layers,
+                                       "splits": suite.splits_fingerprint})
     model, correction, info = fit_model(spec, suite, fold, seed_used, run_dir, max_train_pairs, progress)
     metrics, per_class, ev_info = suite.evaluate(model, fold, split, correction, tasks)
     rec = {"key": key, "model": spec.name, "fold": fold, "seed": seed_used, "split": split,

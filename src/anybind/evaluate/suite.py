@@ -232,6 +232,21 @@ class Suite:
             self._folds[fold] = fd
         return self._folds[fold]
 
+    @property
+    def splits_fingerprint(self) -> str:
+        """A hash of the stores' split, fold and group per row: logged results and trained runs are
+        reused only on the same grouping (a regrouped dataset index must re-run them)."""
+        if getattr(self, "_splits_fp", None) is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for name in sorted(self.stores):
+                rows = self.stores[name].rows
+                for col in ("item_id", "split", "fold", "group"):
+                    h.update("\x1f".join(map(str, rows.column(col).to_pylist())).encode() + b"\x1e")
+            self._splits_fp = h.hexdigest()[:16]
+        return self._splits_fp
+
     def leakage(self, fold: int | None, split: str = "test") -> float:
         """Share of `split` images with a near-duplicate (raw cosine > 0.9) among the train images."""
         from .leakage import near_duplicate_share
