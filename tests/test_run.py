@@ -58,8 +58,17 @@ recipe: default
 overrides: [train.max_steps=20, train.val_every=10, train.batch_size=128]
 evaluate: {probe_sizes: [200, 100], baselines: [nn-transfer]}
 """)
+    # the cache already holds a caption store with more layers than the run asks for: a hit, and
+    # the run must still read only `final` (it once trained on both and failed)
+    from anybind.data import load_dataset
+    from anybind.features import extract
+
+    extract("minilm-l6", load_dataset("openclipart", cache=cache).spread(240), layers="3,final", cache=cache,
+            progress=False)
     out = tmp_path / "run"
     assert main(["run", str(runfile), "--out", str(out), "-q"]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["extract.text"]["outputs"]["layers"] == ["final"]
     for name in ("report.html", "report.md", "stages.json", "run.yaml", "bundle/bundle.json", "assess/assessment.json"):
         assert (out / name).exists(), name
     html = (out / "report.html").read_text()

@@ -194,8 +194,7 @@ def run_pipeline(run: RunFile | str | os.PathLike, out: str | os.PathLike | None
                 rec = json.loads(Path(assessment["assessment"]).read_text())["recommendation"]["encoders"]
                 chosen = ",".join(rec[enc.spec]["layers"])
                 stores[modality] = _extract_stage(stage, f"extract.{modality}", enc, chosen, index, cache, progress)
-    layers = {m: FeatureStore.open(s["store"]).layers for m, s in stores.items()}
-    layers = {m: list(v) for m, v in layers.items()}
+    layers = {m: list(s["layers"]) for m, s in stores.items()}
 
     # 3. train + evaluate (the evaluated model is the one exported) ------------------------------------
     ev = run.evaluate
@@ -236,9 +235,10 @@ def _extract_stage(stage, name, enc: EncoderSpec, layers: str, index, cache, pro
         from .features import extract
 
         store = extract(enc.spec, index, layers=layers, pooling=enc.pooling, cache=cache, progress=progress)
-        return {"store": str(store.path), "layers": list(store.layers)}
+        # the layers asked for: a cache hit may be a store holding more of them
+        return {"store": str(store.path), "layers": store.report["layers"]}
 
-    return stage(name, {"spec": enc.spec, "layers": layers, "pooling": enc.pooling, "dataset": index.name,
+    return stage(name, {"v": 2, "spec": enc.spec, "layers": layers, "pooling": enc.pooling, "dataset": index.name,
                         "fingerprint": index.fingerprint}, do)
 
 

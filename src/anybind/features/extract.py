@@ -251,7 +251,7 @@ def extract(
         probe = StoreKey(enc.fingerprint(pooling, "fp32"), index.name, ds_fp, field)
         hit = find_store(probe, layers, cache, any_precision=True)
         if hit is not None:
-            return _hit(hit, t0, index)
+            return _hit(hit, t0, index, layers)
     if auto:
         precision = choose_precision(enc, refs, layers, pooling, device, cache)
     key = StoreKey(enc.fingerprint(pooling, precision), index.name, ds_fp, field)
@@ -266,11 +266,11 @@ def extract(
                 raise StoreError(f"{path} holds a store that does not match this request; it will not be reused:\n  "
                                  + "\n  ".join(diffs + ([f"layers: store lacks {', '.join(missing)}"] if missing else []))
                                  + "\nChoose another --out, or remove it with `anybind cache rm`.")
-            return _hit(store, t0, index)
+            return _hit(store, t0, index, layers)
     else:
         hit = None if auto else find_store(key, layers, cache)  # auto already searched every precision
         if hit is not None:
-            return _hit(hit, t0, index)
+            return _hit(hit, t0, index, layers)
         path = stores_dir(cache) / key.folder_name(layers)
 
     n = len(refs)
@@ -296,7 +296,8 @@ def extract(
     splits = _index_splits(index)
     store = _finalize(path, request, ids, subs, time.perf_counter() - t0, splits)
     store.report = {"hit": False, "seconds": time.perf_counter() - t0, "rows": len(store),
-                    "skipped": store.manifest["skipped"], "precision": precision, "path": str(path)}
+                    "skipped": store.manifest["skipped"], "precision": precision, "path": str(path),
+                    "layers": list(layers)}
     if store.manifest["skipped"]:
         reasons = Counter(s["reason"].split(":")[0] for s in store.skipped)
         log.warning("skipped %d of %d items (listed in %s): %s", store.manifest["skipped"], n,
@@ -339,13 +340,13 @@ def sync_splits(store: FeatureStore, index) -> int:
     return changed
 
 
-def _hit(store: FeatureStore, t0: float, index=None) -> FeatureStore:
+def _hit(store: FeatureStore, t0: float, index=None, layers: list[str] | None = None) -> FeatureStore:
     log.info("cache hit: %s (%d rows, layers %s)", store.path, len(store), ",".join(store.layers))
     if index is not None:
         sync_splits(store, index)
     store.report = {"hit": True, "seconds": time.perf_counter() - t0, "rows": len(store),
                     "skipped": store.manifest.get("skipped", 0), "precision": store.key["encoder"]["precision"],
-                    "path": str(store.path)}
+                    "path": str(store.path), "layers": list(layers or store.layers)}  # asked for; a hit may hold more
     return store
 
 
