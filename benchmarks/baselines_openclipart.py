@@ -145,12 +145,12 @@ def chance(t2i: np.ndarray, n_images: int, ks=KS) -> dict[str, float]:
 
 
 def shared_recall(zi: torch.Tensor, zt: torch.Tensor, t2i: np.ndarray) -> dict[str, float]:
-    """The project's metric (anybind.evaluate.retrieval) when present, else `recall` above.
+    """The project's metric (anybind.metrics.retrieval) when present, else `recall` above.
 
     Both count ties against the query; they gave identical numbers on every baseline here.
     """
     try:
-        from anybind.evaluate.retrieval import retrieval_metrics
+        from anybind.metrics.retrieval import retrieval_metrics
     except ImportError:
         return recall(zi, zt, t2i)
     m = retrieval_metrics(zi, zt, t2i, ks=KS)

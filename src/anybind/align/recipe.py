@@ -111,7 +111,7 @@ class Recipe:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     #: inference-time retrieval correction fitted on a bank of training embeddings and shipped with
-    #: the model, e.g. {"name": "qb-norm", "beta": 20} (anybind.evaluate.corrections); none by default
+    #: the model, e.g. {"name": "qb-norm", "beta": 20} (anybind.align.corrections); none by default
     correction: dict = field(default_factory=lambda: {"name": "none"})
     #: blend the trained space with a training-free baseline's: scores become
     #: weight * trained + (1 - weight) * baseline, e.g. {"name": "nn-transfer", "weight": 0.5, "k": 10}

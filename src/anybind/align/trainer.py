@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import AnybindError
-from ..evaluate.retrieval import chance_recall, retrieval_metrics
+from ..metrics.retrieval import chance_recall, retrieval_metrics
 from ..features import FeatureStore
 from . import distributed as dist
 from .data import PairedFeatures, Pairs

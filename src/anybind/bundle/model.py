@@ -154,7 +154,7 @@ def load(path: str | os.PathLike, device: str = "cpu") -> BoundEncoders:
         space = BlendEmbedder(space, base, blend["weight"])
     correction = None
     if (info.get("correction") or {}).get("name", "none") != "none":
-        from ..evaluate.corrections import RetrievalCorrection
+        from ..align.corrections import RetrievalCorrection
 
         correction = RetrievalCorrection.load(path / "correction")
     card = json.loads((path / "card.json").read_text()) if (path / "card.json").exists() else {}

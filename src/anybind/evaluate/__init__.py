@@ -2,7 +2,7 @@
 
 from .leakage import leakage_warning, near_duplicate_share
 from .probe import LinearProbe, fit_linear_probe, mean_per_class_recall, probe_metrics
-from .retrieval import best_positive_rank, chance_recall, recall_at_k, retrieval_metrics
+from ..metrics.retrieval import best_positive_rank, chance_recall, recall_at_k, retrieval_metrics
 from .zeroshot import (
     available_templates,
     chance_metrics,

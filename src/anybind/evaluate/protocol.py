@@ -146,7 +146,7 @@ def fit_correction(cfg: dict | None, model, fd, seed: int):
     """Fit the retrieval correction on a bank of (at most BANK_SIZE) training items' embeddings."""
     if not cfg or cfg.get("name", "none") == "none":
         return None
-    from .corrections import build_correction
+    from ..align.corrections import build_correction
 
     pairs = fd.split_pairs["train"]
     items = np.unique(pairs.item)

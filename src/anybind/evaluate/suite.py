@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import AnybindError
 from ..features import FeatureStore
-from .retrieval import retrieval_metrics
+from ..metrics.retrieval import retrieval_metrics
 
 log = logging.getLogger("anybind.eval")
 
@@ -286,7 +286,7 @@ class Suite:
         zi, zt, inverse = embed_split(model, fd.data, fd.split_pairs[split])
         kwargs = {"image_emb": zi, "text_emb": zt}
         if correction is not None:
-            from .corrections import apply_correction
+            from ..align.corrections import apply_correction
 
             kwargs = apply_correction(correction, zi, zt)
         m = retrieval_metrics(**kwargs, text_to_image=inverse, ks=RETRIEVAL_KS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from anybind.errors import AnybindError
-from anybind.evaluate import best_positive_rank, chance_recall, recall_at_k, retrieval_metrics
+from anybind.metrics import best_positive_rank, chance_recall, recall_at_k, retrieval_metrics
 
 S = 1 / math.sqrt(2)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from anybind.errors import AnybindError
 from anybind.evaluate import recall_at_k, retrieval_metrics
-from anybind.evaluate.corrections import (
+from anybind.align.corrections import (
     CORRECTIONS,
     RetrievalCorrection,
     apply_correction,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import AnybindError
-from .retrieval import ArrayLike, ScoreFn, _embeddings
+from ..metrics.retrieval import ArrayLike, ScoreFn, _embeddings
 
 MODALITIES = ("image", "text")
 CONFIG_FILE = "correction.json"

@@ -82,7 +82,7 @@ def retrieval_metrics(
     (100k images x 500k captions fits). Returns ``image_to_text_R@k``, ``text_to_image_R@k`` and
     ``mean_R@k`` (the mean of the two directions) for each k.
 
-    Hubness corrections (`anybind.evaluate.corrections`, through its `apply_correction`) rank by
+    Hubness corrections (`anybind.align.corrections`, through its `apply_correction`) rank by
     a corrected score instead: `image_offset` (one value per image) is subtracted from every score
     of that image when images are the gallery (text -> image), `text_offset` (one per caption)
     likewise for image -> text. `score_fn(scores, offset)`, when given, replaces that subtraction:

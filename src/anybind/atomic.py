@@ -1,0 +1,142 @@
+"""The one atomic writer: every whole-file write goes through here, every growing log appends here.
+
+A write goes to a temporary file in the same folder, is flushed and fsynced, renamed over the
+target, and the folder is fsynced, so a kill or a power cut leaves the old file or the new one,
+never half of either. A failed write (a full disk, a read-only folder) removes its temporary
+file and raises `WriteError` naming the path and what ran out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import AnybindError
+
+
+class WriteError(AnybindError, OSError):
+    """A file or folder that could not be written."""
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary sibling a write of `path` goes through (hidden, per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file, then fsync it and move it onto `path`."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {explain(e)}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """JSON with a trailing newline; key order as given (callers build dicts in a fixed order)."""
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a growing log and fsync it (a kill loses at most the line being written)."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise WriteError(f"could not append to {path}: {explain(e)}") from e
+
+
+def append_json(path: str | os.PathLike, record: Any) -> None:
+    append_line(path, json.dumps(record))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, *, replace: bool = False,
+               is_ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Build a folder beside `out` and move it into place only when the block succeeds.
+
+    With `replace`, an existing `out` is swapped out only after the new one is complete, and
+    only when ``is_ours(out)`` says it is a folder anybind wrote (a user's folder is refused).
+    A failure leaves `out` as it was.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not replace:
+            raise WriteError(f"{out} exists and is not empty: choose another output or pass --overwrite")
+        if is_ours is not None and not is_ours(out):
+            raise WriteError(f"{out} is not a folder anybind wrote: refusing to overwrite it "
+                             "(remove it yourself, or choose another output)")
+    stage = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+        fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def explain(e: OSError) -> str:
+    """A reader's account of an OSError: what ran out, or what was refused."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device: free some disk space (or choose another --cache / --out) and run again"
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded: free some space and run again"
+    if e.errno == errno.EFBIG:
+        return "the file grew past the size allowed here (ulimit -f)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror or e}: the folder is not writable"
+    return str(e.strerror or e)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
