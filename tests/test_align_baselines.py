@@ -15,6 +15,7 @@ from anybind.align.baselines import (
     BASELINES,
     Baseline,
     PairedArrays,
+    baseline_options,
     build_baseline,
     register_baseline,
 )
@@ -327,8 +328,13 @@ def test_register_a_custom_baseline():
         assert model.encode("image", test.image).shape == (300, model.out_dim)
         with pytest.raises(AnybindError, match="already registered"):
             register_baseline("identity-test")(build_baseline("cca").__class__)
+        assert build_baseline("cca").name == "cca"  # a refused registration renames nothing
+        assert baseline_options("identity-test") == {"scale": 1.0}
+        with pytest.raises(AnybindError, match="dataclass subclasses of Baseline"):
+            register_baseline("not-a-dataclass-test")(type("Plain", (Baseline,), {}))
+        assert "not-a-dataclass-test" not in BASELINES
     finally:
-        BASELINES.pop("identity-test", None)
+        BASELINES.unregister("identity-test")
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -341,8 +347,55 @@ def test_a_saved_baseline_loads_to_identical_outputs(name, tmp_path):
                       rng.standard_normal((240, 16)).astype(np.float32), np.repeat(np.arange(120), 2))
     fitted = (build_baseline(name, dim=8) if name == "procrustes" else build_baseline(name)).fit(pa)
     fitted.save(tmp_path / name)
-    assert {p.name for p in (tmp_path / name).iterdir()} == {"baseline.json", "state.safetensors"}
+    assert {p.name for p in (tmp_path / name).iterdir()} == {"config.json", "weights.safetensors"}
     again = Baseline.load(tmp_path / name)
     for side, x in (("image", pa.image[:7]), ("text", pa.text[:7])):
         assert torch.equal(fitted.encode(side, x), again.encode(side, x))
     assert again.config() == fitted.config()
+
+
+def _fitted(name: str):
+    rng = np.random.default_rng(0)
+    pa = PairedArrays(rng.standard_normal((60, 12)).astype(np.float32),
+                      rng.standard_normal((120, 10)).astype(np.float32), np.repeat(np.arange(60), 2))
+    return (build_baseline(name, dim=8) if name == "procrustes" else build_baseline(name)).fit(pa), pa
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_saves_of_the_same_baseline_are_byte_identical(name, tmp_path):
+    fitted, _ = _fitted(name)
+    fitted.save(tmp_path / "a")
+    fitted.save(tmp_path / "b")
+    for file in ("config.json", "weights.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_the_saved_config_is_the_saved_part_contract(tmp_path):
+    fitted, pa = _fitted("cca")
+    fitted.save(tmp_path / "cca")
+    config = json.loads((tmp_path / "cca" / "config.json").read_text())
+    assert (config["format"], config["kind"], config["name"]) == (2, "baseline", "cca")
+    assert config["options"] == baseline_options("cca") == {"reg": 0.3, "dim": None, "power": 1.0,
+                                                             "normalize_input": True}
+    again = Baseline.load(tmp_path / "cca")
+    np.testing.assert_array_equal(again.correlations, fitted.correlations)  # fitted arrays travel too
+    # the sides keep their aliases after loading: callers map their own modality names to them
+    torch.testing.assert_close(again.encode("second", pa.text[:3]), fitted.encode("text", pa.text[:3]))
+
+
+def test_load_checks_the_kind_and_refuses_the_old_format(tmp_path):
+    fitted, _ = _fitted("asif")
+    fitted.save(tmp_path / "asif")
+    assert isinstance(type(fitted).load(tmp_path / "asif"), type(fitted))
+    with pytest.raises(AnybindError, match="holds a 'asif' baseline, not a CCA"):
+        type(build_baseline("cca")).load(tmp_path / "asif")
+    old = tmp_path / "old"
+    old.mkdir()  # format 1: baseline.json + state.safetensors
+    (old / "baseline.json").write_text(json.dumps({"name": "asif", "options": {}, "state": {}}))
+    (old / "state.safetensors").write_bytes(b"")
+    with pytest.raises(AnybindError, match=r"format 1 \(baseline.json\); this anybind reads format 2: fit"):
+        Baseline.load(old)
+    with pytest.raises(AnybindError, match="not a saved anybind baseline"):
+        Baseline.load(tmp_path / "nothing")
+    with pytest.raises(AnybindError, match="not fitted: nothing to save"):
+        build_baseline("cca").save(tmp_path / "unfitted")

@@ -10,15 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anybind.errors import AnybindError
-from anybind.evaluate import recall_at_k, retrieval_metrics
 from anybind.align.corrections import (
     CORRECTIONS,
     RetrievalCorrection,
     apply_correction,
     build_correction,
     correction_options,
+    register_correction,
 )
+from anybind.errors import AnybindError
+from anybind.evaluate import recall_at_k, retrieval_metrics
 
 # ---- a hand-made hub ---------------------------------------------------------------------------------
 # 2-D unit vectors with exact cosines. Images: the hub h = (1, 0), a = (0.6, 0.8), b = (0.6, -0.8).
@@ -232,12 +233,9 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, name, params):
     corr = build_correction(name, **params).fit(bank)
     corr.save(tmp_path / "c")
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert files == (
-        ["correction.json"] if name == "none" else ["bank.safetensors", "correction.json"]
-    )
-    assert json.loads((tmp_path / "c" / "correction.json").read_text()) == {
-        "format": 1,
-        **corr.config(),
+    assert files == (["config.json"] if name == "none" else ["config.json", "weights.safetensors"])
+    assert json.loads((tmp_path / "c" / "config.json").read_text()) == {
+        "format": 2, "kind": "correction", "name": name, "options": params,
     }
     same = RetrievalCorrection.load(tmp_path / "c")
     assert type(same) is type(corr) and same.config() == corr.config() == {"name": name, **params}
@@ -267,15 +265,15 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     images, texts, t2i, bank = _paired(7)
     with pytest.raises(AnybindError, match=r"unknown correction 'qbnorm' \(did you mean 'qb-norm'"):
         build_correction("qbnorm")
-    with pytest.raises(AnybindError, match="has no parameter 'temperature'.*accepts: beta"):
+    with pytest.raises(AnybindError, match="has no option 'temperature'.*accepts: beta"):
         build_correction("qb-norm", temperature=0.05)
-    with pytest.raises(AnybindError, match="beta must be > 0"):
+    with pytest.raises(AnybindError, match="beta must be above 0"):
         build_correction("qb-norm", beta=0)
     with pytest.raises(AnybindError, match="beta must be a finite number"):
         build_correction("dual-softmax", beta=float("nan"))
-    with pytest.raises(AnybindError, match="k must be an integer >= 1"):
+    with pytest.raises(AnybindError, match="k must be at least 1"):
         build_correction("invgc", k=0)
-    with pytest.raises(AnybindError, match="r_q must be >= 0"):
+    with pytest.raises(AnybindError, match="r_q must be at least 0"):
         build_correction("invgc", r_q=-0.1)
     qb = build_correction("qb-norm")
     with pytest.raises(AnybindError, match="not fitted: call fit"):
@@ -317,15 +315,47 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(AnybindError, match="score_fn returned shape"):
         retrieval_metrics(images, texts, t2i, score_fn=lambda s, o: s[:, :1])
     # loading
-    with pytest.raises(AnybindError, match="no correction.json"):
+    with pytest.raises(AnybindError, match="no config.json"):
         RetrievalCorrection.load(tmp_path / "nothing")
     qb.save(tmp_path / "qb")
-    (tmp_path / "qb" / "bank.safetensors").write_bytes(b"garbage")
-    with pytest.raises(AnybindError, match="bank.safetensors is corrupt"):
+    (tmp_path / "qb" / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AnybindError, match="weights.safetensors is unreadable"):
         RetrievalCorrection.load(tmp_path / "qb")
-    (tmp_path / "qb" / "bank.safetensors").unlink()
-    with pytest.raises(AnybindError, match="no bank.safetensors"):
+    (tmp_path / "qb" / "weights.safetensors").unlink()
+    with pytest.raises(AnybindError, match="no weights.safetensors.*interrupted"):
         RetrievalCorrection.load(tmp_path / "qb")
     build_correction("invgc").fit(bank).save(tmp_path / "inv")
     with pytest.raises(AnybindError, match="holds a 'invgc' correction, not a QBNorm"):
         type(qb).load(tmp_path / "inv")
+
+
+def test_two_saves_of_the_same_correction_are_byte_identical(tmp_path):
+    *_, bank = _paired(6)
+    corr = build_correction("invgc", k=3).fit(bank)
+    corr.save(tmp_path / "a")
+    corr.save(tmp_path / "b")
+    for file in ("config.json", "weights.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_a_correction_saved_in_the_old_format_is_refused_with_what_to_do(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()  # format 1: correction.json + bank.safetensors
+    (old / "correction.json").write_text(json.dumps({"format": 1, "name": "qb-norm", "beta": 20.0}))
+    (old / "bank.safetensors").write_bytes(b"")
+    with pytest.raises(AnybindError, match=r"format 1 \(correction.json\); this anybind reads format 2: fit"):
+        RetrievalCorrection.load(old)
+
+
+def test_the_sides_take_the_pair_aliases_and_a_registered_correction_is_listed():
+    images, texts, _, bank = _paired(6)
+    by_name = build_correction("qb-norm").fit(bank)
+    by_alias = build_correction("qb-norm").fit({"first": bank["image"], 1: bank["text"]})
+    assert torch.equal(by_name.bank["image"], by_alias.bank["image"])
+    assert torch.equal(by_name.gallery("text", texts)[1], by_alias.gallery("second", texts)[1])
+    with pytest.raises(AnybindError, match="gives the image side twice"):
+        build_correction("qb-norm").fit({**bank, "first": bank["image"]})
+    assert {e.name for e in CORRECTIONS.describe()} == {"none", "qb-norm", "dual-softmax", "invgc"}
+    with pytest.raises(AnybindError, match="already registered"):
+        register_correction("qb-norm")(type(build_correction("invgc")))
+    assert build_correction("invgc").name == "invgc"

@@ -10,9 +10,13 @@ import torch
 from anybind.align.losses import (
     LOSSES,
     InfoNCE,
+    LossError,
     SigLIP,
     StructureRegulariser,
     build_loss,
+    build_objective,
+    register_loss,
+    resolve_loss_section,
     structure_regulariser,
     warmup_weight,
 )
@@ -177,7 +181,7 @@ def test_build_loss_errors():
     assert isinstance(build_loss("infonce", temperature=0.05), InfoNCE)
     with pytest.raises(
         AnybindError,
-        match=r"unknown loss 'infonc' \(did you mean 'infonce'\?\); registered: "
+        match=r"unknown loss 'infonc' \(did you mean 'infonce'\?\); registered losses: "
         r"infonce, siglip",
     ):
         build_loss("infonc")
@@ -185,7 +189,7 @@ def test_build_loss_errors():
         AnybindError, match=r"no option 'temprature' \(did you mean 'temperature'\?\)"
     ):
         build_loss("infonce", temprature=0.1)
-    with pytest.raises(AnybindError, match="chunk_size must be an integer"):
+    with pytest.raises(AnybindError, match="chunk_size must be at least 1"):
         build_loss("siglip", chunk_size=0)
 
 
@@ -286,7 +290,7 @@ def test_structure_sub_batch_when_larger_than_max_batch():
 def test_structure_module_and_warmup():
     x, z = features(), features(d=8, seed=9)
     reg = StructureRegulariser(
-        levels=2, tau=0.1, level_weighting="inverse", lam=10.0, warmup_steps=100
+        levels=2, tau=0.1, level_weighting="inverse", weight=10.0, warmup_steps=100
     )
     assert (
         reg(x, z).item()
@@ -300,9 +304,10 @@ def test_structure_module_and_warmup():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"level_weighting": "log"}, "level_weighting must be 'uniform' or 'inverse'"),
-        ({"tau": 0.0}, "tau must be positive"),
-        ({"levels": 0}, "levels must be an integer >= 1"),
+        ({"level_weighting": "log"}, "level_weighting must be one of uniform, inverse"),
+        ({"tau": 0.0}, "tau must be above 0"),
+        ({"tau": float("nan")}, "tau must be a finite number"),
+        ({"levels": 0}, "levels must be at least 1"),
         ({"max_batch": 1}, "max_batch must be at least 2"),
     ],
 )
@@ -342,3 +347,83 @@ def test_chunked_loss_keeps_no_batch_by_batch_tensor_for_backward(name):
             assert max(saved) == n * n  # the full logits: what chunking avoids
         else:
             assert max(saved) <= chunk * n
+
+
+# ---- the registry, a recipe's loss section, the objective ---------------------------------------------
+def test_losses_are_a_registry_of_modules():
+    assert LOSSES.names() == ["infonce", "siglip"]
+    assert LOSSES.get("infonce") is InfoNCE and LOSSES.get("siglip") is SigLIP
+    assert LOSSES.options("infonce") == {"temperature": 0.07, "learn_temperature": True, "chunk_size": None}
+
+
+def test_loss_section_is_resolved_with_every_default():
+    section = resolve_loss_section({"temperature": "1e-1", "structure_weight": 5, "structure_tau": None})
+    assert dict(section) == {
+        "name": "infonce", "temperature": 0.1, "learn_temperature": True,
+        "structure_weight": 5.0, "structure_levels": 1, "structure_tau": 0.05,
+        "structure_level_weighting": "uniform", "structure_warmup_steps": 0, "structure_max_batch": 4096,
+    }
+    assert section.name == "infonce" and section.structure_weight == 5.0  # attribute access too
+    assert resolve_loss_section(section) == section  # resolving is idempotent: a saved recipe reloads
+    assert resolve_loss_section({"name": "siglip"})["scale_init"] == 10.0
+    with pytest.raises(AttributeError, match="no 'temprature'"):
+        section.temprature  # noqa: B018
+
+
+def test_objective_from_a_section():
+    objective = build_objective({"name": "infonce", "temperature": 0.05, "learn_temperature": False,
+                                 "structure_weight": 10, "structure_warmup_steps": 100, "structure_levels": 2})
+    assert isinstance(objective.contrastive, InfoNCE) and objective.contrastive.temperature_value() == pytest.approx(0.05)
+    assert isinstance(objective.structure, StructureRegulariser) and objective.structure.levels == 2
+    assert [objective.weight(s) for s in (0, 50, 100, 200)] == [0.0, 5.0, 10.0, 10.0]
+    off = build_objective({"name": "siglip", "chunk_size": 8})  # structure_weight 0: no regulariser
+    assert isinstance(off.contrastive, SigLIP) and off.contrastive.chunk_size == 8
+    assert off.structure is None and off.weight(10) == 0.0
+    assert isinstance(build_objective().contrastive, InfoNCE)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"name": "infonc"}, r"loss.name must be one of infonce, siglip, not 'infonc' \(did you mean 'infonce'\?\)"),
+    ({"temprature": 0.1}, r"unknown recipe key 'loss.temprature' \(did you mean 'temperature'\?\)"),
+    ({"structure_levle": 2}, r"unknown recipe key 'loss.structure_levle' \(did you mean 'structure_levels'\?\)"),
+    ({"name": "siglip", "temperature": 0.1}, r"'loss.temperature': loss 'siglip' takes scale_init"),
+    ({"temperature": float("nan")}, "loss.temperature: infonce: temperature must be a finite number, not nan"),
+    ({"temperature": "inf"}, "loss.temperature: .*finite number, not inf"),
+    ({"structure_weight": -1}, "loss.structure_weight: structure: weight must be at least 0"),
+    ({"structure_tau": "nan"}, "loss.structure_tau: .*finite number"),
+    ({"structure_level_weighting": "log"}, "loss.structure_level_weighting: .*one of uniform, inverse"),
+    ({"chunk_size": 0, "temperature": 0.1}, "loss.chunk_size: infonce: chunk_size must be at least 1"),
+    ([1, 2], "loss must be a mapping"),
+])
+def test_bad_loss_sections_name_the_key(section, message):
+    with pytest.raises(LossError, match=message):
+        build_objective(section)
+    with pytest.raises(LossError, match=message):
+        resolve_loss_section(section)
+
+
+def test_a_registered_loss_owns_its_options():
+    @register_loss("test-margin")
+    class Margin(torch.nn.Module):
+        """A toy loss with one option."""
+
+        def __init__(self, *, margin: float = 0.0):
+            super().__init__()
+            self.margin = margin
+
+        def forward(self, za, zb, pos=None):
+            return (1 - torch.nn.functional.cosine_similarity(za, zb) - self.margin).clamp_min(0).mean()
+
+    try:
+        objective = build_objective({"name": "test-margin", "margin": "2e-1", "structure_weight": 1})
+        assert objective.contrastive.margin == 0.2 and objective.structure is not None
+        assert resolve_loss_section({"name": "test-margin"}) == {"name": "test-margin", "margin": 0.0,
+                                                                   **{k: v for k, v in resolve_loss_section().items()
+                                                                      if k.startswith("structure_")}}
+        with pytest.raises(LossError, match=r"'loss.margn' \(did you mean 'margin'\?\)"):
+            build_objective({"name": "test-margin", "margn": 0.1})
+        with pytest.raises(AnybindError, match="already registered"):
+            register_loss("test-margin", InfoNCE)
+    finally:
+        LOSSES.unregister("test-margin")
+    assert "test-margin" not in LOSSES

@@ -24,7 +24,7 @@ LAYER_DIMS = [5, 7, 6]
 
 
 def make(name: str, **options) -> Projector:
-    in_dim = LAYER_DIMS if PROJECTORS[name].takes_layers else 6
+    in_dim = LAYER_DIMS if PROJECTORS.get(name).takes_layers else 6
     return build_projector(name, in_dim, 4, **options)
 
 
@@ -146,7 +146,7 @@ def test_save_load_round_trip(name, tmp_path):
     proj.save(tmp_path / name)
     assert sorted(f.name for f in (tmp_path / name).iterdir()) == [
         "config.json",
-        "model.safetensors",
+        "weights.safetensors",
     ]
     torch.manual_seed(123)  # a different init: only the saved weights can make outputs equal
     back = Projector.load(tmp_path / name)
@@ -167,19 +167,20 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(AnybindError, match="no config.json"):
         Projector.load(tmp_path / "nothing")
     make("mlp").save(tmp_path / "p")
-    (tmp_path / "p" / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(AnybindError, match="corrupt"):
+    (tmp_path / "p" / "weights.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AnybindError, match="weights.safetensors is unreadable"):
         Projector.load(tmp_path / "p")
-    (tmp_path / "p" / "model.safetensors").unlink()
-    with pytest.raises(AnybindError, match="no model.safetensors"):
+    (tmp_path / "p" / "weights.safetensors").unlink()
+    with pytest.raises(AnybindError, match="no weights.safetensors.*interrupted"):
         Projector.load(tmp_path / "p")
     (tmp_path / "p" / "config.json").write_text("{not json")
-    with pytest.raises(AnybindError, match="corrupt"):
+    with pytest.raises(AnybindError, match="config.json is unreadable"):
         Projector.load(tmp_path / "p")
     # weights that do not fit the config: strict load refuses
     make("mlp").save(tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "hidden_dim": 5}))
+    options = {**config["options"], "hidden_dim": 5}
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "options": options}))
     with pytest.raises(AnybindError, match="do not fit"):
         Projector.load(tmp_path / "q")
     (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "name": "nope"}))
@@ -190,7 +191,7 @@ def test_load_errors_are_clear(tmp_path):
 def test_unknown_names_and_options_are_clear_errors():
     with pytest.raises(
         AnybindError,
-        match=r"unknown projector 'mpl' \(did you mean 'mlp'\?\); registered: "
+        match=r"unknown projector 'mpl' \(did you mean 'mlp'\?\); registered projectors: "
         r"layermix, linear, lowrank, mlp, star",
     ):
         build_projector("mpl", 6, 4)
@@ -207,14 +208,16 @@ def test_unknown_names_and_options_are_clear_errors():
 @pytest.mark.parametrize(
     ("name", "in_dim", "options", "message"),
     [
-        ("mlp", 6, {"depth": 0}, "depth must be a positive integer"),
-        ("mlp", 6, {"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+        ("mlp", 6, {"depth": 0}, "depth must be at least 1"),
+        ("mlp", 6, {"dropout": 1.5}, "dropout must be below 1"),
+        ("mlp", 6, {"dropout": 1.0}, "dropout must be below 1"),
+        ("lowrank", 6, {"dropout": -0.1}, "dropout must be at least 0"),
         ("mlp", 6, {"layernorm": "yes"}, "layernorm must be true or false"),
         ("lowrank", 6, {"gate_init": 0.0}, "gate_init must be strictly between 0 and 1"),
-        ("star", 6, {"hidden_mult": -1}, "hidden_mult must be positive"),
+        ("star", 6, {"hidden_mult": -1}, "hidden_mult must be above 0"),
         ("linear", [6, 6], {}, "use the 'layermix' projector"),
         ("layermix", 6, {}, "list of per-layer dims"),
-        ("linear", 0, {}, "in_dim must be a positive integer"),
+        ("linear", 0, {}, "in_dim must be at least 1"),
     ],
 )
 def test_bad_values_are_clear_errors(name, in_dim, options, message):
@@ -238,5 +241,48 @@ def test_register_a_new_projector():
         assert proj.config == {"name": "_test_scaled", "in_dim": 3, "out_dim": 2, "factor": 3.0}
         with pytest.raises(AnybindError, match="already registered"):
             register_projector("_test_scaled")(LinearProjector)
+        assert LinearProjector.name == "linear"  # a refused registration renames nothing
+        with pytest.raises(AnybindError, match="decorates Projector subclasses"):
+            register_projector("_test_not_a_projector")(torch.nn.Linear)
+        assert "_test_not_a_projector" not in PROJECTORS
     finally:
-        PROJECTORS.pop("_test_scaled", None)
+        PROJECTORS.unregister("_test_scaled")
+
+
+def test_registry_lists_options_and_help():
+    assert projector_options("mlp") == {"depth": 2, "hidden_dim": None, "dropout": 0.0, "layernorm": True}
+    assert projector_options("layermix") == {}  # in_dim and out_dim are not options
+    assert {e.name: e.help for e in PROJECTORS.describe()}["linear"].startswith("One linear map")
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_two_saves_of_the_same_projector_are_byte_identical(name, tmp_path):
+    proj = make(name)
+    proj.save(tmp_path / "a")
+    proj.save(tmp_path / "b")
+    for file in ("config.json", "weights.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_the_saved_config_is_the_saved_part_contract(tmp_path):
+    make("lowrank", rank=3).save(tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config == {"format": 2, "kind": "projector", "name": "lowrank",
+                      "options": {"rank": 3, "gate_init": 0.1, "dropout": 0.0}, "in_dim": 6, "out_dim": 4}
+
+
+def test_a_projector_saved_in_the_old_format_is_refused_with_what_to_do(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()  # format 1: config.json without "format", weights in model.safetensors
+    (old / "config.json").write_text(json.dumps({"name": "linear", "in_dim": 6, "out_dim": 4, "bias": True}))
+    (old / "model.safetensors").write_bytes(b"")
+    with pytest.raises(AnybindError, match=r"format None; this anybind reads format 2: train or export it again"):
+        Projector.load(old)
+
+
+def test_another_kind_of_saved_part_is_refused(tmp_path):
+    from anybind.saving import save_part
+
+    save_part(tmp_path / "c", "correction", "none")
+    with pytest.raises(AnybindError, match="holds a saved 'correction', not a projector"):
+        Projector.load(tmp_path / "c")

@@ -39,8 +39,9 @@ def test_learns_a_planted_correspondence(stores, tmp_path):
     assert result.val["mean_R@1"] >= 0.9, result.val
     assert result.val["mean_R@1"] > 10 * result.chance["mean_R@1"]
     out = tmp_path / "run"
-    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "best/bound.json",
-                 "best/image/model.safetensors", "best/text/config.json"):
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "best/config.json",
+                 "best/image/weights.safetensors", "best/text/config.json", "model/config.json",
+                 "model/projectors/image/weights.safetensors"):
         assert (out / name).exists(), name
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, 121))
@@ -101,7 +102,7 @@ def _script(stores, out, recipe, overrides, slow=0.0):
 
 
 def _weights(run: Path) -> dict:
-    return {m: load_file(run / "best" / m / "model.safetensors") for m in ("image", "text")}
+    return {m: load_file(run / "best" / m / "weights.safetensors") for m in ("image", "text")}
 
 
 def test_killed_run_resumes_to_the_same_result(stores, tmp_path):

@@ -78,7 +78,7 @@ def test_mutual_knn_layers_k_rule_and_identity():
 def test_layer_errors():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(20, 3))
-    with pytest.raises(AnybindError, match="mutual_knn, cycle_knn"):
+    with pytest.raises(AnybindError, match="unknown metric .svcca.; registered metrics: cknna, cycle_knn"):
         layer_pair_scores([x], [x], metric="svcca")
     with pytest.raises(AnybindError, match="empty"):
         layer_pair_scores([], [x])
@@ -88,3 +88,61 @@ def test_layer_errors():
         layer_pair_scores(x, [x])
     with pytest.raises(AnybindError, match="at least 21"):
         layer_pair_scores([x], [x], k=20)
+
+
+# ---- a metric registered by a user ------------------------------------------------------------------
+def _mean_abs_cosine(x, y, standardize=False):
+    """A toy metric: mean |cosine| between paired rows of the first min(dx, dy) dimensions."""
+    fx, fy = M.prepare(x, standardize), M.prepare(y, standardize)
+    d = min(fx.shape[1], fy.shape[1])
+    return float(torch.nn.functional.cosine_similarity(fx[:, :d], fy[:, :d]).abs().mean())
+
+
+@pytest.fixture
+def user_metrics():
+    added = []
+
+    def register(name, fn, **kw):
+        M.register_metric(name, fn, **kw)
+        added.append(name)
+
+    yield register
+    for name in added:
+        M.METRICS.unregister(name)
+
+
+def test_a_users_metric_is_computed_by_its_own_function(user_metrics):
+    # registered without a batched form: every layer pair goes through the user's function (not CKNNA)
+    user_metrics("test_abs_cosine", _mean_abs_cosine)
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(40, 4))
+    xs, ys = _layers(rng, 40, [6, 8], z, [0.1, 1.0]), _layers(rng, 40, [5, 7, 3], z, [0.2, 0.5, 2.0])
+    got = layer_pair_scores(xs, ys, metric="test_abs_cosine", k=5)
+    want = np.array([[_mean_abs_cosine(x, y) for y in ys] for x in xs])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert not np.allclose(got, layer_pair_scores(xs, ys, metric="cknna", k=5))
+    assert M.score("test_abs_cosine", xs[0], ys[0], k=5) == pytest.approx(want[0, 0])
+
+
+def test_a_users_batched_form_is_used(user_metrics):
+    calls = []
+
+    def batched(fxs, fys, k):
+        calls.append((len(fxs), len(fys), k))
+        return np.array([[_mean_abs_cosine(fx, fy) for fy in fys] for fx in fxs])
+
+    user_metrics("test_abs_cosine_batched", _mean_abs_cosine, batched=batched)
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(30, 4))
+    xs, ys = _layers(rng, 30, [6, 8], z, [0.1, 1.0]), _layers(rng, 30, [5], z, [0.2])
+    got = layer_pair_scores(xs, ys, metric="test_abs_cosine_batched", k=4)
+    assert calls == [(2, 1, 4)] and got.shape == (2, 1) and got.dtype == np.float64
+    np.testing.assert_allclose(got[:, 0], [_mean_abs_cosine(x, ys[0]) for x in xs], rtol=1e-12)
+
+
+def test_every_builtin_metric_carries_its_batched_form():
+    for name in M.METRICS:
+        form = M.batched_form(name)
+        assert callable(form) and form.__name__ == f"batched_{name}", name
+    with pytest.raises(AnybindError, match="unknown metric 'cka'"):
+        layer_pair_scores([np.eye(5)], [np.eye(5)], metric="cka")

@@ -239,8 +239,10 @@ def test_score_dispatch_and_errors():
     }
     assert M.score("mutual_knn", x, y, k=3) == M.mutual_knn(x, y, k=3)
     assert M.score("linear_cka", x, y, k=3) == M.linear_cka(x, y)
-    with pytest.raises(AnybindError, match="mutual_knn, cycle_knn, linear_cka"):
+    with pytest.raises(AnybindError, match="unknown metric 'cka'.*registered metrics: cknna, cycle_knn, linear_cka"):
         M.score("cka", x, y)
+    with pytest.raises(AnybindError, match=r"unknown metric 'mutual_nn' \(did you mean 'mutual_knn'\?\)"):
+        M.check_metric("mutual_nn")
     with pytest.raises(AnybindError, match="paired row by row"):
         M.linear_cka(x, y[:20])
     with pytest.raises(AnybindError, match="2-D"):

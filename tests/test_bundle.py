@@ -28,18 +28,19 @@ def test_export_load_and_encode_reproduce_the_evaluated_space(trained_run, tmp_p
     out = tmp_path / "bundle"
     assert main(["export", "--run", str(trained_run), "--out", str(out)]) == 0
     info = json.loads((out / "bundle.json").read_text())
-    assert info["blend"]["name"] == "nn-transfer"  # the default recipe blends: the bundle carries it
-    assert {p.name for p in out.iterdir()} >= {"bundle.json", "projectors", "blend", "card.json", "card.md", "recipe.yaml"}
+    assert {p.name for p in out.iterdir()} == {"bundle.json", "model", "card.json", "card.md", "recipe.yaml"}
+    assert info["anchor"] == "image" and info["modalities"]["text"]["dtype"] == "float16"
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))  # no pickles
     model = anybind.load(out)
     assert model.modalities == ["image", "text"]
+    assert model.bound.blended and model.bound.baseline.name == "nn-transfer"  # the default recipe blends
     # raw captions through the bundle == the stored caption features through the evaluated space
     stores = {k: FeatureStore.open(v) for k, v in json.loads((trained_run / "stores.json").read_text()).items()}
     txt = stores["text"]
     rows = np.arange(5)
     captions = _captions(txt, rows, karpathy)
     z = model.encode_text(captions)
-    want = model.space.encode("text", [torch.from_numpy(txt["final"].read(rows)).float()])
+    want = model.bound.encode("text", [torch.from_numpy(txt["final"].read(rows)).float()])
     torch.testing.assert_close(z, torch.nn.functional.normalize(want, dim=1), atol=2e-3, rtol=0)
     assert z.shape == (5, model.dim) and torch.allclose(z.norm(dim=1), torch.ones(5))
     probs = model.classify([np.full((8, 8, 3), 200, np.uint8)], ["red", "green", "blue"])

@@ -59,8 +59,20 @@ def test_options_key_the_cache(table, cache, count_listings):
 
 
 def test_unknown_name_lists_the_builtins(cache):
-    with pytest.raises(DataError, match="openclipart, fashion-mnist, skimage-photos"):
+    # registries list their names sorted
+    with pytest.raises(DataError, match="fashion-mnist, openclipart, skimage-photos"):
         load_dataset("no-such-dataset")
+    with pytest.raises(DataError, match=r"table:PATH, wds:PATTERN"):
+        load_dataset("no-such-dataset")
+
+
+def test_a_typo_gets_a_did_you_mean(table, cache):
+    with pytest.raises(DataError, match=r"unknown dataset 'openclipar' \(did you mean 'openclipart'\?\)"):
+        load_dataset("openclipar")
+    with pytest.raises(DataError, match=r"did you mean 'table:'"):
+        load_dataset("tabel:pairs.csv")
+    with pytest.raises(DataError, match=r"takes no option captoin: it takes .*did you mean 'caption'"):
+        load_dataset(f"table:{table}", captoin="x")
 
 
 def test_unknown_option(table, cache):

@@ -265,3 +265,30 @@ def test_write_report(tmp_path):
     assert "# Evaluation: default, procrustes" in text and "openclipart" in text and "`minilm-l6`" in text
     assert "| cat | 70.0 |" in text and "![recall@k](plots/recall_at_k.png)" in text
     assert "▲ above 0" in text and "plots/training-default.png" in text
+
+
+# ---- files: written whole (anybind.atomic), named safely (anybind.checks.slug) -------------------
+def test_a_failed_results_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "results" / "default.json"
+    write_results(_doc(), path)
+    before = path.read_text()
+    doc = _doc()
+    doc["runs"][0]["info"]["handle"] = object()  # not JSON: fails before the file is touched
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        write_results(doc, path)
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["default.json"]  # no temporary left
+
+
+def test_report_files_have_safe_names_and_no_leftovers(tmp_path):
+    from anybind.evaluate.report import write_report
+
+    a, _ = _two_models()
+    a["model"]["name"] = "my model/v2"
+    a["runs"][0]["per_class"] = {"zeroshot": {"cat": 0.8, "dog": 0.1}}
+    paths = write_report(a, tmp_path / "report")
+    png = paths["per_class/my model/v2/zeroshot"]
+    assert png.parent == tmp_path / "report" / "plots" and png.name == "per-class-my_model_v2-zeroshot.png"
+    _png_ok(png)
+    every = [p.name for p in (tmp_path / "report").rglob("*")]
+    assert not [n for n in every if n.startswith(".")], every  # no temporary files left behind

@@ -266,3 +266,18 @@ def test_non_finite_or_overflowing_features_are_reported_skips(cache):
     assert len(reasons) == 2 * (40 // 5) and all("non-finite" in r for r in reasons)
     assert np.isfinite(store["final"].read()).all()
     assert len(store) + store.manifest["skipped"] == 40
+
+
+def test_layers_auto_reads_the_assessment_and_names_are_canonical(cache, tmp_path):
+    rec = {"recommendation": {"encoders": {"random:text": {"layers": ["layer.2"], "score": 0.5}}}}
+    (tmp_path / "assessment.json").write_text(json.dumps(rec))
+    store = _extract(toy_text_index(), cache, layers="auto", assessment=tmp_path / "assessment.json")
+    assert store.report["layers"] == ["layer.2"]
+    again = _extract(toy_text_index(), cache, layers="2")  # '2' is 'layer.2': the same store, a hit
+    assert again.report["hit"] and again.path == store.path
+
+
+def test_whole_file_writes_leave_no_temporary_files(cache):
+    store = _extract(toy_text_index(), cache)
+    assert not [p.name for p in store.path.iterdir() if p.name.startswith(".")]
+    assert (store.path / "manifest.json").read_text().endswith("}\n")  # written by anybind.atomic

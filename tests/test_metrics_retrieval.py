@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from anybind.errors import AnybindError
-from anybind.metrics import best_positive_rank, chance_recall, recall_at_k, retrieval_metrics
+from anybind.metrics import (
+    best_positive_rank,
+    chance_recall,
+    chance_retrieval_metrics,
+    recall_at_k,
+    retrieval_metrics,
+)
 
 S = 1 / math.sqrt(2)
 
@@ -132,7 +138,7 @@ def test_bad_inputs_are_clear_errors():
     bad[1, 1] = np.nan
     with pytest.raises(AnybindError, match="NaN or inf"):
         retrieval_metrics(IMAGES, bad, TEXT_TO_IMAGE)
-    with pytest.raises(AnybindError, match="k must be an integer >= 1"):
+    with pytest.raises(AnybindError, match="k must be at least 1, not 0"):
         retrieval_metrics(IMAGES, TEXTS, TEXT_TO_IMAGE, ks=(0,))
     with pytest.raises(AnybindError, match="no positive"):
         recall_at_k(np.zeros((2, 2)), np.array([[True, False], [False, False]]), ks=(1,))
@@ -169,5 +175,53 @@ def test_chance_recall_edges_and_per_query_counts():
     assert chance_recall(500_000, 1, 10) == pytest.approx(10 / 500_000)
     with pytest.raises(AnybindError, match="cannot have 4 positives"):
         chance_recall(3, 4, 1)
-    with pytest.raises(AnybindError, match="k must be an integer"):
+    with pytest.raises(AnybindError, match="k must be at least 1, not 0"):
         chance_recall(3, 1, 0)
+
+
+# ---- chance on a split -------------------------------------------------------------------------------
+def test_chance_retrieval_metrics_hand_worked():
+    # 3 images (ids 5, 7, 9) with 2, 1 and 3 captions: 6 captions in all.
+    # image -> text, gallery 6 captions, k=1: (2/6 + 1/6 + 3/6) / 3 = 1/3.
+    #   k=5: p=2 and p=3 cannot miss (k > 6 - p); p=1 misses with C(5,5)/C(6,5) = 1/6.
+    #   So (1 + 5/6 + 1) / 3 = 17/18.
+    # text -> image, gallery 3 images, one positive: k=1 -> 1/3; k=5 -> 1.
+    got = chance_retrieval_metrics(np.array([9, 5, 7, 9, 5, 9]), ks=(1, 5))
+    expected = {
+        "image_to_text_R@1": 1 / 3, "text_to_image_R@1": 1 / 3, "mean_R@1": 1 / 3,
+        "image_to_text_R@5": 17 / 18, "text_to_image_R@5": 1.0, "mean_R@5": (17 / 18 + 1) / 2,
+    }
+    assert list(got) == list(expected)  # the key order of the trainer's chance_metrics
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_chance_retrieval_metrics_one_caption_each_is_k_over_n():
+    got = chance_retrieval_metrics(torch.arange(20), ks=(1, 10))
+    for k in (1, 10):
+        for d in ("image_to_text", "text_to_image", "mean"):
+            assert got[f"{d}_R@{k}"] == pytest.approx(k / 20)
+
+
+def test_chance_retrieval_metrics_matches_random_rankings():
+    # the definition, simulated: random scores ranked by retrieval_metrics' rule
+    rng = np.random.default_rng(1)
+    owner = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 5])
+    expected = chance_retrieval_metrics(owner, ks=(1, 3))
+    n_img, trials = owner.max() + 1, 4000
+    i2t = t2i = 0.0
+    for _ in range(trials):
+        scores = rng.random((n_img, len(owner)))
+        positives = owner[None, :] == np.arange(n_img)[:, None]
+        i2t += recall_at_k(scores, positives, ks=(3,))[3]
+        t2i += recall_at_k(scores.T, positives.T, ks=(3,))[3]
+    assert i2t / trials == pytest.approx(expected["image_to_text_R@3"], abs=0.02)
+    assert t2i / trials == pytest.approx(expected["text_to_image_R@3"], abs=0.02)
+
+
+def test_chance_retrieval_metrics_errors():
+    with pytest.raises(AnybindError, match="non-empty 1-D"):
+        chance_retrieval_metrics(np.array([], dtype=np.int64))
+    with pytest.raises(AnybindError, match="integer anchor ids"):
+        chance_retrieval_metrics(np.array([0.0, 1.0]))
+    with pytest.raises(AnybindError, match="ks is empty"):
+        chance_retrieval_metrics(np.array([0, 1]), ks=())

@@ -1,7 +1,6 @@
 """`anybind run`: run files, the whole pipeline on a small real run, and the cached second run."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from anybind.align.recipe import available_recipes, load_recipe
 from anybind.cli import main
 from anybind.encoders import list_encoders
-from anybind.run import RUNS_DIR, RunFileError, load_run_file
+from anybind.run import RUNS_DIR, RunFile, RunFileError, last_invocation, load_run_file, run_pipeline
 
 REAL = Path("/usr/share/openclipart/png").is_dir() and Path("/usr/share/datasets/fashion-mnist").is_dir()
 
@@ -33,6 +32,8 @@ def test_run_file_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nencoders: {image: {spec: efficientnet-lite0}, text: {spec: minilm-l6}}\nevalute: {}\n")
     with pytest.raises(RunFileError, match="evalute"):
+        load_run_file(bad)
+    with pytest.raises(RunFileError, match="did you mean 'evaluate'"):
         load_run_file(bad)
     bad.write_text("name: x\nencoders: {image: {spec: efficientnet-lite0}}\n")
     with pytest.raises(RunFileError, match="two modalities"):
@@ -80,10 +81,12 @@ evaluate: {probe_sizes: [200, 100], baselines: [nn-transfer]}
     import anybind
 
     assert anybind.load(out / "bundle").encode_text(["a red bird"]).shape[0] == 1
-    # the same file again: every stage cached, no encoder loaded, well within 30 s
-    t0 = time.perf_counter()
+    first = last_invocation(out)
+    assert set(first) == set(stages) and set(first.values()) == {"ran"}, first
+    # the same file again: every stage cached (none re-ran, so no encoder was loaded)
     assert main(["run", str(runfile), "--out", str(out), "-q"]) == 0
-    assert time.perf_counter() - t0 < 30
+    again = last_invocation(out)
+    assert set(again) == set(stages) and set(again.values()) == {"cached"}, again
     this_run = json.loads((out / "report.json").read_text())["this_run"]
     assert all(v == 0.0 for k, v in this_run.items() if k != "report"), this_run
 
@@ -105,10 +108,87 @@ assess: {{enabled: false}}
 recipe: linear
 overrides: [train.max_steps=10, train.val_every=5, train.batch_size=32]
 evaluate: {{suite: custom, zeroshot: "imagenet:{val}", probe: "imagenet:{val}", templates: default,
-           baselines: [nn-transfer]}}
+           baselines: [nn-transfer], sweep_n: [20, all]}}
 """)
-    out = tmp_path / "run"
-    assert main(["run", str(runfile), "--out", str(out), "-q"]) == 0
+    out, own_cache = tmp_path / "run", tmp_path / "own-cache"
+    assert main(["run", str(runfile), "--out", str(out), "--cache", str(own_cache), "-q"]) == 0
     doc = json.loads((out / "eval" / "results" / "linear.json").read_text())
     assert {"retrieval/mean_R@10", "zeroshot/balanced_accuracy", "probe/top1"} <= set(doc["runs"][0]["metrics"])
     assert (out / "report.html").exists() and (out / "bundle" / "bundle.json").exists()
+    # --cache is honoured by every stage, the custom suite's labelled sets included
+    assert not cache.exists() or not any(cache.iterdir()), sorted(cache.rglob("*"))[:5]
+    assert len(list(own_cache.rglob("manifest.json"))) >= 3  # paired images, captions, the labelled set
+    sweep = json.loads((out / "eval" / "sweep-n.json").read_text())
+    assert sweep["schema"] == "anybind.sweep/1" and sweep["key"] == "n"
+    assert [p["value"] for p in sweep["series"]["linear"]] == [20, "all"]
+    assert sweep["series"]["linear"][0]["train_items"] == 20
+    assert main(["run", str(runfile), "--out", str(out), "--cache", str(own_cache), "-q"]) == 0
+    assert set(last_invocation(out).values()) == {"cached"}, last_invocation(out)
+
+
+BASE = """
+name: bad
+data: openclipart
+encoders:
+  image: {spec: "random:image"}
+  text: {spec: "random:text", layers: final}
+assess: {enabled: false}
+recipe: linear
+"""
+
+MISTAKES = {
+    "task typo": ("evaluate: {tasks: [retreival]}", ["evaluate.tasks", "did you mean 'retrieval'"]),
+    "builtin suite on other data": ("data: table:/no/pairs.csv", ["evaluate.suite: builtin", "table:/no/pairs.csv",
+                                                                  "suite: custom"]),
+    "spec does not parse": ('encoders: {image: {spec: "facebook/dinov2-small"}, text: {spec: "random:text"}}',
+                            ["encoders.image.spec", "backend prefix"]),
+    "spec of another modality": ('encoders: {image: {spec: minilm-l6}, text: {spec: "random:text"}}',
+                                 ["encoders.image.spec", "minilm-l6 encodes text"]),
+    "unknown recipe": ("recipe: lineer", ["recipe:", "no recipe 'lineer'"]),
+    "bad override": ("overrides: [loss.bogus=1]", ["overrides:", "loss.bogus"]),
+    "layers typo": ('encoders: {image: {spec: "random:image"}, text: {spec: "random:text", layers: "3,finale"}}',
+                    ["encoders.text.layers", "did you mean 'final'"]),
+    "nested key typo": ('encoders: {image: {spec: "random:image"}, text: {spec: "random:text", layer: final}}',
+                        ["encoders.text.layer", "did you mean 'layers'"]),
+    "unknown anchor": ("anchor: imgae", ["anchor", "did you mean 'image'"]),
+    "unknown baseline": ("evaluate: {baselines: [procrustez]}", ["evaluate.baselines", "did you mean 'procrustes'"]),
+    "unknown assess metric": ("assess: {metric: mutual_nn}", ["assess.metric", "mutual_knn"]),
+    "task without its set": ("data: table:/no/pairs.csv\nevaluate: {suite: custom, tasks: [retrieval, probe]}",
+                             ["evaluate.tasks names probe", "evaluate.probe is not set"]),
+    "dataset prefix typo": ("data: tabel:/no/pairs.csv", ["data: unknown dataset", "did you mean 'table'"]),
+    "fold that is not one": ("evaluate: {folds: [fixd]}", ["evaluate.folds[0]"]),
+    "auto with no assessment": ('encoders: {image: {spec: "random:image", layers: auto}, text: {spec: "random:text"}}',
+                                ["encoders.image.layers: auto", "anybind assess"]),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES), ids=lambda m: m.replace(" ", "-"))
+def test_run_file_mistakes_are_refused_before_any_work(mistake, tmp_path, cache, capsys):
+    change, needles = MISTAKES[mistake]
+    keys = {line.split(":", 1)[0] for line in change.splitlines()}
+    base = "\n".join(line for line in BASE.strip().splitlines() if line.split(":", 1)[0] not in keys
+                     and not (line.startswith("  ") and "encoders" in keys))
+    runfile = tmp_path / "bad.yaml"
+    runfile.write_text(base + "\n" + change + "\n")
+    out = tmp_path / "run"
+    assert main(["run", str(runfile), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists()  # refused before the run folder was made,
+    assert not cache.exists() or not any(cache.iterdir())  # and before anything was listed or extracted
+
+
+def test_a_run_file_built_in_python_is_checked_too(tmp_path, cache):
+    run = RunFile(name="py", data="table:/no/pairs.csv", recipe="linear",
+                  encoders={"image": {"spec": "random:image"}, "text": {"spec": "random:text"}})
+    assert run.anchor == "image" and run.encoders["text"].layers == "final"  # the first modality anchors
+    with pytest.raises(RunFileError, match="evaluate.suite: builtin"):
+        run_pipeline(run, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not cache.exists()
+    with pytest.raises(RunFileError, match="training binds two modalities"):
+        run_pipeline(RunFile(encoders={m: {"spec": f"random:{m}"} for m in ("image", "text", "audio")}),
+                     out=tmp_path / "run")
+    yaml_layers = RunFile(encoders={"image": {"spec": "random:image", "layers": [2, "final"]},
+                                    "text": {"spec": "random:text", "layers": 3}})
+    assert yaml_layers.encoders["image"].layers == "2,final" and yaml_layers.encoders["text"].layers == "3"

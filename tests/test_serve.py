@@ -118,6 +118,31 @@ def test_a_corrupt_image_is_skipped_and_reported(served, capsys):
     assert len(idx) == 59 and "1013" not in idx.item_ids and idx.info["skipped_items"][0]["item_id"] == "1013"
 
 
+def test_overwrite_replaces_an_index_only_once_the_new_one_is_complete(served, monkeypatch):
+    import anybind.serve.index as index_module
+
+    data = f"karpathy:{served.karpathy}"
+    foreign = served.root / "not-an-index"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(VectorIndexError, match="not an anybind index"):  # refused before any work
+        build_index(served.model, data, foreign, overwrite=True, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    target = served.root / "index-replaced"
+    assert build_index(served.model, data, target, kind="flat", progress=False).kind == "flat"
+
+    def broken(vectors, kind):
+        raise RuntimeError("killed while building")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(index_module, "_make_index", broken)
+        with pytest.raises(RuntimeError, match="killed"):
+            build_index(served.model, data, target, kind="hnsw", overwrite=True, progress=False)
+    assert VectorIndex.load(target).kind == "flat"  # the old index is intact
+    assert build_index(served.model, data, target, kind="hnsw", overwrite=True, progress=False).kind == "hnsw"
+    assert not [p.name for p in served.root.iterdir() if p.name.startswith(".")]  # no staged leftovers
+
+
 def test_an_index_refuses_a_bundle_that_changed(served):
     other = served.root / "bundle-edited"
     shutil.copytree(served.bundle, other)

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from . import atomic
+
 
 def hash_obj(obj, n: int = 16) -> str:
     """sha256 of the canonical JSON of `obj`, first `n` hex digits."""
@@ -40,10 +42,8 @@ def hash_file(path: str | os.PathLike) -> str:
     memo[key] = digest
     try:  # best effort: a read-only cache only costs a re-hash
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_file)
-    except OSError:
+        atomic.write_json(memo_file, memo, indent=None)
+    except OSError:  # WriteError is an OSError too
         pass
     return digest
 

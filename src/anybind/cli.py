@@ -1,7 +1,9 @@
 """The `anybind` command: a thin map from verbs to library functions.
 
-Every verb parses its arguments and calls one function; `main(argv)` takes an argument list so
-tests call the CLI exactly as a shell would.
+Every verb parses its arguments and calls one library function; `main(argv)` takes an argument
+list so tests call the CLI exactly as a shell would. Choices and help that name pluggable parts
+(encoders, datasets, baselines, metrics, projectors, losses, corrections) are read from their
+registries, when help is printed, so a new part shows up here without touching this file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import AnybindError
 
@@ -32,6 +35,85 @@ EPILOG = """examples:
 """
 
 
+# ---- registries: names and help for choices ----------------------------------------------------------
+def registry_names(registry: Any) -> list[str]:
+    """The names in a registry: a `Registry` (``names()``) or a plain mapping of name -> part."""
+    return list(registry.names()) if hasattr(registry, "names") else sorted(registry)
+
+
+def registry_entries(registry: Any) -> list[tuple[str, str]]:
+    """(name, one line of help) for every part of a `Registry` or a plain mapping."""
+    if hasattr(registry, "describe"):
+        return [(e.name, e.help) for e in registry.describe()]
+    return [(name, _first_line(registry[name])) for name in sorted(registry)]
+
+
+def _first_line(part: Any) -> str:
+    text = "" if isinstance(part, str) else getattr(part, "description", None) or getattr(part, "__doc__", None)
+    return (text or "").strip().split("\n")[0].strip()
+
+
+def check_name(kind: str, value: str, registry: Any) -> str:
+    """`value` when the registry has it, else a clear error with a did-you-mean and the choices."""
+    from .checks import choice
+
+    return choice(kind, value, registry_names(registry), error=AnybindError)
+
+
+def _names_help(prefix: str, registry: Any, suffix: str = "") -> str:
+    return f"{prefix}{', '.join(registry_names(registry))}{suffix}"
+
+
+def _encoder_help() -> str:
+    from .encoders.registry import BACKENDS, PACKAGED
+
+    return (_names_help("encoder spec: packaged ", PACKAGED, ", or ")
+            + ", ".join(f"{b}:NAME" for b in registry_names(BACKENDS)) + " (`anybind encoders` lists them)")
+
+
+def _dataset_help() -> str:
+    from .run import dataset_forms
+
+    builtins, prefixes = dataset_forms()
+    return f"dataset: {', '.join(builtins)}, or {', '.join(p + ':PATH' for p in prefixes)}"
+
+
+def _models_help() -> str:
+    from .align import available_recipes
+    from .align.baselines import BASELINES
+
+    return (f"comma list of recipes ({', '.join(available_recipes())}, or YAML files) and training-free "
+            + _names_help("baselines (", BASELINES, ")"))
+
+
+def _metric_help() -> str:
+    from .assess.metrics import METRICS
+
+    return _names_help("alignability metric: ", METRICS, " (default mutual_knn)")
+
+
+def _set_help() -> str:
+    from .align.corrections import CORRECTIONS
+    from .align.losses import LOSSES
+    from .align.projectors import PROJECTORS
+
+    return ("override a recipe setting, e.g. loss.structure_weight=5 or train.batch_size=2048; "
+            + _names_help("projectors: ", PROJECTORS) + _names_help("; losses: ", LOSSES)
+            + _names_help("; corrections: ", CORRECTIONS))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Help given as a function is filled in only when help is printed: parsing a verb's
+    arguments imports no registry (and so no torch)."""
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            if callable(action.help):
+                action.help = action.help().replace("%", "%%")
+        return super().format_help()
+
+
+# ---- small parsing helpers -------------------------------------------------------------------------------
 def _table(rows: list[dict], columns: Sequence[str]) -> str:
     """Plain aligned text table."""
     if not rows:
@@ -42,206 +124,38 @@ def _table(rows: list[dict], columns: Sequence[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-# ---- verbs ------------------------------------------------------------------------------------------
-def cmd_encoders(args) -> int:
-    """List packaged encoders and backends; with SPEC, load it and show its layers."""
-    from .encoders import create_encoder, list_encoders
-
-    if args.spec:
-        enc = create_encoder(args.spec)
-        info = enc.describe()
-        if args.json:
-            print(json.dumps(info, indent=1))
-            return 0
-        print(f"{info['spec']}  ({info['modality']}, licence {info['licence']}, poolings {', '.join(info['poolings'])})")
-        print(_table([{"layer": k, "dim": v} for k, v in info["layers"].items()], ["layer", "dim"]))
-        return 0
-    rows = list_encoders()
-    for r in rows:
-        r["installed"] = "yes" if r["installed"] else "no"
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(_table(rows, ["spec", "modality", "installed", "layers", "licence", "install"]))
-        print("\n`anybind encoders SPEC` loads one and lists its layers and dims.")
-    return 0
-
-
-def cmd_datasets(args) -> int:
-    """List built-in datasets and the dataset spec forms; with SPEC, list it and show a summary."""
-    from .data import list_datasets, load_dataset
-
-    if args.spec:
-        index = load_dataset(args.spec, cache=args.cache, refresh=args.refresh)
-        print(json.dumps(index.summary(), indent=1))
-        return 0
-    rows = list_datasets()
-    print(json.dumps(rows, indent=1) if args.json else _table(rows, [c for c in rows[0] if c != "fields"] if rows else []))
-    print("\nAlso: table:PATH (csv/tsv/jsonl/parquet), folder:PATH (class sub-folders), wds:PATH (tar shards).")
-    return 0
-
-
-def cmd_extract(args) -> int:
-    """Run an encoder over a dataset field into the feature cache (resumable; a repeat is a cache hit)."""
-    from .features import extract
-
-    store = extract(
-        args.encoder, args.data, field=args.field, layers=args.layers, pooling=args.pooling,
-        precision=args.precision, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.workers,
-        shard_size=args.shard_size, cache=args.cache, out=args.out, device=args.device,
-        progress=not args.quiet, assessment=args.assessment,
-    )
-    if store is None:  # a non-zero torchrun rank: its shards are written, rank 0 merges
-        return 0
-    r = store.report
-    status = "cache hit" if r["hit"] else f"extracted in {r['seconds']:.1f}s"
-    print(f"{status}: {len(store)} rows x layers {', '.join(f'{k}({v})' for k, v in store.layers.items())}, "
-          f"{r['skipped']} skipped, {r['precision']} compute, {store.dtype} stored")
-    print(store.path)
-    return 0
-
-
-def _resolve_store(side: str, value: str, layers: list[str] | None, cache, progress: bool):
-    """A store folder, or ENCODER+DATASET: the cached store of that pair (extracted if missing)."""
-    from pathlib import Path
-
-    from .features import FeatureStore, extract
-
-    if Path(value).is_dir():
-        return FeatureStore.open(value)
-    encoder, sep, data = value.rpartition("+")
-    if not sep or not encoder or not data:
-        raise AnybindError(f"--store {side}={value}: give a store folder, or ENCODER+DATASET "
-                           "(e.g. image=efficientnet-lite0+openclipart)")
-    return extract(encoder, data, layers=layers or ["final"], cache=cache, progress=progress)
-
-
-def _side_values(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
+def side_items(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
+    """Repeated ``SIDE=VALUE`` options (``--store image=...``) as (side, value) pairs, in order."""
+    out = []
     for item in items or []:
         side, sep, value = item.partition("=")
-        if not sep or not side or not value:
+        if not sep or not side.strip() or not value.strip():
             raise AnybindError(f"{flag} takes SIDE=VALUE (e.g. image=...), not {item!r}")
-        out[side] = value
+        out.append((side.strip(), value.strip()))
     return out
 
 
-def cmd_train(args) -> int:
-    """Train projectors that bind two feature stores into one space, with a recipe."""
-    from datetime import datetime
-
-    from .align import load_recipe
-    from .align.trainer import format_result, train
-
-    recipe = load_recipe(args.recipe, args.set)
-    stores_arg = _side_values(args.store, "--store")
-    if len(stores_arg) != 2:
-        raise AnybindError("give two stores: --store image=STORE --store text=STORE "
-                           "(a store folder, or ENCODER+DATASET such as minilm-l6+openclipart)")
-    layers = {k: [s for s in v.split(",") if s] for k, v in _side_values(args.layers, "--layers").items()}
-    stores = {}
-    for side, value in stores_arg.items():
-        if layers.get(side) == ["auto"]:  # the layer the latest assessment recommends for this encoder
-            from pathlib import Path
-
-            from .assess import auto_layers
-            from .features import FeatureStore
-
-            spec = FeatureStore.open(value).key["encoder"]["spec"] if Path(value).is_dir() else value.rpartition("+")[0]
-            layers[side] = auto_layers(spec, args.assessment, args.cache)
-        stores[side] = _resolve_store(side, value, layers.get(side), args.cache, not args.quiet)
-    if layers:  # a store of several layers: pick the names the user gave (canonical forms)
-        layers = {k: [f"layer.{x}" if x.isdigit() else x for x in v] for k, v in layers.items()}
-    out = args.out or f"runs/{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    result = train(recipe, stores, out=out, layers=layers or None, device=args.device,
-                   resume=not args.restart, progress=not args.quiet)
-    print(format_result(result))
-    print(f"\n{result.steps} steps in {result.seconds:.0f}s"
-          + (" (stopped early)" if result.stopped_early else "")
-          + f"; best model: {result.out / 'best'}; log: {result.out / 'metrics.jsonl'}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    """Evaluate models on the built-in suite over group folds x seeds, compare them, or sweep a setting.
-
-    The suite: openclipart retrieval (group folds, with a near-duplicate leakage check), zero-shot
-    over curated openclipart noun classes (balanced accuracy), and a linear probe on Fashion-MNIST
-    (10k/2k). Models are recipes (trained per fold and seed) or training-free baselines
-    (procrustes, cca, asif, nn-transfer). With --tune each model first gets the same small grid,
-    scored on a validation split only. Every result is logged under --out keyed by its settings,
-    so an interrupted evaluation resumes and a finished one is read back instantly.
-    """
-    from pathlib import Path
-
-    from .evaluate import report as rep
-    from .evaluate import results as res
-
-    if args.compare:
-        docs = [res.read_results(p) for p in args.compare]
-        print(rep.compare_table(docs, args.reference, args.metric))
-        if args.out:
-            print(f"\nreport: {rep.write_report(docs, args.out, reference=args.reference, metric=args.metric)['report']}")
-        return 0
-
-    from .align.baselines import BASELINES
-    from .evaluate.protocol import Grid, ModelSpec, baseline_spec, compare_models, sweep
-    from .evaluate.suite import Suite
-
-    layers = {k: [f"layer.{x}" if x.isdigit() else x for x in v.split(",") if x]
-              for k, v in _side_values(args.layers, "--layers").items()}
-    specs = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name in BASELINES:
-            specs.append(baseline_spec(name))
-        else:
-            specs.append(ModelSpec(Path(name).stem, recipe=name, overrides=tuple(args.set)))
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if args.data or args.zeroshot or args.probe:  # a suite of the user's datasets
-        suite = Suite.from_datasets(args.image, args.text, args.data or "openclipart", zeroshot=args.zeroshot,
-                                    probe=args.probe, templates=args.templates or "default", layers=layers or None,
-                                    cache=args.cache, progress=not args.quiet)
-        tasks = tuple(t for t in tasks if (t != "zeroshot" or args.zeroshot) and (t != "probe" or args.probe))
-    else:
-        suite = Suite.builtin(args.image, args.text, layers or None, cache=args.cache, probe="probe" in tasks,
-                              progress=not args.quiet)
-    out = Path(args.out or "evals/builtin")
-    folds, seeds = _count_or_list(args.folds), _count_or_list(args.seeds)
-    if args.sweep:
-        from .evaluate.plots import plot_sweep
-
-        key, _, raw = args.sweep.partition("=")
-        values = [v for v in raw.split(",") if v]
-        if not key or not values:
-            raise AnybindError("--sweep takes KEY=V1,V2,... e.g. n=500,1000,2000,all or loss.structure_weight=0,1,10")
-        series, table = {}, []
-        for spec in specs:
-            points = sweep(spec, suite, key.strip(), values, out, folds=folds, seeds=seeds, metric=args.metric,
-                           tasks=tasks, progress=not args.quiet)
-            x = [p["train_items"] if key.strip() == "n" else float(p["value"]) for p in points]
-            series[spec.name] = [{"value": xv, "mean": p["mean"], "sd": p["sd"]} for xv, p in zip(x, points, strict=True)]
-            table += [{"model": spec.name, key: p["value"], "train items": p["train_items"], "runs": p["n_runs"],
-                       args.metric: f"{100 * p['mean']:.1f} ± {100 * p['sd']:.1f}"} for p in points]
-        png = plot_sweep(series, out / f"sweep-{_slug(key)}.png", xlabel="training items" if key == "n" else key,
-                         ylabel=args.metric, log_x=key == "n")
-        (out / f"sweep-{_slug(key)}.json").write_text(json.dumps({"key": key, "metric": args.metric, "series": series,
-                                                                  "folds": list(folds), "seeds": list(seeds)}, indent=1))
-        print(_table(table, ["model", key, "train items", "runs", args.metric]))
-        print(f"\nplot: {png}")
-        return 0
-    docs = compare_models(specs, suite, out, folds=folds, seeds=seeds, grid=Grid() if args.tune else None,
-                          tasks=tasks, progress=not args.quiet)
-    reference = args.reference if args.reference in {d["model"]["name"] for d in docs} else None
-    metric = args.metric if all(args.metric in r["metrics"] for d in docs for r in d["runs"]) else "retrieval/mean_R@10"
-    print(rep.compare_table(docs, reference, metric))
-    shares = [r["info"]["leakage_share"] for r in docs[0]["runs"] if "leakage_share" in r["info"]]
-    if shares:
-        share = max(shares)
-        print(f"\nleakage: up to {share:.1%} of a test fold's images have a near-duplicate (cosine > 0.9) in train"
-              + ("  WARNING: above 5%, retrieval is flattered; regroup the dataset" if share > 0.05 else ""))
-    paths = rep.write_report(docs, out, reference=reference, metric=metric)
-    print(f"\nresults: {out / 'results'}/*.json; report: {paths['report']}")
-    return 0
+def per_modality(items: str | Sequence[str] | None, flag: str = "--layers") -> dict[str, str]:
+    """Per-modality layer settings: ``image=8,final`` (repeatable) or ``image=8,final,text=3`` ->
+    {"image": "8,final", "text": "3"}. A token with '=' starts a modality; the rest continue it."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for item in [items] if isinstance(items, str) else items or []:
+        for token in (t.strip() for t in item.split(",")):
+            if "=" in token:
+                current, _, first = (s.strip() for s in token.partition("="))
+                if not current or current in out:
+                    raise AnybindError(f"{flag}: {'a modality is named twice' if current else 'no modality'} "
+                                       f"in {item!r}; give MODALITY=LAYERS, e.g. image=8,final")
+                out[current] = [first] if first else []
+            elif current is None:
+                raise AnybindError(f"{flag} takes MODALITY=LAYERS (e.g. image=8,final), not {item!r}")
+            elif token:
+                out[current].append(token)
+    empty = [m for m, v in out.items() if not v]
+    if empty:
+        raise AnybindError(f"{flag}: no layers for {', '.join(empty)}: give e.g. {empty[0]}=final")
+    return {m: ",".join(v) for m, v in out.items()}
 
 
 def _count_or_list(text: str) -> list[int]:
@@ -259,49 +173,104 @@ def _count_or_list(text: str) -> list[int]:
     return vals
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+def _device(name: str | None):
+    from .device import select_device
+
+    return select_device(name)
 
 
-def cmd_run(args) -> int:
-    """Run a whole experiment from a run file: extract -> assess -> train + evaluate -> export -> report.
+# ---- verbs: encoders, data, features ---------------------------------------------------------------------
+def cmd_encoders(args) -> int:
+    """List packaged encoders and backends; with SPEC, load it and show its layers."""
+    from .encoders import create_encoder, list_encoders
 
-    Every stage is cached (features in the cache, stage outputs in the run folder), so running the
-    same file again loads no encoder, and a killed run resumes where it stopped. With no file, the
-    built-in `default` run: efficientnet-lite0 + minilm-l6 on openclipart, the built-in suite.
-    """
-    from .run import load_run_file, run_pipeline
-
-    run = load_run_file(args.runfile)
-    out = run_pipeline(run, out=args.out, cache=args.cache, progress=not args.quiet)
-    stages = json.loads((out / "stages.json").read_text())
-    print(_table([{"stage": k, "seconds (first)": v.get("seconds")} for k, v in stages.items()], ["stage", "seconds (first)"]))
-    print(f"\nreport: {out / 'report.html'} (and report.md)"
-          + (f"\nbundle: {out / 'bundle'}" if (out / "bundle").exists() else ""))
+    if args.spec:
+        info = create_encoder(args.spec).describe()
+        if args.json:
+            print(json.dumps(info, indent=1))
+            return 0
+        print(f"{info['spec']}  ({info['modality']}, licence {info['licence']}, poolings {', '.join(info['poolings'])})")
+        print(_table([{"layer": k, "dim": v} for k, v in info["layers"].items()], ["layer", "dim"]))
+        return 0
+    rows = [{**r, "installed": "yes" if r["installed"] else "no"} for r in list_encoders()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(_table(rows, ["spec", "modality", "installed", "layers", "licence", "install"]))
+        print("\n`anybind encoders SPEC` loads one and lists its layers and dims.")
     return 0
 
 
-def cmd_export(args) -> int:
-    """Write a trained run as a bundle: encoder specs, projectors, blend and correction, model card."""
-    from .bundle import export_bundle, load
+def cmd_datasets(args) -> int:
+    """List built-in datasets and the dataset spec forms; with SPEC, list it and show a summary."""
+    from .data import list_datasets, load_dataset
+    from .run import dataset_forms
 
-    out = export_bundle(args.run, args.out, results=args.results, overwrite=args.overwrite)
-    model = load(out)
-    encoders = ", ".join(f"{m}={v['encoder']}" for m, v in model.info["modalities"].items())
-    print(f"bundle: {out}  ({encoders}; dim {model.dim})\nload it with: anybind.load({str(out)!r})")
+    if args.spec:
+        index = load_dataset(args.spec, cache=args.cache, refresh=args.refresh)
+        print(json.dumps(index.summary(), indent=1))
+        return 0
+    rows = list_datasets()
+    print(json.dumps(rows, indent=1) if args.json else _table(rows, [c for c in rows[0] if c != "fields"] if rows else []))
+    print("\nAlso: " + ", ".join(f"{p}:PATH" for p in dataset_forms()[1]) + " (`anybind datasets SPEC` summarises one).")
     return 0
+
+
+def cmd_extract(args) -> int:
+    """Run an encoder over a dataset field into the feature cache (resumable; a repeat is a cache hit)."""
+    from .features import extract
+
+    store = extract(
+        args.encoder, args.data, field=args.field, layers=args.layers, pooling=args.pooling,
+        precision=args.precision, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.workers,
+        shard_size=args.shard_size, cache=args.cache, out=args.out, device=_device(args.device),
+        progress=not args.quiet, assessment=args.assessment,
+    )
+    if store is None:  # a non-zero torchrun rank: its shards are written, rank 0 merges
+        return 0
+    r = store.report
+    status = "cache hit" if r["hit"] else f"extracted in {r['seconds']:.1f}s"
+    print(f"{status}: {len(store)} rows x layers {', '.join(f'{k}({v})' for k, v in store.layers.items())}, "
+          f"{r['skipped']} skipped, {r['precision']} compute, {store.dtype} stored")
+    print(store.path)
+    return 0
+
+
+def open_store(side: str, value: str, layers: str | None, cache, progress: bool, assessment=None):
+    """A store folder, or ENCODER+DATASET: the cached store of that pair holding `layers`
+    (extracted if missing)."""
+    from pathlib import Path
+
+    from .features import FeatureStore, extract
+
+    if Path(value).is_dir():
+        return FeatureStore.open(value)
+    encoder, sep, data = value.rpartition("+")
+    if not sep or not encoder or not data:
+        raise AnybindError(f"--store {side}={value}: give a store folder, or ENCODER+DATASET "
+                           "(e.g. image=efficientnet-lite0+openclipart)")
+    return extract(encoder, data, layers=layers or "final", assessment=assessment, cache=cache, progress=progress)
+
+
+def store_layers(side: str, store, text: str | None, assessment=None, cache=None) -> list[str] | None:
+    """The canonical layers `text` names among a store's (None when no layers were given)."""
+    from .features.layers import resolve_layers
+
+    if not text:
+        return None
+    return resolve_layers(text, store.layers, assessment, modality=side,
+                          encoder=store.key["encoder"]["spec"], cache=cache)
 
 
 def cmd_assess(args) -> int:
     """Rank candidate encoders and layers by alignability on paired features, before training."""
     from .assess import assess
+    from .assess.metrics import METRICS
 
+    check_name("--metric", args.metric, METRICS)
     stores: dict[str, list] = {}
-    for item in args.store:
-        side, sep, value = item.partition("=")
-        if not sep or not side or not value:
-            raise AnybindError(f"--store takes SIDE=STORE, not {item!r}")
-        stores.setdefault(side, []).append(_resolve_store(side, value, ["all"], args.cache, not args.quiet))
+    for side, value in side_items(args.store, "--store"):
+        stores.setdefault(side, []).append(open_store(side, value, "all", args.cache, not args.quiet))
     if len(stores) != 2:
         raise AnybindError("give stores for two sides, e.g. --store image=A --store image=B --store text=C")
     k = int(args.k) if str(args.k).isdigit() else args.k
@@ -316,6 +285,47 @@ def cmd_assess(args) -> int:
     return 0
 
 
+# ---- verbs: training and recipes -------------------------------------------------------------------------
+def train_inputs(args) -> tuple[dict, dict | None]:
+    """The two stores of `anybind train` and the layers each side reads (resolved on the store)."""
+    pairs = side_items(args.store, "--store")
+    if len(pairs) != 2 or len({s for s, _ in pairs}) != 2:
+        raise AnybindError("give two stores: --store image=STORE --store text=STORE "
+                           "(a store folder, or ENCODER+DATASET such as minilm-l6+openclipart)")
+    texts = per_modality(args.layers or [])
+    unknown = set(texts) - {s for s, _ in pairs}
+    if unknown:
+        raise AnybindError(f"--layers names {', '.join(sorted(unknown))}, which has no --store")
+    stores, layers = {}, {}
+    for side, value in pairs:
+        stores[side] = open_store(side, value, texts.get(side), args.cache, not args.quiet, args.assessment)
+        chosen = store_layers(side, stores[side], texts.get(side), args.assessment, args.cache)
+        if chosen:
+            layers[side] = chosen
+    return stores, layers or None
+
+
+def cmd_train(args) -> int:
+    """Train projectors that bind two feature stores into one space, with a recipe."""
+    from datetime import datetime
+
+    from .align import load_recipe
+    from .align.trainer import format_result, train
+    from .checks import slug
+
+    recipe = load_recipe(args.recipe, args.set)
+    device = _device(args.device)
+    stores, layers = train_inputs(args)
+    out = args.out or f"runs/{slug(recipe.name)}-{datetime.now():%Y%m%d-%H%M%S}"
+    result = train(recipe, stores, out=out, layers=layers, device=device, resume=not args.restart,
+                   progress=not args.quiet)
+    print(format_result(result))
+    print(f"\n{result.steps} steps in {result.seconds:.0f}s"
+          + (" (stopped early)" if result.stopped_early else "")
+          + f"; best model: {result.out / 'best'}; log: {result.out / 'metrics.jsonl'}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     """List the built-in recipes, or print one (resolved, with --set overrides) as YAML."""
     from .align import available_recipes, load_recipe
@@ -327,12 +337,166 @@ def cmd_recipes(args) -> int:
         return 0
     rows = []
     for name in available_recipes():
-        r = load_recipe(name)
-        proj = ", ".join(f"{k}: {v['name']}" for k, v in r.projector.items())
-        rows.append({"recipe": name, "projector": proj, "loss": r.loss.name
-                     + (f" + STRUCTURE x{r.loss.structure_weight:g}" if r.loss.structure_weight else ""),
-                     "description": " ".join(r.description.split())[:70]})
+        r = load_recipe(name).to_dict()
+        weight = r["loss"].get("structure_weight")
+        rows.append({"recipe": name, "projector": ", ".join(f"{k}: {v['name']}" for k, v in r["projector"].items()),
+                     "loss": r["loss"]["name"] + (f" + STRUCTURE x{weight:g}" if weight else ""),
+                     "description": " ".join(r["description"].split())[:70]})
     print(_table(rows, ["recipe", "projector", "loss", "description"]))
+    return 0
+
+
+# ---- verbs: evaluation -----------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    """Evaluate models on the built-in suite over group folds x seeds, compare them, or sweep a setting.
+
+    The suite: openclipart retrieval (group folds, with a near-duplicate leakage check), zero-shot
+    over curated openclipart noun classes (balanced accuracy), and a linear probe on Fashion-MNIST
+    (10k/2k). Models are recipes (trained per fold and seed) or training-free baselines
+    (procrustes, cca, asif, nn-transfer). With --tune each model first gets the same small grid,
+    scored on a validation split only. Every result is logged under --out keyed by its settings,
+    so an interrupted evaluation resumes and a finished one is read back instantly.
+    """
+    if args.compare:
+        return _eval_compare_files(args)
+    from pathlib import Path
+
+    specs = model_specs(args.models, args.set)
+    sweep = None
+    if args.sweep:
+        from .evaluate.sweeps import parse_sweep
+
+        sweep = parse_sweep(args.sweep)  # checked before any store is extracted
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    suite, tasks = eval_suite(args, tasks)
+    out = Path(args.out or "evals/builtin")
+    folds, seeds = _count_or_list(args.folds), _count_or_list(args.seeds)
+    if sweep:
+        return _eval_sweep(args, specs, suite, sweep, out, folds, seeds, tasks)
+    return _eval_models(args, specs, suite, out, folds, seeds, tasks)
+
+
+def _eval_compare_files(args) -> int:
+    from .evaluate import report as rep
+    from .evaluate import results as res
+
+    docs = [res.read_results(p) for p in args.compare]
+    print(rep.compare_table(docs, args.reference, args.metric))
+    if args.out:
+        print(f"\nreport: {rep.write_report(docs, args.out, reference=args.reference, metric=args.metric)['report']}")
+    return 0
+
+
+def model_specs(models: str, overrides: Sequence[str]) -> list:
+    """`--models`: recipes (names or YAML files) and training-free baselines, by registry."""
+    from pathlib import Path
+
+    from .align.baselines import BASELINES
+    from .evaluate.protocol import ModelSpec, baseline_spec
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise AnybindError("--models is empty: name recipes and baselines, e.g. default,nn-transfer")
+    return [baseline_spec(n) if n in BASELINES else ModelSpec(Path(n).stem, recipe=n, overrides=tuple(overrides))
+            for n in names]
+
+
+def eval_layers(args) -> dict[str, list[str]] | None:
+    """`--layers` of `anybind eval`, canonical for the suite's encoders (auto reads the assessment)."""
+    from .errors import LayerError
+    from .features.layers import resolve_layers
+
+    texts = per_modality(args.layers or [])
+    specs = {"image": args.image, "text": args.text}
+    unknown = set(texts) - set(specs)
+    if unknown:
+        raise AnybindError(f"--layers names {', '.join(sorted(unknown))}; the suite has image and text")
+    out = {}
+    for side, text in texts.items():
+        try:  # names need no encoder; 'all', 'last' and negative indexes need its layer names
+            out[side] = resolve_layers(text, None, args.assessment, modality=side, encoder=specs[side], cache=args.cache)
+        except LayerError:
+            from .encoders import create_encoder
+
+            names = create_encoder(specs[side]).layer_dims
+            out[side] = resolve_layers(text, names, args.assessment, modality=side, encoder=specs[side], cache=args.cache)
+    return out or None
+
+
+def eval_suite(args, tasks: tuple[str, ...]):
+    """The suite `anybind eval` scores on (the built-in one, or the user's datasets) and the tasks
+    it can run."""
+    from .evaluate.suite import Suite
+
+    layers = eval_layers(args)
+    if args.data or args.zeroshot or args.probe:  # a suite of the user's datasets
+        suite = Suite.from_datasets(args.image, args.text, args.data or "openclipart", zeroshot=args.zeroshot,
+                                    probe=args.probe, templates=args.templates or "default", layers=layers,
+                                    cache=args.cache, progress=not args.quiet)
+        return suite, tuple(t for t in tasks if (t != "zeroshot" or args.zeroshot) and (t != "probe" or args.probe))
+    suite = Suite.builtin(args.image, args.text, layers, cache=args.cache, probe="probe" in tasks,
+                          progress=not args.quiet)
+    return suite, tasks
+
+
+def _eval_sweep(args, specs, suite, sweep: tuple[str, list[str]], out, folds, seeds, tasks) -> int:
+    from .evaluate.sweeps import sweep_models, sweep_rows, write_sweep
+
+    key, values = sweep
+    doc = sweep_models(specs, suite, key, values, out, folds=folds, seeds=seeds, metric=args.metric, tasks=tasks,
+                       progress=not args.quiet)
+    paths = write_sweep(doc, out)
+    print(_table(sweep_rows(doc), ["model", key, "train items", "runs", args.metric]))
+    print(f"\nplot: {paths['png']}\nresults: {paths['json']}")
+    return 0
+
+
+def _eval_models(args, specs, suite, out, folds, seeds, tasks) -> int:
+    from .evaluate import report as rep
+    from .evaluate.protocol import Grid, compare_models
+
+    docs = compare_models(specs, suite, out, folds=folds, seeds=seeds, grid=Grid() if args.tune else None,
+                          tasks=tasks, progress=not args.quiet)
+    reference = args.reference if args.reference in {d["model"]["name"] for d in docs} else None
+    metric = args.metric if all(args.metric in r["metrics"] for d in docs for r in d["runs"]) else "retrieval/mean_R@10"
+    print(rep.compare_table(docs, reference, metric))
+    shares = [r["info"]["leakage_share"] for r in docs[0]["runs"] if "leakage_share" in r["info"]]
+    if shares:
+        share = max(shares)
+        print(f"\nleakage: up to {share:.1%} of a test fold's images have a near-duplicate (cosine > 0.9) in train"
+              + ("  WARNING: above 5%, retrieval is flattered; regroup the dataset" if share > 0.05 else ""))
+    paths = rep.write_report(docs, out, reference=reference, metric=metric)
+    print(f"\nresults: {out / 'results'}/*.json; report: {paths['report']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Run a whole experiment from a run file: extract -> assess -> train + evaluate -> export -> report.
+
+    The run file is checked whole first: a mistake is refused, naming its key, before any work.
+    Every stage is cached (features in the cache, stage outputs in the run folder), so running the
+    same file again loads no encoder, and a killed run resumes where it stopped. With no file, the
+    built-in `default` run: efficientnet-lite0 + minilm-l6 on openclipart, the built-in suite.
+    """
+    from .run import last_invocation, load_run_file, run_pipeline
+
+    run = load_run_file(args.runfile)
+    out = run_pipeline(run, out=args.out, cache=args.cache, progress=not args.quiet)
+    stages = json.loads((out / "stages.json").read_text())
+    status = last_invocation(out)
+    print(_table([{"stage": k, "seconds (first)": v.get("seconds"), "this run": status.get(k, "")}
+                  for k, v in stages.items()], ["stage", "seconds (first)", "this run"]))
+    print(f"\nreport: {out / 'report.html'} (and report.md)"
+          + (f"\nbundle: {out / 'bundle'}" if (out / "bundle").exists() else ""))
+    return 0
+def cmd_export(args) -> int:
+    """Write a trained run as a bundle: encoder specs, projectors, blend and correction, model card."""
+    from .bundle import export_bundle, load
+
+    out = export_bundle(args.run, args.out, results=args.results, overwrite=args.overwrite)
+    model = load(out)
+    encoders = ", ".join(f"{m}={v['encoder']}" for m, v in model.info["modalities"].items())
+    print(f"bundle: {out}  ({encoders}; dim {model.dim})\nload it with: anybind.load({str(out)!r})")
     return 0
 
 
@@ -379,7 +543,7 @@ def cmd_index(args) -> int:
     from .serve.index import build_index
 
     idx = build_index(args.bundle, args.data, args.out, kind=args.kind, modality=args.modality, field=args.field,
-                      cache=args.cache, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                      cache=args.cache, batch_size=args.batch_size, num_workers=args.workers, device=_device(args.device),
                       progress=not args.quiet, overwrite=args.overwrite)
     info = idx.info
     print(f"index: {idx.path}  ({info['kind']}, {len(idx)} {info['modality']} items of {info['dataset']}, dim {idx.dim}"
@@ -421,41 +585,39 @@ def cmd_serve(args) -> int:
     return 0
 
 
-# ---- the parser ---------------------------------------------------------------------------------------
+
+
+# ---- the parser ------------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help="cache root (default $ANYBIND_CACHE or ~/.cache/anybind)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="anybind", description="Bind frozen pretrained encoders into one shared embedding space.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    from . import __version__
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when a GPU is visible, this rank's under torchrun), cpu, cuda, cuda:N")
 
-    parser.add_argument("--version", action="version", version=f"anybind {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
-    def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_common(p)
-        p.set_defaults(fn=fn)
-        return p
-
+def _listing_args(verb: Callable) -> None:
     p = verb("encoders", cmd_encoders, "list encoders, or show one encoder's layers")
     p.add_argument("spec", nargs="?", help="an encoder spec, e.g. minilm-l6 or hf:/path/to/model")
     p.add_argument("--json", action="store_true")
 
     p = verb("datasets", cmd_datasets, "list built-in datasets, or summarise one")
-    p.add_argument("spec", nargs="?", help="a dataset spec, e.g. openclipart or table:pairs.csv")
+    p.add_argument("spec", nargs="?", help=_dataset_help)
     p.add_argument("--refresh", action="store_true", help="list the dataset again even if cached")
     p.add_argument("--json", action="store_true")
 
+    p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
+    p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_set_help)
+
+
+def _extract_args(verb: Callable) -> None:
     p = verb("extract", cmd_extract, "cache an encoder's features over a dataset")
-    p.add_argument("--encoder", "-e", required=True, help="encoder spec: efficientnet-lite0, minilm-l6, hf:NAME, st:NAME, timm:NAME, open_clip:ARCH@TAG:image, onnx:FILE#out, random:text")
-    p.add_argument("--data", "-d", required=True, help="dataset: openclipart, fashion-mnist, skimage-photos, table:FILE, folder:DIR, wds:SHARDS")
+    p.add_argument("--encoder", "-e", required=True, help=_encoder_help)
+    p.add_argument("--data", "-d", required=True, help=_dataset_help)
     p.add_argument("--field", help="which field to encode (default: the one matching the encoder's modality)")
     p.add_argument("--layers", "-l", default="final",
                    help="comma list (7,8,final / layer.7), 'all', 'last', or 'auto' (the layer `anybind assess` recommends)")
@@ -464,43 +626,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute precision; auto = bf16 autocast where features stay within cosine 0.995 of fp32")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored dtype (default fp16)")
-    p.add_argument("--batch-size", "-b", type=int, default=64, help="items per forward pass (texts are batched by length inside each shard)")
+    p.add_argument("--batch-size", "-b", type=int, default=64,
+                   help="items per forward pass (texts are batched by length inside each shard)")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images, 0 for text)")
     p.add_argument("--shard-size", type=int, default=1024, help="rows per shard: the unit of resumption")
     p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    _add_device(p)
 
+    p = verb("assess", cmd_assess, "rank encoders and layers by alignability (before training)")
+    p.add_argument("--store", "-s", action="append", required=True, metavar="SIDE=STORE",
+                   help="a candidate: a store folder or ENCODER+DATASET (all layers); repeat per candidate and side")
+    p.add_argument("--n", type=int, default=2000, help="paired train items to score on (default 2000)")
+    p.add_argument("--metric", default="mutual_knn", help=_metric_help)
+    p.add_argument("--k", default="10", help="neighbours: a number, or a rule: sqrt, sturges, rice")
+    p.add_argument("--standardize", action="store_true", help="standardise each dimension first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", default="assessment", help="report folder (default ./assessment)")
+
+
+def _train_args(verb: Callable) -> None:
     p = verb("train", cmd_train, "train projectors that bind two stores (a recipe)")
     p.add_argument("--recipe", "-r", default="default", help="a built-in recipe (`anybind recipes`) or a YAML file")
     p.add_argument("--store", "-s", action="append", metavar="SIDE=STORE", required=True,
                    help="a store folder, or ENCODER+DATASET (extracted if missing); give two, e.g. "
                         "image=efficientnet-lite0+openclipart text=minilm-l6+openclipart")
     p.add_argument("--layers", action="append", metavar="SIDE=LAYERS",
-                   help="layers a side reads, e.g. image=8,final (several need projector layermix)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. loss.structure_weight=5 or train.batch_size=2048")
+                   help="layers a side reads: image=8,final, image=last, text=auto, or image=8,final,text=3 "
+                        "(several layers need projector layermix)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_set_help)
     p.add_argument("--out", "-o", help="run folder (default runs/RECIPE-TIME); an existing run resumes")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--assessment", help="assessment.json for --layers SIDE=auto (default: the latest)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    _add_device(p)
 
-    p = verb("assess", cmd_assess, "rank encoders and layers by alignability (before training)")
-    p.add_argument("--store", "-s", action="append", required=True, metavar="SIDE=STORE",
-                   help="a candidate: a store folder or ENCODER+DATASET (all layers); repeat per candidate and side")
-    p.add_argument("--n", type=int, default=2000, help="paired train items to score on (default 2000)")
-    p.add_argument("--metric", default="mutual_knn",
-                   choices=["mutual_knn", "cycle_knn", "linear_cka", "unbiased_cka", "cknna", "rbf_cka"])
-    p.add_argument("--k", default="10", help="neighbours: a number, or a rule: sqrt, sturges, rice")
-    p.add_argument("--standardize", action="store_true", help="standardise each dimension first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", "-o", default="assessment", help="report folder (default ./assessment)")
+    p = verb("run", cmd_run, "run a whole experiment from a run file (extract, assess, train, eval, export)")
+    p.add_argument("runfile", nargs="?", default="default", help="a run YAML file or a built-in name (default)")
+    p.add_argument("--out", "-o", help="run folder (default runs/NAME); re-running resumes and reuses every stage")
 
+
+def _eval_args(verb: Callable) -> None:
     p = verb("eval", cmd_eval, "evaluate, compare or sweep models on the built-in suite (folds x seeds)")
-    p.add_argument("--models", "-m", default="default",
-                   help="comma list of recipes (names or YAML files) and baselines (procrustes, cca, asif, nn-transfer)")
+    p.add_argument("--models", "-m", default="default", help=_models_help)
     p.add_argument("--image", default="efficientnet-lite0", help="image encoder of the suite (default efficientnet-lite0)")
     p.add_argument("--text", default="minilm-l6", help="text encoder of the suite (default minilm-l6)")
-    p.add_argument("--layers", action="append", metavar="SIDE=LAYERS", help="layers a side reads, e.g. text=3,final")
+    p.add_argument("--layers", action="append", metavar="SIDE=LAYERS",
+                   help="layers a side reads, e.g. text=3,final or image=auto")
+    p.add_argument("--assessment", help="assessment.json for --layers SIDE=auto (default: the latest)")
     p.add_argument("--data", help="a paired dataset for retrieval instead of the built-in suite (table:, wds:, karpathy:...)")
     p.add_argument("--zeroshot", help="a labelled image set for zero-shot: imagenet:DIR, folder:DIR, table:FILE")
     p.add_argument("--probe", help="a labelled image set for the linear probe (its train split fits the probe)")
@@ -510,17 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="retrieval,zeroshot,probe", help="any of retrieval, zeroshot, probe")
     p.add_argument("--tune", action="store_true",
                    help="first pick each model's setting from the same small grid, on fold 0's validation split")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_set_help)
     p.add_argument("--sweep", metavar="KEY=V1,V2", help="sweep n (training items; 'all') or a recipe field")
     p.add_argument("--metric", default="suite/score", help="the metric compared, tuned and swept (default suite/score)")
     p.add_argument("--reference", default="default", help="model the others are compared with (paired differences)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS.json", help="only compare finished results documents")
     p.add_argument("--out", "-o", help="evaluation folder (default evals/builtin); re-running resumes")
 
-    p = verb("run", cmd_run, "run a whole experiment from a run file (extract, assess, train, eval, export)")
-    p.add_argument("runfile", nargs="?", default="default", help="a run YAML file or a built-in name (default)")
-    p.add_argument("--out", "-o", help="run folder (default runs/NAME); re-running resumes and reuses every stage")
 
+def _bundle_args(verb: Callable) -> None:
     p = verb("export", cmd_export, "write a trained run as a loadable bundle (anybind.load)")
     p.add_argument("--run", required=True, help="a finished `anybind train` run folder")
     p.add_argument("--out", "-o", required=True, help="the bundle folder to write")
@@ -529,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("index", cmd_index, "embed a dataset's images with a bundle into a search index (FAISS)")
     p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")
-    p.add_argument("--data", "-d", required=True, help="dataset spec: openclipart, karpathy:FILE, table:FILE, folder:DIR, wds:SHARDS ...")
+    p.add_argument("--data", "-d", required=True, help=_dataset_help)
     p.add_argument("--out", "-o", required=True, help="the index folder to write")
     p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
                    help="flat = exact inner product; ivf / hnsw = approximate, for large collections (auto: flat below 50k items)")
@@ -537,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", help="the dataset field to index (default: the one of that modality)")
     p.add_argument("--batch-size", type=int, default=64, help="items per forward pass")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    _add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace an index built from another bundle, dataset or kind")
 
     p = verb("search", cmd_search, "search an index with a text (or --image) query")
@@ -557,10 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="default zero-shot labels: a comma list or a file with one per line "
                                     "(default: the classes the bundle was evaluated on)")
 
-    p = verb("recipes", cmd_recipes, "list the built-in recipes, or print one")
-    p.add_argument("name", nargs="?", help="a recipe name or YAML file to print, resolved")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
+def _cache_args(sub) -> None:
     cache = sub.add_parser("cache", help="show or clear cached feature stores")
     csub = cache.add_subparsers(dest="cache_verb", metavar="ACTION", required=True)
     p = csub.add_parser("ls", help="list stores", description=cmd_cache_ls.__doc__)
@@ -575,6 +742,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", action="store_true", help="remove unfinished stores")
     p.add_argument("--all", action="store_true", help="remove every store")
     p.set_defaults(fn=cmd_cache_rm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `anybind` parser: one sub-parser per verb, each mapped to its `cmd_` function."""
+    from . import __version__
+
+    parser = _Parser(prog="anybind", description="Bind frozen pretrained encoders into one shared embedding space.",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"anybind {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=fn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    for add in (_listing_args, _extract_args, _train_args, _eval_args, _bundle_args):
+        add(verb)
+    _cache_args(sub)
     return parser
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
+
+from .atomic import write_json, write_text
 
 HEADLINE_METRICS = ["retrieval/mean_R@1", "retrieval/mean_R@10", "retrieval/mean_recall", "zeroshot/balanced_accuracy",
                     "zeroshot/top1", "probe/top1", "suite/score"]
@@ -63,10 +64,10 @@ def write_run_report(out: Path, run, eval_out: dict, assessment: dict | None, bu
     else:
         md += ["(export disabled in the run file)", ""]
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(markdown_to_html(text, out, title=f"anybind run: {run.name}"))
-    (out / "report.json").write_text(json.dumps({"results": eval_out["results"], "bundle": bundle,
-                                                 "stage_seconds": stage_seconds, "this_run": this_time}, indent=1))
+    write_text(out / "report.md", text)
+    write_text(out / "report.html", markdown_to_html(text, out, title=f"anybind run: {run.name}"))
+    write_json(out / "report.json", {"results": eval_out["results"], "bundle": bundle,
+                                     "stage_seconds": stage_seconds, "this_run": this_time})
     return {"md": out / "report.md", "html": out / "report.html"}
 
 

@@ -2,10 +2,13 @@
 
     extract -> assess -> train + evaluate -> export -> report
 
-A run file names encoders per modality, a dataset, a recipe (plus overrides), the evaluation and
-the export; it does not repeat the recipe. Every stage is cached: features in the feature cache,
-and each stage's outputs in the run folder keyed by a hash of its inputs (``stages.json``), so a
-second run of the same file loads no encoder and a killed run resumes where it stopped.
+A run file names an encoder per modality (and which modality is the anchor), a dataset, a recipe
+(plus overrides), the evaluation and the export; it does not repeat the recipe. The file is
+checked whole before any work (`load_run_file`): a mistake is refused with the key that holds it.
+Every stage is cached: features in the feature cache, and each stage's outputs in the run folder
+keyed by a hash of its inputs (``stages.json``); ``stage-log.jsonl`` says, per invocation, which
+stages ran and which were cached, so a second run of the same file loads no encoder and a killed
+run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,36 +17,53 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ._hashing import hash_obj
+from .atomic import append_json, write_json, write_text
+from .checks import choice, did_you_mean, flag, integer, slug
 from .errors import AnybindError
 
 log = logging.getLogger("anybind.run")
 RUNS_DIR = Path(__file__).resolve().parent / "configs" / "runs"
+SUITES = ("builtin", "custom")
+POOLINGS = ("cls", "mean", "cls+mean")
+STAGE_LOG = "stage-log.jsonl"
+_LAYER_TOKEN = re.compile(r"-?\d+|layer\.-?\d+|final|last")
 
 
 class RunFileError(AnybindError, ValueError):
     """A run file with an unknown key or a bad value."""
 
 
+# ---- the schema ------------------------------------------------------------------------------------
 @dataclass
-class EncoderSpec:
-    spec: str
-    layers: str = "final"  #: comma list, 'all', or 'auto' (the assessment's recommendation)
-    pooling: str | None = None
+class EncoderEntry:
+    """One modality's encoder in a run file."""
+
+    spec: str  #: an encoder spec string (`anybind encoders`)
+    layers: str = "final"  #: comma list (8,final), 'all', 'last', or 'auto' (the assessment's recommendation)
+    pooling: str | None = None  #: cls, mean or cls+mean (default: the encoder's)
+
+    def __post_init__(self):  # YAML gives `layers: 8` or `layers: [8, final]` too
+        if isinstance(self.layers, (list, tuple)):
+            self.layers = ",".join(str(x) for x in self.layers)
+        elif isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            self.layers = str(self.layers)
 
 
 @dataclass
 class AssessSpec:
     enabled: bool = True
     items: int = 2000  #: paired items (an evenly spread subset) scored at every layer pair
-    metric: str = "mutual_knn"
+    metric: str = "mutual_knn"  #: an assessment metric (anybind.assess.metrics.METRICS)
 
 
 @dataclass
@@ -54,7 +74,7 @@ class EvalSpec:
     templates: str = "openai_imagenet"  #: custom suite: zero-shot prompt templates
     folds: list = field(default_factory=lambda: ["fixed"])  #: "fixed" (the index's split) or fold numbers
     seeds: list = field(default_factory=lambda: [0])
-    tasks: list = field(default_factory=lambda: ["retrieval", "zeroshot", "probe"])
+    tasks: list | None = None  #: default: every task the suite has (builtin: all three)
     probe_sizes: list = field(default_factory=lambda: [10000, 2000])
     baselines: list = field(default_factory=lambda: ["nn-transfer", "procrustes"])
     sweep_n: list = field(default_factory=list)  #: training items for a data-efficiency curve, e.g. [500, 1000, all]
@@ -66,7 +86,8 @@ class RunFile:
     description: str = ""
     data: str = "openclipart"
     items: int | None = None  #: an evenly spread subset of the dataset (a quick trial), or all of it
-    encoders: dict = field(default_factory=dict)  # modality -> EncoderSpec
+    encoders: dict[str, EncoderEntry] = field(default_factory=dict)  #: modality -> encoder entry
+    anchor: str | None = None  #: the modality the others bind to (default: the first encoder's)
     assess: AssessSpec = field(default_factory=AssessSpec)
     recipe: str = "default"
     overrides: list = field(default_factory=list)
@@ -74,227 +95,456 @@ class RunFile:
     export: bool = True
 
     def __post_init__(self):
-        if len(self.encoders) != 2:
-            raise RunFileError(f"encoders must name two modalities (e.g. image and text), not {list(self.encoders)}")
-        self.encoders = {m: e if isinstance(e, EncoderSpec) else _build(EncoderSpec, e, f"encoders.{m}.")
+        if not isinstance(self.encoders, dict):
+            raise RunFileError(f"encoders must map a modality to an encoder entry, not {self.encoders!r}")
+        self.encoders = {m: e if isinstance(e, EncoderEntry) else _build(EncoderEntry, e, f"encoders.{m}.")
                          for m, e in self.encoders.items()}
+        if self.anchor is None and self.encoders:
+            self.anchor = next(iter(self.encoders))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def load_run_file(name_or_path: str | os.PathLike = "default") -> RunFile:
-    """A built-in run file by name (configs/runs) or a YAML path; every key is checked."""
+    """A built-in run file by name (configs/runs) or a YAML path, checked whole (`validate_run`)."""
     p = Path(name_or_path)
     if not p.exists():
         p = RUNS_DIR / f"{name_or_path}.yaml"
     if not p.exists():
-        known = ", ".join(sorted(x.stem for x in RUNS_DIR.glob("*.yaml")))
-        raise RunFileError(f"no run file {name_or_path!r}: give a YAML path or a built-in name ({known})")
+        known = sorted(x.stem for x in RUNS_DIR.glob("*.yaml"))
+        raise RunFileError(f"no run file {str(name_or_path)!r}{did_you_mean(str(name_or_path), known)}: "
+                           f"give a YAML path or a built-in name ({', '.join(known)})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise RunFileError(f"{p} is not valid YAML: {e}") from e
-    return _build(RunFile, data, "")
+    return validate_run(_build(RunFile, data, ""))
 
 
-def _build(cls, data, prefix):
+def _build(cls, data, prefix: str):
+    """`cls` from a mapping: unknown keys refused with a did-you-mean, sections built recursively."""
+    where = prefix.rstrip(".") or "the run file"
     if not isinstance(data, dict):
-        raise RunFileError(f"{prefix.rstrip('.') or 'the run file'} must be a mapping, not {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise RunFileError(f"unknown run-file key(s) {', '.join(prefix + k for k in unknown)}: "
-                           f"{prefix.rstrip('.') or 'a run file'} has {', '.join(fields)}")
+        raise RunFileError(f"{where} must be a mapping, not {data!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in fields:
+            raise RunFileError(f"unknown run-file key '{prefix}{key}'{did_you_mean(str(key), fields)}: "
+                               f"{where} has {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kw = {k: _build(hints[k], v, f"{prefix}{k}.") if dataclasses.is_dataclass(hints[k]) else v for k, v in data.items()}
     try:
         return cls(**kw)
     except TypeError as e:
-        raise RunFileError(f"{prefix.rstrip('.') or 'run file'}: {e}") from e
+        raise RunFileError(f"{where}: {e}") from e
+
+
+# ---- checks: every mistake refused before any work, naming its key -------------------------------------
+def validate_run(run: RunFile) -> RunFile:
+    """Check a run file whole (types, names, encoder specs, layers, the recipe with its overrides,
+    baselines, the suite against the data); fills `evaluate.tasks`. Returns `run`."""
+    _check_top(run)
+    for modality, entry in run.encoders.items():
+        _check_encoder(modality, entry)
+    _check_assess(run.assess)
+    _check_eval(run)
+    _check_recipe(run)
+    return run
+
+
+def _check_top(run: RunFile) -> None:
+    for key in ("name", "data", "recipe"):
+        if not isinstance(getattr(run, key), str) or not getattr(run, key).strip():
+            raise RunFileError(f"{key} must be a non-empty string, not {getattr(run, key)!r}")
+    if run.items is not None:
+        integer("items", run.items, minimum=2, error=RunFileError)
+    flag("export", run.export, error=RunFileError)
+    if not isinstance(run.overrides, list) or not all(isinstance(o, str) for o in run.overrides):
+        raise RunFileError(f"overrides must be a list of KEY=VALUE strings, not {run.overrides!r}")
+    if len(run.encoders) < 2:
+        raise RunFileError(f"encoders must name at least two modalities (e.g. image and text), not {list(run.encoders)}")
+    if len(run.encoders) > 2:
+        raise RunFileError(f"encoders: training binds two modalities at a time; this run file names "
+                           f"{len(run.encoders)} ({', '.join(run.encoders)})")
+    choice("anchor", run.anchor, list(run.encoders), error=RunFileError)
+    _check_data(run.data)
+
+
+def dataset_forms() -> tuple[list[str], list[str]]:
+    """(built-in dataset names, spec prefixes such as table or folder), from the data registries."""
+    from . import data
+
+    builtins = getattr(data, "DATASETS", None) or data.BUILTINS  # the dict until the registry lands
+    prefixes = getattr(data, "DATA_PREFIXES", None) or data.PREFIXES
+    return list(builtins), list(prefixes)
+
+
+def _check_data(spec: str) -> None:
+    builtins, prefixes = dataset_forms()
+    prefix, sep, rest = spec.partition(":")
+    if spec in builtins or (sep and rest and (prefix in prefixes or prefix in builtins)):
+        return
+    path = Path(spec).expanduser()
+    if path.exists() or spec.endswith(".tar"):
+        return  # a bare path: load_dataset tells the kind from what is there
+    raise RunFileError(f"data: unknown dataset '{spec}'{did_you_mean(prefix if sep else spec, builtins + prefixes)}: "
+                       f"use a built-in ({', '.join(builtins)}), "
+                       f"{', '.join(p + ':PATH' for p in prefixes)}, or an existing path")
+
+
+def _check_encoder(modality: str, entry: EncoderEntry) -> None:
+    from .encoders import list_encoders, parse_spec
+
+    key = f"encoders.{modality}"
+    if not isinstance(entry.spec, str):
+        raise RunFileError(f"{key}.spec must be an encoder spec string, not {entry.spec!r}")
+    try:
+        parsed = parse_spec(entry.spec)
+    except AnybindError as e:
+        raise RunFileError(f"{key}.spec: {e}") from e
+    packaged = {r["spec"]: r["modality"] for r in list_encoders() if r["kind"] == "packaged"}
+    encodes = parsed.modality or packaged.get(entry.spec)
+    if encodes and encodes != modality:
+        raise RunFileError(f"{key}.spec: {entry.spec} encodes {encodes}, not {modality}")
+    check_layer_text(entry.layers, f"{key}.layers")
+    if entry.pooling is not None:
+        choice(f"{key}.pooling", entry.pooling, POOLINGS, error=RunFileError)
+
+
+def check_layer_text(text, key: str) -> str:
+    """The syntax of a layers setting (the encoder checks the names exist when it is loaded)."""
+    if not isinstance(text, str) or not text.strip():
+        raise RunFileError(f"{key} must be a comma list of layers (8,final), all, last or auto, not {text!r}")
+    if text.strip() in ("all", "auto"):
+        return text.strip()
+    for token in [t for t in re.split(r"[,\s]+", text.strip()) if t]:
+        if not _LAYER_TOKEN.fullmatch(token):
+            raise RunFileError(f"{key}: '{token}' is not a layer{did_you_mean(token, ['final', 'last', 'all', 'auto'])}: "
+                               "give layer numbers or names (8, layer.8, -1, last, final), all, or auto")
+    return text.strip()
+
+
+def _check_assess(a: AssessSpec) -> None:
+    flag("assess.enabled", a.enabled, error=RunFileError)
+    integer("assess.items", a.items, minimum=2, error=RunFileError)
+    from .assess.metrics import METRICS
+
+    choice("assess.metric", a.metric, list(METRICS), error=RunFileError)
+
+
+def _check_eval(run: RunFile) -> None:
+    ev = run.evaluate
+    choice("evaluate.suite", ev.suite, SUITES, error=RunFileError)
+    missing = [m for m in ("image", "text") if m not in run.encoders]
+    if missing:
+        raise RunFileError(f"evaluate: the suites score image-text models, but encoders has no {' or '.join(missing)} "
+                           f"(it has {', '.join(run.encoders)})")
+    if ev.suite == "builtin":
+        _check_builtin_suite(run)
+    ev.tasks = _checked_tasks(ev)
+    for i, f in enumerate(_as_list(ev.folds, "evaluate.folds")):
+        if f != "fixed":
+            integer(f"evaluate.folds[{i}] (a fold number, or fixed)", f, minimum=0, error=RunFileError)
+    for i, s in enumerate(_as_list(ev.seeds, "evaluate.seeds")):
+        integer(f"evaluate.seeds[{i}]", s, minimum=0, error=RunFileError)
+    sizes = _as_list(ev.probe_sizes, "evaluate.probe_sizes")
+    if len(sizes) != 2:
+        raise RunFileError(f"evaluate.probe_sizes takes two numbers [train, test], not {sizes!r}")
+    for i, n in enumerate(sizes):
+        integer(f"evaluate.probe_sizes[{i}]", n, minimum=1, error=RunFileError)
+    for i, n in enumerate(_as_list(ev.sweep_n, "evaluate.sweep_n")):
+        if n != "all":
+            integer(f"evaluate.sweep_n[{i}] (training items, or all)", n, minimum=1, error=RunFileError)
+    from .align.baselines import BASELINES
+
+    for b in _as_list(ev.baselines, "evaluate.baselines"):
+        choice("evaluate.baselines entry", b, list(BASELINES), error=RunFileError)
+
+
+def _check_builtin_suite(run: RunFile) -> None:
+    if run.data != "openclipart" and not run.data.startswith("openclipart:"):
+        raise RunFileError(f"evaluate.suite: builtin scores openclipart (its folds, curated classes and file "
+                           f"names), but data is '{run.data}': use suite: custom (with evaluate.zeroshot and "
+                           "evaluate.probe for labelled image sets)")
+    for key in ("zeroshot", "probe"):
+        if getattr(run.evaluate, key) is not None:
+            raise RunFileError(f"evaluate.{key} is for suite: custom; the builtin suite brings its own")
+
+
+def _checked_tasks(ev: EvalSpec) -> list[str]:
+    from .evaluate.results import GROUP_ORDER as TASKS  # retrieval, zeroshot, probe
+
+    has = {"retrieval": True, "zeroshot": ev.suite == "builtin" or ev.zeroshot is not None,
+           "probe": ev.suite == "builtin" or ev.probe is not None}
+    if ev.tasks is None:
+        return [t for t in TASKS if has[t]]
+    tasks = _as_list(ev.tasks, "evaluate.tasks")
+    for t in tasks:
+        choice("evaluate.tasks entry", t, TASKS, error=RunFileError)
+        if not has[t]:
+            raise RunFileError(f"evaluate.tasks names {t}, but evaluate.{t} is not set: give a labelled image set "
+                               f"(imagenet:DIR, folder:DIR, table:FILE) or drop {t} from the tasks")
+    if not tasks:
+        raise RunFileError("evaluate.tasks is empty: name at least one of " + ", ".join(TASKS))
+    return list(dict.fromkeys(tasks))
+
+
+def _check_recipe(run: RunFile) -> None:
+    from .align.recipe import load_recipe
+
+    try:
+        load_recipe(run.recipe)
+    except AnybindError as e:
+        raise RunFileError(f"recipe: {e}") from e
+    try:
+        load_recipe(run.recipe, run.overrides)
+    except AnybindError as e:
+        raise RunFileError(f"overrides: {e}") from e
+
+
+def _as_list(value, key: str) -> list:
+    if not isinstance(value, list):
+        raise RunFileError(f"{key} must be a list, not {value!r}")
+    return value
+
+
+def check_auto_layers(run: RunFile, cache=None) -> None:
+    """`layers: auto` without this run's own assessment reads the cache's latest: check it is there
+    and scored the encoder, before any work."""
+    from .features.layers import auto_layers
+
+    for modality, entry in run.encoders.items():
+        if entry.layers.strip() == "auto" and not run.assess.enabled:
+            try:
+                auto_layers(entry.spec, None, cache=cache)
+            except AnybindError as e:
+                raise RunFileError(f"encoders.{modality}.layers: auto with assess disabled: {e}") from e
 
 
 # ---- the stage cache -----------------------------------------------------------------------------------
 class Stages:
-    """stages.json: per stage, the hash of its inputs, its outputs and its time."""
+    """stages.json: per stage, the hash of its inputs, its outputs and its time; stage-log.jsonl:
+    per invocation, which stages ran and which were cached."""
 
     def __init__(self, folder: Path):
-        self.path = folder / "stages.json"
+        self.folder = Path(folder)
+        self.path = self.folder / "stages.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.times: dict[str, float] = {}
+        self.invocation = uuid.uuid4().hex[:12]
 
     def cached(self, stage: str, key: str) -> dict | None:
         rec = self.data.get(stage)
-        return rec["outputs"] if rec and rec["key"] == key else None
+        if not rec or rec["key"] != key:
+            return None
+        return rec["outputs"] if all(Path(p).exists() for p in _paths(rec["outputs"])) else None
 
-    def done(self, stage: str, key: str, outputs: dict, seconds: float) -> None:
-        self.data[stage] = {"key": key, "outputs": outputs, "seconds": round(seconds, 1)}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
-
-
-def run_pipeline(run: RunFile | str | os.PathLike, out: str | os.PathLike | None = None, cache=None,
-                 progress: bool = True) -> Path:
-    """Run every stage of a run file into one folder; returns the folder (report.html inside)."""
-    from .data import load_dataset
-    from .evaluate.suite import probe_index
-    from .features import FeatureStore
-
-    run = run if isinstance(run, RunFile) else load_run_file(run)
-    out = Path(out or f"runs/{run.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
-    stages = Stages(out)
-    t_all = time.perf_counter()
-
-    def stage(name: str, inputs: dict, fn):
+    def run(self, stage: str, inputs: dict, fn: typing.Callable[[], dict]) -> dict:
+        """`fn()`'s outputs, or the cached ones when the inputs hash the same and the files exist."""
         key = hash_obj(inputs)
-        hit = stages.cached(name, key)
-        if hit is not None and all(Path(p).exists() for p in _paths(hit)):
-            log.info("stage %s: cached", name)
-            stages.times[name] = 0.0
+        hit = self.cached(stage, key)
+        if hit is not None:
+            log.info("stage %s: cached", stage)
+            self._record(stage, "cached", 0.0)
             return hit
-        log.info("stage %s ...", name)
+        log.info("stage %s ...", stage)
         t0 = time.perf_counter()
         outputs = fn()
-        stages.done(name, key, outputs, time.perf_counter() - t0)
-        stages.times[name] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.data[stage] = {"key": key, "outputs": outputs, "seconds": round(seconds, 1)}
+        write_json(self.path, self.data)
+        self._record(stage, "ran", seconds)
         return outputs
 
-    # 1. extract ---------------------------------------------------------------------------------
-    index = load_dataset(run.data, cache=cache)
-    if run.items:
-        index = index.spread(run.items)
-    stores = {}
-    for modality, enc in run.encoders.items():
-        layers = enc.layers
-        if layers == "auto" and run.assess.enabled:
-            layers = None  # decided after the assessment below
-        if layers is not None:
-            stores[modality] = _extract_stage(stage, f"extract.{modality}", enc, layers, index, cache, progress)
+    def _record(self, stage: str, status: str, seconds: float) -> None:
+        self.times[stage] = seconds if status == "ran" else 0.0
+        append_json(self.folder / STAGE_LOG, {"invocation": self.invocation, "stage": stage, "status": status,
+                                              "seconds": round(seconds, 1)})
 
-    # 2. assess: every layer of both encoders on a spread subset, heatmaps, the recommended layers ----
-    assessment = None
-    if run.assess.enabled:
-        sub = index.spread(run.assess.items)
-        all_stores = {m: _extract_stage(stage, f"extract.{m}.all-layers", e, "all", sub, cache, progress)
-                      for m, e in run.encoders.items()}
 
-        def do_assess():
+def last_invocation(folder: str | os.PathLike) -> dict[str, str]:
+    """{stage: "ran" | "cached"} of the latest `run_pipeline` into `folder` (from stage-log.jsonl)."""
+    path = Path(folder) / STAGE_LOG
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last = records[-1]["invocation"] if records else None
+    return {r["stage"]: r["status"] for r in records if r["invocation"] == last}
+
+
+def _paths(outputs: dict) -> list[str]:
+    found = []
+    for k, v in outputs.items():
+        if k in ("store", "assessment", "bundle", "train_run", "report", "sweep_json") and isinstance(v, str):
+            found.append(v)
+        elif k == "results" and isinstance(v, list):
+            found += v
+    return found
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------
+def run_pipeline(run: RunFile | str | os.PathLike, out: str | os.PathLike | None = None, cache=None,
+                 progress: bool = True) -> Path:
+    """Run every stage of a run file into one folder; returns the folder (report.html inside).
+    The run file is checked whole first: a mistake is refused before anything is extracted."""
+    run = validate_run(run) if isinstance(run, RunFile) else load_run_file(run)
+    check_auto_layers(run, cache)
+    out = Path(out or Path("runs") / slug(run.name))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "run.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+    return _Pipeline(run, out, cache, progress, Stages(out)).execute()
+
+
+@dataclass
+class _Pipeline:
+    run: RunFile
+    out: Path
+    cache: typing.Any
+    progress: bool
+    stages: Stages
+
+    def execute(self) -> Path:
+        t_all = time.perf_counter()
+        index = self.dataset()
+        stores = self.extract_named(index)  # layers named in the file (auto ones wait for the assessment)
+        assessment = self.assess(index) if self.run.assess.enabled else None
+        stores.update(self.extract_auto(index, assessment))
+        stores = {m: stores[m] for m in self.run.encoders}
+        layers = {m: list(s["layers"]) for m, s in stores.items()}
+        eval_out = self.evaluate(stores, layers)
+        bundle = self.export(eval_out) if self.run.export else None
+        self.report(eval_out, assessment, bundle, t_all)
+        return self.out
+
+    def dataset(self):
+        from .data import load_dataset
+
+        index = load_dataset(self.run.data, cache=self.cache)
+        return index.spread(self.run.items) if self.run.items else index
+
+    def extract(self, name: str, enc: EncoderEntry, layers: str, index) -> dict:
+        def do():
+            from .features import extract
+
+            store = extract(enc.spec, index, layers=layers, pooling=enc.pooling, cache=self.cache,
+                            progress=self.progress)
+            # the layers asked for: a cache hit may be a store holding more of them
+            return {"store": str(store.path), "layers": store.report["layers"]}
+
+        return self.stages.run(name, {"v": 2, "spec": enc.spec, "layers": layers, "pooling": enc.pooling,
+                                      "dataset": index.name, "fingerprint": index.fingerprint}, do)
+
+    def extract_named(self, index) -> dict[str, dict]:
+        waits = self.run.assess.enabled  # `auto` then reads this run's own assessment
+        return {m: self.extract(f"extract.{m}", e, e.layers, index) for m, e in self.run.encoders.items()
+                if not (waits and e.layers.strip() == "auto")}
+
+    def extract_auto(self, index, assessment: dict | None) -> dict[str, dict]:
+        from .features.layers import resolve_layers
+
+        if assessment is None:
+            return {}
+        out = {}
+        for m, e in self.run.encoders.items():
+            if e.layers.strip() == "auto":
+                chosen = resolve_layers("auto", None, assessment["assessment"], modality=m, encoder=e.spec)
+                out[m] = self.extract(f"extract.{m}", e, ",".join(chosen), index)
+        return out
+
+    def assess(self, index) -> dict:
+        """Every layer of every encoder on a spread subset: heatmaps and the recommended layers."""
+        spec = self.run.assess
+        sub = index.spread(spec.items)
+        all_stores = {m: self.extract(f"extract.{m}.all-layers", e, "all", sub) for m, e in self.run.encoders.items()}
+
+        def do():
             from .assess import assess
+            from .features import FeatureStore
 
-            assess({m: [FeatureStore.open(s["store"])] for m, s in all_stores.items()}, n=run.assess.items,
-                   metric=run.assess.metric, out=out / "assess", cache=cache, progress=progress)
-            return {"assessment": str(out / "assess" / "assessment.json")}
+            assess({m: [FeatureStore.open(s["store"])] for m, s in all_stores.items()}, n=spec.items,
+                   metric=spec.metric, out=self.out / "assess", cache=self.cache, progress=self.progress)
+            return {"assessment": str(self.out / "assess" / "assessment.json")}
 
-        assessment = stage("assess", {"stores": all_stores, "n": run.assess.items, "metric": run.assess.metric}, do_assess)
-        for modality, enc in run.encoders.items():
-            if enc.layers == "auto":
-                rec = json.loads(Path(assessment["assessment"]).read_text())["recommendation"]["encoders"]
-                chosen = ",".join(rec[enc.spec]["layers"])
-                stores[modality] = _extract_stage(stage, f"extract.{modality}", enc, chosen, index, cache, progress)
-    layers = {m: list(s["layers"]) for m, s in stores.items()}
+        return self.stages.run("assess", {"stores": all_stores, "n": spec.items, "metric": spec.metric}, do)
 
-    # 3. train + evaluate (the evaluated model is the one exported) ------------------------------------
-    ev = run.evaluate
-    probe = None
-    if "probe" in ev.tasks and ev.suite == "builtin":
-        pidx = probe_index(*ev.probe_sizes, cache=cache)
-        probe = (_extract_stage(stage, "extract.probe", run.encoders["image"], ",".join(layers["image"]), pidx,
-                                cache, progress), pidx)
-    eval_out = stage("evaluate", {"stores": stores, "layers": layers, "recipe": run.recipe, "overrides": run.overrides,
-                                  "evaluate": dataclasses.asdict(ev), "probe": probe[0] if probe else None,
-                                  "recipe_text": _recipe_text(run.recipe)},
-                     lambda: _evaluate(run, stores, layers, probe, out, progress))
+    def evaluate(self, stores: dict, layers: dict) -> dict:
+        """Train and evaluate (the evaluated model is the one exported)."""
+        from .evaluate.suite import probe_index
 
-    # 4. export ----------------------------------------------------------------------------------
-    bundle = None
-    if run.export:
-        def do_export():
+        run, ev = self.run, self.run.evaluate
+        probe = None
+        if "probe" in ev.tasks and ev.suite == "builtin":
+            pidx = probe_index(*ev.probe_sizes, cache=self.cache)
+            probe = (self.extract("extract.probe", run.encoders["image"], ",".join(layers["image"]), pidx), pidx)
+        inputs = {"stores": stores, "layers": layers, "recipe": run.recipe, "overrides": run.overrides,
+                  "evaluate": dataclasses.asdict(ev), "probe": probe[0] if probe else None,
+                  "recipe_text": _recipe_text(run.recipe)}
+        return self.stages.run("evaluate", inputs, lambda: self.score(stores, layers, probe))
+
+    def suite(self, stores: dict, layers: dict, probe):
+        from .evaluate.suite import Suite
+        from .features import FeatureStore
+
+        ev = self.run.evaluate
+        if ev.suite == "builtin":
+            return Suite.builtin_from_stores(FeatureStore.open(stores["image"]["store"]),
+                                             FeatureStore.open(stores["text"]["store"]), layers,
+                                             FeatureStore.open(probe[0]["store"]) if probe else None,
+                                             probe[1] if probe else None)
+        # custom: the run's own paired data for retrieval, the named labelled sets
+        return Suite.from_datasets(self.run.encoders["image"].spec, self.run.encoders["text"].spec, self.run.data,
+                                   zeroshot=ev.zeroshot, probe=ev.probe, templates=ev.templates, layers=layers,
+                                   cache=self.cache, progress=self.progress)
+
+    def score(self, stores: dict, layers: dict, probe) -> dict:
+        from .evaluate import report as rep
+        from .evaluate import results as res
+        from .evaluate.protocol import ModelSpec, baseline_spec, run_model
+
+        ev, evals = self.run.evaluate, self.out / "eval"
+        suite = self.suite(stores, layers, probe)
+        folds = [None if f == "fixed" else int(f) for f in ev.folds]
+        seeds = [int(s) for s in ev.seeds]
+        spec = ModelSpec(Path(self.run.recipe).stem, recipe=self.run.recipe, overrides=tuple(self.run.overrides))
+        specs = [spec] + [baseline_spec(b) for b in ev.baselines]
+        docs = [run_model(s, suite, folds, seeds, evals, tasks=ev.tasks, progress=self.progress) for s in specs]
+        paths = [str(res.write_results(d, evals / "results" / f"{slug(d['model']['name'])}.json")) for d in docs]
+        extra = self.sweep(spec, suite, folds, seeds) if ev.sweep_n else {}
+        rep.write_report(docs, evals, reference=spec.name, metric="suite/score")
+        train_run = str(Path(docs[0]["runs"][0]["info"]["metrics_jsonl"]).parent)
+        return {"results": paths, "train_run": train_run, "report": str(evals / "report.md"), **extra}
+
+    def sweep(self, spec, suite, folds: list, seeds: list) -> dict:
+        """The data-efficiency curve: the same document `anybind eval --sweep n=...` writes."""
+        from .evaluate.sweeps import plot_series, sweep_models, write_sweep
+
+        ev = self.run.evaluate
+        doc = sweep_models([spec], suite, "n", ev.sweep_n, self.out / "eval", folds=folds, seeds=seeds,
+                           tasks=ev.tasks, progress=self.progress)
+        paths = write_sweep(doc, self.out / "eval", plot=False)  # the report draws it
+        return {"sweep": plot_series(doc)[spec.name], "sweep_json": str(paths["json"])}
+
+    def export(self, eval_out: dict) -> str:
+        def do():
             from .bundle import export_bundle
 
-            export_bundle(eval_out["train_run"], out / "bundle", results=[eval_out["results"][0]], overwrite=True)
-            return {"bundle": str(out / "bundle")}
+            export_bundle(eval_out["train_run"], self.out / "bundle", results=[eval_out["results"][0]], overwrite=True)
+            return {"bundle": str(self.out / "bundle")}
 
-        bundle = stage("export", {"evaluate": eval_out}, do_export)["bundle"]
+        return self.stages.run("export", {"evaluate": eval_out}, do)["bundle"]
 
-    # 5. report ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    from .report_html import write_run_report
+    def report(self, eval_out: dict, assessment: dict | None, bundle: str | None, t_all: float) -> None:
+        from .report_html import write_run_report
 
-    stage_times = {k: v.get("seconds") for k, v in stages.data.items()}
-    write_run_report(out, run, eval_out, assessment, bundle, stage_times, stages.times,
-                     total=time.perf_counter() - t_all)
-    stages.times["report"] = time.perf_counter() - t0
-    return out
-
-
-def _extract_stage(stage, name, enc: EncoderSpec, layers: str, index, cache, progress) -> dict:
-    def do():
-        from .features import extract
-
-        store = extract(enc.spec, index, layers=layers, pooling=enc.pooling, cache=cache, progress=progress)
-        # the layers asked for: a cache hit may be a store holding more of them
-        return {"store": str(store.path), "layers": store.report["layers"]}
-
-    return stage(name, {"v": 2, "spec": enc.spec, "layers": layers, "pooling": enc.pooling, "dataset": index.name,
-                        "fingerprint": index.fingerprint}, do)
-
-
-def _evaluate(run: RunFile, stores: dict, layers: dict, probe, out: Path, progress: bool) -> dict:
-    from .evaluate import report as rep
-    from .evaluate import results as res
-    from .evaluate.protocol import ModelSpec, baseline_spec, run_model, sweep
-    from .evaluate.suite import Suite
-    from .features import FeatureStore
-
-    ev = run.evaluate
-    if set(stores) != {"image", "text"}:
-        raise RunFileError("the evaluation suites need an image and a text encoder")
-    if ev.suite == "builtin":
-        suite = Suite.builtin_from_stores(FeatureStore.open(stores["image"]["store"]),
-                                          FeatureStore.open(stores["text"]["store"]), layers,
-                                          FeatureStore.open(probe[0]["store"]) if probe else None,
-                                          probe[1] if probe else None)
-    elif ev.suite == "custom":  # the run's own paired data for retrieval, the named labelled sets
-        layer_text = {m: ",".join(v) for m, v in layers.items()}
-        suite = Suite.from_datasets(run.encoders["image"].spec, run.encoders["text"].spec, run.data,
-                                    zeroshot=ev.zeroshot, probe=ev.probe, templates=ev.templates,
-                                    layers={m: v.split(",") for m, v in layer_text.items()}, progress=progress)
-        ev.tasks = [t for t in ev.tasks if (t != "zeroshot" or ev.zeroshot) and (t != "probe" or ev.probe)]
-    else:
-        raise RunFileError(f"evaluate.suite must be builtin or custom, not {ev.suite!r}")
-    folds = [None if f == "fixed" else int(f) for f in ev.folds]
-    seeds = [int(s) for s in ev.seeds]
-    spec = ModelSpec(Path(run.recipe).stem, recipe=run.recipe, overrides=tuple(run.overrides))
-    docs = [run_model(spec, suite, folds, seeds, out / "eval", tasks=ev.tasks, progress=progress)]
-    for b in ev.baselines:
-        docs.append(run_model(baseline_spec(b), suite, folds, seeds, out / "eval", tasks=ev.tasks, progress=progress))
-    paths = [str(res.write_results(d, out / "eval" / "results" / f"{d['model']['name']}.json")) for d in docs]
-    extra = {}
-    if ev.sweep_n:
-        points = sweep(spec, suite, "n", ev.sweep_n, out / "eval", folds=folds, seeds=seeds, tasks=ev.tasks,
-                       progress=progress)
-        extra["sweep"] = [{"value": p["train_items"], "mean": p["mean"], "sd": p["sd"], "n": p["value"]} for p in points]
-        (out / "eval" / "sweep.json").write_text(json.dumps(extra["sweep"], indent=1))
-    rep.write_report(docs, out / "eval", reference=spec.name, metric="suite/score")
-    first = docs[0]["runs"][0]
-    train_run = str(Path(first["info"]["metrics_jsonl"]).parent)
-    return {"results": paths, "train_run": train_run, "report": str(out / "eval" / "report.md"), **extra}
+        t0 = time.perf_counter()
+        stage_times = {k: v.get("seconds") for k, v in self.stages.data.items()}
+        write_run_report(self.out, self.run, eval_out, assessment, bundle, stage_times, self.stages.times,
+                         total=time.perf_counter() - t_all)
+        self.stages.times["report"] = time.perf_counter() - t0
 
 
 def _recipe_text(name: str) -> str:
     from .align.recipe import load_recipe
 
     return json.dumps(load_recipe(name).to_dict(), sort_keys=True)
-
-
-def _paths(outputs: dict) -> list[str]:
-    found = []
-    for k, v in outputs.items():
-        if k in ("store", "assessment", "bundle", "train_run", "report") and isinstance(v, str):
-            found.append(v)
-        elif k == "results" and isinstance(v, list):
-            found += v
-    return found

@@ -13,10 +13,12 @@ training pairs, and then maps either modality into one shared space, like a trai
   captions of its k nearest training images; a caption is its own text embedding. This is the
   floor a trained projector must beat.
 
-The pair is always called ``("image", "text")``: the first modality of any pair is ``"image"``
-and the second ``"text"`` (``"first"``/``"second"`` and ``0``/``1`` are accepted too), so an
-audio-text pair uses ``"image"`` for the audio side. Several captions per image are handled
-throughout (``PairedArrays.text_to_image``).
+The two sides of the pair are called ``"image"`` and ``"text"`` inside this module: the first
+modality of any pair is ``"image"`` and the second ``"text"`` (``"first"``/``"second"`` and
+``0``/``1`` are accepted too), so an audio-text pair uses ``"image"`` for the audio side. Only the
+``side`` argument of `Baseline.encode` (and the `PairedArrays` fields) speak these names; a
+caller with other modality names maps them to the two sides, and nothing saved depends on them.
+Several captions per image are handled throughout (``PairedArrays.text_to_image``).
 
 Example::
 
@@ -30,16 +32,20 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anybind.errors import AnybindError
+from .. import checks, saving
+from ..errors import AnybindError
+from ..registry import Registry
 
 __all__ = [
     "BASELINES",
@@ -51,10 +57,14 @@ __all__ = [
     "NNTransfer",
     "PairedArrays",
     "Procrustes",
+    "baseline_options",
     "build_baseline",
     "register_baseline",
     "resolve_modality",
 ]
+
+KIND = "baseline"  # the saved-part kind
+LEGACY_FILE = "baseline.json"  # saved-part format 1 (with state.safetensors)
 
 MODALITIES = ("image", "text")
 _MODALITY_ALIASES: dict[Any, str] = {
@@ -72,12 +82,12 @@ class BaselineError(AnybindError, ValueError):
     """An unknown baseline or option, bad training pairs, or bad input to ``encode``."""
 
 
-def resolve_modality(modality: str | int) -> str:
+def resolve_modality(modality: str | int, error: type[Exception] = BaselineError) -> str:
     """``"image"`` or ``"text"`` from any accepted name (``"first"``/``"second"``, ``0``/``1``)."""
     try:
         return _MODALITY_ALIASES[modality.lower() if isinstance(modality, str) else modality]
     except (KeyError, TypeError):
-        raise BaselineError(
+        raise error(
             f"unknown modality {modality!r}: use 'image' (the first modality of the pair) or "
             "'text' (the second); 'first'/'second' and 0/1 are accepted too"
         ) from None
@@ -182,20 +192,39 @@ class PairedArrays:
 # --------------------------------------------------------------------------------------------
 # the interface and the registry
 
-BASELINES: dict[str, type[Baseline]] = {}
+#: name -> baseline class; filled by `register_baseline`.
+BASELINES = Registry("baseline")
+
+B = TypeVar("B", bound="Baseline")
 
 
-def register_baseline(name: str) -> Callable[[type[Baseline]], type[Baseline]]:
-    """Class decorator: make a baseline available to :func:`build_baseline` under ``name``."""
+def register_baseline(name: str, *, help: str = "") -> Callable[[type[B]], type[B]]:
+    """Class decorator: make a baseline (a dataclass whose fields are its options) available to
+    :func:`build_baseline` under ``name``."""
 
-    def add(cls: type[Baseline]) -> type[Baseline]:
-        if name in BASELINES and BASELINES[name] is not cls:
-            raise BaselineError(f"baseline {name!r} is already registered ({BASELINES[name]})")
+    def add(cls: type[B]) -> type[B]:
+        if not (isinstance(cls, type) and issubclass(cls, Baseline) and dataclasses.is_dataclass(cls)):
+            raise BaselineError(f"register_baseline('{name}') decorates dataclass subclasses of Baseline, "
+                                f"not {cls!r}")
+        BASELINES.register(name, cls, help=help)  # refuses a name taken by another class
         cls.name = name
-        BASELINES[name] = cls
         return cls
 
     return add
+
+
+def build_baseline(name: str, **options: Any) -> Baseline:
+    """A baseline by registered name, with options (checked against its dataclass fields).
+
+    >>> build_baseline("asif", k=400).config()["k"]
+    400
+    """
+    return BASELINES.build(name, **options)
+
+
+def baseline_options(name: str) -> dict[str, Any]:
+    """The options a registered baseline accepts (its dataclass fields), with their defaults."""
+    return BASELINES.options(name)
 
 
 class Baseline(ABC):
@@ -248,40 +277,31 @@ class Baseline(ABC):
             cfg["fitted"] = dict(self._fitted_info)
         return cfg
 
-    def save(self, directory) -> None:
-        """The options (baseline.json) and the fitted state (state.safetensors): no pickles."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the saved part: the options, the fitted state's description (JSON) and its
+        tensors (``weights.safetensors``); no pickles, atomic, the same bytes for the same fit."""
         if not hasattr(self, "_input_dims"):
             raise BaselineError(f"baseline {self.name!r} is not fitted: nothing to save")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        state = {k: _flatten(v, k, tensors) for k, v in vars(self).items() if k.startswith("_")}
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(directory / "state.safetensors"))
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        (directory / "baseline.json").write_text(json.dumps({"name": self.name, "options": options, "state": state}, indent=1))
+        tensors: dict[str, torch.Tensor] = {}
+        state = {k: _flatten(v, k, tensors) for k, v in vars(self).items() if k not in options}
+        return saving.save_part(directory, KIND, self.name, options=options, tensors=tensors, state=state)
 
     @classmethod
-    def load(cls, directory) -> Baseline:
+    def load(cls, directory: str | os.PathLike) -> Baseline:
         """A fitted baseline saved by `save`."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
         directory = Path(directory)
+        _refuse_legacy(directory)
+        config, tensors = saving.read_part(directory, KIND)
         try:
-            info = json.loads((directory / "baseline.json").read_text())
-            tensors = load_file(str(directory / "state.safetensors"))
-        except (OSError, ValueError) as e:
-            raise BaselineError(f"{directory} is not a saved baseline ({e})") from e
-        model = build_baseline(info["name"], **info["options"])
-        for k, v in info["state"].items():
-            setattr(model, k, _unflatten(v, tensors))
+            model = build_baseline(config["name"], **config["options"])
+            for k, v in config["state"].items():
+                setattr(model, k, _unflatten(v, tensors))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise BaselineError(f"{directory} holds a damaged saved baseline ({e!r}): fit and save it again") from e
+        if cls is not Baseline and not isinstance(model, cls):
+            raise BaselineError(f"{directory} holds a {config['name']!r} baseline, not a {cls.__qualname__}: "
+                                "load it with Baseline.load")
         return model
 
     @property
@@ -301,11 +321,22 @@ class Baseline(ABC):
 _STATE_CLASSES: dict[str, type] = {}  # small fitted-state holders, filled below (_AffineMap, _CosineSpace)
 
 
+def _refuse_legacy(directory: Path) -> None:
+    """A folder saved before the saved-part contract: say which version and what to do."""
+    if (directory / LEGACY_FILE).is_file() and not (directory / saving.CONFIG_FILE).is_file():
+        raise saving.SavedPartError(f"{directory} was written in saved-part format 1 ({LEGACY_FILE}); this anybind "
+                                    f"reads format {saving.FORMAT}: fit the baseline (or export the bundle) "
+                                    "again with this version")
+
+
 def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     """A JSON-able description of a fitted attribute; its tensors go into `tensors` by path."""
     if isinstance(value, torch.Tensor):
         tensors[path] = value.detach().cpu()
         return {"$tensor": path}
+    if isinstance(value, np.ndarray):  # fitted arrays for inspection (CCA's correlations, ...)
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
+        return {"$numpy": path}
     if isinstance(value, dict):
         return {"$dict": {k: _flatten(v, f"{path}.{k}", tensors) for k, v in value.items()}}
     if type(value).__name__ in _STATE_CLASSES:
@@ -319,6 +350,8 @@ def _flatten(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
 def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, dict) and "$tensor" in value:
         return tensors[value["$tensor"]]
+    if isinstance(value, dict) and "$numpy" in value:
+        return tensors[value["$numpy"]].numpy()
     if isinstance(value, dict) and "$dict" in value:
         return {k: _unflatten(v, tensors) for k, v in value["$dict"].items()}
     if isinstance(value, dict) and "$object" in value:
@@ -327,58 +360,6 @@ def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
             setattr(obj, k, _unflatten(v, tensors))
         return obj
     return value
-
-
-def _option_defaults(cls: type[Baseline]) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-
-
-def build_baseline(name: str, **options: Any) -> Baseline:
-    """A baseline by registered name, with options; unknown names or options list what exists.
-
-    >>> build_baseline("asif", k=400).config()["k"]
-    400
-    """
-    if name not in BASELINES:
-        raise BaselineError(f"unknown baseline {name!r}; available: {', '.join(sorted(BASELINES))}")
-    cls = BASELINES[name]
-    defaults = _option_defaults(cls)
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        raise BaselineError(
-            f"unknown option(s) {', '.join(unknown)} for baseline {name!r}; its options "
-            f"(with defaults): {listed}"
-        )
-    return cls(**options)
-
-
-# option checks (raise BaselineError, so a bad value from a recipe or CLI reads clearly)
-
-
-def _check_choice(owner: str, option: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices:
-        raise BaselineError(f"{owner}: {option}={value!r} is not one of {choices}")
-
-
-def _check_int(owner: str, option: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise BaselineError(f"{owner}: {option} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(owner: str, option: str, value: Any, minimum: float, strict: bool) -> None:
-    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    ok = ok and np.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        sign = ">" if strict else ">="
-        raise BaselineError(f"{owner}: {option} must be a number {sign} {minimum}, got {value!r}")
-
-
-def _check_bool(owner: str, option: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise BaselineError(f"{owner}: {option} must be true or false, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,9 +454,10 @@ class Procrustes(Baseline):
     scaling: str = "none"
 
     def __post_init__(self) -> None:
-        _check_int("procrustes", "dim", self.dim, 1, optional=True)
-        _check_bool("procrustes", "normalize_input", self.normalize_input)
-        _check_choice("procrustes", "scaling", self.scaling, ("none", "standardize", "whiten"))
+        if self.dim is not None:
+            checks.integer("procrustes: dim", self.dim, minimum=1, error=BaselineError)
+        checks.flag("procrustes: normalize_input", self.normalize_input, error=BaselineError)
+        checks.choice("procrustes: scaling", self.scaling, ("none", "standardize", "whiten"), error=BaselineError)
 
     def _pca(self, x: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean, projection [D, d] including any scaling, centred+projected rows)."""
@@ -545,10 +527,11 @@ class CCA(Baseline):
     normalize_input: bool = True
 
     def __post_init__(self) -> None:
-        _check_number("cca", "reg", self.reg, 0.0, strict=False)
-        _check_int("cca", "dim", self.dim, 1, optional=True)
-        _check_number("cca", "power", self.power, 0.0, strict=False)
-        _check_bool("cca", "normalize_input", self.normalize_input)
+        checks.number("cca: reg", self.reg, minimum=0.0, error=BaselineError)
+        if self.dim is not None:
+            checks.integer("cca: dim", self.dim, minimum=1, error=BaselineError)
+        checks.number("cca: power", self.power, minimum=0.0, error=BaselineError)
+        checks.flag("cca: normalize_input", self.normalize_input, error=BaselineError)
 
     def _regularised_cov(self, xc: np.ndarray) -> np.ndarray:
         c = _covariance(xc)
@@ -645,11 +628,11 @@ class ASIF(Baseline):
     batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        _check_int("asif", "k", self.k, 1)
-        _check_number("asif", "power", self.power, 0.0, strict=True)
-        _check_bool("asif", "center", self.center)
-        _check_choice("asif", "caption_aggregate", self.caption_aggregate, ("max", "mean"))
-        _check_int("asif", "batch_size", self.batch_size, 1)
+        checks.integer("asif: k", self.k, minimum=1, error=BaselineError)
+        checks.number("asif: power", self.power, minimum=0.0, strict=True, error=BaselineError)
+        checks.flag("asif: center", self.center, error=BaselineError)
+        checks.choice("asif: caption_aggregate", self.caption_aggregate, ("max", "mean"), error=BaselineError)
+        checks.integer("asif: batch_size", self.batch_size, minimum=1, error=BaselineError)
 
     def _fit(self, train: PairedArrays) -> None:
         rows, anchor_of_text = _fit_anchor_spaces(self, train)
@@ -719,11 +702,11 @@ class NNTransfer(Baseline):
     batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        _check_int("nn-transfer", "k", self.k, 1)
-        _check_choice("nn-transfer", "weighting", self.weighting, ("mean", "softmax"))
-        _check_number("nn-transfer", "temperature", self.temperature, 0.0, strict=True)
-        _check_bool("nn-transfer", "center", self.center)
-        _check_int("nn-transfer", "batch_size", self.batch_size, 1)
+        checks.integer("nn-transfer: k", self.k, minimum=1, error=BaselineError)
+        checks.choice("nn-transfer: weighting", self.weighting, ("mean", "softmax"), error=BaselineError)
+        checks.number("nn-transfer: temperature", self.temperature, minimum=0.0, strict=True, error=BaselineError)
+        checks.flag("nn-transfer: center", self.center, error=BaselineError)
+        checks.integer("nn-transfer: batch_size", self.batch_size, minimum=1, error=BaselineError)
 
     def _fit(self, train: PairedArrays) -> None:
         rows, anchor_of_text = _fit_anchor_spaces(self, train)

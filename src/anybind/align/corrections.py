@@ -13,7 +13,11 @@ Fitted on a *bank*: L2-normalised shared-space embeddings of training items per 
     corr = build_correction("qb-norm", beta=20).fit({"image": zi_train, "text": zt_train})
     retrieval_metrics(**apply_correction(corr, zi_test, zt_test), text_to_image=t2i, ks=(1, 5))
     corr.save("bundle/correction")
-    same = RetrievalCorrection.load("bundle/correction")    # correction.json + bank.safetensors
+    same = RetrievalCorrection.load("bundle/correction")    # config.json + weights.safetensors
+
+As for the baselines, ``"image"`` and ``"text"`` name the pair's first and second side
+(``"first"``/``"second"`` and ``0``/``1`` are accepted too): a caller with other modality names
+maps them to the two sides.
 
 Registered: ``none``, ``qb-norm`` (inverted softmax), ``dual-softmax`` (DSL with a bank),
 ``invgc`` (inverse graph convolution with LocalAdj).
@@ -21,10 +25,6 @@ Registered: ``none``, ``qb-norm`` (inverted softmax), ``dual-softmax`` (DSL with
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,32 +34,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import checks, saving
 from ..errors import AnybindError
 from ..metrics.retrieval import ArrayLike, ScoreFn, _embeddings
+from ..registry import Registry
+from .baselines import MODALITIES, resolve_modality
 
-MODALITIES = ("image", "text")
-CONFIG_FILE = "correction.json"
-BANK_FILE = "bank.safetensors"
-FORMAT = 1
+KIND = "correction"  # the saved-part kind
+LEGACY_FILE = "correction.json"  # saved-part format 1 (with bank.safetensors)
 
 C = TypeVar("C", bound="RetrievalCorrection")
 
 #: name -> correction class; filled by `register_correction`.
-CORRECTIONS: dict[str, type[RetrievalCorrection]] = {}
+CORRECTIONS = Registry("correction")
 
 
-def register_correction(name: str) -> Callable[[type[C]], type[C]]:
+class CorrectionError(AnybindError, ValueError):
+    """A correction built with a bad parameter, fitted on a bad bank, or a damaged saved one."""
+
+
+def register_correction(name: str, *, help: str = "") -> Callable[[type[C]], type[C]]:
     """Class decorator: make a `RetrievalCorrection` subclass buildable and loadable by `name`."""
 
     def register(cls: type[C]) -> type[C]:
-        known = CORRECTIONS.get(name)
-        if known is not None and known is not cls:
-            raise AnybindError(
-                f"correction name '{name}' is already registered by {known.__qualname__}: "
-                "choose another name"
-            )
+        if not (isinstance(cls, type) and issubclass(cls, RetrievalCorrection)):
+            raise CorrectionError(f"register_correction('{name}') decorates RetrievalCorrection subclasses, "
+                                  f"not {cls!r}")
+        CORRECTIONS.register(name, cls, help=help)  # refuses a name taken by another class
         cls.name = name
-        CORRECTIONS[name] = cls
         return cls
 
     return register
@@ -67,11 +69,7 @@ def register_correction(name: str) -> Callable[[type[C]], type[C]]:
 
 def correction_options(name: str) -> dict[str, Any]:
     """The parameters a registered correction accepts, with their defaults."""
-    return {
-        p.name: p.default
-        for p in inspect.signature(_correction_class(name).__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return CORRECTIONS.options(name)
 
 
 def build_correction(name: str, **params: Any) -> RetrievalCorrection:
@@ -79,14 +77,7 @@ def build_correction(name: str, **params: Any) -> RetrievalCorrection:
 
     ``build_correction(**corr.config())`` rebuilds the same correction.
     """
-    accepted = correction_options(name)
-    for key in params:
-        if key not in accepted:
-            raise AnybindError(
-                f"correction '{name}' has no parameter '{key}'{_did_you_mean(key, accepted)}; "
-                f"it accepts: {', '.join(sorted(accepted)) or 'no parameters'}"
-            )
-    return _correction_class(name)(**params)
+    return CORRECTIONS.build(name, **params)
 
 
 def apply_correction(
@@ -103,7 +94,7 @@ def apply_correction(
     ``*_gallery_emb`` entries are None when the correction leaves the gallery embeddings alone.
     """
     if not isinstance(correction, RetrievalCorrection):
-        raise AnybindError(
+        raise CorrectionError(
             f"apply_correction takes a RetrievalCorrection (see build_correction), not "
             f"{type(correction).__name__}"
         )
@@ -137,8 +128,8 @@ class RetrievalCorrection:
     transforms_gallery: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any] | None = None):
-        if not self.name or CORRECTIONS.get(self.name) is not type(self):
-            raise AnybindError(
+        if not self.name or self.name not in CORRECTIONS or CORRECTIONS.get(self.name) is not type(self):
+            raise CorrectionError(
                 f"{type(self).__qualname__} is not registered: decorate it with "
                 "@register_correction('some-name')"
             )
@@ -173,86 +164,49 @@ class RetrievalCorrection:
 
         The other modality queries; the offset is subtracted from every score of its item.
         """
-        if modality not in MODALITIES:
-            raise AnybindError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise AnybindError(f"chunk_size must be a positive integer, not {chunk_size!r}")
+        modality = _side(modality)
+        checks.integer("chunk_size", chunk_size, minimum=1, error=CorrectionError)
         x = _embeddings(f"{modality} gallery embeddings", emb)
         if not self.needs_bank:
             return self._gallery(modality, x, chunk_size)
         if self.bank is None:
-            raise AnybindError(
+            raise CorrectionError(
                 f"correction '{self.name}' is not fitted: call fit(bank) with training "
                 "embeddings of both modalities first (or load a saved one)"
             )
         dim = next(iter(self.bank.values())).shape[1]
         if x.shape[1] != dim:
-            raise AnybindError(
+            raise CorrectionError(
                 f"correction '{self.name}' was fitted on {dim}-dim embeddings, but the "
                 f"{modality} gallery is {x.shape[1]}-dim: use the same model's embeddings"
             )
         return self._gallery(modality, x, chunk_size)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``correction.json`` (and ``bank.safetensors`` when fitted on a bank; no pickles)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.needs_bank:
-            if self.bank is None:
-                raise AnybindError(
-                    f"correction '{self.name}' is not fitted: call fit(bank) before saving it"
-                )
-            bank = {m: t.detach().to("cpu").contiguous() for m, t in self.bank.items()}
-            _atomic_write(
-                directory / BANK_FILE,
-                lambda tmp: save_file(
-                    bank, str(tmp), metadata={"format": "pt", "correction": self.name}
-                ),
-            )
-        text = json.dumps({"format": FORMAT, **self.config()}, indent=2, sort_keys=True)
-        _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text + "\n"))
-        return directory
+        """Write the saved part: ``config.json`` (name, parameters) and, when fitted on a bank,
+        the bank in ``weights.safetensors`` (no pickles)."""
+        if self.needs_bank and self.bank is None:
+            raise CorrectionError(f"correction '{self.name}' is not fitted: call fit(bank) before saving it")
+        return saving.save_part(directory, KIND, self.name, options=self._params, tensors=self.bank)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> RetrievalCorrection:
         """Rebuild a saved correction from its folder, bank included, exactly as it was saved."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        path = directory / CONFIG_FILE
-        if not path.is_file():
-            raise AnybindError(
-                f"no {CONFIG_FILE} in {directory}: give the folder that RetrievalCorrection.save wrote"
-            )
-        try:
-            config = json.loads(path.read_text())
-            fmt, name = config.pop("format"), config.pop("name")
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-            raise AnybindError(f"{path} is corrupt ({e}): save the correction again") from e
-        if fmt != FORMAT:
-            raise AnybindError(
-                f"{path} has format {fmt!r}; this anybind reads format {FORMAT}: upgrade anybind"
-            )
-        correction = build_correction(name, **config)
+        if (directory / LEGACY_FILE).is_file() and not (directory / saving.CONFIG_FILE).is_file():
+            raise saving.SavedPartError(f"{directory} was written in saved-part format 1 ({LEGACY_FILE}); this "
+                                        f"anybind reads format {saving.FORMAT}: fit the correction (or export "
+                                        "the bundle) again with this version")
+        config, bank = saving.read_part(directory, KIND)
+        name = config.get("name")
+        correction = build_correction(name, **config.get("options", {}))
         if cls is not RetrievalCorrection and not isinstance(correction, cls):
-            raise AnybindError(
-                f"{directory} holds a '{name}' correction, not a {cls.__qualname__}: load it "
-                "with RetrievalCorrection.load"
-            )
+            raise CorrectionError(f"{directory} holds a '{name}' correction, not a {cls.__qualname__}: load it "
+                                  "with RetrievalCorrection.load")
         if correction.needs_bank:
-            bank_path = directory / BANK_FILE
-            if not bank_path.is_file():
-                raise AnybindError(
-                    f"no {BANK_FILE} in {directory}: the save was interrupted; save it again"
-                )
-            try:
-                bank = load_file(str(bank_path), device="cpu")
-            except Exception as e:  # safetensors raises its own error types for garbled files
-                raise AnybindError(
-                    f"{bank_path} is corrupt ({e}): save the correction again"
-                ) from e
+            if not bank:
+                raise CorrectionError(f"no {saving.WEIGHTS_FILE} in {directory}: the save was interrupted; "
+                                      "save the correction again")
             correction.bank = _check_bank(name, bank, normalise=False)
         return correction
 
@@ -295,7 +249,7 @@ class QBNorm(RetrievalCorrection):
     """
 
     def __init__(self, *, beta: float = 20.0):
-        super().__init__({"beta": _positive_float(self.name, "beta", beta)})
+        super().__init__({"beta": _beta(self.name, beta)})
 
     def _gallery(self, modality: str, x: Tensor, chunk_size: int) -> tuple[Tensor, Tensor | None]:
         beta = self._params["beta"]
@@ -319,7 +273,7 @@ class DualSoftmax(RetrievalCorrection):
     _gallery = QBNorm._gallery  # the same offsets
 
     def __init__(self, *, beta: float = 20.0):
-        super().__init__({"beta": _positive_float(self.name, "beta", beta)})
+        super().__init__({"beta": _beta(self.name, beta)})
 
     @property
     def score_fn(self) -> ScoreFn:
@@ -327,7 +281,7 @@ class DualSoftmax(RetrievalCorrection):
 
     def _keys(self, scores: Tensor, offset: Tensor | None) -> Tensor:
         if offset is None:
-            raise AnybindError(
+            raise CorrectionError(
                 "dual-softmax ranks with its offsets: pass both to retrieval_metrics"
             )
         s = scores.double()
@@ -351,13 +305,13 @@ class InvGC(RetrievalCorrection):
     transforms_gallery = True
 
     def __init__(self, *, r_g: float = 0.1, r_q: float = 0.1, k: int = 10):
-        super().__init__(
-            {
-                "r_g": _nonnegative_float(self.name, "r_g", r_g),
-                "r_q": _nonnegative_float(self.name, "r_q", r_q),
-                "k": _positive_int(self.name, "k", k),
-            }
-        )
+        # a negative rate would smooth the gallery towards its neighbours, not separate it
+        rate = {"minimum": 0.0, "error": CorrectionError}
+        super().__init__({
+            "r_g": checks.number("correction 'invgc': r_g", r_g, **rate),
+            "r_q": checks.number("correction 'invgc': r_q", r_q, **rate),
+            "k": checks.integer("correction 'invgc': k", k, minimum=1, error=CorrectionError),
+        })
 
     def _gallery(self, modality: str, x: Tensor, chunk_size: int) -> tuple[Tensor, Tensor | None]:
         p = self._params
@@ -413,96 +367,58 @@ def _topk_scores(g: Tensor, bank: Tensor, k: int, chunk: int) -> tuple[Tensor, T
     return vals, idx
 
 
-def _check_bank(
-    name: str, bank: Mapping[str, ArrayLike], normalise: bool = True
-) -> dict[str, Tensor]:
+def _check_bank(name: str, bank: Mapping[str, ArrayLike], normalise: bool = True) -> dict[str, Tensor]:
     if not isinstance(bank, Mapping):
-        raise AnybindError(
-            f"correction '{name}' fits on a bank {{'image': [Ni, D], 'text': [Nt, D]}} of "
-            f"training embeddings, not {type(bank).__name__}"
-        )
-    unknown = sorted(set(bank) - set(MODALITIES))
-    missing = [m for m in MODALITIES if m not in bank]
-    if unknown or missing:
-        what = f"lacks {', '.join(repr(m) for m in missing)}" if missing else ""
-        if unknown:
-            what += (" and " if what else "") + f"has unknown {', '.join(map(repr, unknown))}"
-        raise AnybindError(
-            f"the bank for correction '{name}' {what}: give training embeddings of both "
-            f"{' and '.join(MODALITIES)} (the query bank of one is the other's)"
-        )
+        raise CorrectionError(f"correction '{name}' fits on a bank {{'image': [Ni, D], 'text': [Nt, D]}} of "
+                              f"training embeddings, not {type(bank).__name__}")
+    bank = _bank_by_side(name, bank)
     out = {}
     for m in MODALITIES:
         t = _embeddings(f"bank['{m}']", bank[m])
         out[m] = (F.normalize(t, dim=-1) if normalise else t).contiguous()
     dims = {m: t.shape[1] for m, t in out.items()}
     if len(set(dims.values())) != 1:
-        raise AnybindError(
-            f"the bank's modalities must share the embedding dimension, got {dims}: use "
-            "shared-space embeddings of one bound model"
-        )
+        raise CorrectionError(f"the bank's modalities must share the embedding dimension, got {dims}: use "
+                              "shared-space embeddings of one bound model")
     return out
+
+
+def _bank_by_side(name: str, bank: Mapping[Any, ArrayLike]) -> dict[str, ArrayLike]:
+    """The bank keyed by side ("image", "text"), whichever accepted names the caller used."""
+    by_side: dict[str, ArrayLike] = {}
+    unknown = []
+    for key, value in bank.items():
+        try:
+            side = resolve_modality(key)
+        except AnybindError:
+            unknown.append(key)
+            continue
+        if side in by_side:
+            raise CorrectionError(f"the bank for correction '{name}' gives the {side} side twice: name each "
+                                  "side once")
+        by_side[side] = value
+    missing = [m for m in MODALITIES if m not in by_side]
+    if unknown or missing:
+        what = f"lacks {', '.join(repr(m) for m in missing)}" if missing else ""
+        if unknown:
+            what += (" and " if what else "") + f"has unknown {', '.join(map(repr, unknown))}"
+        raise CorrectionError(f"the bank for correction '{name}' {what}: give training embeddings of both "
+                              f"{' and '.join(MODALITIES)} (the query bank of one is the other's)")
+    return by_side
+
+
+def _side(modality: Any) -> str:
+    """ "image" or "text" (the pair's first and second side) from any accepted name."""
+    try:
+        return resolve_modality(modality)
+    except AnybindError:
+        raise CorrectionError(f"modality must be one of {', '.join(MODALITIES)} (the pair's first and second "
+                              f"side; 'first'/'second' and 0/1 are accepted too), not {modality!r}") from None
 
 
 def _other(modality: str) -> str:
     return MODALITIES[1 - MODALITIES.index(modality)]
 
 
-def _correction_class(name: str) -> type[RetrievalCorrection]:
-    if not isinstance(name, str) or name not in CORRECTIONS:
-        raise AnybindError(
-            f"unknown correction {name!r}{_did_you_mean(str(name), CORRECTIONS)}; known: "
-            f"{', '.join(sorted(CORRECTIONS))}"
-        )
-    return CORRECTIONS[name]
-
-
-def _did_you_mean(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _positive_float(name: str, what: str, value: Any) -> float:
-    v = _finite_float(name, what, value)
-    if v <= 0:
-        raise AnybindError(f"correction '{name}': {what} must be > 0, not {value!r}")
-    return v
-
-
-def _nonnegative_float(name: str, what: str, value: Any) -> float:
-    v = _finite_float(name, what, value)
-    if v < 0:
-        raise AnybindError(
-            f"correction '{name}': {what} must be >= 0 (a negative rate would smooth, not "
-            f"separate), not {value!r}"
-        )
-    return v
-
-
-def _finite_float(name: str, what: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AnybindError(f"correction '{name}': {what} must be a finite number, not {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, what: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AnybindError(f"correction '{name}': {what} must be an integer >= 1, not {value!r}")
-    return int(value)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file and rename, so a killed save never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise AnybindError(
-            f"could not write {path} ({e.strerror or e}): check the folder is writable "
-            "and the disk is not full"
-        ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _beta(name: str, value: Any) -> float:
+    return checks.positive(f"correction '{name}': beta", value, error=CorrectionError)

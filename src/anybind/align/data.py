@@ -174,6 +174,11 @@ class PairedFeatures:
     def names(self) -> list[str]:
         return [self.anchor_name, self.partner_name]
 
+    @property
+    def layers(self) -> dict[str, list[str]]:
+        """The layers each modality reads, anchor first."""
+        return {n: list(self.sides[n].layers) for n in self.names}
+
     def summary(self) -> dict:
         out = {"anchor": self.anchor_name, "partner": self.partner_name, "fold": self.fold}
         for s in ("train", "val", "test"):

@@ -11,15 +11,26 @@ positives, and a ``chunk_size`` that computes the logits in row chunks under act
 checkpointing: a 32k x 32k batch on a CPU needs O(chunk x B) memory instead of 4 GB, with the
 same value and gradients. They work in fp32 whatever autocast says: a bf16 logit at scale 100
 is off by up to about 0.4.
+
+Contrastive losses live in the `LOSSES` registry; a loss's keyword-only ``__init__`` options are
+its settings. A recipe's ``loss:`` section is ``{name: <loss>, <its options>...,
+structure_<option>: ...}`` (the ``structure_`` keys set the regulariser), and `build_objective`
+turns it into what training minimises::
+
+    @register_loss("cosine-mse")
+    class CosineMSE(nn.Module):
+        def __init__(self, *, margin: float = 0.0): ...
+        def forward(self, za, zb, pos=None): ...
+    # anybind train --set 'loss={name: cosine-mse, margin: 0.1}' --set loss.structure_weight=5
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checks import choice, did_you_mean, flag, integer, number, positive
 from ..errors import AnybindError
+from ..registry import Registry, signature_options
 
 #: InfoNCE's logit scale (1 / temperature) is clamped to this range, as in CLIP.
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = 1.0, 100.0
@@ -36,8 +49,23 @@ MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = 1.0, 100.0
 #: temperature for it, and their tuned configurations set that to 0.05 (with lambda 10).
 STRUCTURE_TAU = 0.05
 
+#: Contrastive losses by name (the STRUCTURE regulariser is separate: it adds to any of them).
+LOSSES = Registry("loss", plural="losses")
+
+
+class LossError(AnybindError, ValueError):
+    """A loss section with an unknown loss, an unknown option or a bad value."""
+
+
+def register_loss(name: str, target: Any = None, *, help: str = "", replace: bool = False):
+    """Register a contrastive loss: an ``nn.Module`` whose keyword-only ``__init__`` options are
+    its settings and whose ``forward(za, zb, pos=None)`` returns a scalar. A decorator without
+    `target`; `target` may be a lazy ``"module:Class"``."""
+    return LOSSES.register(name, target, help=help, replace=replace)
+
 
 # ---- contrastive losses ----------------------------------------------------------------------------
+@register_loss("infonce")
 class InfoNCE(nn.Module):
     """Symmetric InfoNCE (CLIP's loss) with a learnable temperature and several positives per row.
 
@@ -59,13 +87,13 @@ class InfoNCE(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        temperature = _number("infonce", "temperature", temperature)
+        temperature = number("infonce: temperature", temperature)
         if not 1.0 / MAX_LOGIT_SCALE <= temperature <= 1.0 / MIN_LOGIT_SCALE:
             raise AnybindError(
                 f"infonce: temperature must be in [{1 / MAX_LOGIT_SCALE:g}, {1 / MIN_LOGIT_SCALE:g}] "
                 f"(logit scale 1..100), not {temperature}"
             )
-        self.learn_temperature = _flag("infonce", "learn_temperature", learn_temperature)
+        self.learn_temperature = flag("infonce: learn_temperature", learn_temperature)
         self.chunk_size = _chunk("infonce", chunk_size)
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if self.learn_temperature:
@@ -95,6 +123,7 @@ class InfoNCE(nn.Module):
             return 0.5 * (a_to_b + b_to_a)
 
 
+@register_loss("siglip")
 class SigLIP(nn.Module):
     """SigLIP's pairwise sigmoid loss with a learnable scale ``t`` and bias ``b``::
 
@@ -114,11 +143,9 @@ class SigLIP(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        scale_init = _number("siglip", "scale_init", scale_init)
-        if scale_init <= 0:
-            raise AnybindError(f"siglip: scale_init must be positive, not {scale_init}")
-        bias_init = _number("siglip", "bias_init", bias_init)
-        self.learn_scale_bias = _flag("siglip", "learn_scale_bias", learn_scale_bias)
+        scale_init = positive("siglip: scale_init", scale_init)
+        bias_init = number("siglip: bias_init", bias_init)
+        self.learn_scale_bias = flag("siglip: learn_scale_bias", learn_scale_bias)
         self.chunk_size = _chunk("siglip", chunk_size)
         log_scale, bias = torch.tensor(math.log(scale_init)), torch.tensor(float(bias_init))
         if self.learn_scale_bias:
@@ -212,14 +239,7 @@ def structure_regulariser(
     random sub-batch of ``max_batch`` rows: ``torch.randperm(B, generator=generator)[:max_batch]``.
     Computed in fp32 whatever autocast says.
     """
-    levels = _count("structure", "levels", levels)
-    tau = _number("structure", "tau", tau)
-    if tau <= 0:
-        raise AnybindError(f"structure: tau must be positive, not {tau}")
-    weights = _level_weights(levels, level_weighting)
-    max_batch = _count("structure", "max_batch", max_batch)
-    if max_batch < 2:
-        raise AnybindError(f"structure: max_batch must be at least 2, not {max_batch}")
+    levels, tau, weights, max_batch = _structure_settings(levels, tau, level_weighting, max_batch)
     if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
         raise AnybindError(
             f"structure: x and z must be [B, D] matrices with the same rows, got {tuple(x.shape)} "
@@ -247,32 +267,29 @@ def structure_regulariser(
 class StructureRegulariser(nn.Module):
     """`structure_regulariser` with its settings held, for a training loop.
 
-    ``lam`` and ``warmup_steps`` are carried for `weight`, the linearly warmed-up lambda
-    (STRUCTURE's recipe: lambda 10, warmed up so the contrastive loss shapes the space first).
+    ``weight`` (lambda; 0 = off) and ``warmup_steps`` are the schedule read by `weight(step)`,
+    the linearly warmed-up lambda (STRUCTURE's recipe: lambda 10, warmed up so the contrastive
+    loss shapes the space first); the other options are `structure_regulariser`'s. A recipe sets
+    them as ``loss.structure_<option>``.
     """
 
     def __init__(
         self,
         *,
+        weight: float = 0.0,
         levels: int = 1,
         tau: float = STRUCTURE_TAU,
         level_weighting: str = "uniform",
-        max_batch: int = 4096,
-        lam: float = 10.0,
         warmup_steps: int = 0,
+        max_batch: int = 4096,
     ):
         super().__init__()
-        self.levels = _count("structure", "levels", levels)
-        self.tau = _number("structure", "tau", tau)
-        if self.tau <= 0:
-            raise AnybindError(f"structure: tau must be positive, not {self.tau}")
-        _level_weights(self.levels, level_weighting)
+        self.levels, self.tau, _, self.max_batch = _structure_settings(
+            levels, tau, level_weighting, max_batch
+        )
         self.level_weighting = level_weighting
-        self.max_batch = _count("structure", "max_batch", max_batch)
-        if self.max_batch < 2:
-            raise AnybindError(f"structure: max_batch must be at least 2, not {self.max_batch}")
-        self.lam = _number("structure", "lam", lam)
-        self.warmup_steps = _count("structure", "warmup_steps", warmup_steps, minimum=0)
+        self.lam = number("structure: weight", weight, minimum=0)
+        self.warmup_steps = integer("structure: warmup_steps", warmup_steps, minimum=0)
 
     def weight(self, step: int) -> float:
         """Lambda at a (0-based) training step."""
@@ -291,8 +308,9 @@ class StructureRegulariser(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"levels={self.levels}, tau={self.tau}, level_weighting={self.level_weighting}, "
-            f"max_batch={self.max_batch}, lam={self.lam}, warmup_steps={self.warmup_steps}"
+            f"weight={self.lam}, levels={self.levels}, tau={self.tau}, "
+            f"level_weighting={self.level_weighting}, warmup_steps={self.warmup_steps}, "
+            f"max_batch={self.max_batch}"
         )
 
 
@@ -305,6 +323,17 @@ def warmup_weight(step: int, lam: float, warmup_steps: int) -> float:
     if warmup_steps == 0:
         return float(lam)
     return float(lam) * min(1.0, step / warmup_steps)
+
+
+def _structure_settings(
+    levels: Any, tau: Any, level_weighting: Any, max_batch: Any
+) -> tuple[int, float, list[float], int]:
+    """The checked settings: levels, tau, the per-level weights, max_batch."""
+    levels = integer("structure: levels", levels, minimum=1)
+    tau = positive("structure: tau", tau)
+    weights = _level_weights(levels, level_weighting)
+    max_batch = integer("structure: max_batch", max_batch, minimum=2)
+    return levels, tau, weights, max_batch
 
 
 def _random_walk(y: Tensor, tau: float) -> Tensor:
@@ -328,46 +357,161 @@ def _js_rows(p: Tensor, q: Tensor) -> Tensor:
     return (0.5 * (kl_to_m(p) + kl_to_m(q))).clamp_min(0.0)  # rounding can dip below 0
 
 
+#: Per-level weights before normalising: uniform (1) or inverse (1/l).
+_LEVEL_WEIGHTINGS: dict[str, Callable[[int], float]] = {
+    "uniform": lambda level: 1.0,
+    "inverse": lambda level: 1.0 / level,
+}
+
+
 def _level_weights(levels: int, level_weighting: str) -> list[float]:
-    if level_weighting == "uniform":
-        raw = [1.0] * levels
-    elif level_weighting == "inverse":
-        raw = [1.0 / level for level in range(1, levels + 1)]
-    else:
-        raise AnybindError(
-            f"structure: level_weighting must be 'uniform' or 'inverse', not {level_weighting!r}"
-        )
+    choice("structure: level_weighting", level_weighting, _LEVEL_WEIGHTINGS)
+    raw = [_LEVEL_WEIGHTINGS[level_weighting](level) for level in range(1, levels + 1)]
     return [w / sum(raw) for w in raw]
 
 
-# ---- registry --------------------------------------------------------------------------------------
-#: Contrastive losses by name (the regulariser is separate: it adds to either).
-LOSSES: dict[str, type[nn.Module]] = {"infonce": InfoNCE, "siglip": SigLIP}
-
-
+# ---- building by name, and a recipe's loss section -------------------------------------------------
 def build_loss(name: str, **options: Any) -> nn.Module:
-    """Build a contrastive loss by name.
+    """Build a contrastive loss by name; an option it does not take is refused with a did-you-mean.
 
     >>> build_loss("infonce", temperature=0.05, chunk_size=4096)
     """
-    cls = LOSSES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise AnybindError(
-            f"unknown loss '{name}'{_did_you_mean(str(name), LOSSES)}; "
-            f"registered: {', '.join(sorted(LOSSES))}"
-        )
-    accepted = [
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    for key in options:
-        if key not in accepted:
-            raise AnybindError(
-                f"loss '{name}' has no option '{key}'{_did_you_mean(key, accepted)}; "
-                f"it accepts: {', '.join(sorted(accepted))}"
-            )
-    return cls(**options)
+    return LOSSES.build(name, **options)
+
+
+#: Default loss of a section without a name.
+DEFAULT_LOSS = "infonce"
+#: Section keys ``structure_<option>`` set the STRUCTURE regulariser's options.
+STRUCTURE_PREFIX = "structure_"
+
+
+@dataclass
+class Objective:
+    """What training minimises: ``contrastive(za, zb, pos)`` plus, per side,
+    ``weight(step) * structure(x, z)`` when the recipe turns STRUCTURE on (``structure_weight > 0``).
+
+    >>> objective = build_objective({"name": "infonce", "temperature": 0.05, "structure_weight": 10})
+    >>> loss = objective.contrastive(za, zb) + objective.weight(step) * objective.structure(xa, za)
+    """
+
+    contrastive: nn.Module
+    structure: StructureRegulariser | None = None
+
+    def weight(self, step: int) -> float:
+        """The regulariser's warmed-up lambda at a (0-based) step; 0 when it is off."""
+        return 0.0 if self.structure is None else self.structure.weight(step)
+
+
+class LossSection(dict):
+    """A checked loss section: ``{name, <the loss's options>, structure_<option>...}`` with every
+    default filled in, so the resolved recipe says what ran. Keys read as attributes too
+    (``recipe.loss.name``, ``recipe.loss.structure_weight``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"the loss section has no '{key}' (it has {', '.join(self)})") from None
+
+
+def build_objective(
+    loss_section: Mapping[str, Any] | None = None, *, error: type[Exception] = LossError
+) -> Objective:
+    """The contrastive loss and the STRUCTURE regulariser (None when its weight is 0) that a
+    recipe's ``loss:`` section names; unknown keys and bad values raise `error` naming the key."""
+    name, options, structure = _split_section(loss_section, error)
+    contrastive, regulariser = _build_parts(name, options, structure, error)
+    return Objective(contrastive, regulariser if regulariser.lam > 0 else None)
+
+
+def resolve_loss_section(
+    loss_section: Mapping[str, Any] | None = None, *, error: type[Exception] = LossError
+) -> LossSection:
+    """The section checked (names, keys, and values: the parts are built once to check them)
+    and completed with every default. ``structure_<option>: null`` means the default."""
+    name, options, structure = _split_section(loss_section, error)
+    _build_parts(name, options, structure, error)
+    prefixed = {f"{STRUCTURE_PREFIX}{key}": value for key, value in structure.items()}
+    return LossSection({"name": name, **options, **prefixed})
+
+
+def _split_section(section: Any, error: type[Exception]) -> tuple[str, dict, dict]:
+    """(loss name, its options, the regulariser's options), defaults filled, keys checked."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise error(f"loss must be a mapping such as {{name: infonce, temperature: 0.05}}, not {section!r}")
+    section = dict(section)
+    name = choice("loss.name", section.pop("name", DEFAULT_LOSS), LOSSES.names(), error=error)
+    loss_defaults = LOSSES.options(name)  # empty when the loss takes **kwargs: it checks its own
+    given = _defaults_given(LOSSES.get(name))
+    structure_defaults = signature_options(StructureRegulariser)
+    options, structure = {}, {}
+    for key, value in section.items():
+        option = key[len(STRUCTURE_PREFIX):] if key.startswith(STRUCTURE_PREFIX) else None
+        if option in structure_defaults:
+            structure[option] = _like(structure_defaults[option], value)
+        elif key in loss_defaults or (not loss_defaults and option is None):
+            options[key] = _like(loss_defaults.get(key), value)
+        else:
+            raise error(_unknown_key(name, key, loss_defaults, structure_defaults))
+    filled = {k: options.get(k, given.get(k)) for k in loss_defaults if k in options or k in given}
+    structure = {k: d if structure.get(k) is None else structure[k] for k, d in structure_defaults.items()}
+    return name, {**filled, **options}, structure
+
+
+def _defaults_given(obj: Callable) -> dict[str, Any]:
+    """The keyword options that have a default (a required one has none to fill in)."""
+    params = inspect.signature(obj).parameters.values()
+    return {p.name: p.default for p in params
+            if p.default is not p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _unknown_key(name: str, key: str, loss_options: dict, structure_options: dict) -> str:
+    structure_keys = [f"{STRUCTURE_PREFIX}{k}" for k in structure_options]
+    known = ["name", *loss_options, *structure_keys]
+    return (f"unknown recipe key 'loss.{key}'{did_you_mean(key, known)}: loss '{name}' takes "
+            f"{', '.join(loss_options) or 'no options'}; the STRUCTURE regulariser takes "
+            f"{', '.join(structure_keys)} (another loss's option? replace the whole section: "
+            f"--set 'loss={{name: {name}, ...}}')")
+
+
+def _like(default: Any, value: Any) -> Any:
+    """`value` as the type of the option's default: YAML reads 1e-3 (no dot) and nan as text."""
+    if isinstance(default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if type(default) is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _build_parts(
+    name: str, options: dict, structure: dict, error: type[Exception]
+) -> tuple[nn.Module, StructureRegulariser]:
+    contrastive = _built(lambda **o: LOSSES.build(name, **o), options, "loss.", error)
+    regulariser = _built(lambda **o: StructureRegulariser(**o), structure, "loss.structure_", error)
+    return contrastive, regulariser
+
+
+def _built(build: Callable[..., Any], options: dict, prefix: str, error: type[Exception]) -> Any:
+    """``build(**options)``; a refused value is re-raised as `error` naming its section key (the
+    first option refused on its own), so `--set loss.temperature=nan` says which key to fix."""
+    try:
+        return build(**options)
+    except (AnybindError, ValueError) as e:
+        for key, value in options.items():
+            try:
+                build(**{key: value})
+            except (AnybindError, ValueError) as alone:
+                raise error(f"{prefix}{key}: {alone}") from e
+            except TypeError:  # a required option missing: not this key's fault
+                continue
+        raise error(f"{prefix.rstrip('._')}: {e}") from e
+    except TypeError as e:  # e.g. a user loss's required option is missing
+        raise error(f"{prefix.rstrip('._')}: {e}") from e
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -414,28 +558,5 @@ def _check_pos(loss: str, pos: Tensor | None, a: Tensor, b: Tensor) -> Tensor | 
     return pos.to(a.device)
 
 
-def _chunk(loss: str, chunk_size: int | None) -> int | None:
-    return None if chunk_size is None else _count(loss, "chunk_size", chunk_size)
-
-
-def _count(what: str, option: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AnybindError(f"{what}: {option} must be an integer >= {minimum}, not {value!r}")
-    return int(value)
-
-
-def _number(what: str, option: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AnybindError(f"{what}: {option} must be a finite number, not {value!r}")
-    return float(value)
-
-
-def _flag(what: str, option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise AnybindError(f"{what}: {option} must be true or false, not {value!r}")
-    return value
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def _chunk(loss: str, chunk_size: Any) -> int | None:
+    return None if chunk_size is None else integer(f"{loss}: chunk_size", chunk_size, minimum=1)

@@ -1,8 +1,8 @@
 """Projectors: the small trainable heads that map frozen encoder features into the shared space.
 
 A registry keyed by short names, so recipes name a projector and a saved one is a folder that
-names its registered kind (``config.json``) next to its weights (``model.safetensors``), never an
-import path or a pickle::
+names its registered kind next to its weights (`anybind.saving`: ``config.json`` +
+``weights.safetensors``), never an import path or a pickle::
 
     proj = build_projector("star", in_dim=384, out_dim=512)
     z = proj(features)            # [B, 512], not normalised: the losses normalise
@@ -15,9 +15,6 @@ low-rank head) and ``layermix`` (several cached layers of one encoder, softmax-w
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -28,63 +25,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import checks, saving
 from ..errors import AnybindError
+from ..registry import Registry
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+KIND = "projector"  # the saved-part kind
 
 P = TypeVar("P", bound="Projector")
 
 #: name -> projector class; filled by `register_projector`.
-PROJECTORS: dict[str, type[Projector]] = {}
+PROJECTORS = Registry("projector")
 
 
-def register_projector(name: str) -> Callable[[type[P]], type[P]]:
+class ProjectorError(AnybindError, ValueError):
+    """A projector built with a bad option, fed the wrong features, or a damaged saved one."""
+
+
+def register_projector(name: str, *, help: str = "") -> Callable[[type[P]], type[P]]:
     """Class decorator: make a `Projector` subclass buildable and loadable by `name`."""
 
     def register(cls: type[P]) -> type[P]:
         if not (isinstance(cls, type) and issubclass(cls, Projector)):
-            raise AnybindError(
-                f"register_projector('{name}') decorates Projector subclasses, not {cls!r}"
-            )
-        known = PROJECTORS.get(name)
-        if known is not None and known is not cls:
-            raise AnybindError(
-                f"projector name '{name}' is already registered by {known.__qualname__}: "
-                "choose another name"
-            )
+            raise ProjectorError(f"register_projector('{name}') decorates Projector subclasses, not {cls!r}")
+        PROJECTORS.register(name, cls, help=help)  # refuses a name taken by another class
         cls.name = name
-        PROJECTORS[name] = cls
         return cls
 
     return register
 
 
 def projector_options(name: str) -> dict[str, Any]:
-    """The options a registered projector accepts, with their defaults."""
-    cls = _projector_class(name)
-    return {
-        p.name: p.default
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    """The options a registered projector accepts, with their defaults (not in_dim, out_dim)."""
+    return dict(list(PROJECTORS.options(name).items())[2:])  # every projector takes (in_dim, out_dim, ...)
 
 
 def build_projector(name: str, in_dim: int | list[int], out_dim: int, **options: Any) -> Projector:
-    """Build a registered projector by name.
+    """Build a registered projector by name; an option it does not take is refused.
 
     >>> build_projector("mlp", 384, 256, depth=3).config["depth"]
     3
     """
-    cls = _projector_class(name)
-    accepted = projector_options(name)
-    for key in options:
-        if key not in accepted:
-            raise AnybindError(
-                f"projector '{name}' has no option '{key}'{_did_you_mean(key, accepted)}; "
-                f"it accepts: {', '.join(sorted(accepted)) or 'no options'}"
-            )
-    return cls(in_dim, out_dim, **options)
+    return PROJECTORS.build(name, in_dim, out_dim, **options)
 
 
 class Projector(nn.Module):
@@ -99,15 +80,11 @@ class Projector(nn.Module):
     #: True for projectors that read several layers (``in_dim`` is then a list of dims).
     takes_layers: ClassVar[bool] = False
 
-    def __init__(
-        self, in_dim: int | list[int], out_dim: int, options: Mapping[str, Any] | None = None
-    ):
+    def __init__(self, in_dim: int | list[int], out_dim: int, options: Mapping[str, Any] | None = None):
         super().__init__()
-        if not self.name or PROJECTORS.get(self.name) is not type(self):
-            raise AnybindError(
-                f"{type(self).__qualname__} is not registered: decorate it with "
-                "@register_projector('some-name')"
-            )
+        if not self.name or self.name not in PROJECTORS or PROJECTORS.get(self.name) is not type(self):
+            raise ProjectorError(f"{type(self).__qualname__} is not registered: decorate it with "
+                                 "@register_projector('some-name')")
         self.in_dim = _check_in_dim(self.name, in_dim, self.takes_layers)
         self.out_dim = _positive_int(f"projector '{self.name}': out_dim", out_dim)
         self._options = dict(options or {})
@@ -124,75 +101,35 @@ class Projector(nn.Module):
     def _prepare(self, x: Tensor) -> Tensor:
         """Check the feature dimension and cast to the weights' dtype (stores hold fp16)."""
         if not isinstance(x, Tensor):
-            raise AnybindError(
-                f"projector '{self.name}' takes a tensor [B, {self.in_dim}], not {type(x).__name__}"
-            )
+            raise ProjectorError(f"projector '{self.name}' takes a tensor [B, {self.in_dim}], not {type(x).__name__}")
         if x.ndim < 1 or x.shape[-1] != self.in_dim:
-            raise AnybindError(
-                f"projector '{self.name}' expects features of dimension {self.in_dim}, got shape "
-                f"{tuple(x.shape)}: the store or layer differs from the one it was built for"
-            )
+            raise ProjectorError(f"projector '{self.name}' expects features of dimension {self.in_dim}, got shape "
+                                 f"{tuple(x.shape)}: the store or layer differs from the one it was built for")
         dtype = next(self.parameters()).dtype
         return x if x.dtype == dtype else x.to(dtype)
 
     # ---- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (no pickles) into `directory`."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config_text = json.dumps(self.config, indent=2, sort_keys=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(
-            directory / WEIGHTS_FILE,
-            lambda tmp: save_file(
-                state, str(tmp), metadata={"format": "pt", "projector": self.name}
-            ),
-        )
-        _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config_text + "\n"))
-        return directory
+        """Write the saved part: ``config.json`` (name, in/out dims, options) and ``weights.safetensors``."""
+        in_dim = list(self.in_dim) if isinstance(self.in_dim, list) else self.in_dim
+        return saving.save_part(directory, KIND, self.name, options=self._options, tensors=self.state_dict(),
+                                in_dim=in_dim, out_dim=self.out_dim)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Projector:
         """Rebuild a saved projector from its folder (kind from ``config.json``, strict weights load)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise AnybindError(
-                f"no {CONFIG_FILE} in {directory}: give the folder that Projector.save wrote"
-            )
+        config, state = saving.read_part(directory, KIND)
         try:
-            config = json.loads(config_path.read_text())
-            name, in_dim, out_dim = config.pop("name"), config.pop("in_dim"), config.pop("out_dim")
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-            raise AnybindError(f"{config_path} is corrupt ({e}): save the projector again") from e
-        projector = build_projector(name, in_dim, out_dim, **config)
+            name, in_dim, out_dim = config["name"], config["in_dim"], config["out_dim"]
+            options = dict(config["options"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProjectorError(f"{directory / saving.CONFIG_FILE} is damaged (no {e}): save the projector again") from e
+        projector = build_projector(name, in_dim, out_dim, **options)
         if cls is not Projector and not isinstance(projector, cls):
-            raise AnybindError(
-                f"{directory} holds a '{name}' projector, not a {cls.__qualname__}: "
-                "load it with Projector.load"
-            )
-        weights_path = directory / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise AnybindError(
-                f"no {WEIGHTS_FILE} in {directory}: the save was interrupted; save the projector again"
-            )
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (
-            Exception
-        ) as e:  # safetensors raises its own error types for truncated or garbled files
-            raise AnybindError(f"{weights_path} is corrupt ({e}): save the projector again") from e
-        try:
-            projector.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise AnybindError(
-                f"the weights in {weights_path} do not fit the '{name}' projector its "
-                f"{CONFIG_FILE} describes ({e}); save the projector again"
-            ) from e
+            raise ProjectorError(f"{directory} holds a '{name}' projector, not a {cls.__qualname__}: "
+                                 "load it with Projector.load")
+        _load_weights(projector, state, directory)
         return projector
 
 
@@ -202,7 +139,8 @@ class LinearProjector(Projector):
     """One linear map: the simplest projector (STRUCTURE's and many baselines' choice)."""
 
     def __init__(self, in_dim: int, out_dim: int, *, bias: bool = True):
-        super().__init__(in_dim, out_dim, {"bias": _bool("linear", "bias", bias)})
+        bias = checks.flag("projector 'linear': bias", bias, error=ProjectorError)
+        super().__init__(in_dim, out_dim, {"bias": bias})
         self.linear = nn.Linear(in_dim, out_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -234,8 +172,8 @@ class MLPProjector(Projector):
                 _positive_int("projector 'mlp': out_dim", out_dim),
             )
         hidden_dim = _positive_int("projector 'mlp': hidden_dim", hidden_dim)
-        dropout = _fraction("projector 'mlp': dropout", dropout)
-        layernorm = _bool("mlp", "layernorm", layernorm)
+        dropout = _dropout("projector 'mlp': dropout", dropout)
+        layernorm = checks.flag("projector 'mlp': layernorm", layernorm, error=ProjectorError)
         super().__init__(
             in_dim,
             out_dim,
@@ -262,7 +200,7 @@ class StarProjector(Projector):
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, hidden_mult: float = 8.0):
-        hidden_mult = _positive_float("projector 'star': hidden_mult", hidden_mult)
+        hidden_mult = checks.positive("projector 'star': hidden_mult", hidden_mult, error=ProjectorError)
         super().__init__(in_dim, out_dim, {"hidden_mult": hidden_mult})
         hidden = max(1, round(in_dim * hidden_mult))
         self.norm = nn.LayerNorm(in_dim)
@@ -298,13 +236,13 @@ class LowRankProjector(Projector):
         dropout: float = 0.0,
     ):
         rank = _positive_int("projector 'lowrank': rank", rank)
-        gate_init = _float("projector 'lowrank': gate_init", gate_init)
+        gate_init = checks.number("projector 'lowrank': gate_init", gate_init, error=ProjectorError)
         if not 0.0 < gate_init < 1.0:
-            raise AnybindError(
+            raise ProjectorError(
                 f"projector 'lowrank': gate_init must be strictly between 0 and 1 (the gate is a "
                 f"sigmoid; 0 would stop it learning), not {gate_init}"
             )
-        dropout = _fraction("projector 'lowrank': dropout", dropout)
+        dropout = _dropout("projector 'lowrank': dropout", dropout)
         super().__init__(
             in_dim, out_dim, {"rank": rank, "gate_init": gate_init, "dropout": dropout}
         )
@@ -363,12 +301,12 @@ class LayerMixProjector(Projector):
         elif isinstance(x, Mapping):
             x = list(x.values())
         elif not isinstance(x, Sequence):
-            raise AnybindError(
+            raise ProjectorError(
                 f"projector 'layermix' takes a list (or dict, in layer order) of {len(self.in_dim)} "
                 f"tensors, not {type(x).__name__}"
             )
         if len(x) != len(self.in_dim):
-            raise AnybindError(
+            raise ProjectorError(
                 f"projector 'layermix' was built for {len(self.in_dim)} layers (dims {self.in_dim}) "
                 f"but got {len(x)}: give the same layers, in the same order"
             )
@@ -377,7 +315,7 @@ class LayerMixProjector(Projector):
         for i, (h, d) in enumerate(zip(x, self.in_dim)):
             if not isinstance(h, Tensor) or h.ndim < 1 or h.shape[-1] != d:
                 shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-                raise AnybindError(
+                raise ProjectorError(
                     f"projector 'layermix': layer {i} should have dimension {d}, got {shape}: "
                     "give the layers in the order the projector was built with"
                 )
@@ -386,81 +324,37 @@ class LayerMixProjector(Projector):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def _projector_class(name: str) -> type[Projector]:
-    cls = PROJECTORS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise AnybindError(
-            f"unknown projector '{name}'{_did_you_mean(str(name), PROJECTORS)}; "
-            f"registered: {', '.join(sorted(PROJECTORS))}"
-        )
-    return cls
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def _load_weights(projector: Projector, state: dict[str, Tensor], directory: Path) -> None:
+    if not state and len(projector.state_dict()):
+        raise ProjectorError(f"no {saving.WEIGHTS_FILE} in {directory}: the save was interrupted; "
+                             "save the projector again")
+    try:
+        projector.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ProjectorError(f"the weights in {directory / saving.WEIGHTS_FILE} do not fit the "
+                             f"'{projector.name}' projector its {saving.CONFIG_FILE} describes ({e}); "
+                             "save the projector again") from e
 
 
 def _check_in_dim(name: str, in_dim: Any, takes_layers: bool) -> int | list[int]:
     if takes_layers:
         if isinstance(in_dim, (str, bytes)) or not isinstance(in_dim, Sequence) or not in_dim:
-            raise AnybindError(
-                f"projector '{name}' reads several layers: in_dim must be a non-empty list of "
-                f"per-layer dims, not {in_dim!r}"
-            )
+            raise ProjectorError(f"projector '{name}' reads several layers: in_dim must be a non-empty list of "
+                                 f"per-layer dims, not {in_dim!r}")
         return [_positive_int(f"projector '{name}': in_dim[{i}]", d) for i, d in enumerate(in_dim)]
     if isinstance(in_dim, Sequence) and not isinstance(in_dim, (str, bytes)):
-        raise AnybindError(
-            f"projector '{name}' reads one layer: in_dim must be an int, not {in_dim!r} "
-            "(use the 'layermix' projector to read several layers)"
-        )
+        raise ProjectorError(f"projector '{name}' reads one layer: in_dim must be an int, not {in_dim!r} "
+                             "(use the 'layermix' projector to read several layers)")
     return _positive_int(f"projector '{name}': in_dim", in_dim)
 
 
 def _positive_int(what: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AnybindError(f"{what} must be a positive integer, not {value!r}")
-    return int(value)
+    return checks.integer(what, value, minimum=1, error=ProjectorError)
 
 
-def _float(what: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AnybindError(f"{what} must be a number, not {value!r}")
-    return float(value)
-
-
-def _positive_float(what: str, value: Any) -> float:
-    value = _float(what, value)
-    if value <= 0:
-        raise AnybindError(f"{what} must be positive, not {value}")
+def _dropout(what: str, value: Any) -> float:
+    """A dropout rate in [0, 1): 1 would drop every feature."""
+    value = checks.number(what, value, minimum=0.0, error=ProjectorError)
+    if value >= 1.0:
+        raise ProjectorError(f"{what} must be below 1 (1 drops every feature), not {value!r}")
     return value
-
-
-def _fraction(what: str, value: Any) -> float:
-    value = _float(what, value)
-    if not 0.0 <= value < 1.0:
-        raise AnybindError(f"{what} must be in [0, 1), not {value}")
-    return value
-
-
-def _bool(name: str, option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise AnybindError(f"projector '{name}': {option} must be true or false, not {value!r}")
-    return value
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file and rename, so a killed save never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise AnybindError(
-            f"could not write {path} ({e.strerror or e}): check the folder is writable "
-            "and the disk is not full"
-        ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -13,9 +13,12 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from ..atomic import write_text
+from ..checks import choice, did_you_mean, integer, number, positive
 from ..errors import AnybindError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
@@ -25,29 +28,8 @@ class RecipeError(AnybindError, ValueError):
     """A recipe with an unknown key or a bad value."""
 
 
-@dataclass
-class LossConfig:
-    name: str = "infonce"  #: contrastive loss: infonce | siglip
-    temperature: float = 0.07  #: InfoNCE initial temperature
-    learn_temperature: bool = True  #: learn it (clamped to logit scale 1..100) or keep it fixed
-    structure_weight: float = 0.0  #: lambda of the STRUCTURE regulariser (0 = off)
-    structure_levels: int = 1  #: random-walk levels compared (cost is cubic per extra level)
-    structure_tau: float | None = None  #: softmax temperature of the similarity rows (None = the paper's)
-    structure_level_weighting: str = "uniform"  #: uniform (1) or inverse (1/l)
-    structure_warmup_steps: int = 0  #: lambda rises linearly from 0 over these steps
-    structure_max_batch: int = 4096  #: computed on a sub-batch of at most this many rows
-    chunk_size: int | None = None  #: compute the logits in row chunks (batches of 32k on CPU)
-
-    def __post_init__(self):
-        from .losses import LOSSES  # the registry: a loss registered there is a valid name here
-
-        _choice("loss.name", self.name, tuple(LOSSES))
-        _choice("loss.structure_level_weighting", self.structure_level_weighting, ("uniform", "inverse"))
-        _positive("loss.temperature", self.temperature)
-        _at_least("loss.structure_weight", self.structure_weight, 0)
-        _at_least("loss.structure_levels", self.structure_levels, 1)
-        _at_least("loss.structure_warmup_steps", self.structure_warmup_steps, 0)
-        _at_least("loss.structure_max_batch", self.structure_max_batch, 2)
+def _default_loss() -> dict[str, Any]:
+    return {"name": "infonce"}
 
 
 @dataclass
@@ -62,14 +44,18 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self):
-        _choice("optimizer.name", self.name, ("adamw", "lion"))
-        _choice("optimizer.schedule", self.schedule, ("cosine", "constant"))
-        _positive("optimizer.lr", self.lr)
-        _at_least("optimizer.weight_decay", self.weight_decay, 0)
-        _at_least("optimizer.grad_clip", self.grad_clip, 0)
-        _at_least("optimizer.warmup_steps", self.warmup_steps, 0)
-        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+        choice("optimizer.name", self.name, ("adamw", "lion"), error=RecipeError)
+        choice("optimizer.schedule", self.schedule, ("cosine", "constant"), error=RecipeError)
+        positive("optimizer.lr", self.lr, error=RecipeError)
+        number("optimizer.weight_decay", self.weight_decay, minimum=0, error=RecipeError)
+        number("optimizer.grad_clip", self.grad_clip, minimum=0, error=RecipeError)
+        integer("optimizer.warmup_steps", self.warmup_steps, minimum=0, error=RecipeError)
+        number("optimizer.min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1, error=RecipeError)
+        if len(self.betas) != 2:
             raise RecipeError(f"optimizer.betas must be two numbers in [0, 1), not {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            if number(f"optimizer.betas[{i}]", beta, minimum=0, error=RecipeError) >= 1:
+                raise RecipeError(f"optimizer.betas must be two numbers in [0, 1), not {self.betas!r}")
         self.betas = tuple(float(b) for b in self.betas)
 
 
@@ -87,15 +73,16 @@ class TrainConfig:
     captions: str = "all"  #: all: every caption is a pair (all positives counted) | one: one per item per epoch
 
     def __post_init__(self):
-        _at_least("train.batch_size", self.batch_size, 2)
-        _at_least("train.epochs", self.epochs, 1)
+        integer("train.batch_size", self.batch_size, minimum=2, error=RecipeError)
+        integer("train.epochs", self.epochs, minimum=1, error=RecipeError)
         if self.max_steps is not None:
-            _at_least("train.max_steps", self.max_steps, 1)
-        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
-        _at_least("train.val_every", self.val_every, 1)
-        _at_least("train.patience", self.patience, 1)
-        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
-        _choice("train.captions", self.captions, ("all", "one"))
+            integer("train.max_steps", self.max_steps, minimum=1, error=RecipeError)
+        choice("train.precision", self.precision, ("auto", "bf16", "fp32"), error=RecipeError)
+        integer("train.seed", self.seed, error=RecipeError)
+        integer("train.val_every", self.val_every, minimum=1, error=RecipeError)
+        integer("train.patience", self.patience, minimum=1, error=RecipeError)
+        integer("train.checkpoint_every", self.checkpoint_every, minimum=1, error=RecipeError)
+        choice("train.captions", self.captions, ("all", "one"), error=RecipeError)
         if not self.metric.startswith(("mean_R@", "image_to_text_R@", "text_to_image_R@")):
             raise RecipeError(f"train.metric must be a retrieval recall such as mean_R@10, not {self.metric!r}")
 
@@ -107,7 +94,10 @@ class Recipe:
     dim: int = 512  #: dimension of the shared space
     #: projector per modality ("default" applies to any modality not named), e.g. {"default": {"name": "linear"}}
     projector: dict[str, dict] = field(default_factory=lambda: {"default": {"name": "linear"}})
-    loss: LossConfig = field(default_factory=LossConfig)
+    #: the loss: {name: infonce | siglip | a registered loss, that loss's own options...,
+    #: structure_<option>: the STRUCTURE regulariser (structure_weight > 0 turns it on)};
+    #: resolved with every default filled in (anybind.align.losses.resolve_loss_section)
+    loss: dict[str, Any] = field(default_factory=_default_loss)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     #: inference-time retrieval correction fitted on a bank of training embeddings and shipped with
@@ -118,18 +108,29 @@ class Recipe:
     blend: dict = field(default_factory=lambda: {"name": "none"})
 
     def __post_init__(self):
-        _at_least("dim", self.dim, 1)
+        from .losses import resolve_loss_section  # imports torch: only once a recipe is built
+
+        integer("dim", self.dim, minimum=1, error=RecipeError)
+        self.loss = resolve_loss_section(self.loss, error=RecipeError)
         if not isinstance(self.correction, dict) or "name" not in self.correction:
             raise RecipeError("correction must be a mapping with a 'name' (none, qb-norm, invgc, ...)")
-        if not isinstance(self.blend, dict) or "name" not in self.blend:
-            raise RecipeError("blend must be a mapping with a 'name' (none, nn-transfer, ...) and a weight")
-        if self.blend["name"] != "none" and not 0 < float(self.blend.get("weight", 0.5)) < 1:
-            raise RecipeError(f"blend.weight must be in (0, 1), not {self.blend.get('weight')!r}")
+        self._check_blend()
         if not isinstance(self.projector, dict) or not self.projector:
             raise RecipeError("projector must map a modality (or 'default') to {name: ..., options}")
         for modality, spec in self.projector.items():
             if not isinstance(spec, dict) or "name" not in spec:
                 raise RecipeError(f"projector.{modality} needs a 'name' (linear, mlp, star, lowrank, layermix)")
+
+    def _check_blend(self) -> None:
+        if not isinstance(self.blend, dict) or "name" not in self.blend:
+            raise RecipeError("blend must be a mapping with a 'name' (none, nn-transfer, ...) and a weight")
+        if self.blend["name"] == "none":
+            return
+        weight = number("blend.weight", _as_float(self.blend.get("weight", 0.5)), error=RecipeError)
+        if not 0 < weight < 1:
+            raise RecipeError(f"blend.weight must be in (0, 1), not {self.blend.get('weight')!r}")
+        if "weight" in self.blend:
+            self.blend["weight"] = weight
 
     def projector_for(self, modality: str) -> dict:
         spec = self.projector.get(modality) or self.projector.get("default")
@@ -139,27 +140,22 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["loss"] = dict(d["loss"])  # a plain mapping, for YAML and JSON
         d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
         return d
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-# ---- checks --------------------------------------------------------------------------------------
-def _choice(key: str, value, options) -> None:
-    if value not in options:
-        raise RecipeError(f"{key} must be one of {', '.join(map(str, options))}, not {value!r}")
-
-
-def _positive(key: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise RecipeError(f"{key} must be a positive number, not {value!r}")
-
-
-def _at_least(key: str, value, low) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
-        raise RecipeError(f"{key} must be a number >= {low}, not {value!r}")
+def _as_float(value: Any) -> Any:
+    """YAML reads 1e-3 (no dot), nan and inf as text: such text is read as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 # ---- building from dicts, with type checks ----------------------------------------------------------
@@ -183,11 +179,7 @@ def _coerce(key: str, value, tp):
             raise RecipeError(f"{key} must be a whole number, not {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        value = _as_float(value)  # then the dataclass's checks refuse nan and inf, naming the key
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key} must be a number, not {value!r}")
         return float(value)
@@ -213,9 +205,10 @@ def _build(cls, data: dict, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
+        hint = did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
         raise RecipeError(f"unknown recipe key{'s' if len(unknown) > 1 else ''} "
                           + ", ".join(f"'{prefix}{k}'" for k in unknown)
-                          + f": {prefix.rstrip('.') or 'the recipe'} has " + ", ".join(fields))
+                          + f"{hint}: {prefix.rstrip('.') or 'the recipe'} has " + ", ".join(fields))
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]

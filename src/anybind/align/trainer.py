@@ -19,23 +19,31 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .. import atomic
+from ..device import select_device
 from ..errors import AnybindError
-from ..metrics.retrieval import chance_recall, retrieval_metrics
 from ..features import FeatureStore
+from ..metrics.retrieval import chance_recall
 from . import distributed as dist
+from .bound import BoundModel
 from .data import PairedFeatures, Pairs
-from .losses import StructureRegulariser, build_loss, warmup_weight
-from .model import BoundModel
+from .fit import fit_baseline, fit_blend, fit_correction, split_retrieval
+from .losses import build_objective
 from .optim import build_optimizer, lr_lambda
 from .projectors import build_projector
 from .recipe import Recipe
+from .space import ProjectorSpace
 
 log = logging.getLogger("anybind.train")
 CHECKPOINT = "checkpoint.pt"
+METRICS_LOG = "metrics.jsonl"
+BEST = "best"  # the best projectors so far (resumable training state)
+MODEL = "model"  # the finished bound model: what evaluation scores and export ships
 
 
 @dataclass
@@ -44,7 +52,8 @@ class TrainResult:
     best_step: int
     best_metric: float
     steps: int
-    val: dict  # retrieval metrics of the best model on the val split
+    val: dict  # retrieval of the finished bound model on the val split
+    model: BoundModel | None = None
     baselines: dict = field(default_factory=dict)  # name -> val metrics
     chance: dict = field(default_factory=dict)
     stopped_early: bool = False
@@ -52,7 +61,7 @@ class TrainResult:
 
 
 # ---- building the parts --------------------------------------------------------------------------
-def build_model(recipe: Recipe, data: PairedFeatures) -> BoundModel:
+def build_model(recipe: Recipe, data: PairedFeatures) -> ProjectorSpace:
     projectors, layers = {}, {}
     for name in data.names:
         side = data.side(name)
@@ -64,26 +73,7 @@ def build_model(recipe: Recipe, data: PairedFeatures) -> BoundModel:
         in_dim = side.dims if kind == "layermix" else side.dims[0]
         projectors[name] = build_projector(kind, in_dim, recipe.dim, **spec)
         layers[name] = side.layers
-    return BoundModel(projectors, layers)
-
-
-def build_contrastive(recipe: Recipe):
-    cfg = recipe.loss
-    if cfg.name == "infonce":
-        return build_loss("infonce", temperature=cfg.temperature, learn_temperature=cfg.learn_temperature,
-                          chunk_size=cfg.chunk_size)
-    return build_loss(cfg.name, chunk_size=cfg.chunk_size)
-
-
-def build_structure(recipe: Recipe) -> StructureRegulariser | None:
-    cfg = recipe.loss
-    if cfg.structure_weight <= 0:
-        return None
-    kw = {"levels": cfg.structure_levels, "level_weighting": cfg.structure_level_weighting,
-          "max_batch": cfg.structure_max_batch}
-    if cfg.structure_tau is not None:
-        kw["tau"] = cfg.structure_tau
-    return StructureRegulariser(**kw)
+    return ProjectorSpace(projectors, layers)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -121,22 +111,7 @@ def subsample_items(pairs: Pairs, n_items: int, seed: int) -> Pairs:
     return Pairs(pairs.anchor_rows[sel], pairs.partner_rows[sel], pairs.item[sel])
 
 
-# ---- validation ----------------------------------------------------------------------------------
-def embed_split(model: BoundModel, data: PairedFeatures, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Shared-space embeddings of a split: unique anchors, every partner row, partner -> anchor."""
-    anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
-    a = data.side(data.anchor_name)
-    p = data.side(data.partner_name)
-    za = model.encode(data.anchor_name, a.rows(anchors))
-    zp = model.encode(data.partner_name, p.rows(pairs.partner_rows))
-    return za, zp, inverse.astype(np.int64)
-
-
-def validate(model: BoundModel, data: PairedFeatures, pairs: Pairs) -> dict:
-    za, zp, t2i = embed_split(model, data, pairs)
-    return retrieval_metrics(za, zp, t2i, ks=(1, 5, 10))
-
-
+# ---- reference levels ----------------------------------------------------------------------------
 def chance_metrics(pairs: Pairs, ks=(1, 5, 10)) -> dict:
     n_items = len(np.unique(pairs.anchor_rows))
     per_item = np.bincount(np.unique(pairs.anchor_rows, return_inverse=True)[1])
@@ -156,17 +131,22 @@ def _training_part(recipe: dict) -> dict:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be written again)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= step]
+    atomic.write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut by a kill: written again after the resume
+        return math.inf
 
 
 # ---- one step's loss -----------------------------------------------------------------------------------
@@ -197,30 +177,222 @@ def should_preload(data: PairedFeatures, device: torch.device, preload: bool | N
     return need <= torch.cuda.mem_get_info(device)[0] / 3
 
 
-def step_loss(model: BoundModel, contrastive, structure, names: list[str], xa: list[torch.Tensor],
-              xp: list[torch.Tensor], item: torch.Tensor, lam: float, autocast, seed: int) -> tuple[torch.Tensor, dict]:
+def step_loss(space: ProjectorSpace, objective, names: list[str], xa: list[torch.Tensor], xp: list[torch.Tensor],
+              item: torch.Tensor, step: int, autocast, seed: int) -> tuple[torch.Tensor, dict]:
     """The training loss of one (local) batch: contrastive on the gathered global batch, plus
-    lambda x STRUCTURE on each side. Shared by the trainer and benchmarks/train_throughput.py."""
+    lambda(step) x STRUCTURE on each side. Shared by the trainer and benchmarks/train_throughput.py."""
     with autocast:
-        za = model.project(names[0], xa)
-        zp = model.project(names[1], xp)
+        za = space.project(names[0], xa)
+        zp = space.project(names[1], xp)
     za, zp = dist.gather_with_grad(za.float()), dist.gather_with_grad(zp.float())
     items = dist.gather(item)
-    pos = items[:, None] == items[None, :]
-    loss = contrastive(za, zp, pos)
+    loss = objective.contrastive(za, zp, items[:, None] == items[None, :])
     record = {"contrastive": float(loss.detach())}
-    if structure is not None:
+    if objective.structure is not None:
         g = torch.Generator().manual_seed(seed)
         # each projector's output geometry is compared with its own input's (the last layer it
         # reads stands for its input when several are mixed)
-        reg = (structure(dist.gather(xa[-1].float()), za, generator=g)
-               + structure(dist.gather(xp[-1].float()), zp, generator=g))
+        reg = (objective.structure(dist.gather(xa[-1].float()), za, generator=g)
+               + objective.structure(dist.gather(xp[-1].float()), zp, generator=g))
         record["structure"] = float(reg.detach())
-        loss = loss + lam * reg
+        loss = loss + objective.weight(step) * reg
     return loss, record
 
 
-# ---- the loop --------------------------------------------------------------------------------------
+# ---- the run: its parts, its state, its files ------------------------------------------------------
+@dataclass
+class _Run:
+    """Everything one training run holds, built once by `_setup` (resumable through `_restore`)."""
+
+    recipe: Recipe
+    data: PairedFeatures
+    train_pairs: Pairs
+    val_pairs: Pairs
+    space: ProjectorSpace
+    objective: Any
+    optimizer: Any
+    scheduler: Any
+    params: list
+    baseline: Any  # the blend's fitted training-free space, or None
+    weight: float  # the trained space's share of a blended cosine
+    device: torch.device
+    precision: str
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    out: Path
+    split_key: dict
+    rank: int = 0
+    world: int = 1
+    state: dict = field(default_factory=lambda: {"step": 0, "best_metric": -1.0, "best_step": -1,
+                                                 "bad_evals": 0, "stopped_early": False})
+
+    def model(self, space: ProjectorSpace | None = None, correction=None) -> BoundModel:
+        """The bound model as the recipe defines it: these projectors, the blend, a correction."""
+        return BoundModel(self.data.layers, self.data.anchor_name, space=space or self.space,
+                          baseline=self.baseline, weight=self.weight, correction=correction,
+                          recipe=self.recipe.to_dict())
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+    @property
+    def stores(self) -> dict[str, str]:
+        return {n: str(self.data.side(n).store.path) for n in self.data.names}
+
+
+def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device) -> _Run:
+    rank, world = dist.rank_world()
+    stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
+    data = PairedFeatures(stores, layers, fold=fold)
+    train_pairs, val_pairs, cfg = data.pairs("train"), data.pairs("val"), recipe.train
+    if max_train_pairs is not None:
+        train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
+    if cfg.batch_size % world:
+        raise AnybindError(f"train.batch_size {cfg.batch_size} must divide by the {world} processes")
+    baseline, weight = fit_blend(recipe.blend, data, train_pairs)  # before training: validation reads the blend
+    torch.manual_seed(cfg.seed)  # the initial projector weights are part of the result
+    space = build_model(recipe, data).to(device)
+    objective = build_objective(recipe.loss)
+    objective.contrastive.to(device)
+    params = list(space.parameters()) + list(objective.contrastive.parameters())
+    optimizer = build_optimizer(recipe.optimizer, params)
+    batch_size = min(cfg.batch_size, len(train_pairs) - len(train_pairs) % world)
+    steps_per_epoch = len(epoch_batches(train_pairs, batch_size, 0, cfg.seed, cfg.captions, world))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.optimizer, total_steps))
+    split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint}
+    return _Run(recipe, data, train_pairs, val_pairs, space, objective, optimizer, scheduler, params,
+                baseline, weight, device, resolve_precision(cfg.precision, device), batch_size,
+                steps_per_epoch, total_steps, out, split_key, rank, world)
+
+
+def _checkpoint_state(run: _Run) -> dict:
+    return {"model": run.space.state_dict(), "loss": run.objective.contrastive.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "state": dict(run.state), "recipe": run.recipe.to_dict(), "stores": run.stores, "split": run.split_key}
+
+
+def _restore(run: _Run, resume: bool) -> None:
+    """Continue from the run folder's checkpoint, or start it afresh."""
+    ckpt_path, log_path = run.out / CHECKPOINT, run.out / METRICS_LOG
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=run.device, weights_only=True)
+        if (_training_part(ckpt["recipe"]) != _training_part(run.recipe.to_dict()) or ckpt["stores"] != run.stores
+                or ckpt.get("split") != run.split_key):
+            raise AnybindError(f"{run.out} holds a run with another recipe, other stores or another split (a "
+                               "regrouped dataset): choose another --out, or pass --restart to overwrite it")
+        run.space.load_state_dict(ckpt["model"])
+        run.objective.contrastive.load_state_dict(ckpt["loss"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.state = ckpt["state"]
+        log.info("resuming %s at step %d", run.out, run.state["step"])
+        if run.rank == 0:
+            _truncate_log(log_path, run.state["step"])
+    elif run.rank == 0:
+        log_path.unlink(missing_ok=True)
+    if run.rank == 0:
+        run.recipe.save(run.out / "recipe.yaml")
+        atomic.write_json(run.out / "stores.json", run.stores)
+
+
+def _checkpoint(run: _Run) -> None:
+    if run.rank == 0:
+        _atomic_save(_checkpoint_state(run), run.out / CHECKPOINT)
+    dist.barrier()
+
+
+def _log(run: _Run, record: dict) -> None:
+    if run.rank == 0:
+        atomic.append_json(run.out / METRICS_LOG, record)
+
+
+def _validate_and_keep_best(run: _Run) -> None:
+    """Score the bound model (projectors + blend) on val; keep the projectors when they improved."""
+    metrics = split_retrieval(run.model(), run.data, run.val_pairs)
+    value, state = metrics[run.recipe.train.metric], run.state
+    if value > state["best_metric"]:
+        state.update(best_metric=value, best_step=state["step"], bad_evals=0)
+        if run.rank == 0:
+            run.space.save(run.out / BEST)
+            atomic.write_json(run.out / BEST / "metrics.json", {"step": state["step"], "val": metrics})
+    else:
+        state["bad_evals"] += 1
+    _log(run, {"step": state["step"], "split": "val", **metrics})
+
+
+def _step(run: _Run, batch: np.ndarray, epoch: int, read_a, read_p) -> dict:
+    """One optimiser step on one global batch; returns its log record."""
+    step, cfg = run.state["step"], run.recipe.train
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: the same on resume
+    local = np.array_split(batch, run.world)[run.rank]
+    pairs = run.train_pairs
+    xa, xp = read_a(pairs.anchor_rows[local]), read_p(pairs.partner_rows[local])
+    item = torch.as_tensor(pairs.item[local], device=run.device)
+    loss, record = step_loss(run.space, run.objective, run.data.names, xa, xp, item, step, run.autocast(),
+                             seed=cfg.seed * 7919 + step)
+    if not torch.isfinite(loss):
+        raise AnybindError(f"the loss became {float(loss)} at step {step}: lower optimizer.lr or use fp32")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    dist.average_gradients(run.params)
+    if run.recipe.optimizer.grad_clip > 0:
+        record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.params, run.recipe.optimizer.grad_clip))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.state["step"] = step + 1
+    record = {"step": step + 1, "split": "train", **record, "loss": float(loss.detach()),
+              "lr": run.scheduler.get_last_lr()[0], "epoch": epoch}
+    if hasattr(run.objective.contrastive, "temperature_value"):
+        record["temperature"] = float(run.objective.contrastive.temperature_value())
+    return record
+
+
+def _loop(run: _Run, progress: bool, preload: bool | None) -> None:
+    from tqdm.auto import tqdm
+
+    state, cfg = run.state, run.recipe.train
+    bar = tqdm(total=run.total_steps, initial=state["step"], unit="step", desc=f"train {run.recipe.name}",
+               disable=not progress or run.rank != 0)
+    on_device = should_preload(run.data, run.device, preload)
+    read_a = batch_reader(run.data.side(run.data.anchor_name), run.device, on_device)
+    read_p = batch_reader(run.data.side(run.data.partner_name), run.device, on_device)
+    run.space.train()
+    while state["step"] < run.total_steps and not state["stopped_early"]:
+        epoch, offset = divmod(state["step"], run.steps_per_epoch)
+        for batch in epoch_batches(run.train_pairs, run.batch_size, epoch, cfg.seed, cfg.captions, run.world)[offset:]:
+            record = _step(run, batch, epoch, read_a, read_p)
+            _log(run, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", best=f"{max(state['best_metric'], 0):.3f}")
+            done = state["step"] >= run.total_steps
+            if state["step"] % cfg.val_every == 0 or done:
+                _validate_and_keep_best(run)
+                state["stopped_early"] = state["bad_evals"] >= cfg.patience
+            if state["step"] % cfg.checkpoint_every == 0 or done or state["stopped_early"]:
+                _checkpoint(run)
+            if done or state["stopped_early"]:
+                break
+    bar.close()
+
+
+def _finish(run: _Run) -> BoundModel:
+    """The deliverable: the best projectors + the blend + the correction fitted on them, saved as
+    one bound model in ``out/model``."""
+    if run.state["best_step"] < 0:  # resumed a finished run, or no validation happened
+        _validate_and_keep_best(run)
+    best = ProjectorSpace.load(run.out / BEST).to(run.device) if (run.out / BEST).exists() else run.space
+    model = run.model(best)
+    model.correction = fit_correction(run.recipe.correction, model, run.data, run.train_pairs, run.recipe.train.seed)
+    if run.rank == 0:
+        model.save(run.out / MODEL)
+    return model
+
+
 def train(
     recipe: Recipe,
     stores: dict[str, FeatureStore | str | os.PathLike],
@@ -235,171 +407,49 @@ def train(
     max_train_pairs: int | None = None,
     preload: bool | None = None,
 ) -> TrainResult:
-    """Train the recipe's projectors on two stores; writes checkpoints, logs and the best model to `out`.
+    """Fit the recipe's bound model on two stores: train its projectors (validation and early
+    stopping read the blended model), fit its correction, and save it to ``out/model``.
 
     `fold` trains on a cross-validation fold (`anybind.data.crossval`) instead of the index's
     fixed split; `max_train_pairs` keeps a seeded random subset of the train items (the
-    data-efficiency sweep), every caption of a kept item included. `preload` puts the features on the GPU once
-    (default: when they fit in a third of its free memory; see `batch_reader`).
+    data-efficiency sweep), every caption of a kept item included. `preload` puts the features on
+    the GPU once (default: when they fit in a third of its free memory; see `batch_reader`).
+    `result.val` is the saved model's retrieval on the val split, correction included.
     """
     t0 = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(device)
     distributed = dist.init_from_env(device)
-    rank, world = dist.rank_world()
-    stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
-    out = Path(out)
-    data = PairedFeatures(stores, layers, fold=fold)
-    train_pairs, val_pairs = data.pairs("train"), data.pairs("val")
-    cfg = recipe.train
-    if max_train_pairs is not None:
-        train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
-    if cfg.batch_size % world:
-        raise AnybindError(f"train.batch_size {cfg.batch_size} must divide by the {world} processes")
-    torch.manual_seed(cfg.seed)  # the initial projector weights are part of the result
-    model = build_model(recipe, data).to(device)
-    contrastive = build_contrastive(recipe).to(device)
-    structure = build_structure(recipe)
-    params = list(model.parameters()) + list(contrastive.parameters())
-    optimizer = build_optimizer(recipe.optimizer, params)
-    batch_size = min(cfg.batch_size, len(train_pairs) - len(train_pairs) % world)
-    steps_per_epoch = len(epoch_batches(train_pairs, batch_size, 0, cfg.seed, cfg.captions, world))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.optimizer, total_steps))
-    precision = resolve_precision(cfg.precision, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-    split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint}
-    state = {"step": 0, "best_metric": -1.0, "best_step": -1, "bad_evals": 0, "stopped_early": False}
-    ckpt_path, log_path = out / CHECKPOINT, out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if _training_part(ckpt["recipe"]) != _training_part(recipe.to_dict()) or ckpt["stores"] != {k: str(s.path) for k, s in stores.items()} \
-                or ckpt.get("split") != split_key:
-            raise AnybindError(f"{out} holds a run with another recipe, other stores or another split (a regrouped "
-                               "dataset): choose another --out, or pass --restart to overwrite it")
-        model.load_state_dict(ckpt["model"])
-        contrastive.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        log.info("resuming %s at step %d", out, state["step"])
-        if rank == 0:
-            _truncate_log(log_path, state["step"])
-    elif rank == 0:
-        log_path.unlink(missing_ok=True)
-    if rank == 0:
-        recipe.save(out / "recipe.yaml")
-        (out / "stores.json").write_text(json.dumps({k: str(s.path) for k, s in stores.items()}, indent=1))
-
-    def checkpoint() -> None:
-        if rank == 0:
-            _atomic_save({"model": model.state_dict(), "loss": contrastive.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "state": dict(state), "recipe": recipe.to_dict(),
-                          "stores": {k: str(s.path) for k, s in stores.items()}, "split": split_key}, ckpt_path)
-        dist.barrier()
-
-    def log_line(record: dict) -> None:
-        if rank == 0:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def evaluate_and_keep_best() -> None:
-        metrics = validate(model, data, val_pairs)
-        value = metrics[cfg.metric]
-        improved = value > state["best_metric"]
-        if improved:
-            state.update(best_metric=value, best_step=state["step"], bad_evals=0)
-            if rank == 0:
-                model.save(out / "best")
-                (out / "best" / "metrics.json").write_text(json.dumps({"step": state["step"], "val": metrics}, indent=1))
-        else:
-            state["bad_evals"] += 1
-        log_line({"step": state["step"], "split": "val", **metrics})
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc=f"train {recipe.name}",
-               disable=not progress or rank != 0)
-    a_side, p_side = data.side(data.anchor_name), data.side(data.partner_name)
-    on_device = should_preload(data, device, preload)
-    read_a, read_p = batch_reader(a_side, device, on_device), batch_reader(p_side, device, on_device)
-    model.train()
-    while state["step"] < total_steps and not state["stopped_early"]:
-        epoch, offset = divmod(state["step"], steps_per_epoch)
-        batches = epoch_batches(train_pairs, batch_size, epoch, cfg.seed, cfg.captions, world)
-        for batch in batches[offset:]:
-            step = state["step"]
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: the same on resume
-            local = np.array_split(batch, world)[rank]
-            xa, xp = read_a(train_pairs.anchor_rows[local]), read_p(train_pairs.partner_rows[local])
-            item = torch.as_tensor(train_pairs.item[local], device=device)
-            lam = warmup_weight(step, recipe.loss.structure_weight, recipe.loss.structure_warmup_steps)
-            loss, record = step_loss(model, contrastive, structure, data.names, xa, xp, item, lam,
-                                     autocast, seed=cfg.seed * 7919 + step)
-            record = {"step": step + 1, "split": "train", **record}
-            if not torch.isfinite(loss):
-                raise AnybindError(f"the loss became {float(loss)} at step {step}: lower optimizer.lr or use fp32")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.average_gradients(params)
-            if recipe.optimizer.grad_clip > 0:
-                record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, recipe.optimizer.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            state["step"] = step + 1
-            record.update(loss=float(loss.detach()), lr=scheduler.get_last_lr()[0], epoch=epoch)
-            if hasattr(contrastive, "temperature_value"):
-                record["temperature"] = float(contrastive.temperature_value())
-            log_line(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", best=f"{max(state['best_metric'], 0):.3f}")
-            done = state["step"] >= total_steps
-            if state["step"] % cfg.val_every == 0 or done:
-                evaluate_and_keep_best()
-                if state["bad_evals"] >= cfg.patience:
-                    state["stopped_early"] = True
-            if state["step"] % cfg.checkpoint_every == 0 or done or state["stopped_early"]:
-                checkpoint()
-            if done or state["stopped_early"]:
-                break
-    bar.close()
-    if state["best_step"] < 0:  # resumed a finished run, or no validation happened
-        evaluate_and_keep_best()
-    best = BoundModel.load(out / "best").to(device) if (out / "best" / "bound.json").exists() else model
-    result = TrainResult(out, state["best_step"], state["best_metric"], state["step"],
-                         validate(best, data, val_pairs), chance=chance_metrics(val_pairs),
-                         stopped_early=state["stopped_early"])
+    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device)
+    _restore(run, resume)
+    _loop(run, progress, preload)
+    model = _finish(run)
+    state = run.state
+    result = TrainResult(run.out, state["best_step"], state["best_metric"], state["step"],
+                         split_retrieval(model, run.data, run.val_pairs), model=model,
+                         chance=chance_metrics(run.val_pairs), stopped_early=state["stopped_early"])
     if baselines:
-        result.baselines["nn-transfer"] = nn_transfer_baseline(data, train_pairs, val_pairs)
+        result.baselines["nn-transfer"] = nn_transfer_baseline(run.data, run.train_pairs, run.val_pairs)
     result.seconds = time.perf_counter() - t0
-    if rank == 0:
-        (out / "summary.json").write_text(json.dumps({
-            "recipe": recipe.name, "best_step": result.best_step, "steps": result.steps,
-            "stopped_early": result.stopped_early, "metric": cfg.metric, "val": result.val,
-            "baselines": result.baselines, "chance": result.chance, "seconds": round(result.seconds, 1),
-            "data": data.summary(), "train_pairs": len(train_pairs), "precision": precision, "world_size": world,
-        }, indent=1))
+    if run.rank == 0:
+        _write_summary(run, result)
     if distributed:
         dist.barrier()
     return result
 
 
+def _write_summary(run: _Run, result: TrainResult) -> None:
+    atomic.write_json(run.out / "summary.json", {
+        "recipe": run.recipe.name, "best_step": result.best_step, "steps": result.steps,
+        "stopped_early": result.stopped_early, "metric": run.recipe.train.metric, "model": MODEL,
+        "val": result.val, "baselines": result.baselines, "chance": result.chance,
+        "seconds": round(result.seconds, 1), "data": run.data.summary(), "train_pairs": len(run.train_pairs),
+        "precision": run.precision, "world_size": run.world})
+
+
 def nn_transfer_baseline(data: PairedFeatures, train_pairs: Pairs, val_pairs: Pairs) -> dict:
     """The floor every recipe must beat: nearest-neighbour caption transfer, fitted on train."""
-    from .baselines import PairedArrays, build_baseline
-
-    a, p = data.side(data.anchor_name), data.side(data.partner_name)
-    anchors, inverse = np.unique(train_pairs.anchor_rows, return_inverse=True)
-    fit = PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(train_pairs.partner_rows)[-1].numpy(), inverse.astype(np.int64))
-    base = build_baseline("nn-transfer").fit(fit)
-    v_anchors, v_inverse = np.unique(val_pairs.anchor_rows, return_inverse=True)
-    zi = base.encode("image", a.rows(v_anchors)[-1])
-    zt = base.encode("text", p.rows(val_pairs.partner_rows)[-1])
-    return retrieval_metrics(zi, zt, v_inverse.astype(np.int64), ks=(1, 5, 10))
+    model = BoundModel(data.layers, data.anchor_name, baseline=fit_baseline("nn-transfer", {}, data, train_pairs))
+    return split_retrieval(model, data, val_pairs)
 
 
 def format_result(result: TrainResult, metric_ks=(1, 10)) -> str:

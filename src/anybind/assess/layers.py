@@ -1,7 +1,9 @@
 """Every layer of one encoder against every layer of another, without L1 x L2 recomputations.
 
 ``layer_pair_scores(xs, ys, metric)`` returns the [len(xs), len(ys)] matrix that calling
-``metrics.score(metric, xs[a], ys[b])`` for every pair would give, but does the per-layer work once:
+``metrics.score(metric, xs[a], ys[b])`` for every pair would give, through the metric's
+registered batched form (`anybind.assess.metrics.register_metric`), which does the per-layer work
+once:
 
 * k-NN metrics (mutual_knn, cycle_knn): each layer's neighbour lists are found once
   (L1 + L2 top-k passes); the L1 x L2 overlaps are then counted in one batched comparison of the
@@ -47,11 +49,20 @@ def layer_pair_scores(
     """[len(xs), len(ys)] scores of every layer of x against every layer of y (float64).
 
     Equal, up to float rounding, to ``metrics.score(metric, xs[a], ys[b], k, standardize)`` for
-    every (a, b). All layers must hold the same n items in the same order.
+    every (a, b). All layers must hold the same n items in the same order. The metric's
+    registered all-layer-pairs form does the work; a metric registered without one is scored
+    pair by pair with its own function.
     """
-    M.check_metric(metric)
+    batched = M.batched_form(metric)
     fxs = _prepare_all(xs, standardize, "xs")
     fys = _prepare_all(ys, standardize, "ys")
+    _check_rows(fxs, fys)
+    if batched is None:
+        return np.array([[M.score(metric, x, y, k, standardize) for y in ys] for x in xs], dtype=np.float64)
+    return np.asarray(batched(fxs, fys, k), dtype=np.float64)
+
+
+def _check_rows(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> None:
     n = fxs[0].shape[0]
     for name, fs in (("xs", fxs), ("ys", fys)):
         for i, f in enumerate(fs):
@@ -60,20 +71,23 @@ def layer_pair_scores(
                     f"{name}[{i}] has {f.shape[0]} rows but xs[0] has {n}: every layer must hold "
                     "the same paired items in the same order"
                 )
-    if metric in ("mutual_knn", "cycle_knn"):
-        kk = M.knn_k(n, k)
-        nx = torch.stack([M.nearest_neighbors(f, kk) for f in fxs])
-        ny = torch.stack([M.nearest_neighbors(f, kk) for f in fys])
-        if metric == "mutual_knn":
-            return (M.knn_overlap(nx, ny).double().mean(dim=2) / kk).numpy()
-        return M.cycle_hits(nx, ny).double().mean(dim=2).numpy()
-    if metric == "linear_cka":
-        return _linear_cka(fxs, fys)
-    if metric == "unbiased_cka":
-        return _unbiased_cka(fxs, fys)
-    if metric == "rbf_cka":
-        return _rbf_cka(fxs, fys)
-    return _cknna(fxs, fys, k)
+
+
+# ---- the batched forms the built-in metrics register (anybind.assess.metrics) ------------------------
+def batched_mutual_knn(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
+    kk = M.knn_k(fxs[0].shape[0], k)
+    nx, ny = _neighbours(fxs, kk), _neighbours(fys, kk)
+    return (M.knn_overlap(nx, ny).double().mean(dim=2) / kk).numpy()
+
+
+def batched_cycle_knn(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
+    kk = M.knn_k(fxs[0].shape[0], k)
+    return M.cycle_hits(_neighbours(fxs, kk), _neighbours(fys, kk)).double().mean(dim=2).numpy()
+
+
+def _neighbours(fs: list[torch.Tensor], kk: int) -> torch.Tensor:
+    """[L, n, k] neighbour lists, each layer's found once."""
+    return torch.stack([M.nearest_neighbors(f, kk) for f in fs])
 
 
 def _cross_frob2(ax: list[torch.Tensor], ay: list[torch.Tensor]) -> np.ndarray:
@@ -105,7 +119,7 @@ def _ratios(cross: np.ndarray, sx: list[float], sy: list[float]) -> np.ndarray:
     return out
 
 
-def _linear_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
+def batched_linear_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
     M._need_n(fxs[0].shape[0], 2, "linear CKA")
     cx = [M.centred(f) for f in fxs]
     cy = [M.centred(f) for f in fys]
@@ -114,7 +128,7 @@ def _linear_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
     return _ratios(_cross_frob2(cx, cy), sx, sy)
 
 
-def _unbiased_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
+def batched_unbiased_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
     n = fxs[0].shape[0]
     M._need_n(n, 4, "unbiased CKA")
     stx = [M.unbiased_stats(f) for f in fxs]
@@ -129,7 +143,7 @@ def _unbiased_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarra
     return _ratios(hs, sx, sy)
 
 
-def _rbf_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
+def batched_rbf_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
     M._need_n(fxs[0].shape[0], 2, "RBF CKA")
     ly = [M.rbf_centred_kernel(f, None) for f in fys]
     sy = [float(lc.square().sum()) for lc in ly]
@@ -143,7 +157,7 @@ def _rbf_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor]) -> np.ndarray:
     return out
 
 
-def _cknna(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str) -> np.ndarray:
+def batched_cknna(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
     n = fxs[0].shape[0]
     kk = M.knn_k(n, k)
     if kk < 2:

@@ -34,6 +34,13 @@ gives); their outlier clipping (``remove_outliers``, a quantile clamp applied be
 in ``measure_alignment.py``) is not applied here; linear and unbiased CKA are computed in feature
 space (||X^T H Y||_F^2 instead of tr(K H L H), identical in exact arithmetic) when that is cheaper.
 CKA-family sums run in float64; neighbour search runs in float32.
+
+Every metric is registered in `METRICS` with its all-layer-pairs form (``batched``, used by
+`anybind.assess.layers.layer_pair_scores`); a metric registered without one is scored there
+pair by pair with its own function::
+
+    @register_metric("my_cka", batched="mypkg.cka:all_layer_pairs")   # or batched=None
+    def my_cka(x, y, standardize=False) -> float: ...
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import numpy as np
 import torch
 
 from anybind.errors import AnybindError
+from anybind.registry import Entry, Registry, signature_options
 
 _KNN_RULES = ("sqrt", "sturges", "rice")
 _KNN_CHUNK = 1024  # rows of the Gram matrix held at once during neighbour search
@@ -288,6 +296,63 @@ def cknna_similarity(
     return hsic_unbiased_dense(mask * kmat, mask * lmat)
 
 
+# ----------------------------------------------------------------------------- the registry
+
+#: Alignment metrics by name: each entry is the pairwise function ``f(x, y, [k=...,]
+#: standardize=...) -> float`` (it takes ``k`` when it has that parameter), and its meta
+#: ``batched`` is the all-layer-pairs form ``batched(fxs, fys, k) -> [len(fxs), len(fys)]`` on
+#: prepared layers (see `prepare`), a lazy ``"module:function"``, or None (score pair by pair).
+METRICS = Registry("metric")
+
+#: The signature of a batched all-layer-pairs form.
+BatchedForm = Callable[[list[torch.Tensor], list[torch.Tensor], "int | str"], np.ndarray]
+
+
+def register_metric(
+    name: str,
+    pairwise: Callable[..., float] | None = None,
+    *,
+    batched: BatchedForm | str | None = None,
+    help: str = "",
+    replace: bool = False,
+):
+    """Register an alignment metric and its all-layer-pairs form; a decorator without `pairwise`.
+
+    `batched` receives every layer of each side, prepared once (standardised if asked, then
+    L2-normalised, float64 tensors [n, d]) and `k`, and returns the score matrix equal to the
+    pairwise function on every layer pair. Without it the layer pairs are scored one by one.
+    """
+
+    def add(fn: Callable[..., float]) -> Callable[..., float]:
+        return METRICS.register(name, fn, help=help, replace=replace, batched=batched)
+
+    return add if pairwise is None else add(pairwise)
+
+
+def check_metric(metric: str) -> str:
+    """`metric` if it is registered (else an error with a did-you-mean and the list)."""
+    METRICS.entry(metric)
+    return metric
+
+
+def batched_form(metric: str) -> BatchedForm | None:
+    """The metric's all-layer-pairs form (imported on first use), or None."""
+    entry = METRICS.entry(metric)
+    form = entry.meta.get("batched")
+    if isinstance(form, str):  # a lazy "module:function"
+        form = entry.meta["batched"] = Entry(metric, form).resolve()
+    return form
+
+
+def score(metric: str, x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float:
+    """Score x against y with the metric named ``metric`` (k goes to the metrics that take it)."""
+    fn = METRICS.get(metric)
+    options: dict[str, Any] = {"standardize": standardize}
+    if "k" in signature_options(fn):
+        options["k"] = k
+    return fn(x, y, **options)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -303,6 +368,7 @@ def _need_n(n: int, m: int, what: str) -> None:
         raise AnybindError(f"{what} needs at least {m} paired items, got {n}: give more pairs")
 
 
+@register_metric("mutual_knn", batched="anybind.assess.layers:batched_mutual_knn")
 def mutual_knn(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float:
     """Mean over rows of |N_k^x(i) & N_k^y(i)| / k; 1 for identical spaces, ~k/(n-1) by chance."""
     fx, fy = _pair(x, y, standardize)
@@ -311,6 +377,7 @@ def mutual_knn(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> 
     return float(ov[0, 0].double().mean() / kk)
 
 
+@register_metric("cycle_knn", batched="anybind.assess.layers:batched_cycle_knn")
 def cycle_knn(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float:
     """Fraction of rows i found again among the x-neighbours of i's y-neighbours."""
     fx, fy = _pair(x, y, standardize)
@@ -319,6 +386,7 @@ def cycle_knn(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> f
     return float(hits[0, 0].double().mean())
 
 
+@register_metric("linear_cka", batched="anybind.assess.layers:batched_linear_cka")
 def linear_cka(x: Any, y: Any, standardize: bool = False) -> float:
     """Linear CKA (biased HSIC) of the normalised features."""
     fx, fy = _pair(x, y, standardize)
@@ -327,6 +395,7 @@ def linear_cka(x: Any, y: Any, standardize: bool = False) -> float:
     return _ratio(frob2_cross(cx, cy), frob2_cross(cx, cx), frob2_cross(cy, cy))
 
 
+@register_metric("unbiased_cka", batched="anybind.assess.layers:batched_unbiased_cka")
 def unbiased_cka(x: Any, y: Any, standardize: bool = False) -> float:
     """Linear CKA with the unbiased HSIC estimator (Song et al. 2012); needs n >= 4."""
     fx, fy = _pair(x, y, standardize)
@@ -340,6 +409,7 @@ def unbiased_cka(x: Any, y: Any, standardize: bool = False) -> float:
     )
 
 
+@register_metric("cknna", batched="anybind.assess.layers:batched_cknna")
 def cknna(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float:
     """CKA restricted to mutual k-nearest-neighbour pairs (platonic-rep, unbiased HSIC)."""
     fx, fy = _pair(x, y, standardize)
@@ -357,35 +427,10 @@ def cknna(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float
     )
 
 
+@register_metric("rbf_cka", batched="anybind.assess.layers:batched_rbf_cka")
 def rbf_cka(x: Any, y: Any, sigma: float | None = None, standardize: bool = False) -> float:
     """CKA (biased HSIC) with Gaussian kernels; sigma None = per-space median distance."""
     fx, fy = _pair(x, y, standardize)
     _need_n(fx.shape[0], 2, "RBF CKA")
     kc, lc = rbf_centred_kernel(fx, sigma), rbf_centred_kernel(fy, sigma)
     return _ratio(float((kc * lc).sum()), float(kc.square().sum()), float(lc.square().sum()))
-
-
-METRICS: dict[str, Callable[..., float]] = {
-    "mutual_knn": mutual_knn,
-    "cycle_knn": cycle_knn,
-    "linear_cka": linear_cka,
-    "unbiased_cka": unbiased_cka,
-    "cknna": cknna,
-    "rbf_cka": rbf_cka,
-}
-
-KNN_METRICS = frozenset({"mutual_knn", "cycle_knn", "cknna"})
-
-
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise AnybindError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
-    return metric
-
-
-def score(metric: str, x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float:
-    """Score x against y with the metric named ``metric`` (k is used by the k-NN metrics only)."""
-    fn = METRICS[check_metric(metric)]
-    if metric in KNN_METRICS:
-        return fn(x, y, k=k, standardize=standardize)
-    return fn(x, y, standardize=standardize)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_json, write_text, write_with
 from ..config import cache_root
 from ..errors import AnybindError
 from ..features import FeatureStore
@@ -160,13 +161,11 @@ def write_report(result: Assessment, out: Path, cache=None) -> None:
         png = out / f"heatmap-{i:02d}.png"
         if heatmap(p, png, result.metric):
             data["ranking"][i - 1]["heatmap"] = png.name
-    (out / "assessment.json").write_text(json.dumps(data, indent=1))
-    (out / "ranking.md").write_text(f"# Alignability ({result.metric}, k={result.k})\n\n{result.table()}\n")
+    write_json(out / "assessment.json", data)
+    write_text(out / "ranking.md", f"# Alignability ({result.metric}, k={result.k})\n\n{result.table()}\n")
     latest = cache_root(cache) / "assessments" / LATEST
     latest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = latest.with_name(f".{LATEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, latest)
+    write_json(latest, data)
 
 
 def heatmap(p: PairScore, path: Path, metric: str) -> bool:
@@ -190,8 +189,10 @@ def heatmap(p: PairScore, path: Path, metric: str) -> bool:
     ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=7, frameon=False)
     fig.colorbar(im, ax=ax, label=metric)
     ax.set_title(f"{metric}, n={p.n}", fontsize=9)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return True
 
 

@@ -1,6 +1,7 @@
-"""Bundles: a bound model as a folder (`export_bundle`), loaded in one line (`load`)."""
+"""Bundles: a trained run's bound model + its encoders' specs, as one folder (`anybind export`),
+and `load` that gives `encode(modality, items)`, `classify` and `gallery` on raw items."""
 
 from .export import export_bundle
-from .model import BUNDLE_FORMAT, BoundEncoders, BundleError, load
+from .model import BUNDLE_FORMAT, BoundEncoders, Bundle, BundleError, is_bundle, load
 
-__all__ = ["BUNDLE_FORMAT", "BoundEncoders", "BundleError", "export_bundle", "load"]
+__all__ = ["BUNDLE_FORMAT", "BoundEncoders", "Bundle", "BundleError", "export_bundle", "is_bundle", "load"]

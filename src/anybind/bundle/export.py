@@ -2,124 +2,107 @@
 
 Layout (no pickles; every tensor in safetensors):
 
-    bundle.json          format, modalities (encoder spec, layers, pooling, precision, preprocessing,
-                         weights hash, licence), shared dimension, blend and correction settings
-    projectors/          the trained projectors (config + safetensors per modality)
-    blend/               the fitted training-free space blended in, when the recipe blends
-    correction/          the fitted retrieval correction and its bank, when the recipe uses one
+    bundle.json          format, anchor, modalities (encoder spec, layers, pooling, compute precision,
+                         stored dtype, preprocessing, weights hash, licence), shared dimension
+    model/               the run's bound model as training saved and evaluation scored it
+                         (projectors, blend, correction: `anybind.align.bound.BoundModel`)
     recipe.yaml          the resolved training recipe
     card.json, card.md   the model card: training data, encoders and their licences, evaluation
 
-The blend and the correction are fitted here exactly as the evaluation fits them
-(`evaluate.protocol.fit_baseline` / `fit_correction`) on the run's training split, so the
-bundle ships what was evaluated.
+Nothing is refitted here: the bundle ships the model the run reported.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from .. import atomic
 from ..errors import AnybindError
-from .model import BUNDLE_FORMAT, load
+from .model import BUNDLE_FORMAT, MODEL_DIR, is_bundle, load
 
 
 def export_bundle(run: str | os.PathLike, out: str | os.PathLike, results: list[str | os.PathLike] | None = None,
                   overwrite: bool = False) -> Path:
-    """Write the bundle of a finished `anybind train` run (its ``best`` model) to `out`.
+    """Write the bundle of a finished `anybind train` run (its ``model``) to `out`.
 
-    `results` are results documents (`anybind eval`) whose summaries go into the model card.
+    `results` are results documents (`anybind eval`) whose summaries go into the model card. The
+    bundle is built and checked beside `out` and swapped in only then; `overwrite` replaces an
+    existing bundle, never a folder anybind did not write.
 
     >>> export_bundle("runs/default-20261122", "bundles/clipart")  # doctest: +SKIP
     """
-    from ..align.data import PairedFeatures
-    from ..align.model import BoundModel
+    from ..align.bound import BoundModel, is_bound_model
     from ..align.recipe import load_recipe
-    from ..evaluate.protocol import fit_baseline, fit_correction
-    from ..evaluate.results import package_versions, read_results, summarise
-    from ..evaluate.suite import BlendEmbedder, FoldData
     from ..features import FeatureStore
 
     run, out = Path(run), Path(out)
-    if not (run / "best" / "bound.json").exists() or not (run / "stores.json").exists():
-        raise AnybindError(f"{run} is not a finished training run (no best/bound.json or stores.json): "
+    if not is_bound_model(run / MODEL_DIR) or not (run / "stores.json").exists():
+        raise AnybindError(f"{run} is not a finished training run of this anybind (no model/ or stores.json): "
                            "train one with `anybind train`")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise AnybindError(f"{out} exists and is not empty: choose another --out or pass --overwrite")
-        shutil.rmtree(out)
     recipe = load_recipe(run / "recipe.yaml")
+    model = BoundModel.load(run / MODEL_DIR)
     stores = {k: FeatureStore.open(v) for k, v in json.loads((run / "stores.json").read_text()).items()}
-    projectors = BoundModel.load(run / "best")
-    data = PairedFeatures(stores, projectors.layers)
-    fd = FoldData(data, None, {"train": data.pairs("train")})
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    projectors.save(tmp / "projectors")
-    space = projectors
-    blend = dict(recipe.blend)
-    if blend.get("name", "none") != "none":
-        opts = {k: v for k, v in blend.items() if k not in ("name", "weight")}
-        base = fit_baseline(blend["name"], opts, fd, None, recipe.train.seed)
-        base.baseline.save(tmp / "blend")
-        blend["weight"] = float(blend.get("weight", 0.5))
-        space = BlendEmbedder(projectors, base, blend["weight"])
-    correction = fit_correction(recipe.correction, space, fd, recipe.train.seed)
-    if correction is not None:
-        correction.save(tmp / "correction")
-    recipe.save(tmp / "recipe.yaml")
-
-    modalities = {}
-    for name, store in stores.items():
-        key = store.key["encoder"]
-        modalities[name] = {"encoder": key["spec"], "layers": projectors.layers[name], "pooling": key.get("pooling"),
-                            "precision": key.get("precision"), "preprocess": key.get("preprocess"),
-                            "weights": key.get("weights"), "licence": _encoder_licence(key["spec"])}
-    anchor = stores[data.anchor_name]
-    probe = [torch.zeros(1, anchor.layers[lay]) for lay in projectors.layers[data.anchor_name]]
-    dim = int(space.encode(data.anchor_name, probe).shape[1])
-    info = {"format": BUNDLE_FORMAT, "modalities": modalities, "dim": dim, "blend": blend,
-            "correction": dict(recipe.correction), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": package_versions(), "run": str(run)}
-    (tmp / "bundle.json").write_text(json.dumps(info, indent=1))
-
-    docs = [read_results(p) for p in results or []]
-    dataset = data.sides[data.anchor_name].store.key["dataset"]
-    card = {"recipe": recipe.name, "description": recipe.description.strip(),
-            "training_data": {"dataset": dataset, "licence": _dataset_licence(dataset), **data.summary()},
-            "encoders": {m: {"spec": v["encoder"], "licence": v["licence"], "layers": v["layers"]}
-                         for m, v in modalities.items()},
-            "evaluation": [{"model": d["model"]["name"], "protocol": d["protocol"], "summary": summarise(d),
-                            "chance": d.get("chance", {})} for d in docs],
-            "zeroshot_classes": next((d["data"].get("zeroshot_classes") for d in docs if d["data"].get("zeroshot_classes")), []),
-            "templates": "clipart" if dataset.startswith("openclipart") else "default"}
-    (tmp / "card.json").write_text(json.dumps(card, indent=1))
-    (tmp / "card.md").write_text(model_card_markdown(card, info))
-    os.replace(tmp, out)
-    load(out)  # refuse to leave a bundle that does not load
+    info = bundle_info(model, stores, run)
+    card = model_card(recipe, stores[model.anchor], results, _training_data(run))
+    with atomic.staged_dir(out, replace=overwrite, is_ours=is_bundle) as stage:
+        model.save(stage / MODEL_DIR)
+        recipe.save(stage / "recipe.yaml")
+        atomic.write_json(stage / "bundle.json", info)
+        atomic.write_json(stage / "card.json", card)
+        atomic.write_text(stage / "card.md", model_card_markdown(card, info, model))
+        load(stage)  # refuse to swap in a bundle that does not load
     return out
 
 
-def model_card_markdown(card: dict, info: dict) -> str:
+def bundle_info(model, stores: dict, run: Path) -> dict:
+    """bundle.json: how to rebuild each modality's features, and what the model is."""
+    from ..evaluate.results import package_versions
+    from ..features.encode import store_encoding
+
+    modalities = {}
+    for name in model.modalities:
+        store = stores[name]
+        key = store.key["encoder"]
+        modalities[name] = {**store_encoding(store), "layers": model.layers[name],
+                            "preprocess": key.get("preprocess"), "weights": key.get("weights"),
+                            "licence": _encoder_licence(key["spec"])}
+    return {"format": BUNDLE_FORMAT, "anchor": model.anchor, "modalities": modalities, "dim": model.dim,
+            "model": MODEL_DIR, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions(), "run": str(run)}
+
+
+def _training_data(run: Path) -> dict:
+    summary = run / "summary.json"
+    return json.loads(summary.read_text()).get("data", {}) if summary.exists() else {}
+
+
+def model_card(recipe, anchor_store, results, data_summary: dict) -> dict:
+    from ..evaluate.results import read_results, summarise
+
+    docs = [read_results(p) for p in results or []]
+    dataset = anchor_store.key["dataset"]
+    return {"recipe": recipe.name, "description": recipe.description.strip(),
+            "training_data": {"dataset": dataset, "licence": _dataset_licence(dataset), **data_summary},
+            "evaluation": [{"model": d["model"]["name"], "protocol": d["protocol"], "summary": summarise(d),
+                            "chance": d.get("chance", {})} for d in docs],
+            "zeroshot_classes": next((d["data"].get("zeroshot_classes") for d in docs
+                                      if d["data"].get("zeroshot_classes")), []),
+            "templates": "clipart" if dataset.startswith("openclipart") else "default"}
+
+
+def model_card_markdown(card: dict, info: dict, model) -> str:
     lines = [f"# anybind bundle: {card['recipe']}", "", card.get("description") or "", "",
              "## Encoders (frozen)", "", "| modality | encoder | layers | licence |", "|---|---|---|---|"]
-    for m, e in card["encoders"].items():
-        lines.append(f"| {m} | `{e['spec']}` | {', '.join(e['layers'])} | {e['licence'] or 'see the encoder'} |")
+    for m, e in info["modalities"].items():
+        lines.append(f"| {m} | `{e['encoder']}` | {', '.join(e['layers'])} | {e['licence'] or 'see the encoder'} |")
     td = card["training_data"]
+    train = td.get("train") or {}
     lines += ["", "## Training data", "",
-              f"{td['dataset']} (licence: {td['licence'] or 'unknown'}): {td['train']['pairs']} pairs of "
-              f"{td['train']['items']} items in the train split.", "",
-              f"Shared space: {info['dim']} dimensions"
-              + (f"; blended with {info['blend']['name']} (weight {info['blend']['weight']})" if info["blend"].get("name", "none") != "none" else "")
-              + (f"; retrieval correction {info['correction']['name']}" if info["correction"].get("name", "none") != "none" else "")
-              + "."]
+              f"{td['dataset']} (licence: {td['licence'] or 'unknown'}): {train.get('pairs', '?')} pairs of "
+              f"{train.get('items', '?')} items in the train split.", "", _space_line(info, model)]
     for ev in card["evaluation"]:
         lines += ["", f"## Evaluation: {ev['model']}", "", f"{ev['protocol'].get('description', '')}", "",
                   "| metric | mean | sd | runs | chance |", "|---|---|---|---|---|"]
@@ -129,6 +112,17 @@ def model_card_markdown(card: dict, info: dict) -> str:
                          + (f"{100 * ch:.1f}" if ch is not None else "") + " |")
     lines += ["", f"Made with anybind {info['versions'].get('anybind')} on {info['created']}.", ""]
     return "\n".join(lines)
+
+
+def _space_line(info: dict, model) -> str:
+    line = f"Shared space: {info['dim']} dimensions"
+    if model.blended:
+        line += f"; blended with {model.baseline.name} (weight {model.weight})"
+    elif model.space is None:
+        line += f"; training-free {model.baseline.name}"
+    if model.correction is not None:
+        line += f"; retrieval correction {model.correction.name}"
+    return line + "."
 
 
 def _encoder_licence(spec: str) -> str | None:

@@ -1,12 +1,13 @@
-"""A loaded bundle: frozen encoders + projectors (+ blend, + retrieval correction) behind one API.
+"""A loaded bundle: frozen encoders + the bound model behind one API.
 
     model = anybind.load("bundles/openclipart")
     z = model.encode_text(["a red bird"])                 # [1, D], L2-normalised
     probs = model.classify(["cat.png"], ["cat", "dog"])    # [1, 2]
 
 Encoders are created on first use (a text-only user never loads the image encoder), at the
-layers, pooling and compute precision the projectors were trained on, so the embeddings are the
-ones the bundle was evaluated with.
+layers, pooling and compute precision the bound model was trained on, and their features are
+rounded as the stores held them, so the embeddings are the ones the bundle was evaluated with.
+Torch is imported on first use, not when this module is.
 """
 
 from __future__ import annotations
@@ -14,27 +15,31 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AnybindError
 
-BUNDLE_FORMAT = "anybind.bundle/1"
+if TYPE_CHECKING:
+    import torch
+
+    from ..align.bound import BoundModel
+
+BUNDLE_FORMAT = "anybind.bundle/2"  # 2: one bound model folder (model/) instead of projectors/, blend/, correction/
+MODEL_DIR = "model"
 
 
 class BundleError(AnybindError):
     """A folder that is not a readable bundle, or a request the bundle cannot serve."""
 
 
-class BoundEncoders:
+class Bundle:
     """Encode raw items of any bound modality into the shared space."""
 
-    def __init__(self, path: Path, info: dict, space, correction=None, card: dict | None = None, device: str = "cpu"):
-        self.path, self.info, self.space, self.correction = path, info, space, correction
+    def __init__(self, path: Path, info: dict, bound: BoundModel, card: dict | None = None, device: str = "cpu"):
+        import torch
+
+        self.path, self.info, self.bound = path, info, bound
         self.card = card or {}
         self.device = torch.device(device)
         self._encoders: dict[str, Any] = {}
@@ -55,7 +60,7 @@ class BoundEncoders:
 
     def __repr__(self) -> str:
         enc = ", ".join(f"{m}={v['encoder']}" for m, v in self.info["modalities"].items())
-        return f"BoundEncoders({self.path}, {enc}, dim={self.dim})"
+        return f"Bundle({self.path}, {enc}, dim={self.dim})"
 
     # ---- encoding ------------------------------------------------------------------------------
     def encoder(self, modality: str):
@@ -69,6 +74,8 @@ class BoundEncoders:
 
     def features(self, modality: str, items: Sequence[Any], batch_size: int = 64) -> list[torch.Tensor]:
         """The frozen encoder's features of raw items, per layer, as the stores held them."""
+        from ..features.encode import encode_as_stored
+
         if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) and not hasattr(items, "__len__"):
             items = [items]
         items = list(items)
@@ -76,24 +83,21 @@ class BoundEncoders:
             raise BundleError(f"no {modality} items to encode")
         enc = self.encoder(modality)  # refuses a modality the bundle does not bind
         side = self.info["modalities"][modality]
-        layers, pooling = side["layers"], side.get("pooling")
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if side.get("precision") == "bf16"
-               else nullcontext())
-        out: list[list[torch.Tensor]] = [[] for _ in layers]
-        with torch.inference_mode(), ctx:
-            for lo in range(0, len(items), batch_size):
-                got = enc.embed(items[lo : lo + batch_size], layers, pooling)
-                for i, lay in enumerate(layers):
-                    # the stores keep fp16: round the same way so a bundle reproduces its evaluation
-                    out[i].append(got[lay].float().cpu().to(torch.float16).float())
-        return [torch.cat(o) for o in out]
+        return encode_as_stored(enc, items, side["layers"], side.get("pooling"), side.get("precision"),
+                                side.get("dtype", "float16"), batch_size)
+
+    def project(self, modality: str, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Shared-space rows (L2-normalised by the bound model) of features the bundle's encoder
+        gave (see `features`)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.bound.encode(modality, feats).float()
 
     def encode(self, modality: str, items: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """Shared-space embeddings [n, dim], L2-normalised: images as paths, PIL images or arrays;
         texts as strings."""
-        with torch.inference_mode():
-            z = self.space.encode(modality, self.features(modality, items, batch_size))
-        return F.normalize(z.float(), dim=1)
+        return self.project(modality, self.features(modality, items, batch_size))
 
     def encode_image(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         return self.encode("image", images, batch_size)
@@ -112,6 +116,8 @@ class BoundEncoders:
     def classify(self, images: Sequence[Any], labels: Sequence[str] | None = None,
                  templates: str | Sequence[str] | None = None, scale: float = 100.0) -> torch.Tensor:
         """Zero-shot class probabilities [n images, n labels]: softmax of `scale` x cosine."""
+        import torch
+
         labels = list(labels or self.default_labels)
         if not labels:
             raise BundleError("give the labels to classify into (this bundle names no default classes)")
@@ -122,40 +128,50 @@ class BoundEncoders:
     def gallery(self, modality: str, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gallery embeddings as the evaluated model ranked them, and a per-item score offset
         (subtract it from every query's cosine); (emb, None) without a correction."""
-        if self.correction is None:
-            return emb, None
-        return self.correction.gallery(modality, emb)
+        return self.bound.gallery(modality, emb)
+
+    @property
+    def correction(self):
+        return self.bound.correction
 
 
-def load(path: str | os.PathLike, device: str = "cpu") -> BoundEncoders:
-    """Load a bundle folder written by `anybind export` (no pickles; offline with packaged encoders).
-
-    >>> model = load("bundles/openclipart")  # doctest: +SKIP
-    >>> model.encode_text(["a red bird"]).shape  # doctest: +SKIP
-    torch.Size([1, 896])
-    """
+def read_info(path: str | os.PathLike) -> dict:
+    """A bundle's bundle.json, checked for its format (no torch needed)."""
     path = Path(path)
     try:
         info = json.loads((path / "bundle.json").read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"{path} is not an anybind bundle (bundle.json unreadable: {e}); "
                           "make one with `anybind export`") from e
-    if info.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: bundle format {info.get('format')!r}; this anybind reads {BUNDLE_FORMAT}")
-    from ..align.model import BoundModel
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise BundleError(f"{path}: bundle format {found!r}; this anybind reads {BUNDLE_FORMAT}: "
+                          "export the run again with this version (`anybind export RUN --out ...`)")
+    return info
 
-    space = BoundModel.load(path / "projectors")
-    blend = info.get("blend") or {}
-    if blend.get("name", "none") != "none":
-        from ..align.baselines import Baseline
-        from ..evaluate.suite import BaselineEmbedder, BlendEmbedder
 
-        base = BaselineEmbedder(Baseline.load(path / "blend"), {m: m for m in info["modalities"]})
-        space = BlendEmbedder(space, base, blend["weight"])
-    correction = None
-    if (info.get("correction") or {}).get("name", "none") != "none":
-        from ..align.corrections import RetrievalCorrection
+def is_bundle(path: str | os.PathLike) -> bool:
+    try:
+        read_info(path)
+    except BundleError:
+        return False
+    return True
 
-        correction = RetrievalCorrection.load(path / "correction")
+
+def load(path: str | os.PathLike, device: str = "cpu") -> Bundle:
+    """Load a bundle folder written by `anybind export` (no pickles; offline with packaged encoders).
+
+    >>> model = load("bundles/openclipart")  # doctest: +SKIP
+    >>> model.encode_text(["a red bird"]).shape  # doctest: +SKIP
+    torch.Size([1, 896])
+    """
+    from ..align.bound import BoundModel
+
+    path = Path(path)
+    info = read_info(path)
+    bound = BoundModel.load(path / MODEL_DIR)
     card = json.loads((path / "card.json").read_text()) if (path / "card.json").exists() else {}
-    return BoundEncoders(path, info, space, correction, card, device)
+    return Bundle(path, info, bound, card, device)
+
+
+BoundEncoders = Bundle  # TODO(lead): drop once serve/ uses Bundle

@@ -14,6 +14,7 @@ import struct
 
 import numpy as np
 
+from .. import atomic
 from ..errors import DataError
 
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -79,5 +80,4 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     blob = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     blob += array.astype(array.dtype.newbyteorder(">"), copy=False).tobytes()
     path = os.fspath(path)
-    with open(path, "wb") as f:
-        f.write(gzip.compress(blob, mtime=0) if path.endswith(".gz") else blob)
+    atomic.write_bytes(path, gzip.compress(blob, mtime=0) if path.endswith(".gz") else blob)

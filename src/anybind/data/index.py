@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import atomic
 from .._hashing import hash_obj
 from ..errors import DataError
 
@@ -210,10 +211,7 @@ class DatasetIndex:
             ).encode()
         }
         table = self.table.replace_schema_metadata(meta)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic.write_with(path, lambda tmp: pq.write_table(table, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetIndex:

@@ -76,39 +76,10 @@ def list_karpathy(path: str | os.PathLike, images: str | os.PathLike | None = No
     root = (Path(images).expanduser() if images is not None else json_path.parent).absolute()
     if not root.is_dir():
         raise DataError(f"image folder not found: {root} (pass images=<the folder of the images>)")
-    records, dropped, original = [], 0, {}
-    folders: set[str] = set()
-    for n, entry in enumerate(data["images"]):
-        _check(entry, n, json_path)
-        captions = [
-            s["raw"].strip()
-            for s in entry["sentences"]
-            if isinstance(s["raw"], str) and s["raw"].strip()
-        ]
-        original[entry["split"]] = original.get(entry["split"], 0) + 1
-        if not captions:
-            dropped += 1
-            continue
-        filepath = str(entry.get("filepath") or "").strip("/")
-        ref = PurePosixPath(filepath, entry["filename"]).as_posix()
-        folders.add(filepath)
-        stem = PurePosixPath(entry["filename"]).stem
-        records.append(
-            {
-                "item_id": f"{filepath}/{stem}" if filepath else stem,
-                "image": ref,
-                "caption": captions,
-                "split": SPLITS[entry["split"]],
-            }
-        )
+    records, folders, dropped, original = _records(data["images"], json_path)
     if not records:
         raise DataError(f"{json_path} has no image with a caption ({dropped} without one)")
-    missing = sorted(f for f in folders if f and not (root / f).is_dir())
-    if missing:
-        raise DataError(
-            f"image folders not found under {root}: {', '.join(missing)} (the JSON refers to "
-            "images in them; pass images=<the folder that holds them>)"
-        )
+    _check_folders(root, folders)
     dataset = str(data.get("dataset") or json_path.stem)
     meta = {
         "source": str(json_path),
@@ -125,3 +96,36 @@ def list_karpathy(path: str | os.PathLike, images: str | os.PathLike | None = No
         root=str(root),
         meta=meta,
     )
+
+
+def _records(entries: list, json_path: Path) -> tuple[list[dict], set[str], int, dict[str, int]]:
+    """One record per image with a caption; the folders they are in; the count of images
+    without a caption; images per original split."""
+    records, folders, dropped, original = [], set(), 0, {}
+    for n, entry in enumerate(entries):
+        _check(entry, n, json_path)
+        original[entry["split"]] = original.get(entry["split"], 0) + 1
+        captions = [s["raw"].strip() for s in entry["sentences"]
+                    if isinstance(s["raw"], str) and s["raw"].strip()]
+        if not captions:
+            dropped += 1
+            continue
+        filepath = str(entry.get("filepath") or "").strip("/")
+        folders.add(filepath)
+        stem = PurePosixPath(entry["filename"]).stem
+        records.append({
+            "item_id": f"{filepath}/{stem}" if filepath else stem,
+            "image": PurePosixPath(filepath, entry["filename"]).as_posix(),
+            "caption": captions,
+            "split": SPLITS[entry["split"]],
+        })
+    return records, folders, dropped, original
+
+
+def _check_folders(root: Path, folders: set[str]) -> None:
+    missing = sorted(f for f in folders if f and not (root / f).is_dir())
+    if missing:
+        raise DataError(
+            f"image folders not found under {root}: {', '.join(missing)} (the JSON refers to "
+            "images in them; pass images=<the folder that holds them>)"
+        )

@@ -9,10 +9,10 @@ an untouched one loads at once.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .._hashing import hash_obj
+from ..checks import slug
 from ..config import cache_root
 from .index import INDEX_VERSION, DatasetIndex
 
@@ -42,7 +42,7 @@ def source_stamp(paths: list[str | os.PathLike]) -> list:
 
 def cache_path(name: str, key: dict, cache: str | os.PathLike | None = None) -> Path:
     """<cache root>/datasets/<name>-<hash>.parquet."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60] or "dataset"
+    safe = slug(name).strip("_")[:60] or "dataset"
     return (
         cache_root(cache)
         / "datasets"

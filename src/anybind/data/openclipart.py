@@ -80,20 +80,9 @@ def list_openclipart(
     8121
     """
     root = Path(root or DEFAULT_ROOT)
-    png_root, svg_root = root / "png", root / "svg"
-    if not png_root.is_dir():
-        raise DataError(
-            f"openclipart PNGs not found under {png_root}: apt-get install openclipart-png openclipart-svg"
-        )
-    pngs = sorted(p for p in png_root.rglob("*.png") if p.is_file())
-    if not pngs:
-        raise DataError(f"no PNG files under {png_root}")
-    metas = []
-    for p in pngs:
-        rel = p.relative_to(png_root).with_suffix("").as_posix()
-        meta = read_svg_meta(svg_root / f"{rel}.svg", rel)
-        meta.digest = _digest(p)
-        metas.append(meta)
+    png_root = root / "png"
+    pngs = _pngs(png_root)
+    metas = _read_metas(pngs, png_root, root / "svg")
     builder = CaptionBuilder(metas)
     captions = [builder.captions(m) for m in metas]
     keys = [builder.group_keys(m, c[0]) for m, c in zip(metas, captions, strict=True)]
@@ -114,8 +103,39 @@ def list_openclipart(
         }
         for m, caps, g in zip(metas, captions, groups, strict=True)
     ]
+    meta = _listing_meta(root, metas, builder, groups, to_train, max_group_share, looks if by_look else None)
+    return DatasetIndex.from_records(
+        "openclipart", records, {"image": "image", "caption": "text"}, root=str(png_root), meta=meta
+    )
+
+
+def _pngs(png_root: Path) -> list[Path]:
+    if not png_root.is_dir():
+        raise DataError(
+            f"openclipart PNGs not found under {png_root}: apt-get install openclipart-png openclipart-svg"
+        )
+    pngs = sorted(p for p in png_root.rglob("*.png") if p.is_file())
+    if not pngs:
+        raise DataError(f"no PNG files under {png_root}")
+    return pngs
+
+
+def _read_metas(pngs: list[Path], png_root: Path, svg_root: Path) -> list[ClipartMeta]:
+    """Each PNG's SVG metadata (at the same relative path) and the digest of its bytes."""
+    metas = []
+    for p in pngs:
+        rel = p.relative_to(png_root).with_suffix("").as_posix()
+        meta = read_svg_meta(svg_root / f"{rel}.svg", rel)
+        meta.digest = _digest(p)
+        metas.append(meta)
+    return metas
+
+
+def _listing_meta(root: Path, metas: list[ClipartMeta], builder: CaptionBuilder, groups: list,
+                  to_train, max_group_share: float, looks: list | None) -> dict:
+    """What the index records about how it was listed (sources, groups, near-duplicates)."""
     stats = group_stats(groups, top=5)
-    meta = {
+    return {
         "source": str(root),
         "licence": "public domain (Open Clip Art Library)",
         "with_svg_metadata": sum(1 for m in metas if m.title or m.keywords),
@@ -126,8 +146,5 @@ def list_openclipart(
         "max_group_share": max_group_share,
         "near_duplicates_by_look": {"blank": looks.count("look:blank"),
                                     "in_look_groups": sum(1 for k in looks if k and k != "look:blank"),
-                                    "threshold": THRESHOLD} if by_look else None,
+                                    "threshold": THRESHOLD} if looks is not None else None,
     }
-    return DatasetIndex.from_records(
-        "openclipart", records, {"image": "image", "caption": "text"}, root=str(png_root), meta=meta
-    )

@@ -60,12 +60,6 @@ class _Descriptors:
             os.close(old)
         return fd
 
-    def close_all(self) -> None:
-        if self.pid == os.getpid():
-            for fd in self.fds.values():
-                os.close(fd)
-        self.fds.clear()
-
 
 _DESCRIPTORS = _Descriptors()
 
@@ -86,8 +80,3 @@ def read_member(path: str | os.PathLike, name: str) -> bytes:
     if len(blob) != size:
         raise DataError(f"tar member '{name}' of {path} is truncated ({len(blob)} of {size} bytes)")
     return blob
-
-
-def close_shards() -> None:
-    """Close this process's open shard descriptors (tests, long-lived servers)."""
-    _DESCRIPTORS.close_all()

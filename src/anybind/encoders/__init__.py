@@ -3,6 +3,8 @@
 from .base import POOLINGS, Encoder, pool_feature_map, pool_tokens
 from .preprocess import ImagePreprocess
 from .registry import (
+    BACKENDS,
+    PACKAGED,
     create_encoder,
     list_encoders,
     packaged_names,
@@ -12,7 +14,7 @@ from .registry import (
 from .spec import MODALITIES, EncoderSpec, parse_spec
 
 __all__ = [
-    "POOLINGS", "MODALITIES", "Encoder", "EncoderSpec", "ImagePreprocess", "create_encoder",
+    "BACKENDS", "PACKAGED", "POOLINGS", "MODALITIES", "Encoder", "EncoderSpec", "ImagePreprocess", "create_encoder",
     "list_encoders", "packaged_names", "parse_spec", "pool_feature_map", "pool_tokens",
     "register_backend", "register_packaged",
 ]

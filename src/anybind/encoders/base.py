@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import did_you_mean
 from ..errors import AnybindError, DataError, LayerError
 from .spec import EncoderSpec
 
@@ -215,10 +216,11 @@ class LazyHashEncoder(Encoder):
 
 def check_options(spec, options: dict, allowed, who: str = "it") -> None:
     """Refuse creation options an adapter does not know, naming the ones it takes."""
-    unknown = set(options) - set(allowed)
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise AnybindError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for {spec}: {who} takes " + ", ".join(allowed)
+            f"unknown option(s) {', '.join(unknown)}{did_you_mean(unknown[0], allowed)} for {spec}: "
+            f"{who} takes " + ", ".join(allowed)
         )
 
 

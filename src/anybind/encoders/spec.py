@@ -13,17 +13,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..checks import did_you_mean
 from ..errors import SpecError
 
 MODALITIES = ("image", "text", "audio", "video", "pointcloud", "molecule", "tabular")
-BACKENDS = ("hf", "st", "timm", "open_clip", "onnx", "random", "packaged")
 
 
-def known_backends() -> tuple[str, ...]:
-    """The built-in prefixes plus any added with `registry.register_backend`."""
-    from .registry import BACKENDS as registered
+def known_backends() -> list[str]:
+    """The registered backend prefixes (built-in ones and any added with `register_backend`)."""
+    from .registry import BACKENDS  # late: the registry imports this module
 
-    return tuple(dict.fromkeys([*BACKENDS, *registered]))
+    return BACKENDS.names()
+
+
+def packaged_names() -> list[str]:
+    from .registry import PACKAGED  # late: the registry imports this module
+
+    return PACKAGED.names()
 
 
 _PATHLIKE = re.compile(r"^(/|\./|\.\./|~|[A-Za-z]:\\)|\.(onnx|pt|pth|bin|safetensors)$")
@@ -50,8 +56,6 @@ def parse_spec(text: str | EncoderSpec) -> EncoderSpec:
     if not isinstance(text, str) or not text.strip():
         raise SpecError("empty encoder spec: give e.g. 'minilm-l6', 'hf:facebook/dinov2-small' or 'random:image'")
     text = text.strip()
-    from .registry import packaged_names  # late: the registry imports this module
-
     if text in packaged_names():
         return EncoderSpec("packaged", text)
     prefix, sep, rest = text.partition(":")
@@ -63,15 +67,15 @@ def parse_spec(text: str | EncoderSpec) -> EncoderSpec:
                 f"'timm:{text}', 'onnx:{text}'"
             )
         raise SpecError(
-            f"unknown encoder '{text}': packaged encoders are {', '.join(sorted(packaged_names()))}; "
-            "other encoders need a backend prefix (hf:, st:, timm:, open_clip:, onnx:, random:). "
-            "`anybind encoders` lists them."
+            f"unknown encoder '{text}'{did_you_mean(text, packaged_names())}: packaged encoders are "
+            f"{', '.join(packaged_names())}; other encoders need a backend prefix "
+            f"({', '.join(f'{b}:' for b in known_backends())}). `anybind encoders` lists them."
         )
     backends = known_backends()
-    if prefix not in backends or prefix == "packaged":
+    if prefix not in backends:
         raise SpecError(
-            f"unknown encoder backend '{prefix}:' in '{text}': use one of "
-            + ", ".join(f"'{b}:'" for b in backends if b != "packaged")
+            f"unknown encoder backend '{prefix}:' in '{text}'{did_you_mean(prefix, backends)}: use one of "
+            + ", ".join(f"'{b}:'" for b in backends)
         )
     if not rest:
         raise SpecError(f"'{text}' names a backend but no model: e.g. '{prefix}:NAME-OR-PATH'")

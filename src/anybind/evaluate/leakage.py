@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import integer, number
 from ..errors import AnybindError
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -50,11 +51,10 @@ def near_duplicate_share(
             f"train_emb and test_emb must have the same width, got {train.shape[1]} and "
             f"{test.shape[1]}: embed both sides with the same model (and the same projection)"
         )
-    threshold = float(threshold)
-    if not -1.0 <= threshold <= 1.0:
-        raise AnybindError(f"threshold is a cosine and must be in [-1, 1], got {threshold}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise AnybindError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    # float() first: numpy scalars are welcome; the threshold is a cosine
+    threshold = number("threshold (a cosine)", float(threshold), minimum=-1.0, maximum=1.0,
+                       error=AnybindError)
+    integer("chunk_size", chunk_size, minimum=1, error=AnybindError)
 
     n_test, n_train = test.shape[0], train.shape[0]
     best = torch.full((n_test,), float("-inf"), dtype=torch.float32)
@@ -100,8 +100,7 @@ def leakage_warning(result: dict[str, Any], limit: float = 0.05) -> str | None:
             "leakage_warning needs the dict returned by near_duplicate_share "
             f"(with 'share' and 'threshold'): {e!r}"
         ) from e
-    if not 0.0 <= float(limit) <= 1.0:
-        raise AnybindError(f"limit is a share and must be in [0, 1], got {limit}")
+    limit = number("limit (a share)", float(limit), minimum=0.0, maximum=1.0, error=AnybindError)
     if share <= limit:
         return None
     counts = ""

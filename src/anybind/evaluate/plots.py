@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_with
 from ..errors import AnybindError, MissingDependencyError
 from .results import ResultsError, summarise
 
@@ -210,14 +211,10 @@ def _figure(width: float, height: float):
 def _save(fig, out_png: str | os.PathLike) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
+        return write_with(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     finally:
-        tmp.unlink(missing_ok=True)
         fig.clf()  # a bare Figure is not registered with pyplot: clearing it frees everything
-    return out
 
 
 def _ema(values: list[float], weight: float) -> list[float]:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import integer, number
 from ..errors import AnybindError
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -130,69 +131,31 @@ def fit_linear_probe(
     `max_iter` bounds the L-BFGS iterations per fit.
     """
     x = _as_features("x_train", x_train)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise AnybindError(f"max_iter must be a positive integer, got {max_iter!r}")
+    integer("max_iter", max_iter, minimum=1, error=AnybindError)
     y = _as_labels("y_train", y_train, n_rows=x.shape[0], x_name="x_train")
-    if n_classes is None:
-        n_classes = int(y.max()) + 1
-    elif isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-        raise AnybindError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    _check_range("y_train", y, n_classes)
-    if int(torch.unique(y).numel()) < 2:
-        raise AnybindError(
-            f"y_train has a single class ({int(y[0])}): a probe needs at least two classes in "
-            "train; check the split (a group split can put a whole class on one side)"
-        )
+    n_classes = _checked_classes(y, n_classes)
     if (x_val is None) != (y_val is None):
         raise AnybindError("give both x_val and y_val, or neither")
-
+    grid = _decay_grid(weight_decay, weight_decays, has_val=x_val is not None)
     if weight_decay is not None:
-        grid = [_check_decay(weight_decay)]
         x_val = y_val = None  # nothing to choose
-    elif x_val is None:
-        grid = [DEFAULT_WEIGHT_DECAY]
-    else:
-        grid = sorted({_check_decay(w) for w in weight_decays})
-        if not grid:
-            raise AnybindError("weight_decays is empty: give at least one L2 strength to try")
-
-    if standardize:
-        mean = x.mean(dim=0)
-        std = x.std(dim=0, unbiased=False)
-        std = torch.where(std > 1e-12, std, torch.ones_like(std))
-    else:
-        mean = torch.zeros(x.shape[1])
-        std = torch.ones(x.shape[1])
+    mean, std = _standardisation(x, standardize)
     xs = (x - mean) / std  # a copy: the caller's array is never modified
-    counts = torch.bincount(y, minlength=n_classes)
-
-    xv = yv = None
+    val = None
     if x_val is not None:
         xv = (_as_features("x_val", x_val, n_features=x.shape[1]) - mean) / std
         yv = _as_labels("y_val", y_val, n_rows=xv.shape[0], x_name="x_val")
         _check_range("y_val", yv, n_classes)
-
-    best: tuple[float, float, dict[str, Any]] | None = None
-    search: list[dict[str, float]] = []
+        val = (xv, yv)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for wd in grid:
-            fit = _lbfgs(xs, y, n_classes, wd, max_iter)
-            if xv is None:
-                best = (0.0, wd, fit)
-                break
-            acc = float(((xv @ fit["weight"] + fit["bias"]).argmax(dim=1) == yv).double().mean())
-            search.append({"weight_decay": wd, "val_top1": acc, "n_iter": fit["n_iter"]})
-            if best is None or acc >= best[0]:  # grid ascending: ties go to the larger decay
-                best = (acc, wd, fit)
-    assert best is not None
-    _, wd, fit = best
+        wd, fit, search = _choose_decay(xs, y, n_classes, grid, max_iter, val)
     return LinearProbe(
         weight=fit["weight"],
         bias=fit["bias"],
         mean=mean,
         std=std,
-        class_counts=counts,
+        class_counts=torch.bincount(y, minlength=n_classes),
         weight_decay=wd,
         n_iter=fit["n_iter"],
         standardize=standardize,
@@ -236,6 +199,62 @@ def mean_per_class_recall(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     classes = torch.unique(yt)
     recalls = [float((yp[yt == c] == c).double().mean()) for c in classes]
     return float(np.mean(recalls))
+
+
+def _checked_classes(y: Tensor, n_classes: int | None) -> int:
+    """The number of classes (given, or max label + 1), with train holding at least two."""
+    if n_classes is None:
+        n_classes = int(y.max()) + 1
+    else:
+        integer("n_classes", n_classes, minimum=2, error=AnybindError)
+    _check_range("y_train", y, n_classes)
+    if int(torch.unique(y).numel()) < 2:
+        raise AnybindError(
+            f"y_train has a single class ({int(y[0])}): a probe needs at least two classes in "
+            "train; check the split (a group split can put a whole class on one side)"
+        )
+    return n_classes
+
+
+def _decay_grid(weight_decay: float | None, weight_decays: Sequence[float], has_val: bool) -> list[float]:
+    """The L2 strengths to fit: the one given, the default without validation, or the grid (ascending)."""
+    if weight_decay is not None:
+        return [_check_decay(weight_decay)]
+    if not has_val:
+        return [DEFAULT_WEIGHT_DECAY]
+    grid = sorted({_check_decay(w) for w in weight_decays})
+    if not grid:
+        raise AnybindError("weight_decays is empty: give at least one L2 strength to try")
+    return grid
+
+
+def _standardisation(x: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Train mean and sd per feature (a constant feature gets sd 1), or 0 and 1 when off."""
+    if not standardize:
+        return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    std = x.std(dim=0, unbiased=False)
+    return x.mean(dim=0), torch.where(std > 1e-12, std, torch.ones_like(std))
+
+
+def _choose_decay(xs: Tensor, y: Tensor, n_classes: int, grid: list[float], max_iter: int,
+                  val: tuple[Tensor, Tensor] | None) -> tuple[float, dict[str, Any], list[dict[str, float]]]:
+    """Fit each L2 strength on train; keep the best validation top-1 (ties: the larger strength).
+
+    Without validation, the grid's single value. Returns (strength, fit, search record).
+    """
+    if val is None:
+        return grid[0], _lbfgs(xs, y, n_classes, grid[0], max_iter), []
+    xv, yv = val
+    best: tuple[float, float, dict[str, Any]] | None = None
+    search: list[dict[str, float]] = []
+    for wd in grid:
+        fit = _lbfgs(xs, y, n_classes, wd, max_iter)
+        acc = float(((xv @ fit["weight"] + fit["bias"]).argmax(dim=1) == yv).double().mean())
+        search.append({"weight_decay": wd, "val_top1": acc, "n_iter": fit["n_iter"]})
+        if best is None or acc >= best[0]:  # grid ascending: ties go to the larger decay
+            best = (acc, wd, fit)
+    assert best is not None
+    return best[1], best[2], search
 
 
 def _lbfgs(x: Tensor, y: Tensor, n_classes: int, wd: float, max_iter: int) -> dict[str, Any]:
@@ -329,9 +348,7 @@ def _check_range(name: str, y: Tensor, n_classes: int) -> None:
 
 def _check_decay(w: Any) -> float:
     try:
-        v = float(w)
+        v = float(w)  # numpy scalars and the like (np.logspace grids)
     except (TypeError, ValueError) as e:
         raise AnybindError(f"weight decay must be a number >= 0, got {w!r}") from e
-    if not np.isfinite(v) or v < 0:
-        raise AnybindError(f"weight decay must be a finite number >= 0, got {w!r}")
-    return v
+    return number("weight decay", v, minimum=0, error=AnybindError)

@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from .. import atomic
 from .._hashing import hash_obj
+from ..checks import slug
 from ..errors import AnybindError
 from . import results as res
-from .suite import BaselineEmbedder, BlendEmbedder, Suite
+from .suite import Suite
 
 log = logging.getLogger("anybind.eval")
-PROTOCOL_VERSION = 1
-BANK_SIZE = 4096  # training embeddings a retrieval correction is fitted on
+PROTOCOL_VERSION = 2  # 2: trained runs hold one bound model (blend fitted on the same pairs as its projectors)
 
 
 @dataclass(frozen=True)
@@ -96,67 +97,24 @@ def baseline_spec(name: str, **options) -> ModelSpec:
 # ---- one (model, fold, seed) ------------------------------------------------------------------------
 def fit_model(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, run_dir: Path,
               max_train_pairs: int | None = None, progress: bool = False):
-    """The fitted model of one fold and seed, and its correction (or None), and info."""
+    """The fitted bound model of one fold and seed (correction included), and info."""
+    from ..align.fit import baseline_model
     from ..align.trainer import subsample_items, train
 
     fd = suite.fold_data(fold)
-    info: dict[str, Any] = {}
-    if spec.trained:
-        recipe = spec.recipe_obj(seed)
-        t0 = time.perf_counter()
-        result = train(recipe, suite.stores, out=run_dir, layers=suite.layers, fold=fold, progress=progress,
-                       baselines=False, max_train_pairs=max_train_pairs)
-        from ..align.model import BoundModel
-
-        model = BoundModel.load(run_dir / "best")
-        if recipe.blend.get("name", "none") != "none":
-            opts = {k: v for k, v in recipe.blend.items() if k not in ("name", "weight")}
-            base = fit_baseline(recipe.blend["name"], opts, fd, max_train_pairs, seed)
-            model = BlendEmbedder(model, base, recipe.blend.get("weight", 0.5))
-        info |= {"best_step": result.best_step, "steps": result.steps, "train_seconds": round(time.perf_counter() - t0, 1),
-                 "metrics_jsonl": str(run_dir / "metrics.jsonl")}
-        correction_cfg = recipe.correction
-    else:
-        model = fit_baseline(spec.baseline, dict(spec.options), fd, max_train_pairs, seed)
-        correction_cfg = dict(spec.correction) if spec.correction else {"name": "none"}
     train_pairs = fd.split_pairs["train"]
     if max_train_pairs is not None:
         train_pairs = subsample_items(train_pairs, max_train_pairs, seed)
-    info["train_items"] = int(len(np.unique(train_pairs.item)))
-    correction = fit_correction(correction_cfg, model, fd, seed)
-    return model, correction, info
-
-
-def fit_baseline(name: str, options: dict, fd, max_train_pairs: int | None, seed: int) -> BaselineEmbedder:
-    """A training-free baseline fitted on the fold's train pairs (the last layer of each side)."""
-    from ..align.baselines import PairedArrays, build_baseline
-    from ..align.trainer import subsample_items
-
-    pairs = fd.split_pairs["train"]
-    if max_train_pairs is not None:
-        pairs = subsample_items(pairs, max_train_pairs, seed)
-    a, p = fd.data.side(fd.data.anchor_name), fd.data.side(fd.data.partner_name)
-    anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
-    fit = PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(pairs.partner_rows)[-1].numpy(), inverse.astype(np.int64))
-    return BaselineEmbedder(build_baseline(name, **options).fit(fit),
-                            {fd.data.anchor_name: "image", fd.data.partner_name: "text"})
-
-
-def fit_correction(cfg: dict | None, model, fd, seed: int):
-    """Fit the retrieval correction on a bank of (at most BANK_SIZE) training items' embeddings."""
-    if not cfg or cfg.get("name", "none") == "none":
-        return None
-    from ..align.corrections import build_correction
-
-    pairs = fd.split_pairs["train"]
-    items = np.unique(pairs.item)
-    rng = np.random.default_rng([max(seed, 0), 7])
-    keep = np.isin(pairs.item, rng.choice(items, size=min(BANK_SIZE, len(items)), replace=False))
-    data = fd.data
-    zi = model.encode(data.anchor_name, data.side(data.anchor_name).rows(np.unique(pairs.anchor_rows[keep])))
-    zt = model.encode(data.partner_name, data.side(data.partner_name).rows(pairs.partner_rows[keep]))
-    params = {k: v for k, v in cfg.items() if k != "name"}
-    return build_correction(cfg["name"], **params).fit({"image": zi, "text": zt})
+    info: dict[str, Any] = {"train_items": int(len(np.unique(train_pairs.item)))}
+    if not spec.trained:
+        correction = dict(spec.correction) if spec.correction else None
+        return baseline_model(spec.baseline, dict(spec.options), fd.data, train_pairs, correction, seed), info
+    t0 = time.perf_counter()
+    result = train(spec.recipe_obj(seed), suite.stores, out=run_dir, layers=suite.layers, fold=fold,
+                   progress=progress, baselines=False, max_train_pairs=max_train_pairs)
+    info |= {"best_step": result.best_step, "steps": result.steps, "train_seconds": round(time.perf_counter() - t0, 1),
+             "metrics_jsonl": str(run_dir / "metrics.jsonl")}
+    return result.model, info
 
 
 # ---- the results log ----------------------------------------------------------------------------------
@@ -179,10 +137,7 @@ class ResultsLog:
         return self._done.get(key)
 
     def add(self, rec: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        atomic.append_json(self.path, rec)
         self._done[rec["key"]] = rec
 
 
@@ -217,8 +172,8 @@ def evaluate_one(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, out
                                        "seed": seed_used, "max_train_pairs": max_train_pairs,
                                        "suite": suite_identity(suite)["stores"], "layers": suite.layers,
                                        "splits": suite.splits_fingerprint})
-    model, correction, info = fit_model(spec, suite, fold, seed_used, run_dir, max_train_pairs, progress)
-    metrics, per_class, ev_info = suite.evaluate(model, fold, split, correction, tasks)
+    model, info = fit_model(spec, suite, fold, seed_used, run_dir, max_train_pairs, progress)
+    metrics, per_class, ev_info = suite.evaluate(model, fold, split, tasks)
     rec = {"key": key, "model": spec.name, "fold": fold, "seed": seed_used, "split": split,
            "max_train_pairs": max_train_pairs, "metrics": metrics, "per_class": per_class,
            "info": info | ev_info | {"seconds": round(time.perf_counter() - t0, 1)}}
@@ -336,7 +291,7 @@ def compare_models(specs: Sequence[ModelSpec], suite: Suite, out: str | os.PathL
             log.info("%s: tuned on fold %d val -> %s", spec.name, tune_fold, chosen.overrides or chosen.options)
         doc = run_model(chosen, suite, folds, seeds, out, tasks=tasks, progress=progress)
         doc["model"]["tuning"] = {"fold": tune_fold, "split": "val", "candidates": scores} if scores else None
-        res.write_results(doc, out / "results" / f"{_slug(spec.name)}.json")
+        res.write_results(doc, out / "results" / f"{slug(spec.name)}.json")
         docs.append(doc)
     return docs
 
@@ -363,7 +318,3 @@ def sweep(spec: ModelSpec, suite: Suite, key: str, values: Sequence, out: str | 
                        "n_runs": summary[metric]["n"], "train_items": int(np.mean(n_items)) if n_items else None,
                        "summary": summary})
     return points
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

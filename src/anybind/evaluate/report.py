@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
+from ..checks import slug
 from ..errors import MissingDependencyError
 from .results import ResultsError, metric_sort_key, paired_difference, per_class_means, summarise
 
@@ -146,7 +147,7 @@ def write_report(doc_or_docs: Mapping[str, Any] | Sequence[Mapping[str, Any]], o
     except MissingDependencyError as e:
         log.warning("no plots in the report: %s", e)
     report = out / "report.md"
-    _write_atomic(report, _report_text(docs, out, paths, reference, metric, metrics))
+    write_text(report, _report_text(docs, out, paths, reference, metric, metrics))
     return {"report": report, **paths}
 
 
@@ -166,11 +167,11 @@ def _plots(docs: list[Mapping[str, Any]], out: Path, training_logs: Mapping[str,
         for task, values in per_class_means(doc).items():
             if values:
                 paths[f"per_class/{name}/{task}"] = plot_per_class(
-                    values, plots / f"per-class-{_slug(name)}-{_slug(task)}.png", title=f"{name}: {task}")
+                    values, plots / f"per-class-{slug(name)}-{slug(task)}.png", title=f"{name}: {task}")
         log_path = training_logs.get(name) or next(
             (r["info"]["metrics_jsonl"] for r in doc["runs"] if (r.get("info") or {}).get("metrics_jsonl")), None)
         if log_path and Path(log_path).exists():
-            paths[f"training/{name}"] = plot_training_curves(log_path, plots / f"training-{_slug(name)}.png")
+            paths[f"training/{name}"] = plot_training_curves(log_path, plots / f"training-{slug(name)}.png")
     return paths
 
 
@@ -256,21 +257,8 @@ def _list(xs: Any) -> str:
     return ", ".join(map(str, xs)) if isinstance(xs, (list, tuple)) else str(xs)
 
 
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") or "x"
-
-
 def _rel(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
+from ..checks import integer
 from ..errors import AnybindError
 
 SCHEMA = "anybind.eval/1"
@@ -222,18 +224,13 @@ def t_quantile(p: float, df: int) -> float:
 
 # ---- reading and writing ---------------------------------------------------------------------------
 def write_results(doc: dict, path: str | os.PathLike) -> Path:
-    """Validate, add the summary under "summary", and write atomically (temporary file, then rename)."""
+    """Validate, add the summary under "summary", and write atomically (`anybind.atomic`)."""
     path = Path(path)
     validate(doc, str(path))
     doc["summary"] = summarise(doc)
+    text = json.dumps(doc, indent=1, allow_nan=False, default=_json_default) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=1, allow_nan=False, default=_json_default) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, text)
 
 
 def read_results(path: str | os.PathLike) -> dict:
@@ -330,9 +327,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _int(value: Any, what: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ResultsError(f"{where}: {what} must be an integer, not {value!r}")
-    return value
+    return integer(f"{where}: {what}", value, error=ResultsError)
 
 
 def _values(doc: Mapping[str, Any], metric: str) -> dict[tuple[int, int], float]:

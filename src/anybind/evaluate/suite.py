@@ -19,9 +19,9 @@ Tasks (each optional):
 ``suite/score`` is the mean of the three headline numbers (retrieval mean_recall, zero-shot
 balanced accuracy, probe top-1): the single figure recipes are compared on.
 
-A model is anything with ``encode(modality, feats: list[Tensor]) -> Tensor`` returning
-normalised shared-space rows (a `BoundModel`, or a training-free baseline wrapped in
-`BaselineEmbedder`), optionally with a retrieval correction (`corrections`).
+The model is a `BoundModel` (`anybind.align.bound`): trained projectors, a training-free
+baseline, or both blended, with its retrieval correction; the suite scores it exactly as the
+trainer validated it (`anybind.align.fit.split_retrieval`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +38,6 @@ import torch.nn.functional as F
 
 from ..errors import AnybindError
 from ..features import FeatureStore
-from ..metrics.retrieval import retrieval_metrics
 
 log = logging.getLogger("anybind.eval")
 
@@ -47,32 +45,6 @@ PROBE_TRAIN, PROBE_TEST = 10_000, 2_000
 RETRIEVAL_KS = (1, 5, 10)
 LEAKAGE_THRESHOLD = 0.9
 HEADLINE = ("retrieval/mean_recall", "zeroshot/balanced_accuracy", "probe/top1")
-
-
-class Embedder(Protocol):
-    def encode(self, modality: str, feats: list[torch.Tensor]) -> torch.Tensor: ...
-
-
-class BaselineEmbedder:
-    """A fitted training-free baseline behind the `Embedder` interface (it reads the last layer)."""
-
-    def __init__(self, baseline, names: dict[str, str]):
-        self.baseline, self.names = baseline, names  # names: side name -> "image" | "text"
-
-    def encode(self, modality: str, feats: list[torch.Tensor]) -> torch.Tensor:
-        return F.normalize(torch.as_tensor(self.baseline.encode(self.names[modality], feats[-1])).float(), dim=1)
-
-
-class BlendEmbedder:
-    """Two spaces side by side: [sqrt(w) z1, sqrt(1-w) z2], so a cosine is w * s1 + (1 - w) * s2."""
-
-    def __init__(self, first: Embedder, second: Embedder, weight: float):
-        self.first, self.second, self.weight = first, second, float(weight)
-
-    def encode(self, modality: str, feats: list[torch.Tensor]) -> torch.Tensor:
-        a = self.first.encode(modality, feats) * self.weight**0.5
-        b = self.second.encode(modality, feats) * (1 - self.weight) ** 0.5
-        return torch.cat([a, b], dim=1)
 
 
 # ---- the built-in probe set ------------------------------------------------------------------------
@@ -260,7 +232,7 @@ class Suite:
         return fd.leakage[split]
 
     # -- tasks -----------------------------------------------------------------------------------
-    def evaluate(self, model: Embedder, fold: int | None, split: str = "test", correction=None,
+    def evaluate(self, model, fold: int | None, split: str = "test",
                  tasks: Sequence[str] = ("retrieval", "zeroshot", "probe")) -> tuple[dict, dict, dict]:
         """(metrics, per_class, info) of `model` on the fold's `split`; metrics are flat names."""
         metrics: dict[str, float] = {}
@@ -268,7 +240,7 @@ class Suite:
         info: dict[str, Any] = {}
         fd = self.fold_data(fold)
         if "retrieval" in tasks:
-            metrics.update(self.retrieval(model, fd, split, correction))
+            metrics.update(self.retrieval(model, fd, split))
             info["leakage_share"] = self.leakage(fold, split)
         if "zeroshot" in tasks and self.has_zeroshot:
             zs, pc = self.zeroshot(model, fd, split)
@@ -280,16 +252,10 @@ class Suite:
             metrics["suite/score"] = float(np.mean([metrics[h] for h in HEADLINE]))
         return metrics, per_class, info
 
-    def retrieval(self, model: Embedder, fd: FoldData, split: str, correction=None) -> dict[str, float]:
-        from ..align.trainer import embed_split
+    def retrieval(self, model, fd: FoldData, split: str) -> dict[str, float]:
+        from ..align.fit import split_retrieval
 
-        zi, zt, inverse = embed_split(model, fd.data, fd.split_pairs[split])
-        kwargs = {"image_emb": zi, "text_emb": zt}
-        if correction is not None:
-            from ..align.corrections import apply_correction
-
-            kwargs = apply_correction(correction, zi, zt)
-        m = retrieval_metrics(**kwargs, text_to_image=inverse, ks=RETRIEVAL_KS)
+        m = split_retrieval(model, fd.data, fd.split_pairs[split], ks=RETRIEVAL_KS)
         out = {f"retrieval/{_short(k)}": float(v) for k, v in m.items() if isinstance(v, float)}
         out["retrieval/mean_recall"] = float(np.mean([m[f"{d}_R@{k}"] for d in ("image_to_text", "text_to_image")
                                                       for k in RETRIEVAL_KS]))
@@ -309,7 +275,7 @@ class Suite:
         keep = np.array([lab is not None and lab in code for lab in labels], dtype=bool)
         return anchors[keep], np.array([code[lab] for lab, k in zip(labels, keep) if k], dtype=np.int64), self.class_names
 
-    def zeroshot(self, model: Embedder, fd: FoldData, split: str) -> tuple[dict[str, float], dict[str, float]]:
+    def zeroshot(self, model, fd: FoldData, split: str) -> tuple[dict[str, float], dict[str, float]]:
         from .zeroshot import classification_metrics, zeroshot_classify
 
         if self.zeroshot_set is not None:  # a separate labelled set: every one of its evaluation images
@@ -328,7 +294,7 @@ class Suite:
                "zeroshot/balanced_accuracy": m["mean_per_class_recall"]}
         return out, {classes[c]: r for c, r in m["per_class_recall"].items()}
 
-    def class_embeddings(self, model: Embedder, fd: FoldData) -> torch.Tensor:
+    def class_embeddings(self, model, fd: FoldData) -> torch.Tensor:
         from .zeroshot import load_templates
 
         templates = load_templates(self.templates) if isinstance(self.templates, str) else list(self.templates)
@@ -352,8 +318,8 @@ class Suite:
             self._frozen_probe = _probe(self.probe, self.probe.feats)
         return self._frozen_probe
 
-    def probe_task(self, model: Embedder) -> dict[str, float]:
-        z = model.encode("image", self.probe.feats)
+    def probe_task(self, model) -> dict[str, float]:
+        z = model.encode(model.anchor, self.probe.feats)
         return _probe(self.probe, [z])
 
     # -- what knowing nothing scores -------------------------------------------------------------
@@ -420,19 +386,13 @@ def _probe(lf: LabelledFeatures, feats: list[torch.Tensor]) -> dict[str, float]:
 
 def encode_texts(store: FeatureStore, layers: list[str], texts: list[str], batch_size: int = 128) -> list[torch.Tensor]:
     """Features of new texts from the encoder that made `store`, as the store holds them
-    (same spec, layers, pooling, compute precision): prompts for zero-shot."""
+    (same spec, layers, pooling, compute precision, stored dtype): prompts for zero-shot."""
     from ..encoders import create_encoder
+    from ..features.encode import encode_as_stored, store_encoding
 
-    key = store.key["encoder"]
-    enc = create_encoder(key["spec"])
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if key.get("precision") == "bf16" else nullcontext()
-    out: list[list[torch.Tensor]] = [[] for _ in layers]
-    with torch.inference_mode(), ctx:
-        for lo in range(0, len(texts), batch_size):
-            got = enc.embed(texts[lo : lo + batch_size], layers, key.get("pooling"))
-            for i, lay in enumerate(layers):
-                out[i].append(got[lay].float().cpu())
-    return [torch.cat(o) for o in out]
+    how = store_encoding(store)
+    return encode_as_stored(create_encoder(how["encoder"]), texts, layers, how["pooling"], how["precision"],
+                            how["dtype"], batch_size)
 
 
 def _store_for(spec: str, dataset, layers, cache, progress: bool) -> FeatureStore:

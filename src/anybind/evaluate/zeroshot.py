@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import integer
 from ..errors import AnybindError
 
 ArrayLike = Any  # numpy array, torch tensor or nested list
@@ -325,6 +326,6 @@ def _check_ks(ks: Iterable[int]) -> list[int]:
 
 
 def _int_at_least(what: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise AnybindError(f"{what} must be an integer >= {minimum}, not {value!r}")
-    return int(value)
+    """`checks.integer`, also taking numpy integers (ks and class counts often come from numpy)."""
+    plain = value.item() if isinstance(value, np.integer) else value
+    return integer(what, plain, minimum=minimum, error=AnybindError)

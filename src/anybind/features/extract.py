@@ -14,14 +14,18 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..atomic import write_json, write_text, write_with
+from ..checks import choice
 from ..data.index import rows_fingerprint
 from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
+from .layers import resolve_layers
 from .precision import _to, autocast, choose_precision
 from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
 from .store import (
@@ -116,12 +120,6 @@ def _batches(shards: list[int], shard_size: int, refs: list, batch_size: int, by
 
 
 # ---- the store folder ------------------------------------------------------------------------------
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _clean_stale_tmp(path: Path) -> None:
     """Remove temporary files left by killed writers (their pid is gone)."""
     for tmp in path.glob(".*.tmp"):
@@ -148,13 +146,28 @@ def _prepare_folder(path: Path, request: dict) -> None:
             )
         _clean_stale_tmp(path)
     else:
-        _write_json(req_file, request)
+        write_json(req_file, request)
 
 
-def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, splits: dict) -> FeatureStore:
-    """Merge shard row lists into rows.parquet and skipped.jsonl, then write the manifest last."""
+def _rows_table(rows: list[int], ids: list, subs: list, splits: dict) -> pa.Table:
+    """rows.parquet: each stored vector's planned row, item, caption and the index's split."""
+    return pa.table({
+        "row": pa.array(range(len(rows)), pa.int64()),
+        "item_id": pa.array([ids[r] for r in rows], pa.string()),
+        "caption_index": pa.array([subs[r] for r in rows], pa.int32()),
+        "source_row": pa.array(rows, pa.int64()),
+        # the dataset index's split decision travels with the store: training and
+        # evaluation read it from here and never re-split
+        "split": pa.array([splits[ids[r]][0] for r in rows], pa.string()),
+        "fold": pa.array([splits[ids[r]][1] for r in rows], pa.int8()),
+        "group": pa.array([splits[ids[r]][2] for r in rows], pa.string()),
+    })
+
+
+def _read_shard_rows(path: Path, num_shards: int) -> tuple[list[int], list, list[dict]]:
+    """(planned rows in store order, skipped (position, reason) pairs, the manifest's shard list)."""
     rows, skipped, shards = [], [], []
-    for s in range(request["num_shards"]):
+    for s in range(num_shards):
         f = path / shard_name(s)
         header, _ = read_header(f)
         meta = header.get("__metadata__", {})
@@ -162,21 +175,17 @@ def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, 
         rows.extend(map_tensor(f, "_row", header).tolist() if n else [])
         skipped.extend(json.loads(meta.get("anybind", "{}")).get("skipped", []))
         shards.append({"file": f.name, "rows": n})
-    pq.write_table(
-        pa.table({"row": pa.array(range(len(rows)), pa.int64()),
-                  "item_id": pa.array([ids[r] for r in rows], pa.string()),
-                  "caption_index": pa.array([subs[r] for r in rows], pa.int32()),
-                  "source_row": pa.array(rows, pa.int64()),
-                  # the dataset index's split decision travels with the store: training and
-                  # evaluation read it from here and never re-split
-                  "split": pa.array([splits[ids[r]][0] for r in rows], pa.string()),
-                  "fold": pa.array([splits[ids[r]][1] for r in rows], pa.int8()),
-                  "group": pa.array([splits[ids[r]][2] for r in rows], pa.string())}),
-        path / ROWS,
-    )
-    with open(path / SKIPPED, "w") as fh:
-        for pos, reason in skipped:
-            fh.write(json.dumps({"item_id": ids[pos], "caption_index": subs[pos], "reason": reason}) + "\n")
+    return rows, skipped, shards
+
+
+def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, splits: dict) -> FeatureStore:
+    """Merge shard row lists into rows.parquet and skipped.jsonl, then write the manifest last."""
+    rows, skipped, shards = _read_shard_rows(path, request["num_shards"])
+    table = _rows_table(rows, ids, subs, splits)
+    write_with(path / ROWS, lambda tmp: pq.write_table(table, tmp))
+    write_text(path / SKIPPED, "".join(
+        json.dumps({"item_id": ids[pos], "caption_index": subs[pos], "reason": reason}) + "\n"
+        for pos, reason in skipped))
     manifest = {
         "format": FORMAT_VERSION, "key": request["key"], "modality": request["modality"],
         "layers": request["layer_dims"], "dtype": request["dtype"], "rows": len(rows),
@@ -184,7 +193,7 @@ def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, 
         "batch_size": request["batch_size"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 2), "anybind_version": _version(),
     }
-    _write_json(path / MANIFEST, manifest)
+    write_json(path / MANIFEST, manifest)
     return FeatureStore.open(path)
 
 
@@ -215,92 +224,126 @@ def extract(
 ) -> FeatureStore | None:
     """Extract features of `encoder` over one field of `data` into a feature store (or reuse one).
 
+    `layers` is anything `resolve_layers` reads ("3,final", "all", "last", "auto" with an
+    `assessment`). Returns the store (None on non-zero ranks under torchrun, which only write
+    their shards).
+
     >>> store = extract("minilm-l6", "openclipart", layers="3,final")
     >>> store["final"].shape        # (rows, 384), memory-mapped
-    Returns the store (None on non-zero ranks under torchrun, which only write their shards).
     """
     t0 = time.perf_counter()
     device = resolve_device(device)
+    enc, index, field = _open_inputs(encoder, data, field, device, cache)
+    layers = resolve_layers(layers, enc.layer_dims, assessment, enc.modality, encoder=str(enc.spec), cache=cache)
+    pooling, dtype = enc.check_pooling(pooling), canonical_dtype(dtype)
+    choice("precision", precision, ("auto", "fp32", "bf16"), error=AnybindError)
+    batch_size = batch_size or 64
+    if batch_size < 1 or shard_size < 1:
+        raise AnybindError("batch size and shard size must be positive")
+    ids, subs, refs = index.field_rows(field)
+    ds_fp = rows_fingerprint(ids, subs, refs)  # = index.field_fingerprint(field), without listing twice
+    target = _find_or_place(enc, StoreKey(None, index.name, ds_fp, field), refs, layers, pooling,
+                            precision, device, cache, out)
+    if target.store is not None:
+        return _hit(target.store, t0, index, layers)
+    request = {
+        "format": FORMAT_VERSION, "key": target.key.as_dict(), "modality": enc.modality, "layers": layers,
+        "layer_dims": {lay: enc.output_dim(lay, pooling) for lay in layers}, "dtype": dtype,
+        "shard_size": shard_size, "batch_size": batch_size, "num_rows": len(refs),
+        "num_shards": max(1, -(-len(refs) // shard_size)),
+    }
+    log.info("extracting %s over %s/%s: %d rows, layers %s, %s autocast, stored %s -> %s", enc.spec,
+             index.name, field, len(refs), ",".join(layers), target.precision, dtype, target.path)
+    if _write_my_shards(enc, refs, request, target, device, num_workers, progress) != 0:
+        return None
+    return _finish(target, request, index, ids, subs, t0)
+
+
+def _open_inputs(encoder, data, field: str | None, device: torch.device, cache) -> tuple[Encoder, object, str]:
+    """(the encoder on `device`, the dataset index, the field it reads), checked to agree."""
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     enc.to(device)
     if isinstance(data, (str, os.PathLike)):
         from ..data import load_dataset
 
         data = load_dataset(str(data), cache=cache)
-    index = data
-    field = field or default_field(index, enc.modality)
-    if index.modality(field) != enc.modality:
-        raise DataError(f"field '{field}' of '{index.name}' is {index.modality(field)}, but {enc.spec} encodes {enc.modality}")
-    if isinstance(layers, str) and layers.strip() == "auto":  # the layer an assessment recommends
-        from ..assess import auto_layers
+    field = field or default_field(data, enc.modality)
+    if data.modality(field) != enc.modality:
+        raise DataError(f"field '{field}' of '{data.name}' is {data.modality(field)}, but {enc.spec} encodes {enc.modality}")
+    return enc, data, field
 
-        layers = auto_layers(str(enc.spec), assessment, cache)
-    layers = enc.resolve_layers(layers)
-    pooling = enc.check_pooling(pooling)
-    dtype = canonical_dtype(dtype)
-    if precision not in ("auto", "fp32", "bf16"):
-        raise AnybindError(f"precision must be auto, fp32 or bf16, not '{precision}'")
-    batch_size = batch_size or 64
-    if batch_size < 1 or shard_size < 1:
-        raise AnybindError("batch size and shard size must be positive")
-    ids, subs, refs = index.field_rows(field)
-    ds_fp = rows_fingerprint(ids, subs, refs)  # = index.field_fingerprint(field), without listing twice
+
+class _Target(NamedTuple):
+    store: FeatureStore | None  # a finished store to reuse, or None: extract into `path`
+    path: Path
+    precision: str  # the compute precision (decided, not "auto")
+    key: StoreKey | None
+
+
+def _find_or_place(enc: Encoder, partial: StoreKey, refs: list, layers: list[str], pooling: str,
+                   precision: str, device: torch.device, cache, out) -> _Target:
+    """A finished store that answers the request, or the folder to extract into.
+
+    `partial` is the key without its encoder part. With precision "auto", a finished store at
+    any precision is a hit; otherwise the precision is measured first (and remembered).
+    """
+    def key_at(p: str) -> StoreKey:
+        return StoreKey(enc.fingerprint(pooling, p), partial.dataset, partial.dataset_fingerprint, partial.field)
 
     auto = precision == "auto"
-    if auto and out is None:  # a finished store at any precision is a hit
-        probe = StoreKey(enc.fingerprint(pooling, "fp32"), index.name, ds_fp, field)
-        hit = find_store(probe, layers, cache, any_precision=True)
+    if auto and out is None:
+        hit = find_store(key_at("fp32"), layers, cache, any_precision=True)
         if hit is not None:
-            return _hit(hit, t0, index, layers)
+            return _Target(hit, hit.path, hit.key["encoder"]["precision"], None)
     if auto:
         precision = choose_precision(enc, refs, layers, pooling, device, cache)
-    key = StoreKey(enc.fingerprint(pooling, precision), index.name, ds_fp, field)
-
+    key = key_at(precision)
     if out is not None:
-        path = Path(out)
-        if (path / MANIFEST).exists():
-            store = FeatureStore.open(path)
-            diffs = describe_mismatch(key.as_dict(), store.key)
-            missing = [lay for lay in layers if lay not in store.layers]
-            if diffs or missing:
-                raise StoreError(f"{path} holds a store that does not match this request; it will not be reused:\n  "
-                                 + "\n  ".join(diffs + ([f"layers: store lacks {', '.join(missing)}"] if missing else []))
-                                 + "\nChoose another --out, or remove it with `anybind cache rm`.")
-            return _hit(store, t0, index, layers)
-    else:
-        hit = None if auto else find_store(key, layers, cache)  # auto already searched every precision
-        if hit is not None:
-            return _hit(hit, t0, index, layers)
-        path = stores_dir(cache) / key.folder_name(layers)
+        return _Target(_reusable_out(Path(out), key, layers), Path(out), precision, key)
+    hit = None if auto else find_store(key, layers, cache)  # auto already searched every precision
+    return _Target(hit, stores_dir(cache) / key.folder_name(layers), precision, key)
 
-    n = len(refs)
-    num_shards = max(1, -(-n // shard_size))
-    request = {
-        "format": FORMAT_VERSION, "key": key.as_dict(), "modality": enc.modality, "layers": layers,
-        "layer_dims": {lay: enc.output_dim(lay, pooling) for lay in layers}, "dtype": dtype,
-        "shard_size": shard_size, "batch_size": batch_size, "num_rows": n, "num_shards": num_shards,
-    }
+
+def _reusable_out(path: Path, key: StoreKey, layers: list[str]) -> FeatureStore | None:
+    """The finished store at an explicit --out when it matches the request; refused when not."""
+    if not (path / MANIFEST).exists():
+        return None
+    store = FeatureStore.open(path)
+    diffs = describe_mismatch(key.as_dict(), store.key)
+    missing = [lay for lay in layers if lay not in store.layers]
+    if diffs or missing:
+        raise StoreError(f"{path} holds a store that does not match this request; it will not be reused:\n  "
+                         + "\n  ".join(diffs + ([f"layers: store lacks {', '.join(missing)}"] if missing else []))
+                         + "\nChoose another --out, or remove it with `anybind cache rm`.")
+    return store
+
+
+def _write_my_shards(enc: Encoder, refs: list, request: dict, target: _Target, device: torch.device,
+                     num_workers: int | None, progress: bool) -> int:
+    """Extract this rank's missing shards (a resumed run skips finished ones); returns the rank."""
     rank, world = _rank_world()
+    path, num_shards = target.path, request["num_shards"]
     _prepare_folder(path, request)
     pending = [s for s in range(num_shards) if s % world == rank and not (path / shard_name(s)).exists()]
     done_before = num_shards - len(pending) if world == 1 else None
     if done_before:
         log.info("resuming %s: %d of %d shards already done", path.name, done_before, num_shards)
-    log.info("extracting %s over %s/%s: %d rows, layers %s, %s autocast, stored %s -> %s",
-             enc.spec, index.name, field, n, ",".join(layers), precision, dtype, path)
-    _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress)
+    _run_shards(enc, refs, pending, request, path, device, target.precision, request["batch_size"],
+                num_workers, progress)
+    return rank
 
-    if rank != 0:
-        return None
-    _wait_for_shards(path, num_shards)
-    splits = _index_splits(index)
-    store = _finalize(path, request, ids, subs, time.perf_counter() - t0, splits)
+
+def _finish(target: _Target, request: dict, index, ids: list, subs: list, t0: float) -> FeatureStore:
+    """Rank 0: wait for every shard, merge them into the finished store, report what was skipped."""
+    path = target.path
+    _wait_for_shards(path, request["num_shards"])
+    store = _finalize(path, request, ids, subs, time.perf_counter() - t0, _index_splits(index))
     store.report = {"hit": False, "seconds": time.perf_counter() - t0, "rows": len(store),
-                    "skipped": store.manifest["skipped"], "precision": precision, "path": str(path),
-                    "layers": list(layers)}
+                    "skipped": store.manifest["skipped"], "precision": target.precision, "path": str(path),
+                    "layers": list(request["layers"])}
     if store.manifest["skipped"]:
         reasons = Counter(s["reason"].split(":")[0] for s in store.skipped)
-        log.warning("skipped %d of %d items (listed in %s): %s", store.manifest["skipped"], n,
+        log.warning("skipped %d of %d items (listed in %s): %s", store.manifest["skipped"], request["num_rows"],
                     path / SKIPPED, ", ".join(f"{r} x{c}" for r, c in reasons.most_common(5)))
     return store
 
@@ -331,9 +374,7 @@ def sync_splits(store: FeatureStore, index) -> int:
     for name, values, kind in (("split", [n[0] for n in new], pa.string()), ("fold", [n[1] for n in new], pa.int8()),
                                ("group", [n[2] for n in new], pa.string())):
         table = table.set_column(table.column_names.index(name), name, pa.array(values, kind))
-    tmp = store.path / f".{ROWS}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, store.path / ROWS)
+    write_with(store.path / ROWS, lambda tmp: pq.write_table(table, tmp))
     store._rows = None
     log.warning("%s: the dataset index regrouped %d of %d rows since extraction; their split, fold and group "
                 "were updated from the index (the vectors are unchanged)", store.path.name, changed, len(ids))
@@ -365,66 +406,101 @@ def _wait_for_shards(path: Path, num_shards: int, poll: float = 1.0) -> None:
             raise StoreError(f"gave up waiting for shards {missing[:5]}... of {path}; run extract again to finish them")
 
 
-def _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress) -> None:
-    if not pending:
-        return
-    shard_size, layers = request["shard_size"], request["layers"]
-    dims, st_dtype = request["layer_dims"], DTYPES[request["dtype"]][1]
-    batches = _batches(pending, shard_size, refs, batch_size, by_length=enc.modality == "text")
+# ---- the forward pass, shard by shard ----------------------------------------------------------------
+class _ShardBuffer:
+    """Features of the shard being extracted; written back in row order once the shard is done."""
+
+    def __init__(self, path: Path, request: dict):
+        self.path, self.layers, self.dims = path, request["layers"], request["layer_dims"]
+        self.dtype_name, self.st_dtype = request["dtype"], DTYPES[request["dtype"]][1]
+        self.shard: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.chunks: dict[str, list] = {lay: [] for lay in self.layers}
+        self.rows: list[int] = []
+        self.skipped: list = []
+
+    def start(self, shard: int) -> None:
+        """Batches arrive shard by shard: a new shard number means the previous one is complete."""
+        if self.shard is not None and shard != self.shard:
+            self.flush()
+        self.shard = shard
+
+    def add(self, positions: list[int], feats: dict[str, torch.Tensor]) -> None:
+        """Keep finite rows; an item whose features are NaN/inf, or overflow the stored dtype (fp16
+        tops out at 65504), is a reported skip: one bad item must not poison training later."""
+        limit = torch.finfo(self.st_dtype).max
+        ok = torch.ones(len(positions), dtype=torch.bool)
+        for f in feats.values():
+            ok &= torch.isfinite(f).all(1) & (f.abs() <= limit).all(1)
+        for i in torch.nonzero(~ok).flatten().tolist():
+            self.skipped.append((positions[i], f"non-finite features (or beyond {self.dtype_name}: store as fp32)"))
+        for lay in self.layers:
+            self.chunks[lay].append(feats[lay][ok])
+        self.rows.extend(p for p, k in zip(positions, ok.tolist()) if k)
+
+    def flush(self) -> None:
+        if self.shard is None:
+            return
+        order = torch.argsort(torch.tensor(self.rows, dtype=torch.int64))  # back to row order
+        tensors = {lay: (torch.cat(self.chunks[lay])[order] if self.chunks[lay]
+                         else torch.zeros(0, self.dims[lay])).to(self.st_dtype) for lay in self.layers}
+        tensors["_row"] = torch.tensor(self.rows, dtype=torch.int64)[order]
+        self.skipped.sort()
+        # one metadata key: safetensors writes several keys in a random order, breaking bit-equality
+        meta = {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": self.skipped}, sort_keys=True)}
+        write_shard(self.path / shard_name(self.shard), tensors, meta)
+        self._reset()
+
+
+def _loader(enc: Encoder, refs: list, batches: list[list[int]], num_workers: int | None,
+            device: torch.device) -> torch.utils.data.DataLoader:
+    """Decoding and preprocessing in worker processes, in the fixed batches given."""
     if num_workers is None:
         num_workers = min(2, os.cpu_count() or 1) if enc.modality != "text" else 0
     ctx = "fork" if num_workers and "fork" in torch.multiprocessing.get_all_start_methods() else None
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         _Items(enc, refs), batch_sampler=batches, collate_fn=_Collate(enc), num_workers=num_workers,
         multiprocessing_context=ctx, pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers else None, persistent_workers=False,
     )
+
+
+def _encode_checked(enc: Encoder, batch, n: int, request: dict, precision: str,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """{layer: float32 [n, d] on the CPU}; a wrong shape is the adapter's bug, said so."""
+    layers, dims = request["layers"], request["layer_dims"]
+    with autocast(precision, device):
+        feats = enc.encode(_to(batch, device), layers, request["key"]["encoder"]["pooling"])
+    out = {}
+    for lay in layers:
+        f = feats[lay].float().cpu()
+        if f.shape != (n, dims[lay]):
+            raise StoreError(f"{enc.spec} returned shape {tuple(f.shape)} for layer {lay}; expected "
+                             f"({n}, {dims[lay]}): the adapter's layer dims are wrong")
+        out[lay] = f
+    return out
+
+
+def _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress) -> None:
+    """Extract the `pending` shards into `path`, each written as soon as its last batch is done."""
+    if not pending:
+        return
+    shard_size = request["shard_size"]
+    batches = _batches(pending, shard_size, refs, batch_size, by_length=enc.modality == "text")
+    loader = _loader(enc, refs, batches, num_workers, device)
     from tqdm.auto import tqdm
 
-    total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="item", desc=f"extract {enc.spec}", disable=not progress, smoothing=0.1)
-    current, chunks, rows, skipped = None, {lay: [] for lay in layers}, [], []
-
-    def flush(shard: int) -> None:
-        order = torch.argsort(torch.tensor(rows, dtype=torch.int64))  # back to row order
-        tensors = {lay: (torch.cat(chunks[lay])[order] if chunks[lay] else torch.zeros(0, dims[lay])).to(st_dtype) for lay in layers}
-        tensors["_row"] = torch.tensor(rows, dtype=torch.int64)[order]
-        skipped.sort()
-        # one metadata key: safetensors writes several keys in a random order, breaking bit-equality
-        meta = {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": skipped}, sort_keys=True)}
-        write_shard(path / shard_name(shard), tensors, meta)
-
+    bar = tqdm(total=sum(len(b) for b in batches), unit="item", desc=f"extract {enc.spec}",
+               disable=not progress, smoothing=0.1)
+    buffer = _ShardBuffer(path, request)
     with torch.inference_mode():
         for positions, batch, skip in loader:
-            shard = (positions or [p for p, _ in skip])[0] // shard_size
-            if current is not None and shard != current:
-                flush(current)
-                chunks, rows, skipped = {lay: [] for lay in layers}, [], []
-            current = shard
-            skipped.extend(skip)
+            buffer.start((positions or [p for p, _ in skip])[0] // shard_size)
+            buffer.skipped.extend(skip)
             if batch is not None:
-                with autocast(precision, device):
-                    feats = enc.encode(_to(batch, device), layers, request["key"]["encoder"]["pooling"])
-                out = {}
-                for lay in layers:
-                    f = feats[lay].float().cpu()
-                    if f.shape != (len(positions), dims[lay]):
-                        raise StoreError(f"{enc.spec} returned shape {tuple(f.shape)} for layer {lay}; expected "
-                                         f"({len(positions)}, {dims[lay]}): the adapter's layer dims are wrong")
-                    out[lay] = f
-                # an item whose features are NaN/inf, or overflow the stored dtype (fp16 tops out at
-                # 65504), is a reported skip: one bad item must not poison training later
-                limit = torch.finfo(st_dtype).max
-                ok = torch.ones(len(positions), dtype=torch.bool)
-                for f in out.values():
-                    ok &= torch.isfinite(f).all(1) & (f.abs() <= limit).all(1)
-                for i in torch.nonzero(~ok).flatten().tolist():
-                    skipped.append((positions[i], f"non-finite features (or beyond {request['dtype']}: store as fp32)"))
-                keep = ok.tolist()
-                for lay in layers:
-                    chunks[lay].append(out[lay][ok])
-                rows.extend(p for p, k in zip(positions, keep) if k)
+                buffer.add(positions, _encode_checked(enc, batch, len(positions), request, precision, device))
             bar.update(len(positions) + len(skip))
-        if current is not None:
-            flush(current)
+        buffer.flush()
     bar.close()

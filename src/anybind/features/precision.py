@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 
 import torch
 
 from .._hashing import hash_obj
+from ..atomic import write_json
 from ..config import cache_root
 from ..encoders import Encoder
 from ..errors import DataError
@@ -82,9 +82,7 @@ def choose_precision(enc: Encoder, refs: list, layers: list[str], pooling: str, 
     memo[memo_key] = {"precision": precision, "min_cosine": round(worst, 5), "seconds_fp32": round(t32, 4),
                       "seconds_bf16": round(t16, 4), "spec": str(enc.spec)}
     memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_name(f".precision.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo, indent=1))
-    os.replace(tmp, memo_file)
+    write_json(memo_file, memo)
     return precision
 
 

@@ -7,13 +7,13 @@ shard opens as a zero-copy `np.memmap`: a store larger than RAM trains fine.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import WriteError, write_with
 from ..errors import StoreError
 
 # stored dtype name -> (safetensors code, torch dtype, numpy dtype used to map the bytes)
@@ -35,22 +35,15 @@ def canonical_dtype(name: str) -> str:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temporary file, fsync, then rename: a kill or a full disk leaves no half shard."""
+    """Write atomically (anybind.atomic): a kill or a full disk leaves no half shard."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"could not write {path.name} ({e.strerror or e}); is the disk full? "
-                         "Finished shards are kept: free space and run the same command again.") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except WriteError as e:
+        raise StoreError(f"{e} (is the disk full?). Finished shards are kept: free space and run "
+                         "the same command again.") from e
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -75,7 +68,3 @@ def map_tensor(path: Path, name: str, header: dict | None = None, offset: int | 
     if end == begin:
         return np.zeros(shape, dtype=np_dtype)
     return np.memmap(path, dtype=np_dtype, mode="r", offset=offset + begin, shape=shape)
-
-
-def stored_dtype_of(header: dict, name: str) -> str:
-    return _BY_CODE[header[name]["dtype"]]

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from .._hashing import hash_obj
+from ..atomic import write_json, write_text, write_with
+from ..checks import slug
 from ..config import cache_root
+from ..data.index import fold_of, split_of
 from ..errors import StoreError
-from .safetensors_io import DTYPES, map_tensor, read_header
+from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
 
 FORMAT_VERSION = 1
 MANIFEST, REQUEST, ROWS, SKIPPED = "manifest.json", "request.json", "rows.parquet", "skipped.jsonl"
@@ -38,7 +41,8 @@ def stores_dir(cache: str | os.PathLike | None = None) -> Path:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+    """A folder-name part: anybind.checks.slug, trimmed to 60 characters."""
+    return slug(text).strip("_")[:60] or "x"
 
 
 @dataclass(frozen=True)
@@ -271,10 +275,6 @@ def remove_store(path: str | os.PathLike) -> None:
     shutil.rmtree(path)
 
 
-def stored_torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name][1]
-
-
 def write_store(
     path: str | os.PathLike,
     arrays: dict[str, np.ndarray],
@@ -295,11 +295,6 @@ def write_store(
     `arrays` maps layer names to [n, d] arrays aligned with `item_ids`. Splits default to the
     dataset index's rule (a hash of the group, or of the item id when no group is given).
     """
-    import pyarrow as pa
-
-    from ..data.index import fold_of, split_of
-    from .safetensors_io import DTYPES, canonical_dtype, write_shard
-
     path = Path(path)
     n = len(item_ids)
     if not arrays or any(a.ndim != 2 or len(a) != n for a in arrays.values()):
@@ -313,19 +308,18 @@ def write_store(
     tensors = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(DTYPES[dtype][1]) for k, a in arrays.items()}
     tensors["_row"] = torch.arange(n, dtype=torch.int64)
     write_shard(path / shard_name(0), tensors, {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": []})})
-    pq.write_table(pa.table({
+    table = pa.table({
         "row": pa.array(range(n), pa.int64()), "item_id": pa.array(item_ids, pa.string()),
         "caption_index": pa.array(caption_index, pa.int32()), "source_row": pa.array(range(n), pa.int64()),
         "split": pa.array(splits, pa.string()), "fold": pa.array(folds, pa.int8()), "group": pa.array(groups, pa.string()),
-    }), path / ROWS)
-    (path / SKIPPED).write_text("")
+    })
+    write_with(path / ROWS, lambda tmp: pq.write_table(table, tmp))
+    write_text(path / SKIPPED, "")
     key = {"encoder": {"spec": encoder, "modality": modality, "weights": hash_obj(encoder), "preprocess": {},
                        "pooling": "n/a", "precision": "external"},
            "dataset": dataset, "dataset_fingerprint": hash_obj(item_ids), "field": field}
     manifest = {"format": FORMAT_VERSION, "key": key, "modality": modality,
                 "layers": {k: int(a.shape[1]) for k, a in arrays.items()}, "dtype": dtype, "rows": n,
                 "shards": [{"file": shard_name(0), "rows": n}], "skipped": 0}
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path / MANIFEST)
+    write_json(path / MANIFEST, manifest)
     return FeatureStore.open(path)

@@ -15,6 +15,7 @@ never a lucky 1.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import integer
 from ..errors import AnybindError
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -94,17 +96,8 @@ def retrieval_metrics(
     >>> retrieval_metrics(img, txt, np.arange(len(img)))["mean_R@1"]   # one caption per image
     """
     ks = _check_ks(ks)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise AnybindError(f"chunk_size must be a positive integer, not {chunk_size!r}")
-    images = _embeddings("image_emb", image_emb)
-    texts = _embeddings("text_emb", text_emb).to(images.device)
-    if images.shape[1] != texts.shape[1]:
-        raise AnybindError(
-            f"image_emb and text_emb must share the embedding dimension, got {images.shape[1]} "
-            f"and {texts.shape[1]}"
-        )
-    owner = _text_to_image(text_to_image, len(texts), len(images)).to(images.device)
-    images, texts = F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    integer("chunk_size", chunk_size, minimum=1, error=AnybindError)
+    images, texts, owner = _checked_pairs(image_emb, text_emb, text_to_image)
     image_gallery = _gallery_embeddings("image", image_gallery_emb, images)
     text_gallery = _gallery_embeddings("text", text_gallery_emb, texts)
     image_off = _offset("image_offset", image_offset, len(images), "image", images.device)
@@ -113,27 +106,15 @@ def retrieval_metrics(
         raise AnybindError(
             f"score_fn must be a function (scores, offset) -> keys, not {score_fn!r}"
         )
-
-    def captions_of_query_images(q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
-        """(row, column) in the block of each positive: images q0..q1 x captions g0..g1."""
-        cols = torch.nonzero((owner[g0:g1] >= q0) & (owner[g0:g1] < q1)).flatten()
-        return owner[g0 + cols] - q0, cols
-
-    def images_of_query_texts(q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
-        """(row, column) in the block of each positive: captions q0..q1 x images g0..g1."""
-        rows = torch.nonzero((owner[q0:q1] >= g0) & (owner[q0:q1] < g1)).flatten()
-        return rows, owner[q0 + rows] - g0
-
     i2t = _streamed_recall(
-        images, text_gallery, captions_of_query_images, ks, chunk_size, text_off, score_fn
+        images, text_gallery, partial(_captions_of_query_images, owner), ks, chunk_size,
+        text_off, score_fn,
     )
     t2i = _streamed_recall(
-        texts, image_gallery, images_of_query_texts, ks, chunk_size, image_off, score_fn
+        texts, image_gallery, partial(_images_of_query_texts, owner), ks, chunk_size,
+        image_off, score_fn,
     )
-    out = {f"image_to_text_R@{k}": i2t[k] for k in ks}
-    out.update({f"text_to_image_R@{k}": t2i[k] for k in ks})
-    out.update({f"mean_R@{k}": (i2t[k] + t2i[k]) / 2 for k in ks})
-    return out
+    return _both_directions(i2t, t2i, ks)
 
 
 def chance_recall(n_gallery: int, n_positives_per_query: int | Sequence[int], k: int) -> float:
@@ -158,6 +139,30 @@ def chance_recall(n_gallery: int, n_positives_per_query: int | Sequence[int], k:
     for i in range(k):  # C(n-p, k) / C(n, k) as a product: no huge integers
         miss *= (n - p - i) / (n - i)
     return 1.0 - miss
+
+
+def chance_retrieval_metrics(anchor_of_partner: ArrayLike, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+    """Expected image <-> text recall@k of a random ranking on one split, keyed as `retrieval_metrics`.
+
+    `anchor_of_partner[j]` names the anchor (image) of partner row j (caption): any integer id,
+    such as a row of the anchor table or an index into the split's images (`text_to_image`).
+    Image -> text: the gallery is every caption of the split and an image's positives are its
+    own captions (any one counts), averaged over images. Text -> image: the gallery is the
+    split's images, one positive each. ``mean_R@k`` is the mean of the two directions.
+
+    >>> chance_retrieval_metrics(np.array([0, 0, 1]), ks=(1,))["image_to_text_R@1"]  # (2/3 + 1/3) / 2
+    0.5
+    """
+    ks = _check_ks(ks)
+    captions_per_image = _captions_per_image(anchor_of_partner)
+    n_captions, n_images = int(captions_per_image.sum()), len(captions_per_image)
+    out: dict[str, float] = {}
+    for k in ks:
+        i2t = float(np.mean([chance_recall(n_captions, int(c), k) for c in captions_per_image]))
+        t2i = chance_recall(n_images, 1, k)
+        out[f"image_to_text_R@{k}"], out[f"text_to_image_R@{k}"] = i2t, t2i
+        out[f"mean_R@{k}"] = (i2t + t2i) / 2
+    return out
 
 
 # ---- internals -------------------------------------------------------------------------------------
@@ -209,6 +214,55 @@ def _streamed_recall(
             for k in ks:
                 hits[k] += int((best > top_neg[:, k - 1]).sum())
     return {k: hits[k] / len(queries) for k in ks}
+
+
+def _captions_of_query_images(owner: Tensor, q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
+    """(row, column) in the block of each positive: images q0..q1 x captions g0..g1."""
+    cols = torch.nonzero((owner[g0:g1] >= q0) & (owner[g0:g1] < q1)).flatten()
+    return owner[g0 + cols] - q0, cols
+
+
+def _images_of_query_texts(owner: Tensor, q0: int, q1: int, g0: int, g1: int) -> tuple[Tensor, Tensor]:
+    """(row, column) in the block of each positive: captions q0..q1 x images g0..g1."""
+    rows = torch.nonzero((owner[q0:q1] >= g0) & (owner[q0:q1] < g1)).flatten()
+    return rows, owner[q0 + rows] - g0
+
+
+def _both_directions(i2t: dict[int, float], t2i: dict[int, float], ks: list[int]) -> dict[str, float]:
+    """The result keys: every k of image -> text, then of text -> image, then their mean."""
+    out = {f"image_to_text_R@{k}": i2t[k] for k in ks}
+    out.update({f"text_to_image_R@{k}": t2i[k] for k in ks})
+    out.update({f"mean_R@{k}": (i2t[k] + t2i[k]) / 2 for k in ks})
+    return out
+
+
+def _checked_pairs(image_emb: ArrayLike, text_emb: ArrayLike,
+                   text_to_image: ArrayLike) -> tuple[Tensor, Tensor, Tensor]:
+    """The L2-normalised image and text embeddings and each caption's image row, all checked."""
+    images = _embeddings("image_emb", image_emb)
+    texts = _embeddings("text_emb", text_emb).to(images.device)
+    if images.shape[1] != texts.shape[1]:
+        raise AnybindError(
+            f"image_emb and text_emb must share the embedding dimension, got {images.shape[1]} "
+            f"and {texts.shape[1]}"
+        )
+    owner = _text_to_image(text_to_image, len(texts), len(images)).to(images.device)
+    return F.normalize(images, dim=-1), F.normalize(texts, dim=-1), owner
+
+
+def _captions_per_image(anchor_of_partner: ArrayLike) -> np.ndarray:
+    """How many partner rows each distinct anchor has (in anchor-id order)."""
+    anchors = np.asarray(
+        anchor_of_partner.cpu() if isinstance(anchor_of_partner, Tensor) else anchor_of_partner
+    )
+    if anchors.ndim != 1 or anchors.size == 0:
+        raise AnybindError(
+            f"anchor_of_partner must be a non-empty 1-D array (one anchor per partner row), got "
+            f"shape {anchors.shape}"
+        )
+    if not np.issubdtype(anchors.dtype, np.integer):
+        raise AnybindError(f"anchor_of_partner must hold integer anchor ids, not {anchors.dtype}")
+    return np.unique(anchors, return_counts=True)[1]
 
 
 def _as_float_tensor(what: str, x: ArrayLike) -> Tensor:
@@ -295,6 +349,6 @@ def _check_ks(ks: Iterable[int]) -> list[int]:
 
 
 def _int_at_least(what: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise AnybindError(f"{what} must be an integer >= {minimum}, not {value!r}")
-    return int(value)
+    """`checks.integer`, also taking numpy integers (counts and ks often come from numpy)."""
+    plain = value.item() if isinstance(value, np.integer) else value
+    return integer(what, plain, minimum=minimum, error=AnybindError)

@@ -54,46 +54,72 @@ def _fastapi():
 def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, labels: list[str] | None = None):
     """A FastAPI app serving `bundle` (a folder or a loaded bundle) and optionally `index`.
 
-    `labels` replaces the bundle's default zero-shot classes (`BoundEncoders.default_labels`)
+    `labels` replaces the bundle's default zero-shot classes (`Bundle.default_labels`)
     for /classify requests that give none, and for the page's editable label list.
     """
     fastapi = _fastapi()
     if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
         raise MissingDependencyError("image uploads (anybind serve)", "python-multipart", "serve")
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    if int(max_upload_bytes) < 1:
+        raise AnybindError("the upload limit must be positive (--max-upload-mb)")
+    ctx = _Served(*_load_served(bundle, index), int(max_upload_bytes), labels)
+    app = fastapi.FastAPI(
+        title="anybind", version=_version(),
+        description=f"Embeddings, zero-shot classification and search with the bundle `{ctx.model.path}` "
+                    f"({', '.join(ctx.model.modalities)}; {ctx.model.dim} dimensions).")
+    _add_error_handlers(app)
+    _add_info_routes(app, ctx)
+    _add_model_routes(app, ctx)
+    _add_index_routes(app, ctx)
+    app.state.bundle, app.state.index = ctx.model, ctx.index
+    return app
 
-    from ..bundle import BoundEncoders, load
+
+def _load_served(bundle, index):
+    """(the loaded bundle, the loaded index or None), the index checked against the bundle."""
+    from ..bundle import load
     from .index import VectorIndex
 
-    model = bundle if isinstance(bundle, BoundEncoders) else load(bundle)
+    model = load(bundle) if isinstance(bundle, (str, os.PathLike)) else bundle
     idx = index if isinstance(index, VectorIndex) or index is None else VectorIndex.load(index)
     if idx is not None:
         idx.check_bundle(model)
-    if int(max_upload_bytes) < 1:
-        raise AnybindError("the upload limit must be positive (--max-upload-mb)")
-    max_upload_bytes = int(max_upload_bytes)
-    default_labels = list(labels) if labels else model.default_labels
-    lock = threading.Lock()
-    image_side = (model.info["modalities"].get("image") or {}).get("preprocess") or {}
-    min_side = image_side.get("resize")
+    return model, idx
 
-    def locked(fn, *args):
-        with lock:
+
+class _Served:
+    """What the routes share: the bundle, the index, the limits, and the one model lock."""
+
+    def __init__(self, model, index, max_upload_bytes: int, labels: list[str] | None):
+        self.model, self.index, self.max_upload_bytes = model, index, max_upload_bytes
+        self.default_labels = list(labels) if labels else model.default_labels
+        image_side = (model.info["modalities"].get("image") or {}).get("preprocess") or {}
+        self.min_side = image_side.get("resize")
+        self._lock = threading.Lock()
+
+    def _locked(self, fn, *args):
+        with self._lock:
             return fn(*args)
 
-    async def on_model(fn, *args):
-        """Run a model call in the threadpool, one at a time."""
-        return await run_in_threadpool(locked, fn, *args)
+    async def on_model(self, fn, *args):
+        """Run a model call in the threadpool, one at a time (encoders are not re-entrant)."""
+        from starlette.concurrency import run_in_threadpool
 
-    app = fastapi.FastAPI(
-        title="anybind", version=_version(),
-        description=f"Embeddings, zero-shot classification and search with the bundle `{model.path}` "
-                    f"({', '.join(model.modalities)}; {model.dim} dimensions).")
+        return await run_in_threadpool(self._locked, fn, *args)
 
-    # ---- errors: always JSON {"error": ...}; the server stays up -----------------------------------
+    async def image_of(self, form):
+        """The uploaded image of a multipart form, decoded off the event loop."""
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(_decode_upload, *_upload(form, self.max_upload_bytes), self.min_side)
+
+
+def _add_error_handlers(app) -> None:
+    """Every error is JSON {"error": ...} with a 4xx/5xx status; the server stays up."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -118,7 +144,13 @@ def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, l
         log.exception("error serving %s", request.url.path)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
-    # ---- routes ----------------------------------------------------------------------------------
+
+def _add_info_routes(app, ctx: _Served) -> None:
+    """The web page and /health."""
+    from fastapi.responses import HTMLResponse
+
+    model, idx = ctx.model, ctx.index
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(_page(), headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff"})
@@ -128,93 +160,123 @@ def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, l
         return {"status": "ok", "bundle": str(model.path), "modalities": model.modalities, "dim": model.dim,
                 "index": None if idx is None else {"kind": idx.kind, "count": len(idx), "modality": idx.modality,
                                                    "dataset": idx.info.get("dataset")},
-                "default_labels": default_labels, "max_upload_bytes": max_upload_bytes}
+                "default_labels": ctx.default_labels, "max_upload_bytes": ctx.max_upload_bytes}
+
+
+def _add_model_routes(app, ctx: _Served) -> None:
+    """/embed and /classify: the bundle on texts and uploaded images."""
+    from fastapi import Request
+
+    model = ctx.model
 
     @app.post("/embed", summary="Embed texts (JSON {\"texts\": [...]}) or one image (multipart field 'file')",
               openapi_extra=_EMBED_BODY)
-    async def embed(request: fastapi.Request):
+    async def embed(request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
             body = await _read_limited(request, FORM_SLACK + MAX_TEXTS * MAX_TEXT_CHARS * 4)
-            texts = _texts_from_json(body)
-            emb = await on_model(model.encode_text, texts)
+            emb = await ctx.on_model(model.encode_text, _texts_from_json(body))
             return {"modality": "text", "dim": model.dim, "embeddings": emb.tolist()}
         if ctype.startswith("multipart/form-data"):
-            form = await _read_form(request, max_upload_bytes)
-            image = await run_in_threadpool(_decode_upload, *_upload(form, max_upload_bytes), min_side)
-            emb = await on_model(model.encode_image, [image])
+            image = await ctx.image_of(await _read_form(request, ctx.max_upload_bytes))
+            emb = await ctx.on_model(model.encode_image, [image])
             return {"modality": "image", "dim": model.dim, "embeddings": emb.tolist()}
         raise ApiError(415, "send JSON {\"texts\": [\"a red bird\", ...]} (Content-Type: application/json) or an "
                             "image as multipart/form-data in the field 'file'")
 
     @app.post("/classify", summary="Zero-shot labels of an uploaded image (multipart: 'file', optional 'labels')",
               openapi_extra=_CLASSIFY_BODY)
-    async def classify(request: fastapi.Request):
+    async def classify(request: Request):
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(415, "send the image as multipart/form-data in the field 'file' (and optionally 'labels')")
-        form = await _read_form(request, max_upload_bytes)
-        names = _labels(form) or default_labels
+        form = await _read_form(request, ctx.max_upload_bytes)
+        names = _labels(form) or ctx.default_labels
         if not names:
             raise ApiError(400, "give the labels to classify into (form field 'labels': a JSON list, or one per line): "
                                 "this bundle names no default classes")
-        image = await run_in_threadpool(_decode_upload, *_upload(form, max_upload_bytes), min_side)
-        probs = await on_model(model.classify, [image], names)
+        probs = await ctx.on_model(model.classify, [await ctx.image_of(form)], names)
         ranked = sorted(zip(names, probs[0].tolist(), strict=True), key=lambda t: -t[1])
         return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
 
+
+def _add_index_routes(app, ctx: _Served) -> None:
+    """/search and /images/{item_id}: the index, and the images it lists (never a path joined)."""
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
+
+    idx = ctx.index
+
     @app.get("/search", summary="The indexed items nearest a text query")
-    async def search(request: fastapi.Request, q: str = "", k: str = "10"):
+    async def search(request: Request, q: str = "", k: str = "10"):
         if idx is None:
             raise ApiError(404, "this server has no index: build one with `anybind index` and start it with --index")
-        q = q.strip()
-        if not q:
-            raise ApiError(400, "the query is empty: give some words, e.g. /search?q=a+red+bird")
-        if len(q) > MAX_TEXT_CHARS:
-            raise ApiError(400, f"the query is too long ({len(q)} characters; at most {MAX_TEXT_CHARS})")
-        try:
-            kk = int(k)
-        except ValueError:
-            kk = 0
-        if not 1 <= kk <= MAX_K:
-            raise ApiError(400, f"k must be an integer from 1 to {MAX_K}, not {k!r}")
-        vec = await on_model(model.encode_text, [q])
+        q, kk = _query(q), _k(k)
+        vec = await ctx.on_model(ctx.model.encode_text, [q])
         hits = await run_in_threadpool(idx.search, vec, kk, idx.modality != "text")
-        base = str(request.base_url)
-        results = []
-        for r in hits.records():  # the server's file paths stay on the server
-            row = {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"]}
-            if idx.modality == "image":
-                row["image_url"] = base + "images/" + quote(r["item_id"], safe="/")
-            else:
-                row[idx.modality] = r["path"]  # a text gallery: the text itself
-            results.append(row)
-        return {"query": q, "k": kk, "results": results}
+        return {"query": q, "k": kk, "results": _search_results(hits, idx.modality, str(request.base_url))}
 
     @app.get("/images/{item_id:path}", summary="An indexed image (only items the index lists)")
     def image(item_id: str):
         ref = idx.reference(item_id) if idx is not None and idx.modality == "image" else None
         if ref is None:
             raise ApiError(404, f"no indexed image has the id {item_id!r}")
-        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
-        local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
-        if local is not None:
-            if not os.path.isfile(local):
-                raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
-            ctype = mimetypes.guess_type(local)[0] or ""
-            if ctype.startswith("image/") and ctype != "image/svg+xml":
-                return FileResponse(local, media_type=ctype, headers=headers)
-        from ..data.images import load_image
+        return _image_response(item_id, ref)
 
-        try:  # tar://, idx://, or a file of an unusual type: decode it and send a PNG
-            img = load_image(ref)
-        except DataError as e:
-            raise ApiError(404, f"the indexed image of {item_id!r} cannot be read: {e}") from e
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return Response(buf.getvalue(), media_type="image/png", headers=headers)
 
-    app.state.bundle, app.state.index = model, idx
-    return app
+def _query(q: str) -> str:
+    q = q.strip()
+    if not q:
+        raise ApiError(400, "the query is empty: give some words, e.g. /search?q=a+red+bird")
+    if len(q) > MAX_TEXT_CHARS:
+        raise ApiError(400, f"the query is too long ({len(q)} characters; at most {MAX_TEXT_CHARS})")
+    return q
+
+
+def _k(k: str) -> int:
+    """The number of results asked for: an integer from 1 to MAX_K (a query string, so text)."""
+    try:
+        kk = int(k)
+    except ValueError:
+        kk = 0
+    if not 1 <= kk <= MAX_K:
+        raise ApiError(400, f"k must be an integer from 1 to {MAX_K}, not {k!r}")
+    return kk
+
+
+def _search_results(hits, modality: str, base: str) -> list[dict]:
+    """Rows of one query's hits; the server's file paths stay on the server."""
+    results = []
+    for r in hits.records():
+        row = {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"]}
+        if modality == "image":
+            row["image_url"] = base + "images/" + quote(r["item_id"], safe="/")
+        else:
+            row[modality] = r["path"]  # a text gallery: the text itself
+        results.append(row)
+    return results
+
+
+def _image_response(item_id: str, ref: str):
+    """A local image file as it is; anything else (tar://, idx://, odd types) decoded to a PNG."""
+    from fastapi.responses import FileResponse, Response
+
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
+    local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
+    if local is not None:
+        if not os.path.isfile(local):
+            raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
+        ctype = mimetypes.guess_type(local)[0] or ""
+        if ctype.startswith("image/") and ctype != "image/svg+xml":
+            return FileResponse(local, media_type=ctype, headers=headers)
+    from ..data.images import load_image
+
+    try:
+        img = load_image(ref)
+    except DataError as e:
+        raise ApiError(404, f"the indexed image of {item_id!r} cannot be read: {e}") from e
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png", headers=headers)
 
 
 def serve(bundle, index=None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,

@@ -9,7 +9,8 @@ The image path is the bundle's, step by step: `preprocess` is the image encoder'
 (`load_item`, reduced like a file) and transform; `encode_image` collates the batch as the
 encoder does, runs its forward at the bundle's layers and pooling (under bf16 autocast when the
 bundle was extracted so), rounds the features to fp16 as the feature stores hold them
-(`BoundEncoders.features`), then projects with the bundle's space and L2-normalises. So the
+(`anybind.features.encode`, the bundle's own path), then projects with the bundle's bound model
+and L2-normalises. So the
 numbers equal ``bundle.encode_image`` of the same images. Text needs no tensor form: the
 "tokenizer" carries the strings to the bundle's text encoder.
 """
@@ -17,12 +18,10 @@ numbers equal ``bundle.encode_image`` of the same images. Text needs no tensor f
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 class TextBatch(list):
@@ -51,40 +50,37 @@ class Preprocess:
         return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
 
 
-class BundleModel:
+class ClipStyleModel:
     """``encode_image(batch)`` / ``encode_text(tokens)`` -> the bundle's normalised embeddings."""
 
     def __init__(self, bundle):
         self.bundle = bundle
 
     # torch.nn.Module-ish no-ops: the encoders are frozen and the bundle picks its device
-    def eval(self) -> BundleModel:
+    def eval(self) -> ClipStyleModel:
         return self
 
-    def train(self, mode: bool = True) -> BundleModel:
+    def train(self, mode: bool = True) -> ClipStyleModel:
         return self
 
-    def to(self, *args, **kwargs) -> BundleModel:
+    def to(self, *args, **kwargs) -> ClipStyleModel:
         return self
 
     def __call__(self, image=None, text=None):
         return (None if image is None else self.encode_image(image), None if text is None else self.encode_text(text))
 
-    @torch.inference_mode()
     def encode_image(self, images, normalize: bool = True) -> torch.Tensor:
         """[n, dim] embeddings of a batch of preprocessed images (a stacked tensor or a list)."""
+        from ..features.encode import encode_batch_as_stored
+
         b = self.bundle
         enc = b.encoder("image")
         side = b.info["modalities"]["image"]
-        layers, pooling = side["layers"], side.get("pooling")
         items = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in images]
-        ctx = torch.autocast(b.device.type, dtype=torch.bfloat16) if side.get("precision") == "bf16" else nullcontext()
-        with ctx:
-            got = enc.encode(enc.collate(items), enc.resolve_layers(layers), enc.check_pooling(pooling))
-        # the stores keep fp16: round the same way as BoundEncoders.features
-        feats = [got[lay].float().cpu().to(torch.float16).float() for lay in layers]
-        z = b.space.encode("image", feats).float()
-        return F.normalize(z, dim=1) if normalize else z
+        feats = encode_batch_as_stored(enc, enc.collate(items), side["layers"], side.get("pooling"),
+                                       side.get("precision"), side.get("dtype", "float16"))
+        z = b.project("image", feats)
+        return z if normalize else b.bound.encode("image", feats).float()
 
     def encode_text(self, tokens, normalize: bool = True) -> torch.Tensor:
         """[n, dim] embeddings of a tokenizer batch (or a list of strings)."""
@@ -99,7 +95,7 @@ def create_model_and_transforms(bundle_path: str | os.PathLike, device: str = "c
     from ..bundle import load
 
     bundle = load(bundle_path, device)
-    return BundleModel(bundle), Preprocess(bundle), Tokenizer()
+    return ClipStyleModel(bundle), Preprocess(bundle), Tokenizer()
 
 
 def get_tokenizer(bundle_path: str | os.PathLike | None = None) -> Tokenizer:
@@ -107,4 +103,4 @@ def get_tokenizer(bundle_path: str | os.PathLike | None = None) -> Tokenizer:
     return Tokenizer()
 
 
-__all__ = ["BundleModel", "Preprocess", "TextBatch", "Tokenizer", "create_model_and_transforms", "get_tokenizer"]
+__all__ = ["ClipStyleModel", "Preprocess", "TextBatch", "Tokenizer", "create_model_and_transforms", "get_tokenizer"]

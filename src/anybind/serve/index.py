@@ -6,7 +6,7 @@
 
 The gallery vectors are the bundle's embeddings of the items as its evaluation ranked them: the
 features come from the feature cache (`anybind.features.extract`, at the bundle's layers,
-pooling and compute precision, stored fp16 like `BoundEncoders.features` rounds), so indexing is
+pooling and compute precision, stored fp16 like `Bundle.features` rounds), so indexing is
 batched, shows a progress bar, skips and reports a corrupt item instead of failing, resumes an
 interrupted run shard by shard, and is instant when the features are already cached.
 
@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,9 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .._deps import require
+from ..atomic import staged_dir, write_json, write_with
+from ..checks import choice
 from ..errors import AnybindError
 
 log = logging.getLogger(__name__)
@@ -251,18 +251,38 @@ def build_index(
     `bundle` is a bundle folder or a loaded bundle; `data` any spec `anybind.data.load_dataset`
     takes (``openclipart``, ``karpathy:PATH``, ``table:FILE`` ...) or a `DatasetIndex`. An
     existing `out` built from the same bundle, items and kind is returned as it is; another one
-    needs `overwrite`.
+    needs `overwrite` (and is replaced only once the new index is complete).
 
     >>> build_index("bundles/clipart", "openclipart", "indexes/clipart")  # doctest: +SKIP
     """
+    choice("kind", kind, KINDS, error=VectorIndexError)
+    model, index, field = _open_inputs(bundle, data, modality, field, cache)
+    out = Path(out)
+    ids, subs, refs = index.field_rows(field)
+    want = {"bundle_fingerprint": bundle_fingerprint(model.path), "modality": modality, "field": field,
+            "dataset": index.name, "items_fingerprint": _rows_hash(ids, subs, refs)}
+    existing = _existing(out, want, kind, overwrite)
+    if existing is not None:
+        return existing
+    side = model.info["modalities"][modality]
+    store = _gallery_store(side, index, field, modality, batch_size=batch_size, num_workers=num_workers,
+                           cache=cache, device=device, progress=progress)
+    vectors, augmented = _gallery_vectors(model, store, modality, side["layers"])
+    faiss_index, params, kind = _make_index(vectors, kind)
+    info = {"format": INDEX_FORMAT, **want, "bundle": str(Path(model.path).resolve()), "kind": kind,
+            "dim": model.dim, "vector_dim": vectors.shape[1], "augmented": augmented, "metric": "inner_product",
+            **_provenance(model, store, index, data), "params": params}
+    _write(out, faiss_index, _items(store, index, field, refs), info, overwrite)
+    return VectorIndex.load(out)
+
+
+def _open_inputs(bundle, data, modality: str, field: str | None, cache):
+    """(the loaded bundle, the dataset index, the field to index), checked to fit together."""
     from ..bundle import load
     from ..data import load_dataset
-    from ..features.extract import default_field, extract
+    from ..features.extract import default_field
 
-    if kind not in KINDS:
-        raise VectorIndexError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     model = bundle if _is_bundle(bundle) else load(bundle)
-    bundle_path = Path(model.path).resolve()
     if modality not in model.info["modalities"]:
         raise VectorIndexError(f"this bundle binds {', '.join(model.modalities)}, not '{modality}': "
                                "pass --modality with one of them")
@@ -270,18 +290,15 @@ def build_index(
     field = field or default_field(index, modality)
     if index.modality(field) != modality:
         raise VectorIndexError(f"field '{field}' of '{index.name}' is {index.modality(field)}, not {modality}")
-    out = Path(out)
-    ids, subs, refs = index.field_rows(field)
-    want = {"bundle_fingerprint": bundle_fingerprint(bundle_path), "modality": modality, "field": field,
-            "dataset": index.name, "items_fingerprint": _rows_hash(ids, subs, refs)}
-    existing = _existing(out, want, kind, overwrite)
-    if existing is not None:
-        return existing
+    return model, index, field
 
-    side = model.info["modalities"][modality]
+
+def _gallery_store(side: dict, index, field: str, modality: str, **options):
+    """The items' features from the feature cache, at the bundle's layers, pooling and precision."""
+    from ..features.extract import extract
+
     store = extract(side["encoder"], index, field=field, layers=side["layers"], pooling=side.get("pooling"),
-                    precision=side.get("precision") or "fp32", dtype="fp16", batch_size=batch_size,
-                    num_workers=num_workers, cache=cache, device=device, progress=progress)
+                    precision=side.get("precision") or "fp32", dtype="fp16", **options)
     if store is None:
         raise VectorIndexError("anybind index runs in one process: do not start it under torchrun")
     weights = store.key["encoder"].get("weights")
@@ -291,38 +308,44 @@ def build_index(
     if len(store) == 0:
         raise VectorIndexError(f"no {modality} item of '{index.name}' could be read ({store.manifest['skipped']} skipped): "
                                f"see {store.path / 'skipped.jsonl'}")
+    return store
 
-    vectors, augmented = _gallery_vectors(model, store, modality, side["layers"])
-    n, d = vectors.shape
-    faiss_index, params, kind = _make_index(vectors, kind)
 
+def _items(store, index, field: str, refs: list) -> dict[str, list]:
+    """items.parquet: each vector's item, caption number, the dataset's own reference and the
+    resolved path."""
     rows = store.rows.to_pydict()
-    src = rows["source_row"]
     raw = index.column(field)
     item_pos = {i: p for p, i in enumerate(index.item_ids)}
-    items = {"row": list(range(n)), "item_id": rows["item_id"], "sub": rows["caption_index"],
-             "ref": [_raw_ref(raw[item_pos[i]], s) for i, s in zip(rows["item_id"], rows["caption_index"], strict=True)],
-             "path": [None if refs[r] is None else str(refs[r]) for r in src]}
+    pairs = list(zip(rows["item_id"], rows["caption_index"], strict=True))
+    return {"row": list(range(len(pairs))), "item_id": rows["item_id"], "sub": rows["caption_index"],
+            "ref": [_raw_ref(raw[item_pos[i]], s) for i, s in pairs],
+            "path": [None if refs[r] is None else str(refs[r]) for r in rows["source_row"]]}
+
+
+def _provenance(model, store, index, data) -> dict:
+    """What index.json records beside the vectors: correction, dataset, skipped items, versions."""
     skipped = store.skipped
-    info = {"format": INDEX_FORMAT, **want, "bundle": str(bundle_path), "kind": kind, "dim": model.dim,
-            "vector_dim": d, "augmented": augmented, "metric": "inner_product",
-            "correction": (model.info.get("correction") or {}).get("name", "none"), "count": n,
+    info = {"correction": _correction_name(model), "count": len(store),
             "dataset_spec": index.meta.get("spec", str(data) if isinstance(data, (str, os.PathLike)) else None),
-            "root": index.root, "params": params, "skipped": len(skipped), "skipped_items": skipped[:100],
+            "root": index.root, "skipped": len(skipped), "skipped_items": skipped[:100],
             "store": str(store.path), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "faiss": getattr(_faiss(), "__version__", None)}
     if getattr(model.correction, "score_fn", None) is not None:
         info["note"] = (f"correction {info['correction']} ranks by a non-linear key; the index ranks by its "
                         "offsets (cosine - offset), which an inner product can apply")
         log.warning("%s", info["note"])
-    _write(out, faiss_index, items, info)
-    return VectorIndex.load(out)
+    return info
+
+
+def _correction_name(model) -> str:
+    """The bundle's retrieval correction by its registered name ("none" without one)."""
+    return getattr(model.correction, "name", None) or "none"
 
 
 def _is_bundle(obj) -> bool:
-    from ..bundle import BoundEncoders
-
-    return isinstance(obj, BoundEncoders)
+    """A loaded bundle (anything with the bundle API), not a path to one."""
+    return obj is not None and not isinstance(obj, (str, os.PathLike)) and hasattr(obj, "gallery")
 
 
 def _raw_ref(value, sub: int):
@@ -338,14 +361,17 @@ def _rows_hash(ids: list, subs: list, refs: list) -> str:
     return rows_fingerprint(ids, subs, [None if r is None else str(r) for r in refs])
 
 
+def _is_index_folder(path: Path) -> bool:
+    return (path / INFO_FILE).exists()
+
+
 def _existing(out: Path, want: dict, kind: str, overwrite: bool) -> VectorIndex | None:
-    """An up-to-date index already at `out`, or None (after clearing it with `overwrite`)."""
+    """An up-to-date index already at `out`, or None: build one (replacing `out` with `overwrite`)."""
     if not out.exists() or not any(out.iterdir()):
         return None
-    info_file = out / INFO_FILE
-    if not overwrite and info_file.exists():
+    if not overwrite and _is_index_folder(out):
         try:
-            have = json.loads(info_file.read_text())
+            have = json.loads((out / INFO_FILE).read_text())
         except ValueError:
             have = {}
         if all(have.get(k) == v for k, v in want.items()) and kind in ("auto", have.get("kind")):
@@ -354,7 +380,9 @@ def _existing(out: Path, want: dict, kind: str, overwrite: bool) -> VectorIndex 
     if not overwrite:
         raise VectorIndexError(f"{out} exists and holds something else (another bundle, dataset or kind): "
                                "choose another --out or pass --overwrite")
-    shutil.rmtree(out)
+    if not _is_index_folder(out):  # checked before the work, not after it
+        raise VectorIndexError(f"{out} is not an anybind index: refusing to overwrite it "
+                               "(remove it yourself, or choose another --out)")
     return None
 
 
@@ -366,7 +394,7 @@ def _gallery_vectors(model, store, modality: str, layers: list[str]) -> tuple[np
         for lo in range(0, len(store), CHUNK):
             rows = np.arange(lo, min(lo + CHUNK, len(store)))
             feats = [torch.from_numpy(a.read(rows)).float() for a in arrays]  # fp16 values, as the bundle rounds
-            emb = F.normalize(model.space.encode(modality, feats).float(), dim=1)
+            emb = model.project(modality, feats)  # L2-normalised shared-space rows
             g, off = model.gallery(modality, emb)
             parts.append(g.float().cpu().numpy())
             offsets.append(None if off is None else off.float().cpu().numpy())
@@ -402,20 +430,17 @@ def _make_index(vectors: np.ndarray, kind: str):
     return index, params, kind
 
 
-def _write(out: Path, faiss_index, items: dict, info: dict) -> None:
-    """Write the three files into a sibling folder, then rename it: never a half-written index."""
+def _write(out: Path, faiss_index, items: dict, info: dict, overwrite: bool) -> None:
+    """Write the three files into a staged folder moved into place whole: never a half-written
+    index, and an index being replaced stays until the new one is complete."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     faiss = _faiss()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    faiss.write_index(faiss_index, str(tmp / INDEX_FILE))
-    pq.write_table(pa.table({"row": pa.array(items["row"], pa.int64()), "item_id": pa.array(items["item_id"], pa.string()),
-                             "sub": pa.array(items["sub"], pa.int32()), "ref": pa.array(items["ref"], pa.string()),
-                             "path": pa.array(items["path"], pa.string())}), tmp / ITEMS_FILE)
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-    if out.exists():
-        out.rmdir()  # empty (an existing non-empty one was refused or cleared before)
-    os.replace(tmp, out)
+    table = pa.table({"row": pa.array(items["row"], pa.int64()), "item_id": pa.array(items["item_id"], pa.string()),
+                      "sub": pa.array(items["sub"], pa.int32()), "ref": pa.array(items["ref"], pa.string()),
+                      "path": pa.array(items["path"], pa.string())})
+    with staged_dir(out, replace=overwrite, is_ours=_is_index_folder) as stage:
+        write_with(stage / INDEX_FILE, lambda tmp: faiss.write_index(faiss_index, str(tmp)))
+        write_with(stage / ITEMS_FILE, lambda tmp: pq.write_table(table, tmp))
+        write_json(stage / INFO_FILE, info)

@@ -1,23 +1,25 @@
-"""A bound model at the feature level: one projector per modality into the shared space.
+"""The trained part of a bound model: one projector per modality, and the layers each reads.
 
-It maps cached encoder features (one tensor per layer it reads) to L2-normalised embeddings. The
-ship issue wraps it with the encoders into a bundle; evaluation uses it directly on stores.
+It maps cached encoder features (one tensor per layer) to the shared space. The trainer
+optimises it; `BoundModel` (align/bound.py) wraps it with the blend and the retrieval correction.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import saving
 from ..errors import AnybindError
 from .projectors import Projector
 
+KIND = "projector-space"
 
-class BoundModel(nn.Module):
+
+class ProjectorSpace(nn.Module):
     """Projectors per modality, plus the layers each reads."""
 
     def __init__(self, projectors: dict[str, Projector], layers: dict[str, list[str]]):
@@ -54,20 +56,14 @@ class BoundModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """A folder: bound.json (modalities, layers) and one projector folder per modality."""
+        """A saved part (kind projector-space) with one projector folder per modality."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         for name, proj in self.projectors.items():
             proj.save(directory / name)
-        (directory / "bound.json").write_text(json.dumps({"format": 1, "modalities": self.modalities,
-                                                          "layers": self.layers}, indent=1))
-        return directory
+        return saving.save_part(directory, KIND, "projectors", modalities=self.modalities, layers=self.layers)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> BoundModel:
+    def load(cls, directory: str | os.PathLike) -> ProjectorSpace:
         directory = Path(directory)
-        try:
-            info = json.loads((directory / "bound.json").read_text())
-        except (OSError, ValueError) as e:
-            raise AnybindError(f"{directory} is not a saved bound model (bound.json unreadable: {e})") from e
+        info = saving.read_config(directory, KIND)
         return cls({m: Projector.load(directory / m) for m in info["modalities"]}, info["layers"])

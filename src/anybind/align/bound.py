@@ -1,0 +1,159 @@
+"""The bound model: everything that maps cached features to the shared space, as one object.
+
+    model = BoundModel.load("runs/default/model")
+    z = model.encode("text", feats)              # [n, dim], L2-normalised, blend included
+    ranked = model.ranking_inputs(z_img, z_txt)  # what retrieval ranks by (correction applied)
+
+It holds the trained projectors (a `ProjectorSpace`, or none for a training-free model), the
+training-free space blended in (a fitted baseline and its weight, or none), and the retrieval
+correction (or none), for any number of modalities, one of them the anchor. Training reports it,
+evaluation scores it, export ships it and the server searches with it: one object, so their
+numbers agree by construction. `anybind.align.fit` fits its parts.
+
+Torch is imported only when the model is loaded or used, so reading a bound model's config (and
+a bundle's) needs no torch at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import saving
+from ..errors import AnybindError
+
+if TYPE_CHECKING:
+    import torch
+
+KIND = "bound-model"
+ANCHOR_SIDE, PARTNER_SIDE = "image", "text"  # the two sides baselines and corrections name
+
+
+class BoundModel:
+    """Projectors + blend + retrieval correction, per modality; `encode(modality, features)`."""
+
+    def __init__(self, layers: dict[str, list[str]], anchor: str, *, space=None, baseline=None,
+                 weight: float = 1.0, correction=None, recipe: dict | None = None):
+        if space is None and baseline is None:
+            raise AnybindError("a bound model needs trained projectors, a training-free baseline, or both")
+        if anchor not in layers:
+            raise AnybindError(f"anchor modality '{anchor}' is not one of {', '.join(layers)}")
+        self.layers = {m: list(v) for m, v in layers.items()}
+        self.anchor = anchor
+        self.space, self.baseline, self.correction = space, baseline, correction
+        self.weight = float(weight)  # the trained space's share of a cosine when blended
+        self.recipe = recipe
+
+    # ---- what it is ----------------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def blended(self) -> bool:
+        return self.space is not None and self.baseline is not None
+
+    def side(self, modality: str) -> str:
+        """The side name (image / text) a baseline or correction uses for `modality`."""
+        self._check(modality)
+        return ANCHOR_SIDE if modality == self.anchor else PARTNER_SIDE
+
+    @property
+    def dim(self) -> int:
+        dims = []
+        if self.space is not None:
+            dims.append(next(iter(self.space.projectors.values())).out_dim)
+        if self.baseline is not None:
+            dims.append(self.baseline.out_dim)
+        return int(sum(dims))
+
+    def __repr__(self) -> str:
+        parts = [p for p, on in (("projectors", self.space), ("blend", self.blended and self.baseline),
+                                 ("baseline", not self.blended and self.baseline),
+                                 ("correction", self.correction)) if on]
+        return f"BoundModel({', '.join(self.modalities)}; anchor {self.anchor}; {' + '.join(parts)})"
+
+    # ---- encoding ------------------------------------------------------------------------------
+    def encode(self, modality: str, feats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Normalised shared-space rows of one modality's features (one tensor per layer it reads)."""
+        import torch
+        import torch.nn.functional as F
+
+        self._check(modality)
+        feats = [feats] if isinstance(feats, torch.Tensor) else list(feats)
+        parts = []
+        if self.space is not None:
+            parts.append(self.space.encode(modality, feats))
+        if self.baseline is not None:  # baselines read the last layer of each side
+            z = self.baseline.encode(self.side(modality), feats[-1])
+            parts.append(F.normalize(torch.as_tensor(z).float(), dim=1).to(feats[-1].device))
+        if len(parts) == 1:
+            return parts[0]
+        # side by side: [sqrt(w) z1, sqrt(1-w) z2], so a cosine is w * s1 + (1 - w) * s2
+        return torch.cat([parts[0] * self.weight**0.5, parts[1] * (1 - self.weight) ** 0.5], dim=1)
+
+    def ranking_inputs(self, anchor_emb: torch.Tensor, partner_emb: torch.Tensor) -> dict[str, Any]:
+        """The keyword arguments of `metrics.retrieval_metrics` that rank as this model does."""
+        if self.correction is None:
+            return {"image_emb": anchor_emb, "text_emb": partner_emb}
+        from .corrections import apply_correction
+
+        return apply_correction(self.correction, anchor_emb, partner_emb)
+
+    def gallery(self, modality: str, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gallery rows as the model ranks them and a per-row score offset (subtract it from every
+        query's cosine); (emb, None) without a correction."""
+        if self.correction is None:
+            return emb, None
+        return self.correction.gallery(self.side(modality), emb)
+
+    def to(self, device) -> BoundModel:
+        if self.space is not None:
+            self.space.to(device)
+        return self
+
+    def _check(self, modality: str) -> None:
+        if modality not in self.layers:
+            raise AnybindError(f"this model binds {', '.join(self.modalities)}, not '{modality}'")
+
+    # ---- one folder ----------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """A saved part (kind bound-model) with projectors/, baseline/ and correction/ inside."""
+        directory = Path(directory)
+        parts = {"projectors": self.space, "baseline": self.baseline, "correction": self.correction}
+        for name, part in parts.items():
+            if part is not None:
+                part.save(directory / name)
+        return saving.save_part(directory, KIND, "bound", layers=self.layers, anchor=self.anchor,
+                                weight=self.weight, parts=[n for n, p in parts.items() if p is not None],
+                                recipe=self.recipe)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> BoundModel:
+        directory = Path(directory)
+        info = saving.read_config(directory, KIND)
+        parts = set(info["parts"])
+        space = baseline = correction = None
+        if "projectors" in parts:
+            from .space import ProjectorSpace
+
+            space = ProjectorSpace.load(directory / "projectors")
+        if "baseline" in parts:
+            from .baselines import Baseline
+
+            baseline = Baseline.load(directory / "baseline")
+        if "correction" in parts:
+            from .corrections import RetrievalCorrection
+
+            correction = RetrievalCorrection.load(directory / "correction")
+        return cls(info["layers"], info["anchor"], space=space, baseline=baseline, weight=info["weight"],
+                   correction=correction, recipe=info.get("recipe"))
+
+
+def is_bound_model(directory: str | os.PathLike) -> bool:
+    try:
+        saving.read_config(directory, KIND)
+    except saving.SavedPartError:
+        return False
+    return True

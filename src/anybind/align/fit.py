@@ -1,0 +1,78 @@
+"""Fitting the parts of a bound model that need no gradient, and scoring a bound model on a split.
+
+The trainer (`align.trainer.train`) calls these for a recipe (blend before training, so that
+validation and early stopping read the blended model; correction after); `baseline_model` makes
+a training-free bound model. Every caller that scores retrieval calls `split_retrieval`, so a
+number means the same thing in training, evaluation and a bundle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..metrics.retrieval import retrieval_metrics
+from .bound import ANCHOR_SIDE, PARTNER_SIDE, BoundModel
+from .data import PairedFeatures, Pairs
+
+BANK_SIZE = 4096  # training items a retrieval correction's bank holds
+RETRIEVAL_KS = (1, 5, 10)
+
+
+def fit_baseline(name: str, options: dict, data: PairedFeatures, train_pairs: Pairs):
+    """A training-free baseline fitted on the train pairs (the last layer of each side)."""
+    from .baselines import PairedArrays, build_baseline
+
+    a, p = data.side(data.anchor_name), data.side(data.partner_name)
+    anchors, inverse = np.unique(train_pairs.anchor_rows, return_inverse=True)
+    fit = PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(train_pairs.partner_rows)[-1].numpy(),
+                       inverse.astype(np.int64))
+    return build_baseline(name, **options).fit(fit)
+
+
+def fit_blend(blend: dict, data: PairedFeatures, train_pairs: Pairs) -> tuple[Any, float]:
+    """(fitted baseline, weight of the trained space) for a recipe's `blend`, or (None, 1.0)."""
+    if not blend or blend.get("name", "none") == "none":
+        return None, 1.0
+    options = {k: v for k, v in blend.items() if k not in ("name", "weight")}
+    return fit_baseline(blend["name"], options, data, train_pairs), float(blend.get("weight", 0.5))
+
+
+def fit_correction(cfg: dict | None, model: BoundModel, data: PairedFeatures, train_pairs: Pairs, seed: int):
+    """The retrieval correction of `cfg`, fitted on a seeded bank of at most BANK_SIZE training
+    items' embeddings (every caption of a kept item), or None."""
+    if not cfg or cfg.get("name", "none") == "none":
+        return None
+    from .corrections import build_correction
+
+    items = np.unique(train_pairs.item)
+    rng = np.random.default_rng([max(seed, 0), 7])
+    keep = np.isin(train_pairs.item, rng.choice(items, size=min(BANK_SIZE, len(items)), replace=False))
+    za = model.encode(data.anchor_name, data.side(data.anchor_name).rows(np.unique(train_pairs.anchor_rows[keep])))
+    zp = model.encode(data.partner_name, data.side(data.partner_name).rows(train_pairs.partner_rows[keep]))
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    return build_correction(cfg["name"], **params).fit({ANCHOR_SIDE: za, PARTNER_SIDE: zp})
+
+
+def baseline_model(name: str, options: dict, data: PairedFeatures, train_pairs: Pairs,
+                   correction: dict | None = None, seed: int = 0) -> BoundModel:
+    """A training-free bound model: a fitted baseline (+ its correction)."""
+    model = BoundModel(data.layers, data.anchor_name, baseline=fit_baseline(name, options, data, train_pairs))
+    model.correction = fit_correction(correction, model, data, train_pairs, seed)
+    return model
+
+
+def embed_split(model, data: PairedFeatures, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Shared-space rows of a split: unique anchors, every partner row, partner -> anchor index."""
+    anchors, inverse = np.unique(pairs.anchor_rows, return_inverse=True)
+    za = model.encode(data.anchor_name, data.side(data.anchor_name).rows(anchors))
+    zp = model.encode(data.partner_name, data.side(data.partner_name).rows(pairs.partner_rows))
+    return za, zp, inverse.astype(np.int64)
+
+
+def split_retrieval(model: BoundModel, data: PairedFeatures, pairs: Pairs, ks=RETRIEVAL_KS) -> dict:
+    """Recall@k both ways on a split, ranked as the model ranks (its correction applied)."""
+    za, zp, t2i = embed_split(model, data, pairs)
+    return retrieval_metrics(**model.ranking_inputs(za, zp), text_to_image=t2i, ks=ks)
