@@ -20,11 +20,11 @@ from contextlib import nullcontext
 
 import torch
 
-from anybind.align.losses import StructureRegulariser, build_loss
-from anybind.align.model import BoundModel
+from anybind.align.losses import build_objective
 from anybind.align.optim import build_optimizer
 from anybind.align.projectors import build_projector
 from anybind.align.recipe import OptimizerConfig
+from anybind.align.space import ProjectorSpace
 from anybind.align.trainer import step_loss
 
 D_IMAGE, D_TEXT, DIM = 1280, 384, 512
@@ -46,18 +46,20 @@ def linear_flops(model: torch.nn.Module, batch: int) -> int:
 def time_step(kind: str, batch: int, precision: str, structure_levels: int = 0, reps: int = 3) -> tuple[float, float]:
     """Seconds per training step and the FLOPs of one step."""
     torch.manual_seed(0)
-    model = BoundModel({"image": build_projector(kind, D_IMAGE, DIM), "text": build_projector(kind, D_TEXT, DIM)},
-                       {"image": ["final"], "text": ["final"]})
-    loss_fn = build_loss("infonce", temperature=0.05, learn_temperature=False)
-    structure = StructureRegulariser(levels=structure_levels, max_batch=4096) if structure_levels else None
-    params = list(model.parameters()) + list(loss_fn.parameters())
+    model = ProjectorSpace({"image": build_projector(kind, D_IMAGE, DIM), "text": build_projector(kind, D_TEXT, DIM)},
+                           {"image": ["final"], "text": ["final"]})
+    section = {"name": "infonce", "temperature": 0.05, "learn_temperature": False}
+    if structure_levels:
+        section |= {"structure_weight": 10.0, "structure_levels": structure_levels, "structure_max_batch": 4096}
+    objective = build_objective(section)
+    params = list(model.parameters()) + list(objective.contrastive.parameters())
     opt = build_optimizer(OptimizerConfig(), params)
     xa, xp = [torch.randn(batch, D_IMAGE)], [torch.randn(batch, D_TEXT)]
     item = torch.arange(batch)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step():
-        loss, _ = step_loss(model, loss_fn, structure, ["image", "text"], xa, xp, item, 10.0, autocast, seed=0)
+        loss, _ = step_loss(model, objective, ["image", "text"], xa, xp, item, 0, autocast, seed=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -8,7 +8,14 @@ import pytest
 from anybind.align.recipe import available_recipes, load_recipe
 from anybind.cli import main
 from anybind.encoders import list_encoders
-from anybind.run import RUNS_DIR, RunFile, RunFileError, last_invocation, load_run_file, run_pipeline
+from anybind.run import (
+    RUNS_DIR,
+    RunFile,
+    RunFileError,
+    last_invocation,
+    load_run_file,
+    run_pipeline,
+)
 
 REAL = Path("/usr/share/openclipart/png").is_dir() and Path("/usr/share/datasets/fashion-mnist").is_dir()
 

@@ -2,6 +2,6 @@
 and `load` that gives `encode(modality, items)`, `classify` and `gallery` on raw items."""
 
 from .export import export_bundle
-from .model import BUNDLE_FORMAT, BoundEncoders, Bundle, BundleError, is_bundle, load
+from .model import BUNDLE_FORMAT, Bundle, BundleError, is_bundle, load
 
-__all__ = ["BUNDLE_FORMAT", "BoundEncoders", "Bundle", "BundleError", "export_bundle", "is_bundle", "load"]
+__all__ = ["BUNDLE_FORMAT", "Bundle", "BundleError", "export_bundle", "is_bundle", "load"]

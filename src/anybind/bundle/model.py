@@ -174,4 +174,3 @@ def load(path: str | os.PathLike, device: str = "cpu") -> Bundle:
     return Bundle(path, info, bound, card, device)
 
 
-BoundEncoders = Bundle  # TODO(lead): drop once serve/ uses Bundle

@@ -45,13 +45,20 @@ def sweep_models(specs: Sequence, suite, key: str, values: Sequence, out: str | 
     """Score every model spec at every value of `key` (`protocol.sweep`); the sweep document."""
     from .protocol import sweep
 
+    values = [_setting(v) for v in values]
     series = {}
     for spec in specs:
-        points = sweep(spec, suite, key, list(values), out, folds=folds, seeds=seeds, metric=metric,
+        points = sweep(spec, suite, key, values, out, folds=folds, seeds=seeds, metric=metric,
                        tasks=tasks, progress=progress)
         series[spec.name] = [_point(key, p) for p in points]
     return {"schema": SCHEMA, "key": key, "metric": metric, "folds": _plain(folds), "seeds": _plain(seeds),
             "series": series}
+
+
+def _setting(value):
+    """'1000' (from the command line) and 1000 (from a run file) are the same setting."""
+    text = str(value).strip()
+    return int(text) if text.lstrip("-").isdigit() else value
 
 
 def _point(key: str, p: dict) -> dict:
