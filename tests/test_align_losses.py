@@ -359,7 +359,7 @@ def test_losses_are_a_registry_of_modules():
 def test_loss_section_is_resolved_with_every_default():
     section = resolve_loss_section({"temperature": "1e-1", "structure_weight": 5, "structure_tau": None})
     assert dict(section) == {
-        "name": "infonce", "temperature": 0.1, "learn_temperature": True,
+        "name": "infonce", "temperature": 0.1, "learn_temperature": True, "chunk_size": None,
         "structure_weight": 5.0, "structure_levels": 1, "structure_tau": 0.05,
         "structure_level_weighting": "uniform", "structure_warmup_steps": 0, "structure_max_batch": 4096,
     }
@@ -427,3 +427,18 @@ def test_a_registered_loss_owns_its_options():
     finally:
         LOSSES.unregister("test-margin")
     assert "test-margin" not in LOSSES
+
+
+def test_a_required_loss_option_is_asked_for():
+    class Needs(torch.nn.Module):
+        def __init__(self, *, width: int, scale: float = 1.0):
+            super().__init__()
+            self.width, self.scale = width, scale
+
+    register_loss("test-needs", Needs)
+    try:
+        assert resolve_loss_section({"name": "test-needs", "width": 3})["scale"] == 1.0
+        with pytest.raises(LossError, match="loss: .*missing 1 required keyword-only argument: 'width'"):
+            build_objective({"name": "test-needs", "scale": 2.0})
+    finally:
+        LOSSES.unregister("test-needs")

@@ -139,7 +139,7 @@ def test_cli_recipes_and_train(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "trained (best, step" in out and "baseline: nn-transfer" in out and "chance" in out
-    assert (tmp_path / "run" / "best" / "bound.json").exists()
+    assert (tmp_path / "run" / "best" / "config.json").exists()
     assert main(args[:-3] + ["--set", "loss.bogus=1", "--out", str(tmp_path / "bad"), "-q"]) == 2
     assert "unknown recipe key 'loss.bogus'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

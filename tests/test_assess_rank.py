@@ -11,6 +11,7 @@ from anybind.assess.rank import assess, auto_layers
 from anybind.cli import main
 from anybind.errors import AnybindError
 from anybind.features import extract, write_store
+from anybind.saving import read_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _toy import toy_text_index  # noqa: E402
@@ -82,5 +83,5 @@ def test_train_layers_auto_uses_the_assessment(tmp_path, cache, capsys):
                  "--layers", "image=auto", "--set", "train.max_steps=4", "--set", "train.batch_size=64",
                  "--set", "train.val_every=2", "--out", str(tmp_path / "run"), "-q"])
     assert code == 0, capsys.readouterr().err
-    bound = json.loads((tmp_path / "run" / "best" / "bound.json").read_text())
+    bound = read_config(tmp_path / "run" / "best")  # the saved model's config (format 2)
     assert bound["layers"]["image"] == ["layer.2"]  # what the assessment recommended for enc-a

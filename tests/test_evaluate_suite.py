@@ -192,18 +192,32 @@ def test_cli_compare_prints_the_table(planted_suite, tmp_path, capsys):
     assert main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
 
 
-def test_embeddings_are_normalised_by_the_baseline_wrapper(planted_suite):
-    from anybind.align.baselines import PairedArrays, build_baseline
-    from anybind.evaluate.suite import BaselineEmbedder
+def test_a_training_free_bound_model_gives_normalised_rows_and_blends_to_unit_norm(planted_suite):
+    from anybind.align.bound import BoundModel
+    from anybind.align.fit import fit_baseline
 
     fd = planted_suite.fold_data(0)
-    pairs = fd.split_pairs["train"]
-    a, p = fd.data.side("image"), fd.data.side("text")
-    anchors, inv = np.unique(pairs.anchor_rows, return_inverse=True)
-    base = build_baseline("cca").fit(PairedArrays(a.rows(anchors)[-1].numpy(), p.rows(pairs.partner_rows)[-1].numpy(), inv))
-    z = BaselineEmbedder(base, {"image": "image", "text": "text"}).encode("image", a.rows(anchors[:5]))
+    base = fit_baseline("cca", {}, fd.data, fd.split_pairs["train"])
+    rows = fd.data.side("image").rows(np.arange(5))
+    z = BoundModel(fd.data.layers, "image", baseline=base).encode("image", rows)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
     assert torch.allclose(F.normalize(z, dim=1), z)
+    # a blend sets the two spaces side by side, weighted so a cosine is w * s1 + (1 - w) * s2
+    both = BoundModel(fd.data.layers, "image", space=None, baseline=base)
+    both.space, both.weight = _unit_space(fd), 0.3
+    zb = both.encode("image", rows)
+    torch.testing.assert_close(zb.norm(dim=1), torch.ones(5))
+    s1 = both.space.encode("image", rows) @ both.space.encode("image", rows).T
+    torch.testing.assert_close(zb @ zb.T, 0.3 * s1 + 0.7 * (z @ z.T), atol=1e-5, rtol=0)
+
+
+def _unit_space(fd):
+    from anybind.align.projectors import build_projector
+    from anybind.align.space import ProjectorSpace
+
+    torch.manual_seed(0)
+    dims = {n: fd.data.side(n).dims[0] for n in fd.data.names}
+    return ProjectorSpace({n: build_projector("linear", d, 16) for n, d in dims.items()}, fd.data.layers)
 
 
 def test_cli_eval_on_user_datasets_in_standard_layouts(tmp_path, cache, capsys):

@@ -102,6 +102,18 @@ def _set_help() -> str:
             + _names_help("; corrections: ", CORRECTIONS))
 
 
+def _templates_help() -> str:
+    from .evaluate.zeroshot import available_templates
+
+    return f"zero-shot prompt templates: {', '.join(available_templates())}, or a JSON file"
+
+
+def _tasks_help() -> str:
+    from .evaluate.results import GROUP_ORDER
+
+    return f"comma list, any of {', '.join(GROUP_ORDER)}"
+
+
 class _Parser(argparse.ArgumentParser):
     """Help given as a function is filled in only when help is printed: parsing a verb's
     arguments imports no registry (and so no torch)."""
@@ -352,8 +364,8 @@ def cmd_eval(args) -> int:
 
     The suite: openclipart retrieval (group folds, with a near-duplicate leakage check), zero-shot
     over curated openclipart noun classes (balanced accuracy), and a linear probe on Fashion-MNIST
-    (10k/2k). Models are recipes (trained per fold and seed) or training-free baselines
-    (procrustes, cca, asif, nn-transfer). With --tune each model first gets the same small grid,
+    (10k/2k). Models are recipes (trained per fold and seed) or training-free baselines (the
+    registered ones are listed under --models). With --tune each model first gets the same small grid,
     scored on a validation split only. Every result is logged under --out keyed by its settings,
     so an interrupted evaluation resumes and a finished one is read back instantly.
     """
@@ -675,10 +687,10 @@ def _eval_args(verb: Callable) -> None:
     p.add_argument("--data", help="a paired dataset for retrieval instead of the built-in suite (table:, wds:, karpathy:...)")
     p.add_argument("--zeroshot", help="a labelled image set for zero-shot: imagenet:DIR, folder:DIR, table:FILE")
     p.add_argument("--probe", help="a labelled image set for the linear probe (its train split fits the probe)")
-    p.add_argument("--templates", help="zero-shot prompt templates: default, openai_imagenet, clipart, or a JSON file")
+    p.add_argument("--templates", help=_templates_help)
     p.add_argument("--folds", default="5", help="how many group folds (5 = folds 0-4), or a list: 0,1 (only fold 2: 2,)")
     p.add_argument("--seeds", default="3", help="how many seeds per fold (3 = seeds 0-2), or a list")
-    p.add_argument("--tasks", default="retrieval,zeroshot,probe", help="any of retrieval, zeroshot, probe")
+    p.add_argument("--tasks", default="retrieval,zeroshot,probe", help=_tasks_help)
     p.add_argument("--tune", action="store_true",
                    help="first pick each model's setting from the same small grid, on fold 0's validation split")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=_set_help)

@@ -34,7 +34,6 @@ from .errors import AnybindError
 log = logging.getLogger("anybind.run")
 RUNS_DIR = Path(__file__).resolve().parent / "configs" / "runs"
 SUITES = ("builtin", "custom")
-POOLINGS = ("cls", "mean", "cls+mean")
 STAGE_LOG = "stage-log.jsonl"
 _LAYER_TOKEN = re.compile(r"-?\d+|layer\.-?\d+|final|last")
 
@@ -194,7 +193,7 @@ def _check_data(spec: str) -> None:
 
 
 def _check_encoder(modality: str, entry: EncoderEntry) -> None:
-    from .encoders import list_encoders, parse_spec
+    from .encoders import POOLINGS, list_encoders, parse_spec
 
     key = f"encoders.{modality}"
     if not isinstance(entry.spec, str):

@@ -443,19 +443,19 @@ def _split_section(section: Any, error: type[Exception]) -> tuple[str, dict, dic
         raise error(f"loss must be a mapping such as {{name: infonce, temperature: 0.05}}, not {section!r}")
     section = dict(section)
     name = choice("loss.name", section.pop("name", DEFAULT_LOSS), LOSSES.names(), error=error)
-    loss_defaults = LOSSES.options(name)  # empty when the loss takes **kwargs: it checks its own
-    given = _defaults_given(LOSSES.get(name))
+    accepted = LOSSES.options(name)  # empty when the loss takes **kwargs: it checks its own
+    defaults = _defaults_given(LOSSES.get(name))
     structure_defaults = signature_options(StructureRegulariser)
     options, structure = {}, {}
     for key, value in section.items():
         option = key[len(STRUCTURE_PREFIX):] if key.startswith(STRUCTURE_PREFIX) else None
         if option in structure_defaults:
             structure[option] = _like(structure_defaults[option], value)
-        elif key in loss_defaults or (not loss_defaults and option is None):
-            options[key] = _like(loss_defaults.get(key), value)
+        elif key in accepted or (not accepted and option is None):
+            options[key] = _like(accepted.get(key), value)
         else:
-            raise error(_unknown_key(name, key, loss_defaults, structure_defaults))
-    filled = {k: options.get(k, given.get(k)) for k in loss_defaults if k in options or k in given}
+            raise error(_unknown_key(name, key, accepted, structure_defaults))
+    filled = {k: options.get(k, defaults.get(k)) for k in accepted if k in options or k in defaults}
     structure = {k: d if structure.get(k) is None else structure[k] for k, d in structure_defaults.items()}
     return name, {**filled, **options}, structure
 
