@@ -19,7 +19,7 @@ from anybind.align.corrections import (
     register_correction,
 )
 from anybind.errors import AnybindError
-from anybind.evaluate import recall_at_k, retrieval_metrics
+from anybind.metrics import recall_at_k, retrieval_metrics
 
 # ---- a hand-made hub ---------------------------------------------------------------------------------
 # 2-D unit vectors with exact cosines. Images: the hub h = (1, 0), a = (0.6, 0.8), b = (0.6, -0.8).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,8 +45,8 @@ def positive(what: str, value: Any, error: type[Exception] = ValueCheckError) ->
 
 def integer(what: str, value: Any, *, minimum: int | None = None,
             error: type[Exception] = ValueCheckError) -> int:
-    """An int (bools refused), optionally at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer, Python's or numpy's (bools refused), optionally at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise error(f"{what} must be an integer, not {value!r}")
     if minimum is not None and value < minimum:
         raise error(f"{what} must be at least {minimum}, not {value!r}")

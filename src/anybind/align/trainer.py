@@ -28,7 +28,7 @@ from .. import atomic
 from ..device import select_device
 from ..errors import AnybindError
 from ..features import FeatureStore
-from ..metrics.retrieval import chance_recall
+from ..metrics.retrieval import chance_retrieval_metrics
 from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
@@ -109,19 +109,6 @@ def subsample_items(pairs: Pairs, n_items: int, seed: int) -> Pairs:
     keep = np.random.default_rng([seed, 104729]).choice(items, size=n_items, replace=False)
     sel = np.isin(pairs.item, keep)
     return Pairs(pairs.anchor_rows[sel], pairs.partner_rows[sel], pairs.item[sel])
-
-
-# ---- reference levels ----------------------------------------------------------------------------
-def chance_metrics(pairs: Pairs, ks=(1, 5, 10)) -> dict:
-    n_items = len(np.unique(pairs.anchor_rows))
-    per_item = np.bincount(np.unique(pairs.anchor_rows, return_inverse=True)[1])
-    out = {}
-    for k in ks:
-        i2t = float(np.mean([chance_recall(len(pairs), int(c), k) for c in per_item]))
-        t2i = chance_recall(n_items, 1, k)
-        out[f"image_to_text_R@{k}"], out[f"text_to_image_R@{k}"] = i2t, t2i
-        out[f"mean_R@{k}"] = (i2t + t2i) / 2
-    return out
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -426,7 +413,7 @@ def train(
     state = run.state
     result = TrainResult(run.out, state["best_step"], state["best_metric"], state["step"],
                          split_retrieval(model, run.data, run.val_pairs), model=model,
-                         chance=chance_metrics(run.val_pairs), stopped_early=state["stopped_early"])
+                         chance=chance_retrieval_metrics(run.val_pairs.anchor_rows), stopped_early=state["stopped_early"])
     if baselines:
         result.baselines["nn-transfer"] = nn_transfer_baseline(run.data, run.train_pairs, run.val_pairs)
     result.seconds = time.perf_counter() - t0

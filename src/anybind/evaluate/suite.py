@@ -324,10 +324,10 @@ class Suite:
 
     # -- what knowing nothing scores -------------------------------------------------------------
     def chance(self, fold: int | None, split: str = "test") -> dict[str, float]:
-        from ..align.trainer import chance_metrics
+        from ..metrics import chance_retrieval_metrics
 
         pairs = self.fold_data(fold).split_pairs[split]
-        out = {f"retrieval/{_short(k)}": v for k, v in chance_metrics(pairs, RETRIEVAL_KS).items()}
+        out = {f"retrieval/{_short(k)}": v for k, v in chance_retrieval_metrics(pairs.anchor_rows, RETRIEVAL_KS).items()}
         out["retrieval/mean_recall"] = float(np.mean([out[f"retrieval/mean_R@{k}"] for k in RETRIEVAL_KS]))
         if self.has_zeroshot:
             classes = self.class_names

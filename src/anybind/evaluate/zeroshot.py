@@ -132,7 +132,7 @@ def class_embeddings(
     """
     names = _check_class_names(class_names)
     templates = check_templates(templates)
-    batch_size = _int_at_least("batch_size", batch_size, 1)
+    batch_size = integer("batch_size", batch_size, minimum=1, error=AnybindError)
     prompts = [fill_template(t, c) for c in names for t in templates]
     chunks = []
     for start in range(0, len(prompts), batch_size):
@@ -223,7 +223,7 @@ def chance_metrics(
     - ``majority_class``: that label.
     """
     ks = _check_ks(ks)
-    c = _int_at_least("num_classes", num_classes, 1)
+    c = integer("num_classes", num_classes, minimum=1, error=AnybindError)
     y = _labels(labels, None, c)
     counts = torch.bincount(y, minlength=c)
     majority = int(torch.argmax(counts))
@@ -322,10 +322,4 @@ def _check_ks(ks: Iterable[int]) -> list[int]:
     ks = list(ks)
     if not ks:
         raise AnybindError("ks is empty: give the k of top-k accuracy, e.g. (1, 5)")
-    return [_int_at_least("k", k, 1) for k in ks]
-
-
-def _int_at_least(what: str, value: Any, minimum: int) -> int:
-    """`checks.integer`, also taking numpy integers (ks and class counts often come from numpy)."""
-    plain = value.item() if isinstance(value, np.integer) else value
-    return integer(what, plain, minimum=minimum, error=AnybindError)
+    return [integer("k", k, minimum=1, error=AnybindError) for k in ks]

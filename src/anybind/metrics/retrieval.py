@@ -123,14 +123,14 @@ def chance_recall(n_gallery: int, n_positives_per_query: int | Sequence[int], k:
     The chance that k items drawn without replacement from a gallery of n miss all p positives,
     subtracted from 1. With a sequence of p (one per query), the mean over queries.
     """
-    n = _int_at_least("n_gallery", n_gallery, 1)
-    k = _int_at_least("k", k, 1)
+    n = integer("n_gallery", n_gallery, minimum=1, error=AnybindError)
+    k = integer("k", k, minimum=1, error=AnybindError)
     if isinstance(n_positives_per_query, (Sequence, np.ndarray)):
         counts = [int(p) for p in np.asarray(n_positives_per_query).ravel()]
         if not counts:
             raise AnybindError("n_positives_per_query is empty: give one count per query")
         return float(np.mean([chance_recall(n, p, k) for p in counts]))
-    p = _int_at_least("n_positives_per_query", n_positives_per_query, 1)
+    p = integer("n_positives_per_query", n_positives_per_query, minimum=1, error=AnybindError)
     if p > n:
         raise AnybindError(f"a query cannot have {p} positives in a gallery of {n}")
     if k > n - p:
@@ -345,10 +345,4 @@ def _check_ks(ks: Iterable[int]) -> list[int]:
     ks = list(ks)
     if not ks:
         raise AnybindError("ks is empty: give the k of recall@k, e.g. (1, 5, 10)")
-    return [_int_at_least("k", k, 1) for k in ks]
-
-
-def _int_at_least(what: str, value: Any, minimum: int) -> int:
-    """`checks.integer`, also taking numpy integers (counts and ks often come from numpy)."""
-    plain = value.item() if isinstance(value, np.integer) else value
-    return integer(what, plain, minimum=minimum, error=AnybindError)
+    return [integer("k", k, minimum=1, error=AnybindError) for k in ks]
