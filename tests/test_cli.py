@@ -169,5 +169,6 @@ def test_eval_sweep_writes_the_shared_sweep_document(tmp_path, cache, capsys):
     assert doc["schema"] == "anybind.sweep/1" and doc["metric"] == "retrieval/mean_R@10"
     assert doc["folds"] == [0] and doc["seeds"] == [0]
     points = doc["series"]["linear"]
-    assert [p["value"] for p in points] == [20, "all"]  # as a run file's sweep_n writes it and points[0]["x"] == points[0]["train_items"] == 20
+    assert [p["value"] for p in points] == [20, "all"]  # as a run file's sweep_n writes it
+    assert points[0]["x"] == points[0]["train_items"] == 20
     assert (out / "sweep-n.png").exists() and "plot:" in capsys.readouterr().out

@@ -172,11 +172,9 @@ def _check_top(run: RunFile) -> None:
 
 def dataset_forms() -> tuple[list[str], list[str]]:
     """(built-in dataset names, spec prefixes such as table or folder), from the data registries."""
-    from . import data
+    from .data import DATA_PREFIXES, DATASETS
 
-    builtins = getattr(data, "DATASETS", None) or data.BUILTINS  # the dict until the registry lands
-    prefixes = getattr(data, "DATA_PREFIXES", None) or data.PREFIXES
-    return list(builtins), list(prefixes)
+    return DATASETS.names(), DATA_PREFIXES.names()
 
 
 def _check_data(spec: str) -> None:
