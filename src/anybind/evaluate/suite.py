@@ -324,40 +324,44 @@ class Suite:
 
     # -- what knowing nothing scores -------------------------------------------------------------
     def chance(self, fold: int | None, split: str = "test") -> dict[str, float]:
+        """A uniformly random ranking / guess on every task (`metrics` and `zeroshot` definitions)."""
         from ..metrics import chance_retrieval_metrics
 
         pairs = self.fold_data(fold).split_pairs[split]
         out = {f"retrieval/{_short(k)}": v for k, v in chance_retrieval_metrics(pairs.anchor_rows, RETRIEVAL_KS).items()}
         out["retrieval/mean_recall"] = float(np.mean([out[f"retrieval/mean_R@{k}"] for k in RETRIEVAL_KS]))
         if self.has_zeroshot:
-            classes = self.class_names
-            out["zeroshot/top1"] = 1 / len(classes)
-            out["zeroshot/top5"] = min(5, len(classes)) / len(classes)
-            out["zeroshot/balanced_accuracy"] = 1 / len(classes)
+            zs = self._zeroshot_reference(fold, split)
+            out |= {"zeroshot/top1": zs["chance_top1"], "zeroshot/top5": zs["chance_top5"],
+                    "zeroshot/balanced_accuracy": zs["chance_mean_per_class_recall"]}
         if self.probe is not None:
-            out["probe/top1"] = 1 / len(self.probe.classes)
-            out["probe/balanced_accuracy"] = 1 / len(self.probe.classes)
+            out["probe/top1"] = out["probe/balanced_accuracy"] = 1 / len(self.probe.classes)
         if all(h in out for h in HEADLINE):
             out["suite/score"] = float(np.mean([out[h] for h in HEADLINE]))
         return out
 
     def majority(self, fold: int | None, split: str = "test") -> dict[str, float]:
-        """Always answering the most frequent class: top-1 is its share (balanced accuracy stays 1/C)."""
+        """Always answering the most frequent class (of the test labels for zero-shot, which
+        trains nothing; of the train labels for the probe)."""
         out = {}
         if self.has_zeroshot:
-            if self.zeroshot_set is not None:
-                zs = self.zeroshot_set
-                y = zs.labels[~zs.is_train] if (~zs.is_train).any() else zs.labels
-                classes = zs.classes
-            else:
-                _, y, classes = self.zeroshot_rows(self.fold_data(fold), split)
-            out["zeroshot/top1"] = float(np.bincount(y).max() / len(y))
-            out["zeroshot/balanced_accuracy"] = 1 / len(classes)
+            zs = self._zeroshot_reference(fold, split)
+            out |= {"zeroshot/top1": zs["majority_top1"], "zeroshot/balanced_accuracy": zs["majority_mean_per_class_recall"]}
         if self.probe is not None:
             tr = self.probe.labels[self.probe.is_train]
             te = self.probe.labels[~self.probe.is_train]
             out["probe/top1"] = float(np.mean(te == np.bincount(tr).argmax()))
         return out
+
+    def _zeroshot_reference(self, fold: int | None, split: str) -> dict:
+        from .zeroshot import chance_metrics
+
+        if self.zeroshot_set is not None:
+            zs = self.zeroshot_set
+            y = zs.labels[~zs.is_train] if (~zs.is_train).any() else zs.labels
+            return chance_metrics(y, len(zs.classes), ks=(1, 5))
+        _, y, classes = self.zeroshot_rows(self.fold_data(fold), split)
+        return chance_metrics(y, len(classes), ks=(1, 5))
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
