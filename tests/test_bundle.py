@@ -70,3 +70,26 @@ def _captions(store, rows, karpathy):
     ids = [store.item_ids[r] for r in rows]
     caps = dict(zip(*[load_dataset(f"karpathy:{karpathy}").column(c) for c in ("item_id", "caption")], strict=True))
     return [caps[i][j] for i, j in zip(ids, store.caption_index[rows], strict=True)]
+
+
+def test_overwrite_builds_first_and_never_deletes_what_is_not_a_bundle(trained_run, tmp_path):
+    import shutil
+
+    trained_run, _ = trained_run
+    out = tmp_path / "bundle"
+    export_bundle(trained_run, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # a re-export that fails (its store was removed) leaves the old bundle exactly as it was
+    stores = json.loads((trained_run / "stores.json").read_text())
+    shutil.rmtree(stores["text"])
+    with pytest.raises(anybind.AnybindError):
+        export_bundle(trained_run, out, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no staging left behind
+    # --overwrite onto a folder of the user's is refused, and their file stays
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(anybind.AnybindError, match="not a folder anybind wrote"):
+        export_bundle(trained_run, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -100,12 +100,7 @@ def staged_dir(out: str | os.PathLike, *, replace: bool = False,
     A failure leaves `out` as it was.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not replace:
-            raise WriteError(f"{out} exists and is not empty: choose another output or pass --overwrite")
-        if is_ours is not None and not is_ours(out):
-            raise WriteError(f"{out} is not a folder anybind wrote: refusing to overwrite it "
-                             "(remove it yourself, or choose another output)")
+    check_replaceable(out, replace, is_ours)
     stage = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -119,6 +114,18 @@ def staged_dir(out: str | os.PathLike, *, replace: bool = False,
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_replaceable(out: str | os.PathLike, replace: bool,
+                      is_ours: Callable[[Path], bool] | None = None) -> None:
+    """Refuse, before any work, an output folder that exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not replace:
+            raise WriteError(f"{out} exists and is not empty: choose another output or pass --overwrite")
+        if is_ours is not None and not is_ours(out):
+            raise WriteError(f"{out} is not a folder anybind wrote: refusing to overwrite it "
+                             "(remove it yourself, or choose another output)")
 
 
 def explain(e: OSError) -> str:

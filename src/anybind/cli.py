@@ -334,7 +334,7 @@ def cmd_train(args) -> int:
     print(format_result(result))
     print(f"\n{result.steps} steps in {result.seconds:.0f}s"
           + (" (stopped early)" if result.stopped_early else "")
-          + f"; best model: {result.out / 'best'}; log: {result.out / 'metrics.jsonl'}")
+          + f"; bound model: {result.out / 'model'}; log: {result.out / 'metrics.jsonl'}")
     return 0
 
 

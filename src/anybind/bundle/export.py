@@ -39,6 +39,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, results: list[
     from ..features import FeatureStore
 
     run, out = Path(run), Path(out)
+    atomic.check_replaceable(out, overwrite, is_bundle)  # before any work
     if not is_bound_model(run / MODEL_DIR) or not (run / "stores.json").exists():
         raise AnybindError(f"{run} is not a finished training run of this anybind (no model/ or stores.json): "
                            "train one with `anybind train`")
