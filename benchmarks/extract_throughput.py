@@ -21,6 +21,7 @@ import time
 import torch
 
 from anybind.data import load_dataset
+from anybind.device import select_device
 from anybind.encoders import create_encoder
 from anybind.features import extract
 from anybind.features.extract import (
@@ -29,7 +30,6 @@ from anybind.features.extract import (
     autocast,
     choose_precision,
     default_field,
-    resolve_device,
 )
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--layers", default="final")
     args = ap.parse_args()
 
-    device = resolve_device("auto")
+    device = select_device("auto")
     enc = create_encoder(args.encoder).to(device)
     index = load_dataset(args.data).spread(args.n)  # evenly spread: rare huge images count fairly
     field = default_field(index, enc.modality)

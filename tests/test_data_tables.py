@@ -133,3 +133,126 @@ def test_unreadable_table(tmp_path):
     bad.write_text("?")
     with pytest.raises(DataError, match="unknown table format"):
         list_table(bad)
+
+
+# ---- text encodings: a byte that is not UTF-8 is refused by line, or read in the named encoding ----
+def _latin1_tables(folder):
+    """The same three rows as CSV, TSV and JSONL, written in Latin-1: line 3 holds 0xE9 (é)."""
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / "café.png")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(folder / "plain.png")
+    rows = [("plain.png", "a green square"), ("café.png", "un café au lait")]
+    tables = {
+        "pairs.csv": "image,caption\n" + "".join(f"{i},{c}\n" for i, c in rows),
+        "pairs.tsv": "image\tcaption\n" + "".join(f"{i}\t{c}\n" for i, c in rows),
+        # a blank first line, so that the byte is on line 3 here too
+        "pairs.jsonl": "\n" + "".join(json.dumps({"image": i, "caption": c}, ensure_ascii=False) + "\n"
+                                      for i, c in rows),
+    }
+    for name, text in tables.items():
+        (folder / name).write_bytes(text.encode("latin-1"))
+    return [folder / name for name in tables]
+
+
+@pytest.mark.parametrize("name,column", [("pairs.csv", 4), ("pairs.tsv", 4), ("pairs.jsonl", 15)])
+def test_a_non_utf8_byte_is_refused_naming_file_line_and_byte(tmp_path, name, column):
+    _latin1_tables(tmp_path)
+    path = tmp_path / name
+    with pytest.raises(DataError) as info:
+        list_table(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} line 3: byte 0xe9 at column {column} is not UTF-8")
+    assert "--encoding latin-1" in message
+    # the same file read as Latin-1: every value is the right text and the image is found
+    idx = list_table(path, encoding="latin-1")
+    rows = _by_id(idx)
+    assert rows["café.png"][1] == ["un café au lait"] and rows["plain.png"][1] == ["a green square"]
+    ids, _, refs = idx.field_rows("image")
+    assert load_image(refs[ids.index("café.png")]).getpixel((0, 0)) == (200, 0, 0)
+    assert idx.meta["encoding"] == "latin-1"
+
+
+def test_encoding_is_a_table_spec_option_and_a_bad_one_is_named(tmp_path):
+    from anybind.data import load_dataset
+
+    csv_path = _latin1_tables(tmp_path)[0]
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="line 3: byte 0xe9"):
+        load_dataset(f"table:{csv_path}", cache=cache)
+    idx = load_dataset(f"table:{csv_path}", cache=cache, encoding="latin-1")
+    assert sorted(idx.item_ids) == ["café.png", "plain.png"]
+    with pytest.raises(DataError, match="unknown encoding 'klingon'"):
+        list_table(csv_path, encoding="klingon")
+    pq.write_table(pa.table({"image": ["a.png"], "caption": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match="Parquet text is always UTF-8"):
+        list_table(tmp_path / "t.parquet", encoding="latin-1")
+    assert len(list_table(tmp_path / "t.parquet", encoding="utf-8")) == 1
+    # a valid UTF-8 file (and its BOM) reads as before
+    (tmp_path / "ok.csv").write_bytes("\ufeffimage,caption\ncafé.png,un café\n".encode())
+    assert _by_id(list_table(tmp_path / "ok.csv"))["café.png"][1] == ["un café"]
+
+
+def test_the_check_counts_lines_across_chunks(tmp_path, monkeypatch):
+    """The check reads big files in chunks of whole lines: the line number stays exact."""
+    import anybind.data.tables as tables
+
+    monkeypatch.setattr(tables, "CHECK_CHUNK", 64)
+    lines = ["image,caption"] + [f"img{i}.png,caption number {i} é" for i in range(200)]
+    data = "\n".join(lines).encode("utf-8")
+    bad = data.replace("caption number 150 é".encode(), b"caption number 150 \xff")
+    (tmp_path / "big.csv").write_bytes(bad)
+    with pytest.raises(DataError, match=r"big.csv line 152: byte 0xff at column 31 is not UTF-8"):
+        list_table(tmp_path / "big.csv")
+    (tmp_path / "good.csv").write_bytes(data)
+    assert len(list_table(tmp_path / "good.csv")) == 200
+
+
+def test_cli_extract_refuses_a_latin1_table_then_reads_it_with_encoding(tmp_path, cache, capsys):
+    from anybind.cli import main
+
+    csv_path = _latin1_tables(tmp_path)[0]
+    args = ["extract", "-e", "random:image", "-d", f"table:{csv_path}", "-q", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{csv_path} line 3: byte 0xe9 at column 4 is not UTF-8" in err and "Traceback" not in err
+    assert not (cache / "stores").exists()  # refused before any store was started
+    assert main(args + ["--encoding", "latin-1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rows" in out and "0 skipped" in out  # café.png found, not skipped as missing
+    assert main(["extract", "-e", "random:image", "-d", "openclipart", "--encoding", "latin-1", "-q"]) == 2
+    assert "takes no option encoding" in capsys.readouterr().err
+
+
+def test_a_run_reads_a_latin1_table_with_its_encoding(tmp_path, cache, capsys):
+    """`anybind run` on a Latin-1 table: refused by line without an encoding, read whole with
+    `--encoding latin-1` (or the run file's `encoding:`), a bad encoding refused by its key."""
+    from anybind.cli import main
+
+    lines = ["image,caption"]
+    for i in range(40):
+        Image.new("RGB", (8, 8), (6 * i, 100, 200)).save(tmp_path / f"café{i}.png")
+        lines.append(f"café{i}.png,une tasse de café numéro {i}")
+    table = tmp_path / "cafés.csv"
+    table.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    runfile = tmp_path / "run.yaml"
+    text = f"""
+name: cafes
+data: "table:{table}"
+encoders: {{image: {{spec: "random:image"}}, text: {{spec: "random:text"}}}}
+assess: {{enabled: false}}
+recipe: linear
+overrides: [train.max_steps=4, train.val_every=2, train.batch_size=16]
+evaluate: {{suite: custom, tasks: [retrieval], baselines: []}}
+export: false
+"""
+    runfile.write_text(text)
+    out = tmp_path / "out"
+    assert main(["run", str(runfile), "--out", str(out), "-q"]) == 2
+    assert "line 2: byte 0xe9 at column 4 is not UTF-8" in capsys.readouterr().err
+    assert not (cache / "stores").exists()
+    assert main(["run", str(runfile), "--out", str(out), "--encoding", "latin-1", "-q"]) == 0
+    stores = [json.loads(p.read_text()) for p in (cache / "stores").rglob("manifest.json")]
+    # every image found: none skipped as "file not found"
+    assert sorted((m["modality"], m["rows"], m["skipped"]) for m in stores) == [("image", 40, 0), ("text", 40, 0)]
+    runfile.write_text(text + "encoding: klingon\n")
+    assert main(["run", str(runfile), "--out", str(tmp_path / "out2"), "-q"]) == 2
+    assert "encoding: unknown text encoding 'klingon'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from anybind.encoders import create_encoder
-from anybind.errors import StoreError
+from anybind.errors import AnybindError, StoreError
 from anybind.features import FeatureStore, extract, list_stores, remove_store, safetensors_io
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -130,30 +130,6 @@ def test_unfinished_store_with_other_request_is_refused(cache, tmp_path):
         _extract(toy_text_index(), cache, out=out)
     with pytest.raises(StoreError, match="unfinished"):
         FeatureStore.open(out)
-
-
-def test_full_disk_leaves_no_half_shard(cache, monkeypatch):
-    import safetensors.torch as st
-
-    real = st.save_file
-    calls = {"n": 0}
-
-    def failing(tensors, filename, metadata=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            real(tensors, filename, metadata=metadata)  # a partial file exists when the error hits
-            raise OSError(28, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(st, "save_file", failing)
-    with pytest.raises(StoreError, match="disk full"):
-        _extract(toy_text_index(), cache)
-    [folder] = [Path(r["path"]) for r in list_stores(cache)]
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(("shard", "."))) == [
-        "shard-00000.safetensors", "shard-00001.safetensors"]
-    monkeypatch.setattr(st, "save_file", real)
-    store = _extract(toy_text_index(), cache)  # resumes after space is freed
-    assert store.path == folder and len(store.manifest["shards"]) == 8
 
 
 SLOW_SCRIPT = textwrap.dedent("""
@@ -281,3 +257,324 @@ def test_whole_file_writes_leave_no_temporary_files(cache):
     store = _extract(toy_text_index(), cache)
     assert not [p.name for p in store.path.iterdir() if p.name.startswith(".")]
     assert (store.path / "manifest.json").read_text().endswith("}\n")  # written by anybind.atomic
+
+
+# ---- issue 13: every failure named, the same request gives the same bytes, one writer per store ----
+SCRIPT_PRELUDE = textwrap.dedent("""
+    import json, logging, os, resource, signal, sys, time
+    sys.path.insert(0, {tests!r})
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from _toy import toy_text_index
+    from anybind.encoders.random import RandomEncoder, create
+    from anybind.encoders.spec import parse_spec
+    from anybind.errors import AnybindError
+    from anybind.features import extract
+    ARGS = json.loads(sys.argv[1])
+""")
+
+
+def _script(body: str, args: dict, **popen) -> subprocess.Popen:
+    """A Python subprocess running SCRIPT_PRELUDE + `body`, with `args` as ARGS (JSON)."""
+    code = SCRIPT_PRELUDE.format(tests=str(Path(__file__).parent)) + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_batch_size_zero_is_refused_not_replaced(cache):
+    for bad in (0, -5):
+        with pytest.raises(AnybindError, match="batch size must be at least 1"):
+            _extract(toy_text_index(10), cache, batch_size=bad)
+    with pytest.raises(AnybindError, match="shard size must be at least 1"):
+        _extract(toy_text_index(10), cache, shard_size=0)
+
+
+def test_a_run_where_every_item_is_skipped_is_an_error_naming_the_reasons(cache, tmp_path):
+    from anybind.data.index import DatasetIndex
+
+    paths = [tmp_path / f"img{i:02d}.png" for i in range(60)]
+    for p in paths[:2]:
+        p.write_bytes(b"this is not a png")
+    index = DatasetIndex.from_records("broken", [{"item_id": f"it{i:02d}", "image": str(p)} for i, p in enumerate(paths)],
+                                      {"image": "image"})
+    with pytest.raises(StoreError) as e:
+        extract("random:image", index, shard_size=16, progress=False, cache=cache, precision="fp32", num_workers=0)
+    msg = str(e.value)
+    assert msg.startswith("all 60 items were skipped: 58 file not found, 2 not an image"), msg
+    assert "it00" in msg and "nothing was stored" in msg
+    assert [r for r in list_stores(cache) if r["status"] == "done"] == []
+    # no empty store is left to be found: once the files are there, the same command extracts them
+    from PIL import Image
+
+    for i, p in enumerate(paths):
+        Image.new("RGB", (40, 40), (4 * i, 100, 200)).save(p, format="PNG")
+    store = extract("random:image", index, shard_size=16, progress=False, cache=cache, precision="fp32", num_workers=0)
+    assert len(store) == 60 and not store.report["hit"]
+
+
+FILL_SCRIPT = """
+    class Filling(RandomEncoder):  # the disk "fills up" (RLIMIT_FSIZE) after `fill_at` forward passes
+        calls = 0
+
+        def encode(self, batch, layers, pooling=None):
+            Filling.calls += 1
+            if Filling.calls == ARGS.get("fill_at"):
+                resource.setrlimit(resource.RLIMIT_FSIZE, (ARGS["limit"], resource.RLIM_INFINITY))
+            return super().encode(batch, layers, pooling)
+
+    # ignored (Python's default), a write past the limit fails with EFBIG; the system default kills
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL if ARGS.get("killed_by_sigxfsz") else signal.SIG_IGN)
+    enc = create(parse_spec("random:text"))
+    enc.__class__ = Filling
+    if ARGS.get("fill_at") == 0:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (ARGS["limit"], resource.RLIM_INFINITY))
+    try:
+        store = extract(enc, toy_text_index(60), layers="all", shard_size=16, batch_size=5, progress=False,
+                        out=ARGS["out"], precision="fp32")
+    except AnybindError as e:
+        print("ERROR", e)
+        sys.exit(2)
+    print("DONE", store.report["hit"], Filling.calls)
+"""
+
+
+def test_a_full_disk_is_named_keeps_finished_shards_and_resume_cleans_up(cache, tmp_path):
+    """Real write failures (RLIMIT_FSIZE): killed by SIGXFSZ, then EFBIG; a normal run resumes."""
+    folder = tmp_path / "store"
+    # 1. killed (SIGXFSZ) while writing request.json: a temporary file and the lock are left behind
+    rc, out, err = _finish(_script(FILL_SCRIPT, {"out": str(folder), "fill_at": 0, "limit": 400, "killed_by_sigxfsz": True}))
+    assert rc == -signal.SIGXFSZ, (rc, out, err)
+    assert any(p.name.startswith(".request.json.") and p.name.endswith(".tmp") for p in folder.iterdir())
+    assert (folder / ".lock").exists()
+    # 2. the disk fills up during shard 2: a message that says what ran out and where, no traceback
+    rc, out, err = _finish(_script(FILL_SCRIPT, {"out": str(folder), "fill_at": 9, "limit": 1000}))
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"could not write {folder / 'shard-00002.safetensors'}" in out, out
+    assert "ulimit -f" in out and "Finished shards are kept" in out
+    assert "taking over the lock" in err  # the killed run's lock
+    shards = sorted(p.name for p in folder.glob("shard-*"))
+    assert shards == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # its tmp, the stale tmp, the lock
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
+    # 3. space again: the same command resumes, keeps the finished shards, leaves no temporary file
+    rc, out, err = _finish(_script(FILL_SCRIPT, {"out": str(folder)}))
+    assert rc == 0 and out.startswith("DONE False"), (out, err)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-0000[01]*")} == mtimes
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+    ref = _extract(toy_text_index(60), cache, out=tmp_path / "ref", precision="fp32")
+    assert _store_bytes(folder) == _store_bytes(ref.path)
+
+
+WRITE_SHARD_SCRIPT = """
+    import torch
+    from anybind.features.safetensors_io import write_shard
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"final": torch.randn(7, 5, generator=g).half(), "layer.1": torch.randn(7, 3, generator=g).bfloat16(),
+               "wide": torch.randn(7, 2, generator=g), "_row": torch.arange(7)}
+    meta = {f"key{i}": f"value {i}" for i in (5, 2, 7, 0, 3, 6, 1, 4)}
+    write_shard(__import__("pathlib").Path(ARGS["path"]), tensors, meta)
+"""
+
+
+def test_shards_are_byte_reproducible_across_processes_and_safetensors_reads_them(tmp_path):
+    """Two processes write the same tensors with several metadata keys: the same bytes."""
+    procs = [_script(WRITE_SHARD_SCRIPT, {"path": str(tmp_path / f"{i}.safetensors")}) for i in range(2)]
+    for p in procs:
+        rc, out, err = _finish(p)
+        assert rc == 0, err
+    a, b = (tmp_path / "0.safetensors").read_bytes(), (tmp_path / "1.safetensors").read_bytes()
+    assert a == b
+    n = int.from_bytes(a[:8], "little")
+    assert n % 8 == 0 and b'"__metadata__":{"key0":"value 0","key1"' in a[8:8 + n]  # sorted keys, fixed separators
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "0.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(tensors["final"], torch.randn(7, 5, generator=g).half())
+    assert tensors["layer.1"].dtype == torch.bfloat16 and tensors["_row"].tolist() == list(range(7))
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == {f"key{i}": f"value {i}" for i in range(8)}
+    np.testing.assert_array_equal(safetensors_io.map_tensor(tmp_path / "1.safetensors", "wide"), tensors["wide"].numpy())
+
+
+PRECISION_SCRIPT = """
+    import hashlib, random
+    from pathlib import Path
+    from PIL import Image
+    from anybind.data.index import DatasetIndex
+
+    class ConvNet(RandomEncoder):  # a convolutional image encoder whose bf16 is faithful but slower
+        channels_last = True
+
+        def encode(self, batch, layers, pooling=None):
+            if torch.is_autocast_enabled("cpu"):
+                time.sleep(0.3 + random.random() * 0.2)  # slower, and noisy: the decision must not care
+            return super().encode(batch, layers, pooling)
+
+    class FastBf16Text(RandomEncoder):  # a text encoder whose bf16 is faster: still fp32 on a CPU
+        def encode(self, batch, layers, pooling=None):
+            if not torch.is_autocast_enabled("cpu"):
+                time.sleep(0.3)
+            return super().encode(batch, layers, pooling)
+
+    import torch
+    folder = Path(ARGS["images"])
+    recs = [{"item_id": p.stem, "image": str(p), "caption": "a picture " + p.stem} for p in sorted(folder.glob("*.png"))]
+    index = DatasetIndex.from_records("pics", recs, {"image": "image", "caption": "text"})
+    out = {}
+    for cls, spec in ((ConvNet, "random:image"), (FastBf16Text, "random:text")):
+        enc = create(parse_spec(spec))
+        enc.__class__ = cls
+        store = extract(enc, index, layers="final", progress=False, num_workers=0)
+        shards = sorted(store.path.glob("shard-*"))
+        out[spec] = {"precision": store.report["precision"], "folder": store.path.name,
+                     "sha256": [hashlib.sha256(p.read_bytes()).hexdigest() for p in shards]}
+    print(json.dumps(out))
+"""
+
+
+def test_precision_auto_decides_the_same_in_fresh_caches_and_processes(tmp_path):
+    """The decision is a rule (device type, encoder kind, fidelity on a fixed batch), not a timing."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        Image.new("RGB", (48, 40), (20 * i, 255 - 20 * i, 90)).save(tmp_path / "images" / f"p{i:02d}.png")
+    runs = []
+    for k in range(2):  # two fresh caches, two processes
+        env = {**os.environ, "ANYBIND_CACHE": str(tmp_path / f"cache{k}")}
+        rc, out, err = _finish(_script(PRECISION_SCRIPT, {"images": str(tmp_path / "images")}, env=env))
+        assert rc == 0, err
+        runs.append(json.loads(out.splitlines()[-1]))
+    assert runs[0] == runs[1]  # the same precision, the same store folder, the same shard bytes
+    assert runs[0]["random:image"]["precision"] == "bf16"  # faithful + convolutional, though slower here
+    assert runs[0]["random:text"]["precision"] == "fp32"  # faster in bf16 here, but the CPU rule is fp32
+    memo = json.loads((tmp_path / "cache0" / "precision.json").read_text())
+    [entry] = memo.values()
+    assert entry["precision"] == "bf16" and entry["min_cosine"] >= 0.995 and "seconds_bf16" not in entry
+
+
+def test_precision_auto_refuses_bf16_that_is_not_faithful(cache):
+    from anybind.features.precision import calibration_items, choose_precision
+
+    enc = create_encoder("random:image")
+    enc.channels_last = True
+    real = enc.encode
+
+    def lossy(batch, layers, pooling=None):
+        out = real(batch, layers, pooling)
+        if torch.is_autocast_enabled("cpu"):
+            out = {k: v + 0.3 * torch.randn_like(v.float()) for k, v in out.items()}
+        return out
+
+    enc.encode = lossy
+    assert choose_precision(enc, "mean", torch.device("cpu"), cache) == "fp32"
+    # the calibration batch is fixed: the same items on every call, whatever the dataset
+    a, b = calibration_items(enc), calibration_items(enc)
+    assert len(a) == 32 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert calibration_items(create_encoder("random:text")) == calibration_items(create_encoder("random:text"))
+
+
+LOCK_SCRIPT = """
+    class Slow(RandomEncoder):
+        calls = 0
+
+        def encode(self, batch, layers, pooling=None):
+            Slow.calls += 1
+            time.sleep(ARGS["delay"])
+            return super().encode(batch, layers, pooling)
+
+    enc = create(parse_spec("random:text"))
+    enc.__class__ = Slow
+    if ARGS.get("go"):  # start together: both are ready (imports done) before either extracts
+        print("READY", flush=True)
+        while not os.path.exists(ARGS["go"]):
+            time.sleep(0.01)
+    store = extract(enc, toy_text_index(100), layers="all", shard_size=32, batch_size=8, progress=False,
+                    precision="fp32")
+    print("DONE", store.report["hit"], Slow.calls, store.path)
+"""
+
+
+def test_two_identical_extracts_started_together_work_once(cache, tmp_path):
+    env = {**os.environ, "ANYBIND_CACHE": str(cache)}
+    procs = [_script(LOCK_SCRIPT, {"delay": 0.1, "go": str(tmp_path / "go")}, env=env) for _ in range(2)]
+    assert [p.stdout.readline().strip() for p in procs] == ["READY", "READY"]
+    (tmp_path / "go").touch()
+    results = [_finish(p) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), results
+    done = {p.pid: out.splitlines()[-1].split() for p, (_, out, _) in zip(procs, results)}
+    workers = [pid for pid, d in done.items() if d[1] == "False"]
+    assert len(workers) == 1, done  # one extracted, the other waited and found the store done
+    [waiter] = [pid for pid in done if pid != workers[0]]
+    assert done[waiter][1:3] == ["True", "0"] and int(done[workers[0]][2]) > 0
+    assert done[waiter][3] == done[workers[0]][3]
+    waiter_err = results[[p.pid for p in procs].index(waiter)][2]
+    assert f"is being written by another anybind process (pid {workers[0]} on " in waiter_err
+    assert ", since " in waiter_err
+    assert not (Path(done[waiter][3]) / ".lock").exists()
+
+
+def test_the_lock_of_a_killed_extract_is_taken_over(cache, caplog):
+    env = {**os.environ, "ANYBIND_CACHE": str(cache)}
+    victim = _script(LOCK_SCRIPT, {"delay": 0.05}, env=env)
+    deadline = time.time() + 60
+    while not list(cache.glob("stores/*/shard-00001.safetensors")) and time.time() < deadline:
+        time.sleep(0.02)
+    [lock] = cache.glob("stores/*/.lock")
+    assert json.loads(lock.read_text())["pid"] == victim.pid
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert lock.exists()  # SIGKILL left it
+    with caplog.at_level("WARNING", logger="anybind.extract"):
+        store = _extract(toy_text_index(100), cache, shard_size=32, batch_size=8, precision="fp32")
+    assert f"taking over the lock of pid {victim.pid} on " in caplog.text
+    assert not store.report["hit"] and store.path == lock.parent and not lock.exists()
+
+
+def test_store_lock_waits_for_the_living_and_names_them(tmp_path):
+    import socket
+
+    from anybind.features.lock import StoreLock, _proc_start
+
+    lock_file = tmp_path / "store" / ".lock"
+    lock_file.parent.mkdir()
+    # a live process of this host that is not the holder any more (a recycled pid): taken over
+    ppid = os.getppid()
+    lock_file.write_text(json.dumps({"pid": ppid, "host": socket.gethostname(), "since": "then",
+                                     "proc_start": (_proc_start(ppid) or 0) + 12345}))
+    with StoreLock(tmp_path / "store", timeout_s=5) as held:
+        assert held.holder().pid == os.getpid()
+        # while held, another waiter gives up after its timeout, naming the holder
+        with pytest.raises(StoreError, match=rf"held by pid {os.getpid()} on .*, since "):
+            StoreLock(tmp_path / "store", timeout_s=0.3, poll_s=0.05).acquire()
+    assert not lock_file.exists()
+    # a holder on another machine cannot be checked from here: wait, and say which file to remove
+    lock_file.write_text(json.dumps({"pid": 4242, "host": "elsewhere", "since": "then", "proc_start": None}))
+    with pytest.raises(StoreError, match=r"pid 4242 on elsewhere, since then \(if that process is gone, remove .*\.lock\)"):
+        StoreLock(tmp_path / "store", timeout_s=0.3, poll_s=0.05).acquire()
+
+
+def test_precision_auto_does_not_depend_on_the_layers_asked_for(cache, tmp_path):
+    """One decision per encoder and device type: a store with more layers stays a hit for fewer."""
+    from PIL import Image
+
+    from anybind.data.index import DatasetIndex
+
+    recs = []
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+        recs.append({"item_id": f"p{i}", "image": str(tmp_path / f"{i}.png")})
+    index = DatasetIndex.from_records("pics", recs, {"image": "image"})
+    enc = create_encoder("random:image")
+    enc.channels_last = True  # a convolutional encoder: bf16 on a CPU where faithful
+    every = extract(enc, index, layers="all", progress=False, cache=cache, num_workers=0)
+    final = extract(enc, index, layers="final", progress=False, cache=cache, num_workers=0)
+    assert every.report["precision"] == final.report["precision"] == "bf16"
+    assert final.report["hit"] and final.path == every.path

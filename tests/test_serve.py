@@ -218,6 +218,8 @@ def test_routes_answer(served, client):
     ("post", "/embed", {"json": {"texts": ["ok", ""]}}, 400, "texts[1] is empty"),
     ("post", "/embed", {"json": {"words": ["x"]}}, 400, "texts"),
     ("post", "/embed", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("post", "/embed", {"content": b"[" * 33 + b"]" * 33, "headers": {"content-type": "application/json"}}, 400,
+     "33 levels deep"),
     ("post", "/embed", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "multipart"),
     ("post", "/embed", {"files": {"file": ("a.png", b"hello, I am text", "image/png")}}, 415, "not an image"),
     ("post", "/embed", {"files": {"file": ("big.png", b"\x89PNG" + bytes(5000), "image/png")}}, 413, "too large"),
@@ -277,6 +279,27 @@ def live_server(served):
     yield f"http://127.0.0.1:{port}/"
     server.should_exit = True
     thread.join(10)
+
+
+def test_a_json_body_nested_100k_deep_gets_a_400_and_the_server_answers_the_next_request(served, live_server):
+    """Against real uvicorn: json.loads would recurse 100k levels (a 500 and a dropped connection);
+    the depth is counted on the raw bytes first, for the /embed body and the /classify labels."""
+    import httpx
+
+    deep = b'{"texts": ' + b"[" * 100_000 + b'"x"' + b"]" * 100_000 + b"}"
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        r = http.post("embed", content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert "nests 100001 levels deep; at most 32" in r.json()["error"]
+        r = http.post("classify", files={"file": ("r.png", _png(), "image/png")},
+                      data={"labels": "[" * 50_000 + "]" * 50_000})
+        assert r.status_code == 400 and "labels" in r.json()["error"] and "levels deep" in r.json()["error"]
+        # the same server, the same connection pool: still answering, and right
+        assert http.get("health").json()["status"] == "ok"
+        r = http.post("embed", json={"texts": ["a [[[{ red square"]})  # brackets inside a string are text
+        assert r.status_code == 200
+        np.testing.assert_allclose(r.json()["embeddings"], served.model.encode_text(["a [[[{ red square"]).numpy(),
+                                   atol=1e-6)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),

@@ -191,6 +191,27 @@ def _device(name: str | None):
     return select_device(name)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 is refused, never read as 'the default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def listed_data(spec: str, encoding: str | None, cache):
+    """`--data` as extraction reads it: the spec, or with `--encoding` the dataset listed with that
+    option (an option of table: specs; another dataset refuses it by name)."""
+    if not encoding:
+        return spec
+    from .data import load_dataset
+
+    return load_dataset(spec, cache=cache, encoding=encoding)
+
+
 # ---- verbs: encoders, data, features ---------------------------------------------------------------------
 def cmd_encoders(args) -> int:
     """List packaged encoders and backends; with SPEC, load it and show its layers."""
@@ -232,10 +253,11 @@ def cmd_extract(args) -> int:
     """Run an encoder over a dataset field into the feature cache (resumable; a repeat is a cache hit)."""
     from .features import extract
 
+    device = _device(args.device)  # checked before any work
     store = extract(
-        args.encoder, args.data, field=args.field, layers=args.layers, pooling=args.pooling,
-        precision=args.precision, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.workers,
-        shard_size=args.shard_size, cache=args.cache, out=args.out, device=_device(args.device),
+        args.encoder, listed_data(args.data, args.encoding, args.cache), field=args.field, layers=args.layers,
+        pooling=args.pooling, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
+        num_workers=args.workers, shard_size=args.shard_size, cache=args.cache, out=args.out, device=device,
         progress=not args.quiet, assessment=args.assessment,
     )
     if store is None:  # a non-zero torchrun rank: its shards are written, rank 0 merges
@@ -248,9 +270,10 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def open_store(side: str, value: str, layers: str | None, cache, progress: bool, assessment=None):
+def open_store(side: str, value: str, layers: str | None, cache, progress: bool, assessment=None,
+               encoding: str | None = None):
     """A store folder, or ENCODER+DATASET: the cached store of that pair holding `layers`
-    (extracted if missing)."""
+    (extracted if missing; `encoding` is the table's text encoding)."""
     from pathlib import Path
 
     from .features import FeatureStore, extract
@@ -261,7 +284,8 @@ def open_store(side: str, value: str, layers: str | None, cache, progress: bool,
     if not sep or not encoder or not data:
         raise AnybindError(f"--store {side}={value}: give a store folder, or ENCODER+DATASET "
                            "(e.g. image=efficientnet-lite0+openclipart)")
-    return extract(encoder, data, layers=layers or "final", assessment=assessment, cache=cache, progress=progress)
+    return extract(encoder, listed_data(data, encoding, cache), layers=layers or "final", assessment=assessment,
+                   cache=cache, progress=progress)
 
 
 def store_layers(side: str, store, text: str | None, assessment=None, cache=None) -> list[str] | None:
@@ -310,7 +334,8 @@ def train_inputs(args) -> tuple[dict, dict | None]:
         raise AnybindError(f"--layers names {', '.join(sorted(unknown))}, which has no --store")
     stores, layers = {}, {}
     for side, value in pairs:
-        stores[side] = open_store(side, value, texts.get(side), args.cache, not args.quiet, args.assessment)
+        stores[side] = open_store(side, value, texts.get(side), args.cache, not args.quiet, args.assessment,
+                                  args.encoding)
         chosen = store_layers(side, stores[side], texts.get(side), args.assessment, args.cache)
         if chosen:
             layers[side] = chosen
@@ -493,6 +518,8 @@ def cmd_run(args) -> int:
     from .run import last_invocation, load_run_file, run_pipeline
 
     run = load_run_file(args.runfile)
+    if args.encoding:  # the run file's `encoding:` (checked again by run_pipeline)
+        run.encoding = args.encoding
     out = run_pipeline(run, out=args.out, cache=args.cache, progress=not args.quiet)
     stages = json.loads((out / "stages.json").read_text())
     status = last_invocation(out)
@@ -525,13 +552,13 @@ def cmd_cache_ls(args) -> int:
 
 
 def cmd_cache_rm(args) -> int:
-    """Remove stores: by path, or every store matching --encoder/--data, or --partial ones."""
+    """Remove stores: by path, or every store matching --encoder/--data, or --partial (unfinished or damaged) ones."""
     from .features import list_stores, remove_store
 
     targets = list(args.paths)
     if args.encoder or args.data or args.partial or args.all:
         for row in list_stores(args.cache):
-            if args.partial and not row["status"].startswith("partial"):
+            if args.partial and not row["status"].startswith(("partial", "damaged")):
                 continue
             if args.encoder and row.get("encoder") != args.encoder:
                 continue
@@ -546,6 +573,29 @@ def cmd_cache_rm(args) -> int:
     return 0
 
 
+def cmd_cache_verify(args) -> int:
+    """Check stores in full: every shard's size and sha256 against its manifest, rows.parquet's row count.
+
+    Prints ok or damaged per store; exits 1 when any store is damaged. With --repair a damaged
+    store is reopened, so running the same `anybind extract` again recomputes only its damaged shards.
+    """
+    from pathlib import Path
+
+    from .features.store import store_folders, verify_store
+
+    paths = [Path(p) for p in args.paths] or store_folders(args.cache)
+    damaged = 0
+    for path in paths:
+        status = verify_store(path, repair=args.repair)
+        word = status.split(":")[0].split(" ")[0]  # ok, damaged, unfinished or unsupported
+        damaged += word == "damaged"
+        print(f"{word:<11} {path}" + (f"\n            {status}" if status != word else ""), flush=True)
+    print(f"{len(paths)} store(s) checked, {damaged} damaged")
+    if damaged and not args.repair:
+        print("repair: `anybind cache verify --repair` then the same `anybind extract` again; or `anybind cache rm PATH`")
+    return 1 if damaged else 0
+
+
 def cmd_index(args) -> int:
     """Embed a dataset's images with a bundle into a FAISS index (exact below 50k items; HNSW or IVF above).
 
@@ -554,8 +604,10 @@ def cmd_index(args) -> int:
     """
     from .serve.index import build_index
 
-    idx = build_index(args.bundle, args.data, args.out, kind=args.kind, modality=args.modality, field=args.field,
-                      cache=args.cache, batch_size=args.batch_size, num_workers=args.workers, device=_device(args.device),
+    device = _device(args.device)  # checked before any work
+    data = listed_data(args.data, args.encoding, args.cache)
+    idx = build_index(args.bundle, data, args.out, kind=args.kind, modality=args.modality, field=args.field,
+                      cache=args.cache, batch_size=args.batch_size, num_workers=args.workers, device=device,
                       progress=not args.quiet, overwrite=args.overwrite)
     info = idx.info
     print(f"index: {idx.path}  ({info['kind']}, {len(idx)} {info['modality']} items of {info['dataset']}, dim {idx.dim}"
@@ -611,6 +663,10 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda when a GPU is visible, this rank's under torchrun), cpu, cuda, cuda:N")
 
 
+def _add_encoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoding", help="text encoding of a CSV/TSV/JSONL table dataset (default utf-8), e.g. latin-1")
+
+
 def _listing_args(verb: Callable) -> None:
     p = verb("encoders", cmd_encoders, "list encoders, or show one encoder's layers")
     p.add_argument("spec", nargs="?", help="an encoder spec, e.g. minilm-l6 or hf:/path/to/model")
@@ -638,10 +694,11 @@ def _extract_args(verb: Callable) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="compute precision; auto = bf16 autocast where features stay within cosine 0.995 of fp32")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored dtype (default fp16)")
-    p.add_argument("--batch-size", "-b", type=int, default=64,
+    p.add_argument("--batch-size", "-b", type=positive_int, default=64,
                    help="items per forward pass (texts are batched by length inside each shard)")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images, 0 for text)")
-    p.add_argument("--shard-size", type=int, default=1024, help="rows per shard: the unit of resumption")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="rows per shard: the unit of resumption")
+    _add_encoding(p)
     p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")
     _add_device(p)
 
@@ -669,11 +726,13 @@ def _train_args(verb: Callable) -> None:
     p.add_argument("--out", "-o", help="run folder (default runs/RECIPE-TIME); an existing run resumes")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--assessment", help="assessment.json for --layers SIDE=auto (default: the latest)")
+    _add_encoding(p)
     _add_device(p)
 
     p = verb("run", cmd_run, "run a whole experiment from a run file (extract, assess, train, eval, export)")
     p.add_argument("runfile", nargs="?", default="default", help="a run YAML file or a built-in name (default)")
     p.add_argument("--out", "-o", help="run folder (default runs/NAME); re-running resumes and reuses every stage")
+    _add_encoding(p)
 
 
 def _eval_args(verb: Callable) -> None:
@@ -716,7 +775,8 @@ def _bundle_args(verb: Callable) -> None:
                    help="flat = exact inner product; ivf / hnsw = approximate, for large collections (auto: flat below 50k items)")
     p.add_argument("--modality", default="image", help="which side of the bundle the items are (default image)")
     p.add_argument("--field", help="the dataset field to index (default: the one of that modality)")
-    p.add_argument("--batch-size", type=int, default=64, help="items per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass")
+    _add_encoding(p)
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images)")
     _add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace an index built from another bundle, dataset or kind")
@@ -751,9 +811,14 @@ def _cache_args(sub) -> None:
     p.add_argument("paths", nargs="*", help="store folders to remove")
     p.add_argument("--encoder", help="remove every store of this encoder spec")
     p.add_argument("--data", help="remove every store of this dataset")
-    p.add_argument("--partial", action="store_true", help="remove unfinished stores")
+    p.add_argument("--partial", action="store_true", help="remove unfinished and damaged stores")
     p.add_argument("--all", action="store_true", help="remove every store")
     p.set_defaults(fn=cmd_cache_rm)
+    p = csub.add_parser("verify", help="check stores' shard hashes", description=cmd_cache_verify.__doc__)
+    _add_common(p)
+    p.add_argument("paths", nargs="*", help="store folders to check (default: every store in the cache)")
+    p.add_argument("--repair", action="store_true", help="reopen damaged stores so that extract recomputes their damaged shards")
+    p.set_defaults(fn=cmd_cache_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

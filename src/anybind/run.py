@@ -84,6 +84,7 @@ class RunFile:
     name: str = "run"
     description: str = ""
     data: str = "openclipart"
+    encoding: str | None = None  #: text encoding of a table dataset (CSV/TSV/JSONL; default utf-8), e.g. latin-1
     items: int | None = None  #: an evenly spread subset of the dataset (a quick trial), or all of it
     encoders: dict[str, EncoderEntry] = field(default_factory=dict)  #: modality -> encoder entry
     anchor: str | None = None  #: the modality the others bind to (default: the first encoder's)
@@ -168,6 +169,8 @@ def _check_top(run: RunFile) -> None:
                            f"{len(run.encoders)} ({', '.join(run.encoders)})")
     choice("anchor", run.anchor, list(run.encoders), error=RunFileError)
     _check_data(run.data)
+    if run.encoding is not None:
+        _check_encoding(run.encoding)
 
 
 def dataset_forms() -> tuple[list[str], list[str]]:
@@ -188,6 +191,15 @@ def _check_data(spec: str) -> None:
     raise RunFileError(f"data: unknown dataset '{spec}'{did_you_mean(prefix if sep else spec, builtins + prefixes)}: "
                        f"use a built-in ({', '.join(builtins)}), "
                        f"{', '.join(p + ':PATH' for p in prefixes)}, or an existing path")
+
+
+def _check_encoding(encoding) -> None:
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise RunFileError(f"encoding: unknown text encoding {encoding!r}: use e.g. utf-8, latin-1, cp1252") from None
 
 
 def _check_encoder(modality: str, entry: EncoderEntry) -> None:
@@ -417,8 +429,13 @@ class _Pipeline:
     def dataset(self):
         from .data import load_dataset
 
-        index = load_dataset(self.run.data, cache=self.cache)
+        index = load_dataset(self.run.data, cache=self.cache, **self.data_options)
         return index.spread(self.run.items) if self.run.items else index
+
+    @property
+    def data_options(self) -> dict:
+        """Options of the run's dataset spec (a table's `encoding`)."""
+        return {"encoding": self.run.encoding} if self.run.encoding else {}
 
     def extract(self, name: str, enc: EncoderEntry, layers: str, index) -> dict:
         def do():
@@ -490,7 +507,10 @@ class _Pipeline:
                                              FeatureStore.open(probe[0]["store"]) if probe else None,
                                              probe[1] if probe else None)
         # custom: the run's own paired data for retrieval, the named labelled sets
-        return Suite.from_datasets(self.run.encoders["image"].spec, self.run.encoders["text"].spec, self.run.data,
+        from .data import load_dataset
+
+        paired = load_dataset(self.run.data, cache=self.cache, **self.data_options)
+        return Suite.from_datasets(self.run.encoders["image"].spec, self.run.encoders["text"].spec, paired,
                                    zeroshot=ev.zeroshot, probe=ev.probe, templates=ev.templates, layers=layers,
                                    cache=self.cache, progress=self.progress)
 

@@ -37,11 +37,11 @@ class Bundle:
     """Encode raw items of any bound modality into the shared space."""
 
     def __init__(self, path: Path, info: dict, bound: BoundModel, card: dict | None = None, device: str = "cpu"):
-        import torch
+        from ..device import select_device
 
         self.path, self.info, self.bound = path, info, bound
         self.card = card or {}
-        self.device = torch.device(device)
+        self.device = select_device(device)
         self._encoders: dict[str, Any] = {}
 
     # ---- what it is ----------------------------------------------------------------------------

@@ -5,10 +5,14 @@ Column roles are found by common names and can be given explicitly (``image=``, 
 a caption cell holding a list (JSON/Parquet lists, or a JSON list in a CSV cell), or several
 rows naming the same image: they merge into one item. Relative image paths resolve against
 the table's folder (``root``). item_id = the id column when there is one, else the image path.
+Text tables are UTF-8 unless ``encoding=`` says otherwise; a byte that does not decode is refused
+with its line and column, never read as bytes or replaced.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
 import re
@@ -19,7 +23,7 @@ import pyarrow as pa
 from ..errors import DataError
 from .index import DatasetIndex
 
-LISTING_VERSION = 1
+LISTING_VERSION = 2  # 2: non-UTF-8 bytes refused (a listing cached before may hold b'...' text)
 IMAGE_NAMES = (
     "image",
     "image_path",
@@ -52,14 +56,23 @@ LABEL_NAMES = ("label", "labels", "class", "class_name", "category")
 ID_NAMES = ("id", "item_id", "key", "image_id", "uid", "sample_id")
 GROUP_NAMES = ("group", "group_id")
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json", ".parquet", ".pq")
+#: the tables read as text, so in an encoding (Parquet strings are always UTF-8)
+TEXT_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".ndjson", ".json")
+CHECK_CHUNK = 8 * 2**20  # bytes checked at a time: any table size in bounded memory
 
 
 # ---- reading ----------------------------------------------------------------------------------
-def read_table(path: str | os.PathLike) -> pa.Table:
-    """Read a CSV/TSV/JSONL/JSON/Parquet file into an Arrow table (format from the suffix)."""
+def read_table(path: str | os.PathLike, encoding: str = "utf-8") -> pa.Table:
+    """Read a CSV/TSV/JSONL/JSON/Parquet file into an Arrow table (format from the suffix).
+
+    Text tables are checked to be valid `encoding` first: a byte that is not is refused, named
+    by line and column (pyarrow would otherwise read a whole CSV column as bytes, or replace the
+    byte in JSONL). Another encoding (``encoding="latin-1"``) is decoded here and read as UTF-8.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        source = _utf8_source(path, suffix, encoding)
         if suffix in (".csv", ".tsv", ".tab"):
             from pyarrow import csv
 
@@ -67,18 +80,13 @@ def read_table(path: str | os.PathLike) -> pa.Table:
                 delimiter="\t" if suffix != ".csv" else ",", newlines_in_values=True
             )
             convert = csv.ConvertOptions(strings_can_be_null=True)
-            return csv.read_csv(path, parse_options=parse, convert_options=convert)
+            return csv.read_csv(source, parse_options=parse, convert_options=convert)
         if suffix in (".jsonl", ".ndjson"):
             from pyarrow import json as pajson
 
-            return pajson.read_json(path)
+            return pajson.read_json(source)
         if suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(rows, dict):  # {"images": [...]} / {"data": [...]}
-                rows = next((v for v in rows.values() if isinstance(v, list)), None)
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: a JSON table must be a list of objects")
-            return pa.Table.from_pylist(rows)
+            return _json_table(path, source)
         if suffix in (".parquet", ".pq"):
             import pyarrow.parquet as pq
 
@@ -88,6 +96,63 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     except (pa.ArrowInvalid, ValueError, OSError) as exc:
         raise DataError(f"cannot read table {path}: {exc}") from exc
     raise DataError(f"unknown table format '{suffix}' for {path}: use {', '.join(TABLE_SUFFIXES)}")
+
+
+def _json_table(path: Path, source) -> pa.Table:
+    raw = source.getvalue() if isinstance(source, io.BytesIO) else path.read_bytes()
+    rows = json.loads(raw.decode("utf-8-sig"))
+    if isinstance(rows, dict):  # {"images": [...]} / {"data": [...]}
+        rows = next((v for v in rows.values() if isinstance(v, list)), None)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: a JSON table must be a list of objects")
+    return pa.Table.from_pylist(rows)
+
+
+def _utf8_source(path: Path, suffix: str, encoding: str):
+    """What pyarrow reads: the path of a checked UTF-8 file, or the file decoded from
+    `encoding` and re-encoded as UTF-8 (in memory)."""
+    try:
+        codec = codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise DataError(f"unknown encoding {encoding!r} for {path}: use e.g. utf-8, latin-1, cp1252") from None
+    if suffix not in TEXT_SUFFIXES:
+        if codec != "utf-8" and suffix in TABLE_SUFFIXES:
+            raise DataError(f"{path}: Parquet text is always UTF-8; an encoding applies only to "
+                            f"{', '.join(TEXT_SUFFIXES)} tables")
+        return path
+    if codec == "utf-8":
+        _check_decodes(path, codec)
+        return path
+    return io.BytesIO(_decode(path.read_bytes(), codec, path, first_line=1).encode("utf-8"))
+
+
+def _check_decodes(path: Path, codec: str) -> None:
+    """Refuse a file that is not valid `codec` (an ASCII-compatible one), reading it in chunks of
+    whole lines: in such an encoding a newline byte is always a newline, never part of a character."""
+    line, tail = 1, b""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHECK_CHUNK), b""):
+            data = tail + chunk
+            cut = data.rfind(b"\n") + 1
+            piece, tail = data[:cut], data[cut:]
+            _decode(piece, codec, path, first_line=line)
+            line += piece.count(b"\n")
+    _decode(tail, codec, path, first_line=line)
+
+
+def _decode(data: bytes, codec: str, path: Path, first_line: int) -> str:
+    """`data` decoded; a byte that is not `codec` is refused, named by line, column and value."""
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        start = exc.start
+        line = first_line + data.count(b"\n", 0, start)
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        hint = ("read it with --encoding latin-1 or the file's own encoding such as cp1252 "
+                "(`encoding:` in a run file, encoding= in Python)"
+                if codec == "utf-8" else "give the file's own encoding with --encoding")
+        raise DataError(f"{path} line {line}: byte 0x{data[start]:02x} at column {column} is not "
+                        f"{codec.upper()}: {hint}") from None
 
 
 # ---- column roles -----------------------------------------------------------------------------
@@ -174,26 +239,9 @@ def _norm_ref(ref: str) -> str:
     return ref if "://" in ref else Path(ref).as_posix().removeprefix("./")
 
 
-# ---- listing ----------------------------------------------------------------------------------
-def list_table(
-    path: str | os.PathLike,
-    *,
-    image: str | None = None,
-    caption: str | list[str] | None = None,
-    label: str | None = None,
-    id: str | None = None,
-    group: str | None = None,
-    root: str | os.PathLike | None = None,
-    name: str | None = None,
-) -> DatasetIndex:
-    """List a paired table; rows with the same image (or id) merge into one item.
-
-    >>> idx = list_table("pairs.csv")  # columns: image, caption  # doctest: +SKIP
-    >>> idx = list_table("coco.jsonl", image="file_name", caption="captions")  # doctest: +SKIP
-    """
-    path = Path(path).expanduser()
-    table = read_table(path)
-    roles = detect_columns(table.column_names, image, caption, label, id, group)
+def _merge_rows(table: pa.Table, roles: dict) -> tuple[dict[str, dict], int]:
+    """The table's rows as items keyed by id (or image): rows naming the same one merge; returns
+    (items, how many rows named neither an image nor an id)."""
     cols = {
         role: table.column(c).to_pylist() for role, c in roles.items() if role != "caption" and c
     }
@@ -221,7 +269,38 @@ def list_table(
         for role in ("label", "group"):
             if role in cols and item[role] is None:
                 item[role] = _scalar(cols[role][i])
+    return items, dropped
+
+
+# ---- listing ----------------------------------------------------------------------------------
+def list_table(
+    path: str | os.PathLike,
+    *,
+    image: str | None = None,
+    caption: str | list[str] | None = None,
+    label: str | None = None,
+    id: str | None = None,
+    group: str | None = None,
+    root: str | os.PathLike | None = None,
+    name: str | None = None,
+    encoding: str = "utf-8",
+) -> DatasetIndex:
+    """List a paired table; rows with the same image (or id) merge into one item.
+
+    `encoding` is the text encoding of a CSV/TSV/JSONL/JSON table (default UTF-8; a byte that
+    is not valid is refused, naming its line). As a dataset spec option:
+    ``load_dataset("table:pairs.csv", encoding="latin-1")`` (the CLI's ``--encoding``).
+
+    >>> idx = list_table("pairs.csv")  # columns: image, caption  # doctest: +SKIP
+    >>> idx = list_table("coco.jsonl", image="file_name", caption="captions")  # doctest: +SKIP
+    """
+    path = Path(path).expanduser()
+    table = read_table(path, encoding)
+    roles = detect_columns(table.column_names, image, caption, label, id, group)
+    items, dropped = _merge_rows(table, roles)
     meta = {"source": str(path), "columns": roles, "rows": table.num_rows, "dropped_rows": dropped}
+    if encoding != "utf-8":
+        meta["encoding"] = encoding
     base = Path(root).expanduser() if root else path.parent
     return DatasetIndex.from_records(
         name or path.stem,

@@ -173,7 +173,7 @@ class Suite:
         from ..data import load_dataset
 
         layers = layers or {}
-        paired = load_dataset(data, cache=cache)
+        paired = load_dataset(data, cache=cache) if isinstance(data, str) else data  # or a listed DatasetIndex
         img = _store_for(image, paired, layers.get("image"), cache, progress)
         txt = _store_for(text, paired, layers.get("text"), cache, progress)
 

@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 import torch
 
 from ..atomic import write_json, write_text, write_with
-from ..checks import choice
+from ..checks import choice, integer
 from ..data.index import rows_fingerprint
+from ..device import select_device
 from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
 from .layers import resolve_layers
+from .lock import StoreLock, pid_alive
 from .precision import _to, autocast, choose_precision
 from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
 from .store import (
@@ -36,8 +38,10 @@ from .store import (
     SKIPPED,
     FeatureStore,
     StoreKey,
+    check_hit,
     describe_mismatch,
     find_store,
+    shard_entry,
     shard_name,
     stores_dir,
 )
@@ -46,12 +50,6 @@ log = logging.getLogger("anybind.extract")
 
 
 # ---- choices -----------------------------------------------------------------------------------
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def default_field(index, modality: str) -> str:
     """The dataset field an encoder of `modality` reads: the only one, or image/caption."""
     fields = [f for f, m in index.fields.items() if m == modality]
@@ -121,20 +119,20 @@ def _batches(shards: list[int], shard_size: int, refs: list, batch_size: int, by
 
 # ---- the store folder ------------------------------------------------------------------------------
 def _clean_stale_tmp(path: Path) -> None:
-    """Remove temporary files left by killed writers (their pid is gone)."""
+    """Remove temporary files (`.NAME.PID.tmp`) left by writers that died: killed, or out of disk."""
     for tmp in path.glob(".*.tmp"):
         try:
             pid = int(tmp.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-        except (ValueError, IndexError, ProcessLookupError):
+        except (ValueError, IndexError):
+            pid = -1
+        if pid != os.getpid() and not pid_alive(pid):
             tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass
 
 
 def _prepare_folder(path: Path, request: dict) -> None:
     """Create the store folder with its request, or check an unfinished one matches it."""
     path.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(path)  # even before request.json: a writer may have died writing it
     req_file = path / REQUEST
     if req_file.exists():
         have = json.loads(req_file.read_text())
@@ -144,7 +142,6 @@ def _prepare_folder(path: Path, request: dict) -> None:
                 f"{path} holds an unfinished store for a different request; it will not be reused:\n  "
                 + "\n  ".join(diffs) + f"\nRemove it (`anybind cache rm {path}`) or choose another --out."
             )
-        _clean_stale_tmp(path)
     else:
         write_json(req_file, request)
 
@@ -174,13 +171,15 @@ def _read_shard_rows(path: Path, num_shards: int) -> tuple[list[int], list, list
         n = header["_row"]["shape"][0]
         rows.extend(map_tensor(f, "_row", header).tolist() if n else [])
         skipped.extend(json.loads(meta.get("anybind", "{}")).get("skipped", []))
-        shards.append({"file": f.name, "rows": n})
+        shards.append(shard_entry(f, n))  # size and sha256: checked on every hit and by `cache verify`
     return rows, skipped, shards
 
 
 def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, splits: dict) -> FeatureStore:
     """Merge shard row lists into rows.parquet and skipped.jsonl, then write the manifest last."""
     rows, skipped, shards = _read_shard_rows(path, request["num_shards"])
+    if not rows:
+        raise _nothing_stored(path, request, ids, skipped)
     table = _rows_table(rows, ids, subs, splits)
     write_with(path / ROWS, lambda tmp: pq.write_table(table, tmp))
     write_text(path / SKIPPED, "".join(
@@ -195,6 +194,27 @@ def _finalize(path: Path, request: dict, ids: list, subs: list, seconds: float, 
     }
     write_json(path / MANIFEST, manifest)
     return FeatureStore.open(path)
+
+
+def _nothing_stored(path: Path, request: dict, ids: list, skipped: list) -> StoreError:
+    """Every item was skipped: say why (the commonest reasons, counted), and keep no empty store.
+
+    The shards and request are removed, so the next run reads the items again (say, once the
+    missing files are back) instead of finding an empty store done.
+    """
+    reasons = Counter(reason.split(":")[0] for _, reason in skipped)
+    counts = ", ".join(f"{c} {r}" for r, c in reasons.most_common(3))
+    if len(reasons) > 3:
+        counts += f", {sum(reasons.values()) - sum(c for _, c in reasons.most_common(3))} other"
+    first = f" (first: item {ids[skipped[0][0]]!r}: {skipped[0][1]})" if skipped else ""
+    for s in range(request["num_shards"]):
+        (path / shard_name(s)).unlink(missing_ok=True)
+    (path / REQUEST).unlink(missing_ok=True)
+    field = request["key"]["field"]
+    if not request["num_rows"]:
+        return StoreError(f"the dataset has no '{field}' values to extract; nothing was stored")
+    return StoreError(f"all {request['num_rows']} items were skipped: {counts}{first}; nothing was stored. "
+                      f"Check the dataset's '{field}' values (paths, files) and run again.")
 
 
 def _version() -> str:
@@ -232,17 +252,16 @@ def extract(
     >>> store["final"].shape        # (rows, 384), memory-mapped
     """
     t0 = time.perf_counter()
-    device = resolve_device(device)
+    batch_size = 64 if batch_size is None else integer("batch size", batch_size, minimum=1, error=AnybindError)
+    integer("shard size", shard_size, minimum=1, error=AnybindError)
+    choice("precision", precision, ("auto", "fp32", "bf16"), error=AnybindError)
+    device = select_device(device)
     enc, index, field = _open_inputs(encoder, data, field, device, cache)
     layers = resolve_layers(layers, enc.layer_dims, assessment, enc.modality, encoder=str(enc.spec), cache=cache)
     pooling, dtype = enc.check_pooling(pooling), canonical_dtype(dtype)
-    choice("precision", precision, ("auto", "fp32", "bf16"), error=AnybindError)
-    batch_size = batch_size or 64
-    if batch_size < 1 or shard_size < 1:
-        raise AnybindError("batch size and shard size must be positive")
     ids, subs, refs = index.field_rows(field)
     ds_fp = rows_fingerprint(ids, subs, refs)  # = index.field_fingerprint(field), without listing twice
-    target = _find_or_place(enc, StoreKey(None, index.name, ds_fp, field), refs, layers, pooling,
+    target = _find_or_place(enc, StoreKey(None, index.name, ds_fp, field), layers, pooling,
                             precision, device, cache, out)
     if target.store is not None:
         return _hit(target.store, t0, index, layers)
@@ -252,11 +271,22 @@ def extract(
         "shard_size": shard_size, "batch_size": batch_size, "num_rows": len(refs),
         "num_shards": max(1, -(-len(refs) // shard_size)),
     }
-    log.info("extracting %s over %s/%s: %d rows, layers %s, %s autocast, stored %s -> %s", enc.spec,
-             index.name, field, len(refs), ",".join(layers), target.precision, dtype, target.path)
-    if _write_my_shards(enc, refs, request, target, device, num_workers, progress) != 0:
-        return None
-    return _finish(target, request, index, ids, subs, t0)
+    # one writer per store: an identical command started meanwhile waits here, then finds it done
+    with _store_lock(target.path):
+        done = _reusable_out(target.path, target.key, layers)
+        if done is not None:
+            return _hit(done, t0, index, layers)
+        log.info("extracting %s over %s/%s: %d rows, layers %s, %s autocast, stored %s -> %s", enc.spec,
+                 index.name, field, len(refs), ",".join(layers), target.precision, dtype, target.path)
+        if _write_my_shards(enc, refs, request, target, device, num_workers, progress) != 0:
+            return None
+        return _finish(target, request, index, ids, subs, t0)
+
+
+def _store_lock(path: Path) -> StoreLock:
+    """The store's lock; under torchrun one per rank (the ranks of one job write side by side)."""
+    rank, world = _rank_world()
+    return StoreLock(path, name=".lock" if world == 1 else f".lock.rank{rank}")
 
 
 def _open_inputs(encoder, data, field: str | None, device: torch.device, cache) -> tuple[Encoder, object, str]:
@@ -280,35 +310,30 @@ class _Target(NamedTuple):
     key: StoreKey | None
 
 
-def _find_or_place(enc: Encoder, partial: StoreKey, refs: list, layers: list[str], pooling: str,
+def _find_or_place(enc: Encoder, partial: StoreKey, layers: list[str], pooling: str,
                    precision: str, device: torch.device, cache, out) -> _Target:
     """A finished store that answers the request, or the folder to extract into.
 
-    `partial` is the key without its encoder part. With precision "auto", a finished store at
-    any precision is a hit; otherwise the precision is measured first (and remembered).
+    `partial` is the key without its encoder part. Precision "auto" is decided first, by a rule
+    that gives the same answer in every cache (`choose_precision`), so the same request always
+    names the same store: a store at another precision is not a hit.
     """
-    def key_at(p: str) -> StoreKey:
-        return StoreKey(enc.fingerprint(pooling, p), partial.dataset, partial.dataset_fingerprint, partial.field)
-
-    auto = precision == "auto"
-    if auto and out is None:
-        hit = find_store(key_at("fp32"), layers, cache, any_precision=True)
-        if hit is not None:
-            return _Target(hit, hit.path, hit.key["encoder"]["precision"], None)
-    if auto:
-        precision = choose_precision(enc, refs, layers, pooling, device, cache)
-    key = key_at(precision)
+    if precision == "auto":
+        precision = choose_precision(enc, pooling, device, cache)
+    key = StoreKey(enc.fingerprint(pooling, precision), partial.dataset, partial.dataset_fingerprint, partial.field)
     if out is not None:
         return _Target(_reusable_out(Path(out), key, layers), Path(out), precision, key)
-    hit = None if auto else find_store(key, layers, cache)  # auto already searched every precision
-    return _Target(hit, stores_dir(cache) / key.folder_name(layers), precision, key)
+    return _Target(find_store(key, layers, cache), stores_dir(cache) / key.folder_name(layers), precision, key)
 
 
 def _reusable_out(path: Path, key: StoreKey, layers: list[str]) -> FeatureStore | None:
-    """The finished store at an explicit --out when it matches the request; refused when not."""
+    """The finished store at `path` (an explicit --out, or the cache folder once its lock is held)
+    when it matches the request; refused when not."""
     if not (path / MANIFEST).exists():
         return None
-    store = FeatureStore.open(path)
+    store = check_hit(path)  # a damaged store is reopened: the extraction that follows repairs it
+    if store is None:
+        return None
     diffs = describe_mismatch(key.as_dict(), store.key)
     missing = [lay for lay in layers if lay not in store.layers]
     if diffs or missing:
@@ -383,6 +408,7 @@ def sync_splits(store: FeatureStore, index) -> int:
 
 def _hit(store: FeatureStore, t0: float, index=None, layers: list[str] | None = None) -> FeatureStore:
     log.info("cache hit: %s (%d rows, layers %s)", store.path, len(store), ",".join(store.layers))
+    _clean_stale_tmp(store.path)  # e.g. from a run killed while it rewrote rows.parquet (sync_splits)
     if index is not None:
         sync_splits(store, index)
     store.report = {"hit": True, "seconds": time.perf_counter() - t0, "rows": len(store),

@@ -1,13 +1,18 @@
 """Write safetensors shards atomically and memory-map them back with numpy.
 
-We read the format ourselves (8-byte header length, JSON header, raw little-endian data) so a
-shard opens as a zero-copy `np.memmap`: a store larger than RAM trains fine.
+We read and write the format ourselves (8-byte little-endian header length, JSON header padded
+with spaces to a multiple of 8, raw little-endian data). Reading it so, a shard opens as a
+zero-copy `np.memmap`: a store larger than RAM trains fine. Writing it so, the header is the
+same bytes in every process (sorted keys, fixed separators; the safetensors library writes
+``__metadata__`` in a per-process hash order), so the same tensors give the same file and
+shard hashes can be compared and published. The files remain ordinary safetensors files.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +40,50 @@ def canonical_dtype(name: str) -> str:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write atomically (anybind.atomic): a kill or a full disk leaves no half shard."""
-    from safetensors.torch import save_file
+    """Write atomically (anybind.atomic): a kill or a full disk leaves no half shard, and the
+    error says what ran out and where."""
+    header, order = _header(tensors, metadata)
 
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            for name in order:
+                f.write(_raw_bytes(tensors[name]))
+
     try:
-        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        write_with(path, write)
     except WriteError as e:
-        raise StoreError(f"{e} (is the disk full?). Finished shards are kept: free space and run "
-                         "the same command again.") from e
+        raise StoreError(f"{e}. Finished shards are kept: run the same command again once that is fixed, "
+                         "and it resumes where it stopped.") from e
+
+
+def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
+    """(the JSON header, padded to 8 bytes; tensor names in data order).
+
+    Data is laid out by element size, largest first, then by name (as the safetensors library
+    does), so every tensor starts aligned to its element size.
+    """
+    if sys.byteorder != "little":
+        raise StoreError("safetensors shards are little-endian; this machine is big-endian")
+    codes = {v[1]: v[0] for v in DTYPES.values()}
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    entries: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in codes:
+            raise StoreError(f"tensor '{name}' has dtype {t.dtype}, which a shard does not store")
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return text + b" " * (-len(text) % 8), order
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in memory order (bf16 too: numpy has no bf16, so view it as bytes)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def read_header(path: Path) -> tuple[dict, int]:

@@ -4,11 +4,18 @@ A folder holding ``request.json`` (what is being extracted, written first), fini
 ``shard-NNNNN.safetensors`` files (one [n, d] tensor per layer plus ``_row``, the planned row
 of each stored vector), then ``rows.parquet`` (row -> item_id, caption_index, split, fold, group), ``skipped.jsonl``
 (item_id, reason) and ``manifest.json``, written last: a store without a manifest is unfinished.
+
+The manifest records each shard's byte size and sha256. Every open and every cache hit checks
+cheaply that the shards are there at those sizes and that rows.parquet has the manifest's row
+count; `FeatureStore.verify` (``anybind cache verify``) recomputes the hashes. A hit that fails
+the cheap check is turned back into an unfinished store, so extraction recomputes what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -21,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .._hashing import hash_obj
-from ..atomic import write_json, write_text, write_with
+from ..atomic import explain, write_json, write_text, write_with
 from ..checks import slug
 from ..config import cache_root
 from ..data.index import fold_of, split_of
@@ -30,6 +37,8 @@ from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, wr
 
 FORMAT_VERSION = 1
 MANIFEST, REQUEST, ROWS, SKIPPED = "manifest.json", "request.json", "rows.parquet", "skipped.jsonl"
+
+log = logging.getLogger("anybind.store")
 
 
 def shard_name(i: int) -> str:
@@ -78,6 +87,136 @@ def describe_mismatch(want: dict, have: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: store has {b!r}, request has {a!r}")
     return out
+
+
+# ---- integrity: what a manifest promises, checked -------------------------------------------------
+_MANIFEST_FIELDS = ("key", "modality", "layers", "dtype", "rows", "shards")
+
+
+def read_manifest(path: Path) -> tuple[dict | None, str | None]:
+    """(the manifest, None), or (None, a status saying why it cannot be used: damaged or unsupported)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # a truncated or garbled file (UnicodeDecodeError is a ValueError)
+        return None, f"damaged: {MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(manifest, dict):
+        return None, f"damaged: {MANIFEST} holds {type(manifest).__name__}, not a store manifest"
+    if manifest.get("format") != FORMAT_VERSION:
+        return None, f"unsupported: store format {manifest.get('format')} (this anybind reads v{FORMAT_VERSION})"
+    lacking = [k for k in _MANIFEST_FIELDS if k not in manifest]
+    if lacking or not isinstance(manifest["shards"], list):
+        return None, f"damaged: {MANIFEST} lacks {', '.join(lacking) or 'a shard list'}"
+    return manifest, None
+
+
+def repair_advice(path: Path) -> str:
+    """What to do about a damaged store: re-run its extraction when it has one, else remove it."""
+    if (Path(path) / REQUEST).exists():
+        return (f"Run the same `anybind extract` again to repair it (only what is missing is recomputed), "
+                f"or remove it with `anybind cache rm {path}`")
+    return f"Remove it with `anybind cache rm {path}` and write it again"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_entry(file: Path, rows: int) -> dict:
+    """The manifest's record of one finished shard: name, rows, byte size and sha256."""
+    file = Path(file)
+    return {"file": file.name, "rows": int(rows), "bytes": file.stat().st_size, "sha256": file_sha256(file)}
+
+
+def _size_from_header(file: Path) -> int | None:
+    """The byte size a shard's own header implies (None when the header is unreadable)."""
+    try:
+        header, offset = read_header(file)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (StoreError, AttributeError, KeyError, TypeError, IndexError, ValueError):  # garbled, yet JSON
+        return None
+    return offset + max(ends, default=0)
+
+
+def _shard_issue(file: Path, entry: dict, full: bool) -> str | None:
+    """What is wrong with one shard, or None: missing, the wrong size, or (`full`) other bytes."""
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({explain(e)})"
+    want, said = entry.get("bytes"), "the manifest says"
+    if want is None:  # written before manifests recorded sizes: its own header says how long it is
+        want, said = _size_from_header(file), "its header says"
+        if want is None:
+            return "has an unreadable header"
+    if size != want:
+        return f"is {size} bytes, {said} {want}"
+    if full and "sha256" in entry and file_sha256(file) != entry["sha256"]:
+        return "has other content than the sha256 the manifest records"
+    return None
+
+
+def _rows_issue(path: Path, rows: int) -> str | None:
+    if not path.exists():
+        return "missing"
+    try:
+        got = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return f"unreadable ({e})"
+    return None if got == rows else f"has {got} rows, the manifest says {rows}"
+
+
+def _bad_shards_by_header(path: Path) -> list[tuple[str, str]]:
+    """Shards whose size disagrees with their own header (when the manifest cannot say)."""
+    return [(f.name, issue) for f in sorted(path.glob("shard-*.safetensors"))
+            for issue in [_shard_issue(f, {}, False)] if issue]
+
+
+def reopen_for_repair(path: Path, issues: list[tuple[str, str]]) -> None:
+    """Turn a damaged finished store back into an unfinished one, so extraction repairs it.
+
+    The manifest (the "finished" mark) goes first, then every damaged shard: the resume path
+    recomputes exactly the missing shards, byte-identical to the lost ones, and writes a new
+    manifest. Refused for a store that no extraction wrote (no request.json to resume from).
+    """
+    path = Path(path)
+    what = "; ".join(f"{f} {w}" for f, w in issues)
+    try:
+        json.loads((path / REQUEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path} is damaged ({what}) and cannot be recomputed: its {REQUEST} is unreadable "
+                         f"({type(e).__name__}). Remove it with `anybind cache rm {path}` and write it again") from e
+    log.warning("%s is damaged (%s): not a cache hit; the missing parts are extracted again", path, what)
+    (path / MANIFEST).unlink(missing_ok=True)
+    for name, _ in issues:
+        if name.startswith("shard-"):
+            (path / name).unlink(missing_ok=True)
+
+
+def check_hit(found: FeatureStore | str | os.PathLike) -> FeatureStore | None:
+    """A finished store about to be reused, checked cheaply: the store when whole, else None.
+
+    A damaged one (unreadable manifest, a shard missing or of the wrong size, rows.parquet
+    missing or short) is reopened for repair (`reopen_for_repair`): the caller then extracts
+    into the same folder and the normal resume path recomputes only what is missing.
+    """
+    if not isinstance(found, FeatureStore):
+        path = Path(found)
+        manifest, status = read_manifest(path)
+        if status and status.startswith("damaged"):
+            reopen_for_repair(path, [(MANIFEST, status.removeprefix("damaged: "))] + _bad_shards_by_header(path))
+            return None
+        found = FeatureStore.open(path, check=False)  # an unsupported format raises here
+    issues = found.issues()
+    if issues:
+        reopen_for_repair(found.path, issues)
+        return None
+    return found
 
 
 class LayerArray:
@@ -135,17 +274,51 @@ class FeatureStore:
         self._rows = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> FeatureStore:
+    def open(cls, path: str | os.PathLike, check: bool = True) -> FeatureStore:
+        """Open a finished store; with `check` (the default) a damaged one is refused, named."""
         path = Path(path)
-        mf = path / MANIFEST
-        if not mf.exists():
-            if (path / REQUEST).exists():
-                raise StoreError(f"{path} is an unfinished store (no manifest): run the same `anybind extract` again to resume it")
-            raise StoreError(f"{path} is not a feature store (no {MANIFEST})")
-        manifest = json.loads(mf.read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format {manifest.get('format')} is not supported (this anybind reads v{FORMAT_VERSION})")
-        return cls(path, manifest)
+        manifest, problem = read_manifest(path)
+        if problem:
+            raise StoreError(f"{path}: {problem}. {repair_advice(path)}")
+        store = cls(path, manifest)
+        if check:
+            store.check()
+        return store
+
+    # ---- integrity ---------------------------------------------------------------------------
+    def issues(self, full: bool = False) -> list[tuple[str, str]]:
+        """(file, what is wrong) pairs; empty when the store is whole.
+
+        The cheap check (every open, every cache hit): each shard present at the byte size the
+        manifest records, rows.parquet present with the manifest's row count. `full` also reads
+        every shard and compares its sha256 with the manifest's.
+        """
+        out = [(s["file"], p) for s in self.manifest["shards"]
+               for p in [_shard_issue(self.path / s["file"], s, full)] if p]
+        listed = sum(int(s["rows"]) for s in self.manifest["shards"])
+        if listed != len(self):
+            out.append((MANIFEST, f"lists {listed} rows in its shards but says {len(self)}"))
+        rows = _rows_issue(self.path / ROWS, len(self))
+        return out + ([(ROWS, rows)] if rows else [])
+
+    def problems(self) -> list[str]:
+        """What the cheap check finds wrong, one line each ("shard-00003.safetensors missing")."""
+        return [f"{f} {what}" for f, what in self.issues()]
+
+    def check(self) -> None:
+        """Raise StoreError naming what is damaged and what to do, when the cheap check fails."""
+        problems = self.problems()
+        if problems:
+            raise StoreError(f"{self.path} is damaged ({'; '.join(problems)}). {repair_advice(self.path)}")
+
+    def verify(self) -> list[str]:
+        """The full check: the cheap one plus each shard's sha256 against the manifest's."""
+        return [f"{f} {what}" for f, what in self.issues(full=True)]
+
+    @property
+    def hashed(self) -> bool:
+        """Whether the manifest records shard hashes (stores written before it did are size-checked only)."""
+        return all("sha256" in s for s in self.manifest["shards"])
 
     # ---- metadata ----------------------------------------------------------------------------
     @property
@@ -229,7 +402,11 @@ class FeatureStore:
 
 # ---- finding and managing stores -------------------------------------------------------------
 def find_store(key: StoreKey, layers: Iterable[str], cache=None, any_precision: bool = False) -> FeatureStore | None:
-    """A finished store under the cache whose key matches and which holds all `layers`."""
+    """A finished store under the cache whose key matches and which holds all `layers`.
+
+    Every match passes the cheap check first (`check_hit`): a damaged one is turned back into an
+    unfinished store, so the extraction that follows repairs it, and is not returned.
+    """
     root = stores_dir(cache)
     if not root.exists():
         return None
@@ -243,29 +420,80 @@ def find_store(key: StoreKey, layers: Iterable[str], cache=None, any_precision: 
         if any_precision:
             have = {**have, "encoder": {**have.get("encoder", {}), "precision": want["encoder"]["precision"]}}
         if have == want and layers <= set(manifest.get("layers", {})):
-            return FeatureStore(mf.parent, manifest)
+            store = check_hit(FeatureStore(mf.parent, manifest))  # a damaged store is reopened, not a hit
+            if store is not None:
+                return store
     return None
 
 
-def list_stores(cache=None) -> list[dict]:
-    """Finished and unfinished stores under the cache root, for `anybind cache ls`."""
-    out = []
+def store_folders(cache=None) -> list[Path]:
+    """Every folder under the cache's stores root (finished, unfinished or damaged)."""
     root = stores_dir(cache)
-    for d in sorted(root.iterdir()) if root.exists() else []:
-        if not d.is_dir():
-            continue
-        if (d / MANIFEST).exists():
-            try:
-                out.append({"status": "done", **FeatureStore.open(d).summary()})
-            except StoreError as e:
-                out.append({"status": f"broken: {e}", "path": str(d)})
-        elif (d / REQUEST).exists():
-            req = json.loads((d / REQUEST).read_text())
-            done = len(list(d.glob("shard-*.safetensors")))
-            out.append({"status": f"partial {done}/{req.get('num_shards', '?')} shards", "path": str(d),
-                        "encoder": req["key"]["encoder"]["spec"], "dataset": req["key"]["dataset"],
-                        "field": req["key"]["field"], "layers": ",".join(req.get("layers", []))})
-    return out
+    return sorted(d for d in root.iterdir() if d.is_dir()) if root.exists() else []
+
+
+def list_stores(cache=None) -> list[dict]:
+    """Finished, unfinished and damaged stores under the cache root, for `anybind cache ls`.
+
+    Each row's status is "done", "partial i/n shards", "damaged: <what>" (the cheap check) or
+    "unsupported: <format>"; reading a damaged store never raises here.
+    """
+    return [row for d in store_folders(cache) for row in [_store_row(d)] if row is not None]
+
+
+def _damaged(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"damaged: {problems[0]}{more}"
+
+
+def _store_row(d: Path) -> dict | None:
+    if (d / MANIFEST).exists():
+        manifest, status = read_manifest(d)
+        if status:
+            return {"status": status, "path": str(d)}
+        store = FeatureStore(d, manifest)
+        problems = store.problems()
+        return {"status": _damaged(problems) if problems else "done", **store.summary()}
+    if not (d / REQUEST).exists():
+        return None
+    try:
+        req = json.loads((d / REQUEST).read_text(encoding="utf-8"))
+        key = req["key"]
+        about = {"encoder": key["encoder"]["spec"], "dataset": key["dataset"], "field": key["field"],
+                 "layers": ",".join(req.get("layers", []))}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {"status": f"damaged: {REQUEST} is unreadable ({type(e).__name__})", "path": str(d)}
+    done = len(list(d.glob("shard-*.safetensors")))
+    return {"status": f"partial {done}/{req.get('num_shards', '?')} shards", "path": str(d), **about}
+
+
+def verify_store(path: str | os.PathLike, repair: bool = False) -> str:
+    """`anybind cache verify` of one folder: "ok...", "damaged: <what>", "unfinished..." or "unsupported...".
+
+    The full check: shard sizes and sha256s against the manifest, rows.parquet's row count.
+    With `repair`, a damaged store is reopened (`reopen_for_repair`) so that running its
+    extraction again recomputes the damaged shards.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        if (path / REQUEST).exists():
+            return "unfinished: not checked (run the same `anybind extract` again to finish it)"
+        raise StoreError(f"{path} is not a feature store (no {MANIFEST})")
+    manifest, status = read_manifest(path)
+    if status is None:
+        store = FeatureStore(path, manifest)
+        issues = store.issues(full=True)
+        if not issues:
+            return "ok" if store.hashed else "ok (sizes checked: this store's manifest records no hashes)"
+        status = "damaged: " + "; ".join(f"{f} {w}" for f, w in issues)
+    elif status.startswith("damaged"):
+        issues = [(MANIFEST, status.removeprefix("damaged: "))] + _bad_shards_by_header(path)
+    else:
+        return status
+    if repair:
+        reopen_for_repair(path, issues)
+        status += " -> reopened: run the same `anybind extract` again to recompute it"
+    return status
 
 
 def remove_store(path: str | os.PathLike) -> None:
@@ -320,6 +548,6 @@ def write_store(
            "dataset": dataset, "dataset_fingerprint": hash_obj(item_ids), "field": field}
     manifest = {"format": FORMAT_VERSION, "key": key, "modality": modality,
                 "layers": {k: int(a.shape[1]) for k, a in arrays.items()}, "dtype": dtype, "rows": n,
-                "shards": [{"file": shard_name(0), "rows": n}], "skipped": 0}
+                "shards": [shard_entry(path / shard_name(0), n)], "skipped": 0}
     write_json(path / MANIFEST, manifest)
     return FeatureStore.open(path)

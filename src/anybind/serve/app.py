@@ -21,6 +21,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import threading
 from importlib import resources
 from typing import Any
@@ -35,6 +36,12 @@ DEFAULT_MAX_UPLOAD = 10 * 2**20
 #: form fields besides the image (labels) and multipart framing may add this much to an upload
 FORM_SLACK = 256 * 2**10
 MAX_TEXTS, MAX_TEXT_CHARS, MAX_LABELS, MAX_K = 256, 2000, 1000, 1000
+#: deepest JSON nesting accepted: a request needs 2; json.loads recurses once per level
+MAX_JSON_DEPTH = 32
+#: a JSON string, or an unterminated one up to the end: a match from any quote succeeds at once
+#: (never backtracks nor retries), so stripping the strings is one linear pass
+_JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
             "script-src 'self' 'unsafe-inline'; connect-src 'self'; object-src 'none'; base-uri 'none'")
 
@@ -166,6 +173,7 @@ def _add_info_routes(app, ctx: _Served) -> None:
 def _add_model_routes(app, ctx: _Served) -> None:
     """/embed and /classify: the bundle on texts and uploaded images."""
     from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
 
     model = ctx.model
 
@@ -175,7 +183,8 @@ def _add_model_routes(app, ctx: _Served) -> None:
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
             body = await _read_limited(request, FORM_SLACK + MAX_TEXTS * MAX_TEXT_CHARS * 4)
-            emb = await ctx.on_model(model.encode_text, _texts_from_json(body))
+            texts = await run_in_threadpool(_texts_from_json, body)  # a 2 MiB body: parsed off the event loop
+            emb = await ctx.on_model(model.encode_text, texts)
             return {"modality": "text", "dim": model.dim, "embeddings": emb.tolist()}
         if ctype.startswith("multipart/form-data"):
             image = await ctx.image_of(await _read_form(request, ctx.max_upload_bytes))
@@ -363,11 +372,33 @@ def _decode_upload(data: bytes, name: str, min_side: int | None) -> Any:
                             f"{type(e).__name__}: {e}") from e
 
 
-def _texts_from_json(body: bytes) -> list[str]:
+def _json_depth(raw: bytes) -> int:
+    """How deep a JSON text's brackets nest (those inside strings skipped), found without
+    recursion: counted over the brackets alone, in numpy, so a hostile body costs linear time."""
+    import numpy as np
+
+    marks = np.frombuffer(_NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw)), dtype=np.uint8)
+    if not marks.size:
+        return 0
+    opens = (marks == ord("[")) | (marks == ord("{"))
+    return int(np.cumsum(np.where(opens, 1, -1)).max())
+
+
+def _parse_json(raw: bytes | str, what: str) -> Any:
+    """`raw` parsed, refused with 400 when it is not JSON or nests deeper than MAX_JSON_DEPTH
+    (checked on the raw bytes first: the parser recurses once per level)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    depth = _json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"{what} nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
     try:
-        doc = json.loads(body or b"null")
-    except ValueError as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+        return json.loads(data or b"null")
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"{what} is not valid JSON: {e}") from e
+
+
+def _texts_from_json(body: bytes) -> list[str]:
+    doc = _parse_json(body, "the body")
     texts = doc.get("texts") if isinstance(doc, dict) else None
     if isinstance(texts, str):
         texts = [texts]
@@ -390,10 +421,7 @@ def _labels(form) -> list[str]:
     for v in values:
         v = v.strip()
         if v.startswith("["):
-            try:
-                parsed = json.loads(v)
-            except ValueError as e:
-                raise ApiError(400, f"labels: not a valid JSON list: {e}") from e
+            parsed = _parse_json(v, "labels: the JSON list")
             if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
                 raise ApiError(400, "labels: give a JSON list of strings")
             out += parsed
