@@ -78,6 +78,21 @@ class Registry:
 
         return add if target is None else add(target)
 
+    def subclass_decorator(self, name: str, base: type, *, help: str = "", error: type[Exception] = RegistryError,
+                           describe: str | None = None):
+        """A class decorator for parts that subclass `base`: registers the class under `name` and
+        sets its ``name`` attribute (what saved parts record to rebuild it)."""
+        what = describe or f"{base.__name__} subclasses"
+
+        def add(cls: type) -> type:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise error(f"register_{self.kind}('{name}') decorates {what}, not {cls!r}")
+            self.register(name, cls, help=help)  # refuses a name taken by another class
+            cls.name = name
+            return cls
+
+        return add
+
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)
 

@@ -201,14 +201,13 @@ B = TypeVar("B", bound="Baseline")
 def register_baseline(name: str, *, help: str = "") -> Callable[[type[B]], type[B]]:
     """Class decorator: make a baseline (a dataclass whose fields are its options) available to
     :func:`build_baseline` under ``name``."""
+    register = BASELINES.subclass_decorator(name, Baseline, help=help, error=BaselineError,
+                                            describe="dataclass subclasses of Baseline")
 
     def add(cls: type[B]) -> type[B]:
-        if not (isinstance(cls, type) and issubclass(cls, Baseline) and dataclasses.is_dataclass(cls)):
-            raise BaselineError(f"register_baseline('{name}') decorates dataclass subclasses of Baseline, "
-                                f"not {cls!r}")
-        BASELINES.register(name, cls, help=help)  # refuses a name taken by another class
-        cls.name = name
-        return cls
+        if not dataclasses.is_dataclass(cls):  # its fields are its options
+            raise BaselineError(f"register_baseline('{name}') decorates dataclass subclasses of Baseline, not {cls!r}")
+        return register(cls)
 
     return add
 

@@ -55,16 +55,7 @@ class CorrectionError(AnybindError, ValueError):
 
 def register_correction(name: str, *, help: str = "") -> Callable[[type[C]], type[C]]:
     """Class decorator: make a `RetrievalCorrection` subclass buildable and loadable by `name`."""
-
-    def register(cls: type[C]) -> type[C]:
-        if not (isinstance(cls, type) and issubclass(cls, RetrievalCorrection)):
-            raise CorrectionError(f"register_correction('{name}') decorates RetrievalCorrection subclasses, "
-                                  f"not {cls!r}")
-        CORRECTIONS.register(name, cls, help=help)  # refuses a name taken by another class
-        cls.name = name
-        return cls
-
-    return register
+    return CORRECTIONS.subclass_decorator(name, RetrievalCorrection, help=help, error=CorrectionError)
 
 
 def correction_options(name: str) -> dict[str, Any]:

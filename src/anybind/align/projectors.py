@@ -43,15 +43,7 @@ class ProjectorError(AnybindError, ValueError):
 
 def register_projector(name: str, *, help: str = "") -> Callable[[type[P]], type[P]]:
     """Class decorator: make a `Projector` subclass buildable and loadable by `name`."""
-
-    def register(cls: type[P]) -> type[P]:
-        if not (isinstance(cls, type) and issubclass(cls, Projector)):
-            raise ProjectorError(f"register_projector('{name}') decorates Projector subclasses, not {cls!r}")
-        PROJECTORS.register(name, cls, help=help)  # refuses a name taken by another class
-        cls.name = name
-        return cls
-
-    return register
+    return PROJECTORS.subclass_decorator(name, Projector, help=help, error=ProjectorError)
 
 
 def projector_options(name: str) -> dict[str, Any]:
