@@ -276,7 +276,7 @@ def test_a_projector_saved_in_the_old_format_is_refused_with_what_to_do(tmp_path
     old.mkdir()  # format 1: config.json without "format", weights in model.safetensors
     (old / "config.json").write_text(json.dumps({"name": "linear", "in_dim": 6, "out_dim": 4, "bias": True}))
     (old / "model.safetensors").write_bytes(b"")
-    with pytest.raises(AnybindError, match=r"format None; this anybind reads format 2: train or export it again"):
+    with pytest.raises(AnybindError, match=r"format 1; this anybind reads format 2: train or export it again"):
         Projector.load(old)
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anybind.assess.rank import assess, auto_layers
+from anybind.assess.rank import assess
 from anybind.cli import main
 from anybind.errors import AnybindError
 from anybind.features import extract, write_store
+from anybind.features.layers import auto_layers
 from anybind.saving import read_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,10 +52,20 @@ def test_ranking_report_and_recommendation(tmp_path, cache):
     assert data["ranking"][0]["best"]["a"] == "layer.2" and data["ranking"][0]["heatmap"] == "heatmap-01.png"
     assert (out / "heatmap-01.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 1 | enc-a | enc-t | layer.2 x final |" in (out / "ranking.md").read_text()
+    # what assess writes is what `--layers auto` reads (anybind.features.layers: one reader)
     assert auto_layers("enc-a") == ["layer.2"]  # from the cache's latest.json
     assert auto_layers("enc-a", out / "assessment.json") == ["layer.2"]
+    assert auto_layers("enc-a", out) == ["layer.2"]  # the report folder
+    assert auto_layers(None, out, modality="image") == ["layer.2"]  # the best pair's side
     with pytest.raises(AnybindError, match="did not score nothing-like-this"):
         auto_layers("nothing-like-this")
+
+
+def test_assess_has_no_second_auto_reader():
+    import anybind.assess
+    import anybind.assess.rank
+
+    assert not hasattr(anybind.assess, "auto_layers") and not hasattr(anybind.assess.rank, "auto_layers")
 
 
 def test_layers_auto_in_extract(tmp_path, cache):

@@ -89,3 +89,14 @@ def _raw_items(index, stores, anchor_rows, partner_rows):
     paths = [index.resolve(images[img.item_ids[r]]) for r in anchor_rows]
     texts = [captions[txt.item_ids[r]][j] for r, j in zip(partner_rows, txt.caption_index[partner_rows], strict=True)]
     return paths, texts
+
+
+def test_the_anchor_is_the_one_named_or_refused(bound_run):
+    from anybind.align.data import PairedFeatures, PairingError
+
+    _, stores, _, _ = bound_run
+    assert PairedFeatures(stores).anchor_name == "image" == PairedFeatures(stores, anchor="image").anchor_name
+    with pytest.raises(PairingError, match="anchor 'text' has several rows per item"):
+        PairedFeatures(stores, anchor="text")
+    with pytest.raises(PairingError, match="not one of the stores"):
+        PairedFeatures(stores, anchor="audio")

@@ -73,3 +73,11 @@ def test_train_with_a_non_finite_learning_rate_exits_2_before_any_work(tmp_path,
     _refused(capsys, "optimizer.lr", "finite")
     assert _nothing_written(cache, run)  # no store extracted, no run folder
     assert not (cache / "datasets").exists()  # the table was not even listed
+
+
+def test_eval_refuses_a_mistyped_task_before_any_work(tmp_path, table, cache, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--image", "random:image", "--text", "random:text", "--data", f"table:{table}",
+                 "--models", "nn-transfer", "--tasks", "retreival", "--out", str(out), "-q"]) == 2
+    _refused(capsys, "--tasks", "did you mean 'retrieval'")
+    assert _nothing_written(cache, out)

@@ -116,6 +116,37 @@ def test_resolve_layers():
         enc.resolve_layers("auto")
 
 
+LAYER_TEXTS = [None, "", "final", "1, 2,final", "last", "-1", "layer.-2", "all", ["layer.2", 2], 3, "9", "fnal",
+               "layer.-9", "all,final", "3,auto", "layer.x"]
+
+
+@pytest.mark.parametrize("text", LAYER_TEXTS, ids=repr)
+def test_encoders_and_features_read_layers_with_one_parser(text):
+    """Encoder.resolve_layers (encode, embed) and features.resolve_layers (extract, train, eval,
+    run) give the same names for the same text, and the same message for a mistake."""
+    from anybind.features.layers import resolve_layers
+
+    enc = create_encoder("random:text")
+
+    def outcome(fn):
+        try:
+            return fn()
+        except AnybindError as e:
+            return type(e).__name__, str(e)
+
+    assert outcome(lambda: enc.resolve_layers(text)) == outcome(
+        lambda: resolve_layers(text, enc.layer_dims, encoder=str(enc.spec)))
+
+
+def test_an_encoder_names_the_layer_it_lacks_with_a_suggestion():
+    enc = create_encoder("random:text")
+    with pytest.raises(LayerError, match=r"has no layer 'fnal': it has layer.0 ... layer.3 and final "
+                                         r"\(did you mean 'final'\?\)"):
+        enc.resolve_layers("fnal")
+    with pytest.raises(LayerError, match="'all' stands alone"):
+        enc.resolve_layers("all,final")
+
+
 def test_fingerprint_keys_everything_that_changes_features():
     enc = create_encoder("random:text")
     base = enc.fingerprint("mean", "fp32")

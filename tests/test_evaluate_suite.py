@@ -180,6 +180,19 @@ def test_retrieval_correction_ships_in_the_evaluation(planted_suite, tmp_path):
     assert set(a["runs"][0]["metrics"]) == set(b["runs"][0]["metrics"])
 
 
+def test_recipes_that_differ_only_in_their_blend_train_separately(planted_suite, tmp_path):
+    # the blend is fitted before training and read by validation and early stopping: a setting of
+    # its own, never a resume of another blend's run (a correction is fitted after: shared)
+    specs = [ModelSpec(f"blend{w}", recipe="linear", overrides=FAST + (f"blend={{name: nn-transfer, weight: {w}}}",))
+             for w in (0.25, 0.75)]
+    for spec in specs:
+        run_model(spec, planted_suite, folds=[0], seeds=[0], out=tmp_path, tasks=("retrieval",), progress=False)
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    qb = specs[0].with_overrides("correction={name: qb-norm, beta: 20}", name="blend+qb")
+    run_model(qb, planted_suite, folds=[0], seeds=[0], out=tmp_path, tasks=("retrieval",), progress=False)
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
 def test_cli_compare_prints_the_table(planted_suite, tmp_path, capsys):
     docs = [run_model(s, planted_suite, folds=[0, 1], seeds=[0], out=tmp_path, progress=False, tasks=("retrieval",))
             for s in (baseline_spec("procrustes"), baseline_spec("nn-transfer"))]

@@ -69,3 +69,32 @@ def test_features_does_not_import_assess():
 
     code = "import sys, anybind.features; print(any(m.startswith('anybind.assess') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_names_are_checked_against_the_syntax_without_layer_names():
+    # `anybind train --layers text=finale` with no store names yet: refused now, not later
+    with pytest.raises(LayerError, match=r"'finale' is not a layer \(did you mean 'final'\?\)"):
+        resolve_layers("3,finale", None)
+    with pytest.raises(LayerError, match="'layer.x' is not a layer"):
+        resolve_layers(["layer.x"], None)
+    assert resolve_layers([8, " final"], None) == ["layer.8", "final"]  # numbers become layer.N
+
+
+def test_all_and_auto_stand_alone():
+    for text in ("all,final", "3,auto", ["all"] + ["final"]):
+        with pytest.raises(LayerError, match="stands alone"):
+            resolve_layers(text, NAMES)
+    assert resolve_layers(["all"], NAMES) == NAMES  # a list of one is the keyword
+
+
+def test_the_layers_syntax_is_parsed_in_one_module():
+    """No second parser: the patterns of the syntax appear only in anybind/encoders/layers.py."""
+    from pathlib import Path
+
+    import anybind
+
+    src = Path(anybind.__file__).parent
+    patterns = (r'r"-?\d+', r"layer\.-", r"layer\.(-", '== "last"', "_LAYER_TOKEN")
+    found = [f"{p.relative_to(src)}: {pat}" for p in src.rglob("*.py") if p.name != "layers.py" or p.parent.name != "encoders"
+             for pat in patterns if pat in p.read_text()]
+    assert not found, found

@@ -100,6 +100,7 @@ def staged_dir(out: str | os.PathLike, *, replace: bool = False,
     A failure leaves `out` as it was.
     """
     out = Path(out)
+    recover_swap(out)
     check_replaceable(out, replace, is_ours)
     stage = out.with_name(f".{out.name}.{os.getpid()}.partial")
     shutil.rmtree(stage, ignore_errors=True)
@@ -114,6 +115,34 @@ def staged_dir(out: str | os.PathLike, *, replace: bool = False,
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover_swap(out: str | os.PathLike) -> None:
+    """Finish what a killed `staged_dir` left: put back the old folder when the kill fell between
+    its two renames, and remove the staging folders of writers that are gone."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for left in sorted(out.parent.glob(f".{out.name}.*.old")) + sorted(out.parent.glob(f".{out.name}.*.partial")):
+        pid = left.name[len(out.name) + 2 :].rsplit(".", 1)[0]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue  # another writer's, still at work
+        if left.suffix == ".old" and not out.exists():
+            os.replace(left, out)
+        else:
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a folder of ours from before is stale by definition here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_replaceable(out: str | os.PathLike, replace: bool,

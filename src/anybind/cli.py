@@ -114,6 +114,45 @@ def _tasks_help() -> str:
     return f"comma list, any of {', '.join(GROUP_ORDER)}"
 
 
+class _Choices:
+    """argparse choices read from the module that owns them, only when a value is checked or help
+    is printed, so building the parser imports no torch. Give the option a metavar: without one,
+    argparse lists the choices as soon as the option is added."""
+
+    def __init__(self, load: Callable[[], Sequence[str]]):
+        self._load = load
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+
+def _poolings() -> Sequence[str]:
+    from .encoders import POOLINGS
+
+    return POOLINGS
+
+
+def _precisions() -> Sequence[str]:
+    from .features.precision import PRECISIONS
+
+    return PRECISIONS
+
+
+def _stored_dtypes() -> Sequence[str]:
+    from .features.safetensors_io import STORED_DTYPES
+
+    return list(STORED_DTYPES)
+
+
+def _index_kinds() -> Sequence[str]:
+    from .serve.index import KINDS
+
+    return KINDS
+
+
 class _Parser(argparse.ArgumentParser):
     """Help given as a function is filled in only when help is printed: parsing a verb's
     arguments imports no registry (and so no torch)."""
@@ -404,7 +443,9 @@ def cmd_eval(args) -> int:
         from .evaluate.sweeps import parse_sweep
 
         sweep = parse_sweep(args.sweep)  # checked before any store is extracted
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    from .evaluate.results import check_tasks
+
+    tasks = tuple(check_tasks(args.tasks))  # before any store is extracted
     suite, tasks = eval_suite(args, tasks)
     out = Path(args.out or "evals/builtin")
     folds, seeds = _count_or_list(args.folds), _count_or_list(args.seeds)
@@ -690,10 +731,13 @@ def _extract_args(verb: Callable) -> None:
     p.add_argument("--layers", "-l", default="final",
                    help="comma list (7,8,final / layer.7), 'all', 'last', or 'auto' (the layer `anybind assess` recommends)")
     p.add_argument("--assessment", help="assessment.json for --layers auto (default: the latest `anybind assess`)")
-    p.add_argument("--pooling", choices=["cls", "mean", "cls+mean"], help="token pooling (default: the encoder's)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="compute precision; auto = bf16 autocast where features stay within cosine 0.995 of fp32")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored dtype (default fp16)")
+    p.add_argument("--pooling", choices=_Choices(_poolings), metavar="POOLING",
+                   help="token pooling: %(choices)s (default: the encoder's)")
+    p.add_argument("--precision", default="auto", choices=_Choices(_precisions), metavar="PRECISION",
+                   help="compute precision: %(choices)s; auto = bf16 autocast by a fixed rule (device type, "
+                        "and features within cosine 0.995 of fp32 on a calibration batch)")
+    p.add_argument("--dtype", default="fp16", choices=_Choices(_stored_dtypes), metavar="DTYPE",
+                   help="stored dtype: %(choices)s (default fp16)")
     p.add_argument("--batch-size", "-b", type=positive_int, default=64,
                    help="items per forward pass (texts are batched by length inside each shard)")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images, 0 for text)")
@@ -771,8 +815,9 @@ def _bundle_args(verb: Callable) -> None:
     p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")
     p.add_argument("--data", "-d", required=True, help=_dataset_help)
     p.add_argument("--out", "-o", required=True, help="the index folder to write")
-    p.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
-                   help="flat = exact inner product; ivf / hnsw = approximate, for large collections (auto: flat below 50k items)")
+    p.add_argument("--kind", default="auto", choices=_Choices(_index_kinds), metavar="KIND",
+                   help="index kind: %(choices)s; flat = exact inner product; ivf / hnsw = approximate, "
+                        "for large collections (auto: flat below 50k items)")
     p.add_argument("--modality", default="image", help="which side of the bundle the items are (default image)")
     p.add_argument("--field", help="the dataset field to index (default: the one of that modality)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass")

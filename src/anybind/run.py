@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 import typing
 import uuid
@@ -35,7 +34,6 @@ log = logging.getLogger("anybind.run")
 RUNS_DIR = Path(__file__).resolve().parent / "configs" / "runs"
 SUITES = ("builtin", "custom")
 STAGE_LOG = "stage-log.jsonl"
-_LAYER_TOKEN = re.compile(r"-?\d+|layer\.-?\d+|final|last")
 
 
 class RunFileError(AnybindError, ValueError):
@@ -222,15 +220,16 @@ def _check_encoder(modality: str, entry: EncoderEntry) -> None:
 
 
 def check_layer_text(text, key: str) -> str:
-    """The syntax of a layers setting (the encoder checks the names exist when it is loaded)."""
+    """The syntax of a layers setting, by the one `--layers` parser (the encoder checks that the
+    names exist when it is loaded)."""
+    from .encoders.layers import parse_layers
+
     if not isinstance(text, str) or not text.strip():
         raise RunFileError(f"{key} must be a comma list of layers (8,final), all, last or auto, not {text!r}")
-    if text.strip() in ("all", "auto"):
-        return text.strip()
-    for token in [t for t in re.split(r"[,\s]+", text.strip()) if t]:
-        if not _LAYER_TOKEN.fullmatch(token):
-            raise RunFileError(f"{key}: '{token}' is not a layer{did_you_mean(token, ['final', 'last', 'all', 'auto'])}: "
-                               "give layer numbers or names (8, layer.8, -1, last, final), all, or auto")
+    try:
+        parse_layers(text, syntax_only=True)
+    except AnybindError as e:
+        raise RunFileError(f"{key}: {e}") from e
     return text.strip()
 
 
@@ -245,6 +244,7 @@ def _check_assess(a: AssessSpec) -> None:
 def _check_eval(run: RunFile) -> None:
     ev = run.evaluate
     choice("evaluate.suite", ev.suite, SUITES, error=RunFileError)
+    _check_templates(ev.templates)
     missing = [m for m in ("image", "text") if m not in run.encoders]
     if missing:
         raise RunFileError(f"evaluate: the suites score image-text models, but encoders has no {' or '.join(missing)} "
@@ -271,6 +271,17 @@ def _check_eval(run: RunFile) -> None:
         choice("evaluate.baselines entry", b, list(BASELINES), error=RunFileError)
 
 
+def _check_templates(templates) -> None:
+    """A built-in template set or a readable JSON list of templates, each with one {c}: checked
+    now, not when zero-shot scoring reaches it after extract and train."""
+    from .evaluate.zeroshot import load_templates
+
+    try:
+        load_templates(templates)
+    except AnybindError as e:
+        raise RunFileError(f"evaluate.templates: {e}") from e
+
+
 def _check_builtin_suite(run: RunFile) -> None:
     if run.data != "openclipart" and not run.data.startswith("openclipart:"):
         raise RunFileError(f"evaluate.suite: builtin scores openclipart (its folds, curated classes and file "
@@ -282,15 +293,14 @@ def _check_builtin_suite(run: RunFile) -> None:
 
 
 def _checked_tasks(ev: EvalSpec) -> list[str]:
-    from .evaluate.results import GROUP_ORDER as TASKS  # retrieval, zeroshot, probe
+    from .evaluate.results import TASKS, check_tasks
 
     has = {"retrieval": True, "zeroshot": ev.suite == "builtin" or ev.zeroshot is not None,
            "probe": ev.suite == "builtin" or ev.probe is not None}
     if ev.tasks is None:
         return [t for t in TASKS if has[t]]
-    tasks = _as_list(ev.tasks, "evaluate.tasks")
+    tasks = check_tasks(_as_list(ev.tasks, "evaluate.tasks"), "evaluate.tasks", RunFileError)
     for t in tasks:
-        choice("evaluate.tasks entry", t, TASKS, error=RunFileError)
         if not has[t]:
             raise RunFileError(f"evaluate.tasks names {t}, but evaluate.{t} is not set: give a labelled image set "
                                f"(imagenet:DIR, folder:DIR, table:FILE) or drop {t} from the tasks")
@@ -350,8 +360,9 @@ class Stages:
         return rec["outputs"] if all(Path(p).exists() for p in _paths(rec["outputs"])) else None
 
     def run(self, stage: str, inputs: dict, fn: typing.Callable[[], dict]) -> dict:
-        """`fn()`'s outputs, or the cached ones when the inputs hash the same and the files exist."""
-        key = hash_obj(inputs)
+        """`fn()`'s outputs, or the cached ones when the inputs hash the same and the files exist
+        (the formats anybind writes are part of the inputs: an upgrade re-runs what it changed)."""
+        key = hash_obj({"formats": _formats(), **inputs})
         hit = self.cached(stage, key)
         if hit is not None:
             log.info("stage %s: cached", stage)
@@ -492,7 +503,7 @@ class _Pipeline:
             pidx = probe_index(*ev.probe_sizes, cache=self.cache)
             probe = (self.extract("extract.probe", run.encoders["image"], ",".join(layers["image"]), pidx), pidx)
         inputs = {"stores": stores, "layers": layers, "recipe": run.recipe, "overrides": run.overrides,
-                  "evaluate": dataclasses.asdict(ev), "probe": probe[0] if probe else None,
+                  "anchor": run.anchor, "evaluate": dataclasses.asdict(ev), "probe": probe[0] if probe else None,
                   "recipe_text": _recipe_text(run.recipe)}
         return self.stages.run("evaluate", inputs, lambda: self.score(stores, layers, probe))
 
@@ -502,17 +513,19 @@ class _Pipeline:
 
         ev = self.run.evaluate
         if ev.suite == "builtin":
-            return Suite.builtin_from_stores(FeatureStore.open(stores["image"]["store"]),
-                                             FeatureStore.open(stores["text"]["store"]), layers,
-                                             FeatureStore.open(probe[0]["store"]) if probe else None,
-                                             probe[1] if probe else None)
-        # custom: the run's own paired data for retrieval, the named labelled sets
-        from .data import load_dataset
+            suite = Suite.builtin_from_stores(FeatureStore.open(stores["image"]["store"]),
+                                              FeatureStore.open(stores["text"]["store"]), layers,
+                                              FeatureStore.open(probe[0]["store"]) if probe else None,
+                                              probe[1] if probe else None)
+        else:  # custom: the run's own paired data for retrieval, the named labelled sets
+            from .data import load_dataset
 
-        paired = load_dataset(self.run.data, cache=self.cache, **self.data_options)
-        return Suite.from_datasets(self.run.encoders["image"].spec, self.run.encoders["text"].spec, paired,
-                                   zeroshot=ev.zeroshot, probe=ev.probe, templates=ev.templates, layers=layers,
-                                   cache=self.cache, progress=self.progress)
+            paired = load_dataset(self.run.data, cache=self.cache, **self.data_options)
+            suite = Suite.from_datasets(self.run.encoders["image"].spec, self.run.encoders["text"].spec, paired,
+                                        zeroshot=ev.zeroshot, probe=ev.probe, templates=ev.templates,
+                                        layers=layers, cache=self.cache, progress=self.progress)
+        suite.anchor = self.run.anchor
+        return suite
 
     def score(self, stores: dict, layers: dict, probe) -> dict:
         from .evaluate import report as rep
@@ -559,6 +572,15 @@ class _Pipeline:
         write_run_report(self.out, self.run, eval_out, assessment, bundle, stage_times, self.stages.times,
                          total=time.perf_counter() - t_all)
         self.stages.times["report"] = time.perf_counter() - t0
+
+
+def _formats() -> dict:
+    """The versions of what the stages write: results, trained runs, saved parts, bundles."""
+    from . import saving
+    from .bundle.model import BUNDLE_FORMAT
+    from .evaluate.protocol import PROTOCOL_VERSION
+
+    return {"protocol": PROTOCOL_VERSION, "saved_parts": saving.FORMAT, "bundle": BUNDLE_FORMAT}
 
 
 def _recipe_text(name: str) -> str:

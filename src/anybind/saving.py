@@ -59,7 +59,7 @@ def read_config(directory: str | os.PathLike, kind: str | None = None) -> dict:
     except (OSError, ValueError) as e:
         raise SavedPartError(f"{path} is unreadable ({e}): the folder is damaged; save it again") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
+        found = config.get("format", 1) if isinstance(config, dict) else None  # format 1 wrote none
         raise SavedPartError(f"{directory} was written in saved-part format {found!r}; this anybind reads format "
                              f"{FORMAT}: train or export it again with this version")
     if kind is not None and config.get("kind") != kind:

@@ -70,7 +70,7 @@ class PairedFeatures:
 
     def __init__(self, stores: dict[str, FeatureStore], layers: dict[str, list[str]] | None = None,
                  in_memory: bool | None = None, check_values: bool = True, max_unpaired: float = 0.05,
-                 fold: int | None = None):
+                 fold: int | None = None, anchor: str | None = None):
         self.max_unpaired = max_unpaired
         self.fold = fold  # None: the index's fixed split; 0-4: cross-validation (anybind.data.crossval)
         if len(stores) != 2:
@@ -82,12 +82,7 @@ class PairedFeatures:
             raise PairingError("the stores come from different datasets ("
                                + ", ".join(f"{n}: {d}" for n, d in datasets.items())
                                + "): pairs are joined by item id within one dataset")
-        counts = {n: len(s) for n, s in stores.items()}
-        uniq = {n: len(set(s.item_ids)) for n, s in stores.items()}
-        # the anchor has one row per item (images); the partner may have several (captions)
-        anchor = next((n for n in names if counts[n] == uniq[n]), None)
-        if anchor is None:
-            raise PairingError("neither store has exactly one row per item: one side must be the anchor (e.g. images)")
+        anchor = _anchor_of(stores, anchor)
         partner = names[1] if anchor == names[0] else names[0]
         self.anchor_name, self.partner_name = anchor, partner
         self.sides = {}
@@ -185,6 +180,22 @@ class PairedFeatures:
             sel = self.split_of_pair == s
             out[s] = {"pairs": int(sel.sum()), "items": int(len(np.unique(self.item_of_pair[sel])))}
         return out
+
+
+def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> str:
+    """The anchor modality: the one named, or the store with one row per item (images; the partner
+    may have several rows per item: captions)."""
+    single = [n for n, s in stores.items() if len(s) == len(set(s.item_ids))]
+    if anchor is None:
+        if not single:
+            raise PairingError("neither store has exactly one row per item: one side must be the anchor (e.g. images)")
+        return single[0]
+    if anchor not in stores:
+        raise PairingError(f"the anchor '{anchor}' is not one of the stores ({', '.join(stores)})")
+    if anchor not in single:
+        raise PairingError(f"the anchor '{anchor}' has several rows per item: the anchor must have one row per "
+                           f"item (here: {', '.join(single) or 'neither store'})")
+    return anchor
 
 
 def _check_finite(side: Side, chunk: int = 65536) -> None:

@@ -113,8 +113,9 @@ def subsample_items(pairs: Pairs, n_items: int, seed: int) -> Pairs:
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def _training_part(recipe: dict) -> dict:
-    """The settings training depends on (the correction and blend are applied after training)."""
-    return {k: v for k, v in recipe.items() if k not in ("name", "description", "correction", "blend")}
+    """The settings the trained projectors depend on: not the correction (fitted after training);
+    the blend counts, since validation and early stopping read the blended model."""
+    return {k: v for k, v in recipe.items() if k not in ("name", "description", "correction")}
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -228,10 +229,10 @@ class _Run:
         return {n: str(self.data.side(n).store.path) for n in self.data.names}
 
 
-def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device) -> _Run:
+def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device, anchor) -> _Run:
     rank, world = dist.rank_world()
     stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
-    data = PairedFeatures(stores, layers, fold=fold)
+    data = PairedFeatures(stores, layers, fold=fold, anchor=anchor)
     train_pairs, val_pairs, cfg = data.pairs("train"), data.pairs("val"), recipe.train
     if max_train_pairs is not None:
         train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
@@ -393,6 +394,7 @@ def train(
     fold: int | None = None,
     max_train_pairs: int | None = None,
     preload: bool | None = None,
+    anchor: str | None = None,
 ) -> TrainResult:
     """Fit the recipe's bound model on two stores: train its projectors (validation and early
     stopping read the blended model), fit its correction, and save it to ``out/model``.
@@ -401,12 +403,13 @@ def train(
     fixed split; `max_train_pairs` keeps a seeded random subset of the train items (the
     data-efficiency sweep), every caption of a kept item included. `preload` puts the features on
     the GPU once (default: when they fit in a third of its free memory; see `batch_reader`).
+    `anchor` names the modality the other binds to (default: the store with one row per item).
     `result.val` is the saved model's retrieval on the val split, correction included.
     """
     t0 = time.perf_counter()
     device = select_device(device)
     distributed = dist.init_from_env(device)
-    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device)
+    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor)
     _restore(run, resume)
     _loop(run, progress, preload)
     model = _finish(run)
@@ -427,7 +430,9 @@ def train(
 def _write_summary(run: _Run, result: TrainResult) -> None:
     atomic.write_json(run.out / "summary.json", {
         "recipe": run.recipe.name, "best_step": result.best_step, "steps": result.steps,
-        "stopped_early": result.stopped_early, "metric": run.recipe.train.metric, "model": MODEL,
+        "stopped_early": result.stopped_early, "metric": run.recipe.train.metric, "best_metric": result.best_metric,
+        "selected_on": "val retrieval of the projectors with the blend, before the correction is fitted",
+        "model": MODEL,
         "val": result.val, "baselines": result.baselines, "chance": result.chance,
         "seconds": round(result.seconds, 1), "data": run.data.summary(), "train_pairs": len(run.train_pairs),
         "precision": run.precision, "world_size": run.world})

@@ -1,6 +1,6 @@
 """Assess: how alignable are encoders and layers, measured on paired features before training."""
 
-__all__ = ["assess", "auto_layers"]
+__all__ = ["assess"]
 
 
 def assess(*args, **kwargs):
@@ -9,9 +9,3 @@ def assess(*args, **kwargs):
 
     return _assess(*args, **kwargs)
 
-
-def auto_layers(*args, **kwargs):
-    """See `anybind.assess.rank.auto_layers`."""
-    from .rank import auto_layers as _auto
-
-    return _auto(*args, **kwargs)

@@ -8,7 +8,6 @@ encoder, which layer) is written where `--layers auto` finds it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_json, write_text, write_with
-from ..config import cache_root
 from ..errors import AnybindError
 from ..features import FeatureStore
+from ..features.layers import ASSESSMENT_FILE, latest_assessment_path
 
 log = logging.getLogger("anybind.assess")
-LATEST = "latest.json"
 
 
 @dataclass
@@ -161,9 +159,9 @@ def write_report(result: Assessment, out: Path, cache=None) -> None:
         png = out / f"heatmap-{i:02d}.png"
         if heatmap(p, png, result.metric):
             data["ranking"][i - 1]["heatmap"] = png.name
-    write_json(out / "assessment.json", data)
+    write_json(out / ASSESSMENT_FILE, data)
     write_text(out / "ranking.md", f"# Alignability ({result.metric}, k={result.k})\n\n{result.table()}\n")
-    latest = cache_root(cache) / "assessments" / LATEST
+    latest = latest_assessment_path(cache)  # where `--layers auto` (anybind.features.layers) reads it
     latest.parent.mkdir(parents=True, exist_ok=True)
     write_json(latest, data)
 
@@ -195,17 +193,3 @@ def heatmap(p: PairScore, path: Path, metric: str) -> bool:
         plt.close(fig)
     return True
 
-
-def auto_layers(encoder_spec: str, assessment: str | os.PathLike | None = None, cache=None) -> list[str]:
-    """The layer an assessment recommends for an encoder (`--layers auto`)."""
-    path = Path(assessment) if assessment else cache_root(cache) / "assessments" / LATEST
-    if path.is_dir():
-        path = path / "assessment.json"
-    if not path.exists():
-        raise AnybindError(f"--layers auto needs an assessment, and {path} does not exist: run `anybind assess` first "
-                           "(or pass --assessment FILE)")
-    rec = json.loads(path.read_text()).get("recommendation", {}).get("encoders", {})
-    if encoder_spec not in rec:
-        raise AnybindError(f"the assessment {path} did not score {encoder_spec} (it scored {', '.join(rec) or 'nothing'}): "
-                           "assess it first, or name the layers")
-    return list(rec[encoder_spec]["layers"])

@@ -145,17 +145,18 @@ def read_info(path: str | os.PathLike) -> dict:
                           "make one with `anybind export`") from e
     if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
         found = info.get("format") if isinstance(info, dict) else None
-        raise BundleError(f"{path}: bundle format {found!r}; this anybind reads {BUNDLE_FORMAT}: "
-                          "export the run again with this version (`anybind export RUN --out ...`)")
+        raise BundleError(f"{path}: bundle format {found!r}; this anybind reads {BUNDLE_FORMAT}: train the run "
+                          "again with this version, then `anybind export --run RUN --out OUT --overwrite`")
     return info
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
+    """A folder anybind wrote as a bundle, of this format or an older one (safe to replace)."""
     try:
-        read_info(path)
-    except BundleError:
+        info = json.loads((Path(path) / "bundle.json").read_text())
+    except (OSError, ValueError):
         return False
-    return True
+    return isinstance(info, dict) and str(info.get("format", "")).startswith("anybind.bundle/")
 
 
 def load(path: str | os.PathLike, device: str = "cpu") -> Bundle:

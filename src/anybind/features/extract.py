@@ -28,7 +28,7 @@ from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
 from .layers import resolve_layers
 from .lock import StoreLock, pid_alive
-from .precision import _to, autocast, choose_precision
+from .precision import PRECISIONS, _to, autocast, choose_precision
 from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
 from .store import (
     FORMAT_VERSION,
@@ -254,7 +254,7 @@ def extract(
     t0 = time.perf_counter()
     batch_size = 64 if batch_size is None else integer("batch size", batch_size, minimum=1, error=AnybindError)
     integer("shard size", shard_size, minimum=1, error=AnybindError)
-    choice("precision", precision, ("auto", "fp32", "bf16"), error=AnybindError)
+    choice("precision", precision, PRECISIONS, error=AnybindError)
     device = select_device(device)
     enc, index, field = _open_inputs(encoder, data, field, device, cache)
     layers = resolve_layers(layers, enc.layer_dims, assessment, enc.modality, encoder=str(enc.spec), cache=cache)

@@ -1,7 +1,9 @@
-"""`--layers`: the one place user text becomes canonical layer names.
+"""`--layers` with `auto`: what every entry point (extract, train, eval, run) resolves a layers
+setting with.
 
-Every entry point (extract, train, run) passes what the user typed and the names the encoder (or
-store) has; `auto` reads an assessment file directly, so `features` never imports `assess`.
+The syntax itself is parsed in one place, `anybind.encoders.layers.parse_layers` (which
+`Encoder.resolve_layers` uses too); this module adds `auto`, read from an assessment file directly,
+so `features` never imports `assess`, and `assess` writes its result where `auto` reads it.
 
 >>> resolve_layers("8,final", ["layer.0", ..., "layer.12", "final"])
 ['layer.8', 'final']
@@ -11,19 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..checks import did_you_mean
 from ..config import cache_root
-from ..errors import AnybindError, LayerError
+from ..encoders.layers import LayerText, parse_layers
+from ..errors import AnybindError
 
 #: where `anybind assess` leaves its latest result, under the cache root
 ASSESSMENTS_DIR, LATEST = "assessments", "latest.json"
 ASSESSMENT_FILE = "assessment.json"
-
-LayerText = str | Sequence[str | int] | None
 
 
 def resolve_layers(
@@ -37,51 +36,16 @@ def resolve_layers(
 ) -> list[str]:
     """Canonical layer names for `spec`, checked against `layers` (an encoder's or store's names).
 
-    spec: None or "" (the default: ``final``), "final", "last" (the last block), "all", a comma
-    list ("7,8,final", "-1" = the last block, "8" = "layer.8"), a list of names or ints, or
-    "auto": the layers an assessment recommends for `encoder` (its spec string), or for the
-    side `modality` of the assessment's best pair. `assessment` is an assessment.json, a folder
-    holding one, an already-read dict, or None for the cache's latest. With `layers` None the
-    names are only canonicalised (no "all", "last" or negative indexes).
+    spec: anything `anybind.encoders.layers.parse_layers` reads (None or "" = ``final``,
+    "final", "last", "all", "7,8,final", "-1", a list of names or ints), or "auto": the layers an
+    assessment recommends for `encoder` (its spec string), or for the side `modality` of the
+    assessment's best pair. `assessment` is an assessment.json, a folder holding one, an
+    already-read dict, or None for the cache's latest. With `layers` None the names are only
+    canonicalised (no "all", "last" or negative indexes).
     """
-    names = list(layers) if layers is not None else None
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text == "auto":
-            spec = auto_layers(encoder, assessment, modality=modality, cache=cache)
-        elif text == "all":
-            return list(_need(names, "all", encoder))
-        else:
-            spec = [s for s in re.split(r"[,\s]+", text) if s]
-    if not spec:
-        return ["final"]
-    out: list[str] = []
-    for item in spec:
-        name = canonical_name(item, names, encoder)
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def canonical_name(item: str | int, names: list[str] | None = None, encoder: str | None = None) -> str:
-    """One layer: '8' -> 'layer.8', 'last' / '-1' / 'layer.-1' -> the last block; checked
-    against `names` when given."""
-    text = str(item).strip()
-    if re.fullmatch(r"-?\d+", text):
-        text = f"layer.{text}"
-    if text == "last" or re.fullmatch(r"layer\.-\d+", text):
-        blocks = last_block(_need(names, text, encoder))
-        back = 1 if text == "last" else -int(text.split(".", 1)[1])
-        text = f"layer.{blocks + 1 - back}"
-    if names is not None and text not in names:
-        hint = "" if re.fullmatch(r"layer\.-?\d+", text) else did_you_mean(text, names)  # a typo, not a range
-        raise LayerError(f"{encoder or 'the encoder'} has no layer '{item}': it has {_describe(names)}{hint}")
-    return text
-
-
-def last_block(names: Iterable[str]) -> int:
-    """L, the index of the last block (``layer.L``) among canonical names."""
-    return max((int(n.split(".")[1]) for n in names if re.fullmatch(r"layer\.\d+", n)), default=0)
+    if isinstance(spec, str) and spec.strip() == "auto":
+        spec = auto_layers(encoder, assessment, modality=modality, cache=cache)
+    return parse_layers(spec, layers, encoder=encoder)
 
 
 def auto_layers(encoder: str | None, assessment: str | os.PathLike | Mapping | None = None, *,
@@ -123,20 +87,6 @@ def read_assessment(assessment: str | os.PathLike | Mapping | None = None,
 def latest_assessment_path(cache: str | os.PathLike | None = None) -> Path:
     """Where `anybind assess` writes its latest result for `--layers auto`."""
     return cache_root(cache) / ASSESSMENTS_DIR / LATEST
-
-
-def _need(names: list[str] | None, what: str, encoder: str | None) -> list[str]:
-    if names is None:
-        raise LayerError(f"layers '{what}' need the layer names of {encoder or 'the encoder'}: "
-                         "name the layers (layer.N or final) instead")
-    return names
-
-
-def _describe(names: list[str]) -> str:
-    blocks = [n for n in names if re.fullmatch(r"layer\.\d+", n)]
-    others = [n for n in names if n not in blocks]
-    parts = ([f"layer.0 ... layer.{last_block(blocks)}"] if len(blocks) > 2 else blocks) + others
-    return " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else (parts[0] if parts else "none")
 
 
 def _sides(pair: Mapping) -> list[str]:

@@ -36,6 +36,7 @@ from ..config import cache_root
 from ..encoders import Encoder
 
 log = logging.getLogger("anybind.extract")
+PRECISIONS = ("auto", "fp32", "bf16")  # compute precisions (--precision); auto = the rule above
 BF16_MIN_COSINE = 0.995  # bf16 is used only where features stay this close to fp32
 CALIBRATION_ITEMS = 32
 CALIBRATION_SEED = 0

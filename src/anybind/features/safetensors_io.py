@@ -30,12 +30,14 @@ DTYPES = {
 }
 _BY_CODE = {v[0]: k for k, v in DTYPES.items()}
 ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+#: what a store may keep features in, by the names users give (`--dtype`)
+STORED_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def canonical_dtype(name: str) -> str:
     name = ALIASES.get(name, name)
-    if name not in ("float16", "bfloat16", "float32"):
-        raise StoreError(f"unknown stored dtype '{name}': choose fp16, bf16 or fp32")
+    if name not in STORED_DTYPES.values():
+        raise StoreError(f"unknown stored dtype '{name}': choose {', '.join(STORED_DTYPES)}")
     return name
 
 

@@ -49,11 +49,6 @@ def stores_dir(cache: str | os.PathLike | None = None) -> Path:
     return cache_root(cache) / "stores"
 
 
-def _slug(text: str) -> str:
-    """A folder-name part: anybind.checks.slug, trimmed to 60 characters."""
-    return slug(text).strip("_")[:60] or "x"
-
-
 @dataclass(frozen=True)
 class StoreKey:
     """What a store holds, apart from its layers: reusing a store needs all of this to match."""
@@ -73,8 +68,11 @@ class StoreKey:
         return hash_obj(self.as_dict())
 
     def folder_name(self, layers: Iterable[str]) -> str:
-        enc = _slug(self.encoder["spec"].replace(":", "_").replace("/", "_"))
-        return f"{enc}--{_slug(self.dataset)}--{self.field}--{self.hash[:12]}-{hash_obj(sorted(layers), 6)}"
+        """ENCODER--DATASET--FIELD--KEYHASH-LAYERSHASH: readable parts (anybind.checks.slug, at
+        most 60 characters each: a table column may hold any character) and the hashes that
+        make the name unique."""
+        enc, data, field = (slug(part).strip("_")[:60] or "x" for part in (self.encoder["spec"], self.dataset, self.field))
+        return f"{enc}--{data}--{field}--{self.hash[:12]}-{hash_obj(sorted(layers), 6)}"
 
 
 def describe_mismatch(want: dict, have: dict, prefix: str = "") -> list[str]:

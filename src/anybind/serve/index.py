@@ -298,7 +298,7 @@ def _gallery_store(side: dict, index, field: str, modality: str, **options):
     from ..features.extract import extract
 
     store = extract(side["encoder"], index, field=field, layers=side["layers"], pooling=side.get("pooling"),
-                    precision=side.get("precision") or "fp32", dtype="fp16", **options)
+                    precision=side.get("precision") or "fp32", dtype=side.get("dtype", "float16"), **options)
     if store is None:
         raise VectorIndexError("anybind index runs in one process: do not start it under torchrun")
     weights = store.key["encoder"].get("weights")
