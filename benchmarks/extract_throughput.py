@@ -50,7 +50,7 @@ def main() -> None:
     _, _, refs = index.field_rows(field)
     layers, pooling = enc.resolve_layers(args.layers), enc.default_pooling
     workers = args.workers if args.workers is not None else (min(2, os.cpu_count() or 1) if enc.modality != "text" else 0)
-    precision = choose_precision(enc, refs, layers, pooling, device)
+    precision = choose_precision(enc, pooling, device)
     print(f"{enc.spec} on {len(refs)} items of {args.data}, batch {args.batch_size}, {workers} workers, "
           f"{precision} compute, device {device}, torch threads {torch.get_num_threads()}")
 

@@ -541,14 +541,15 @@ def test_the_lock_of_a_killed_extract_is_taken_over(cache, caplog):
 def test_store_lock_waits_for_the_living_and_names_them(tmp_path):
     import socket
 
-    from anybind.features.lock import StoreLock, _proc_start
+    from anybind.atomic import proc_start_ticks
+    from anybind.features.lock import StoreLock
 
     lock_file = tmp_path / "store" / ".lock"
     lock_file.parent.mkdir()
     # a live process of this host that is not the holder any more (a recycled pid): taken over
     ppid = os.getppid()
     lock_file.write_text(json.dumps({"pid": ppid, "host": socket.gethostname(), "since": "then",
-                                     "proc_start": (_proc_start(ppid) or 0) + 12345}))
+                                     "proc_start": (proc_start_ticks(ppid) or 0) + 12345}))
     with StoreLock(tmp_path / "store", timeout_s=5) as held:
         assert held.holder().pid == os.getpid()
         # while held, another waiter gives up after its timeout, naming the holder

@@ -125,24 +125,48 @@ def recover_swap(out: str | os.PathLike) -> None:
         return
     for left in sorted(out.parent.glob(f".{out.name}.*.old")) + sorted(out.parent.glob(f".{out.name}.*.partial")):
         pid = left.name[len(out.name) + 2 :].rsplit(".", 1)[0]
-        if pid.isdigit() and _pid_alive(int(pid)):
-            continue  # another writer's, still at work
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue  # another writer's, still at work (one of ours from before is stale here)
         if left.suffix == ".old" and not out.exists():
             os.replace(left, out)
         else:
             shutil.rmtree(left, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a folder of ours from before is stale by definition here
+def clean_stale_tmp(folder: str | os.PathLike) -> None:
+    """Remove the temporary files (`tmp_name`: `.NAME.PID.tmp`) of writers that died in `folder`:
+    killed, or out of disk."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2] if tmp.name.count(".") >= 3 else ""
+        if not (pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid)))):
+            tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int, proc_start: int | None = None) -> bool:
+    """True while process `pid` of this host runs (and, given `proc_start`, is still that process)."""
+    if pid <= 0:  # os.kill(0 or -1, ...) would address a process group, not one process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # someone else's process: it exists
+    now = proc_start_ticks(pid)
+    if now == -1:
+        return False
+    return proc_start is None or now is None or now == proc_start
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """A process's start time in ticks since boot (/proc/PID/stat field 22), None where unknown,
+    -1 for a zombie (killed, not yet reaped): with the pid, it tells a recycled pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    return int(fields[19]) if fields[0] != "Z" else -1
 
 
 def check_replaceable(out: str | os.PathLike, replace: bool,

@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..atomic import write_json, write_text, write_with
+from ..atomic import clean_stale_tmp, write_json, write_text, write_with
 from ..checks import choice, integer
 from ..data.index import rows_fingerprint
 from ..device import select_device
 from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
 from .layers import resolve_layers
-from .lock import StoreLock, pid_alive
+from .lock import StoreLock
 from .precision import PRECISIONS, _to, autocast, choose_precision
 from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
 from .store import (
@@ -118,21 +118,10 @@ def _batches(shards: list[int], shard_size: int, refs: list, batch_size: int, by
 
 
 # ---- the store folder ------------------------------------------------------------------------------
-def _clean_stale_tmp(path: Path) -> None:
-    """Remove temporary files (`.NAME.PID.tmp`) left by writers that died: killed, or out of disk."""
-    for tmp in path.glob(".*.tmp"):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[-2])
-        except (ValueError, IndexError):
-            pid = -1
-        if pid != os.getpid() and not pid_alive(pid):
-            tmp.unlink(missing_ok=True)
-
-
 def _prepare_folder(path: Path, request: dict) -> None:
     """Create the store folder with its request, or check an unfinished one matches it."""
     path.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(path)  # even before request.json: a writer may have died writing it
+    clean_stale_tmp(path)  # even before request.json: a writer may have died writing it
     req_file = path / REQUEST
     if req_file.exists():
         have = json.loads(req_file.read_text())
@@ -408,7 +397,7 @@ def sync_splits(store: FeatureStore, index) -> int:
 
 def _hit(store: FeatureStore, t0: float, index=None, layers: list[str] | None = None) -> FeatureStore:
     log.info("cache hit: %s (%d rows, layers %s)", store.path, len(store), ",".join(store.layers))
-    _clean_stale_tmp(store.path)  # e.g. from a run killed while it rewrote rows.parquet (sync_splits)
+    clean_stale_tmp(store.path)  # e.g. from a run killed while it rewrote rows.parquet (sync_splits)
     if index is not None:
         sync_splits(store, index)
     store.report = {"hit": True, "seconds": time.perf_counter() - t0, "rows": len(store),

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..atomic import pid_alive, proc_start_ticks
 from ..errors import StoreError
 
 log = logging.getLogger("anybind.extract")
@@ -45,35 +46,9 @@ class Holder:
         return f"pid {self.pid} on {self.host}, since {self.since}"
 
 
-def _proc_start(pid: int) -> int | None:
-    """A process's start time in ticks since boot (/proc/PID/stat field 22), None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
-    return int(fields[19]) if fields[0] != "Z" else -1  # -1: a zombie, killed but not yet reaped
-
-
-def pid_alive(pid: int, proc_start: int | None = None) -> bool:
-    """True while process `pid` of this host runs (and, given `proc_start`, is still that process)."""
-    if pid <= 0:  # os.kill(0 or -1, ...) would address a process group, not one process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: it exists
-    now = _proc_start(pid)
-    if now == -1:
-        return False
-    return proc_start is None or now is None or now == proc_start
-
-
 def me() -> Holder:
     pid = os.getpid()
-    return Holder(pid, socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), _proc_start(pid))
+    return Holder(pid, socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%S%z"), proc_start_ticks(pid))
 
 
 class StoreLock:
