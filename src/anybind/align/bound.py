@@ -6,7 +6,10 @@
 
 It holds the trained projectors (a `ProjectorSpace`, or none for a training-free model), the
 training-free space blended in (a fitted baseline and its weight, or none), and the retrieval
-correction (or none), for any number of modalities, one of them the anchor. Training reports it,
+correction (or none), for any number of modalities, one of them the anchor. Modalities bound later
+(`train --add`: progressive binding) are *added*: each maps its features straight onto the frozen
+bound space of the modality it was trained against (`added[m].to`), through a trained projector or
+a training-free map (`align/into.py`); nothing bound before changes, and it saves byte-identically. Training reports it,
 evaluation scores it, export ships it and the server searches with it: one object, so their
 numbers agree by construction. `anybind.align.fit` fits its parts.
 
@@ -30,11 +33,24 @@ KIND = "bound-model"
 ANCHOR_SIDE, PARTNER_SIDE = "image", "text"  # the two sides baselines and corrections name
 
 
+class Added:
+    """A modality bound after the rest: `part` (a ProjectorSpace holding its one projector, or an
+    IntoMap) maps its features onto the frozen bound space of modality `to`."""
+
+    def __init__(self, part, to: str, layers: list[str]):
+        self.part, self.to, self.layers = part, to, list(layers)
+
+    @property
+    def kind(self) -> str:
+        return "projectors" if hasattr(part := self.part, "projectors") else f"map:{part.name}"
+
+
 class BoundModel:
     """Projectors + blend + retrieval correction, per modality; `encode(modality, features)`."""
 
     def __init__(self, layers: dict[str, list[str]], anchor: str, *, space=None, baseline=None,
-                 weight: float = 1.0, correction=None, recipe: dict | None = None):
+                 weight: float = 1.0, correction=None, recipe: dict | None = None,
+                 added: dict[str, Added] | None = None):
         if space is None and baseline is None:
             raise AnybindError("a bound model needs trained projectors, a training-free baseline, or both")
         if anchor not in layers:
@@ -44,11 +60,51 @@ class BoundModel:
         self.space, self.baseline, self.correction = space, baseline, correction
         self.weight = float(weight)  # the trained space's share of a cosine when blended
         self.recipe = recipe
+        self.added: dict[str, Added] = {}
+        for modality, extra in (added or {}).items():
+            self._add(modality, extra)
+
+    def _add(self, modality: str, extra: Added) -> None:
+        if modality in self.modalities:
+            raise AnybindError(f"this model already binds '{modality}': add it under another name")
+        if extra.to not in self.modalities:
+            raise AnybindError(f"'{modality}' is bound to '{extra.to}', which this model does not bind "
+                               f"({', '.join(self.modalities)})")
+        self.added[modality] = extra
+
+    def with_added(self, modality: str, part, to: str, layers: list[str]) -> BoundModel:
+        """A new model: this one plus `modality`, mapped by `part` onto the bound space of `to`.
+        The parts of this model are shared, not copied: nothing of it changes."""
+        new = BoundModel(self.layers, self.anchor, space=self.space, baseline=self.baseline, weight=self.weight,
+                         correction=self.correction, recipe=self.recipe, added=self.added)
+        new._add(modality, Added(part, to, layers))
+        return new
 
     # ---- what it is ----------------------------------------------------------------------------
     @property
     def modalities(self) -> list[str]:
-        return list(self.layers)
+        """Every modality, the jointly trained ones first, then the added ones in the order added."""
+        return [*self.layers, *getattr(self, "added", {})]
+
+    def layers_of(self, modality: str) -> list[str]:
+        """The encoder layers `modality`'s features are read at."""
+        self._check(modality)
+        return list(self.added[modality].layers if modality in self.added else self.layers[modality])
+
+    def input_dims(self, modality: str) -> list[int] | None:
+        """The feature dims `modality`'s part reads (one per layer), or None when it does not say."""
+        self._check(modality)
+        part = self.added[modality].part if modality in self.added else self.space
+        projectors = getattr(part, "projectors", {})
+        if modality not in projectors:
+            return None
+        proj = projectors[modality]
+        return list(proj.in_dim) if isinstance(proj.in_dim, list) else [int(proj.in_dim)]
+
+    def bound_to(self, modality: str) -> str:
+        """The jointly trained modality whose space `modality` was bound into (itself for those)."""
+        self._check(modality)
+        return self.added[modality].to if modality in self.added else modality
 
     @property
     def blended(self) -> bool:
@@ -56,8 +112,7 @@ class BoundModel:
 
     def side(self, modality: str) -> str:
         """The side name (image / text) a baseline or correction uses for `modality`."""
-        self._check(modality)
-        return ANCHOR_SIDE if modality == self.anchor else PARTNER_SIDE
+        return ANCHOR_SIDE if self.bound_to(modality) == self.anchor else PARTNER_SIDE
 
     @property
     def dim(self) -> int:
@@ -72,7 +127,8 @@ class BoundModel:
         parts = [p for p, on in (("projectors", self.space), ("blend", self.blended and self.baseline),
                                  ("baseline", not self.blended and self.baseline),
                                  ("correction", self.correction)) if on]
-        return f"BoundModel({', '.join(self.modalities)}; anchor {self.anchor}; {' + '.join(parts)})"
+        extra = "".join(f"; {m} added onto {a.to}" for m, a in self.added.items())
+        return f"BoundModel({', '.join(self.modalities)}; anchor {self.anchor}; {' + '.join(parts)}{extra})"
 
     # ---- encoding ------------------------------------------------------------------------------
     def encode(self, modality: str, feats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -82,6 +138,8 @@ class BoundModel:
 
         self._check(modality)
         feats = [feats] if isinstance(feats, torch.Tensor) else list(feats)
+        if modality in self.added:  # straight onto the whole bound vector of its target, blend included
+            return self.added[modality].part.encode(modality, feats)
         parts = []
         if self.space is not None:
             parts.append(self.space.encode(modality, feats))
@@ -109,12 +167,13 @@ class BoundModel:
         return self.correction.gallery(self.side(modality), emb)
 
     def to(self, device) -> BoundModel:
-        if self.space is not None:
-            self.space.to(device)
+        for part in [self.space, *(a.part for a in self.added.values())]:
+            if hasattr(part, "to"):
+                part.to(device)
         return self
 
     def _check(self, modality: str) -> None:
-        if modality not in self.layers:
+        if modality not in self.modalities:
             raise AnybindError(f"this model binds {', '.join(self.modalities)}, not '{modality}'")
 
     # ---- one folder ----------------------------------------------------------------------------
@@ -125,9 +184,12 @@ class BoundModel:
         for name, part in parts.items():
             if part is not None:
                 part.save(directory / name)
+        for modality, extra in self.added.items():
+            extra.part.save(directory / "added" / modality)
+        added = {m: {"to": a.to, "layers": a.layers, "kind": a.kind} for m, a in self.added.items()}
         return saving.save_part(directory, KIND, "bound", layers=self.layers, anchor=self.anchor,
                                 weight=self.weight, parts=[n for n, p in parts.items() if p is not None],
-                                recipe=self.recipe)
+                                recipe=self.recipe, **({"added": added} if added else {}))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> BoundModel:
@@ -147,8 +209,20 @@ class BoundModel:
             from .corrections import RetrievalCorrection
 
             correction = RetrievalCorrection.load(directory / "correction")
+        added = {m: Added(_load_added(directory / "added" / m, a["kind"]), a["to"], a["layers"])
+                 for m, a in (info.get("added") or {}).items()}
         return cls(info["layers"], info["anchor"], space=space, baseline=baseline, weight=info["weight"],
-                   correction=correction, recipe=info.get("recipe"))
+                   correction=correction, recipe=info.get("recipe"), added=added)
+
+
+def _load_added(directory: Path, kind: str):
+    if kind == "projectors":
+        from .space import ProjectorSpace
+
+        return ProjectorSpace.load(directory)
+    from .into import IntoMap
+
+    return IntoMap.load(directory)
 
 
 def is_bound_model(directory: str | os.PathLike) -> bool:

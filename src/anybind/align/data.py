@@ -2,7 +2,9 @@
 
 An anchor store has one row per item (images); a partner store may have several rows per item
 (captions). Every partner row whose item has an anchor row makes one pair; pairs of the same
-item are all positives of each other. Features stay memory-mapped unless they fit comfortably
+item are all positives of each other. When both sides have several rows per item (the same
+captions through two encoders, or spoken), rows join on (item, caption index) instead: row k of an
+item pairs with row k of the same item. Features stay memory-mapped unless they fit comfortably
 in memory, so a store larger than RAM still trains.
 """
 
@@ -82,7 +84,7 @@ class PairedFeatures:
             raise PairingError("the stores come from different datasets ("
                                + ", ".join(f"{n}: {d}" for n, d in datasets.items())
                                + "): pairs are joined by item id within one dataset")
-        anchor = _anchor_of(stores, anchor)
+        anchor, self.by_row = _anchor_of(stores, anchor)
         partner = names[1] if anchor == names[0] else names[0]
         self.anchor_name, self.partner_name = anchor, partner
         self.sides = {}
@@ -107,9 +109,11 @@ class PairedFeatures:
 
     def _join(self) -> None:
         a, p = self.sides[self.anchor_name].store, self.sides[self.partner_name].store
-        a_ids = a.item_ids
+        a_ids, p_ids = a.item_ids, p.item_ids
+        if self.by_row:  # both sides several rows per item: row k of an item meets row k
+            a_ids = list(zip(a_ids, a.caption_index.tolist()))
+            p_ids = list(zip(p_ids, p.caption_index.tolist()))
         row_of = {item: r for r, item in enumerate(a_ids)}
-        p_ids = p.item_ids
         keep = np.array([i in row_of for i in p_ids], dtype=bool)
         if not keep.any():
             raise PairingError(f"the {self.anchor_name} and {self.partner_name} stores share no item ids: "
@@ -129,7 +133,10 @@ class PairedFeatures:
         self.partner_rows_all = np.nonzero(keep)[0]
         self.anchor_rows_all = np.array([row_of[p_ids[r]] for r in self.partner_rows_all], dtype=np.int64)
         self.split_of_pair = self.anchor_splits()[self.anchor_rows_all]
-        self.item_of_pair = self.anchor_rows_all.copy()  # the anchor row identifies the item
+        # the anchor row identifies the item (joined by row: the first anchor row of the item does)
+        first = {}
+        items = a.item_ids
+        self.item_of_pair = np.array([first.setdefault(items[r], r) for r in self.anchor_rows_all], dtype=np.int64)
 
     def anchor_splits(self) -> np.ndarray:
         """train/val/test per anchor row: the index's split, or the cross-validation fold's."""
@@ -182,20 +189,23 @@ class PairedFeatures:
         return out
 
 
-def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> str:
+def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str, bool]:
     """The anchor modality: the one named, or the store with one row per item (images; the partner
-    may have several rows per item: captions)."""
+    may have several rows per item: captions); and whether rows join by (item, caption index)
+    because neither side has one row per item."""
     single = [n for n, s in stores.items() if len(s) == len(set(s.item_ids))]
-    if anchor is None:
-        if not single:
-            raise PairingError("neither store has exactly one row per item: one side must be the anchor (e.g. images)")
-        return single[0]
-    if anchor not in stores:
+    if anchor is not None and anchor not in stores:
         raise PairingError(f"the anchor '{anchor}' is not one of the stores ({', '.join(stores)})")
+    if not single:
+        if anchor is None:
+            raise PairingError("neither store has exactly one row per item: name the anchor (e.g. images)")
+        return anchor, True
+    if anchor is None:
+        return single[0], False
     if anchor not in single:
         raise PairingError(f"the anchor '{anchor}' has several rows per item: the anchor must have one row per "
-                           f"item (here: {', '.join(single) or 'neither store'})")
-    return anchor
+                           f"item (here: {', '.join(single)})")
+    return anchor, False
 
 
 def _check_finite(side: Side, chunk: int = 65536) -> None:

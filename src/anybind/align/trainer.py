@@ -33,6 +33,7 @@ from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
 from .fit import fit_baseline, fit_blend, fit_correction, split_retrieval
+from .frozen import SOURCE_FILE, AddSpec, FrozenTarget
 from .losses import build_objective
 from .optim import build_optimizer, lr_lambda
 from .projectors import build_projector
@@ -61,18 +62,23 @@ class TrainResult:
 
 
 # ---- building the parts --------------------------------------------------------------------------
-def build_model(recipe: Recipe, data: PairedFeatures) -> ProjectorSpace:
+def build_model(recipe: Recipe, data: PairedFeatures, add: AddSpec | None = None) -> ProjectorSpace:
+    """A projector per modality; with `add`, the target side is the frozen source model and the
+    new modality's projector lands on its whole bound vector (`add.source.dim`)."""
     projectors, layers = {}, {}
     for name in data.names:
         side = data.side(name)
+        layers[name] = side.layers
+        if add is not None and name == add.to:
+            projectors[name] = FrozenTarget(add.source, name)
+            continue
         spec = recipe.projector_for(name)
         kind = spec.pop("name")
         if len(side.layers) > 1 and kind != "layermix":
             raise AnybindError(f"the {name} side reads {len(side.layers)} layers ({', '.join(side.layers)}): "
                                f"use projector.{name}.name=layermix, or one layer")
         in_dim = side.dims if kind == "layermix" else side.dims[0]
-        projectors[name] = build_projector(kind, in_dim, recipe.dim, **spec)
-        layers[name] = side.layers
+        projectors[name] = build_projector(kind, in_dim, add.source.dim if add else recipe.dim, **spec)
     return ProjectorSpace(projectors, layers)
 
 
@@ -212,14 +218,27 @@ class _Run:
     split_key: dict
     rank: int = 0
     world: int = 1
+    add: AddSpec | None = None
     state: dict = field(default_factory=lambda: {"step": 0, "best_metric": -1.0, "best_step": -1,
                                                  "bad_evals": 0, "stopped_early": False})
 
     def model(self, space: ProjectorSpace | None = None, correction=None) -> BoundModel:
-        """The bound model as the recipe defines it: these projectors, the blend, a correction."""
-        return BoundModel(self.data.layers, self.data.anchor_name, space=space or self.space,
-                          baseline=self.baseline, weight=self.weight, correction=correction,
-                          recipe=self.recipe.to_dict())
+        """The bound model as the recipe defines it: these projectors, the blend, a correction.
+        With --add: the source model plus the new modality (the source's own correction kept)."""
+        space = space or self.space
+        if self.add is not None:
+            new = self.trained(space)
+            return self.add.source.with_added(self.add.modality, new, self.add.to, new.layers[self.add.modality])
+        return BoundModel(self.data.layers, self.data.anchor_name, space=space, baseline=self.baseline,
+                          weight=self.weight, correction=correction, recipe=self.recipe.to_dict())
+
+    def trained(self, space: ProjectorSpace | None = None) -> ProjectorSpace:
+        """The projectors this run trains (all of them, or the added modality's alone)."""
+        space = space or self.space
+        if self.add is None or list(space.projectors) == [self.add.modality]:
+            return space
+        m = self.add.modality
+        return ProjectorSpace({m: space.projectors[m]}, {m: space.layers[m]})
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
@@ -229,18 +248,22 @@ class _Run:
         return {n: str(self.data.side(n).store.path) for n in self.data.names}
 
 
-def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device, anchor) -> _Run:
+def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device, anchor,
+           add: AddSpec | None = None) -> _Run:
     rank, world = dist.rank_world()
     stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
+    if add is not None:
+        layers, anchor = _add_layers(add, stores, layers), add.to
     data = PairedFeatures(stores, layers, fold=fold, anchor=anchor)
     train_pairs, val_pairs, cfg = data.pairs("train"), data.pairs("val"), recipe.train
     if max_train_pairs is not None:
         train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
     if cfg.batch_size % world:
         raise AnybindError(f"train.batch_size {cfg.batch_size} must divide by the {world} processes")
-    baseline, weight = fit_blend(recipe.blend, data, train_pairs)  # before training: validation reads the blend
+    # before training (validation reads the blend); with --add the source's blend is part of the target
+    baseline, weight = fit_blend(recipe.blend, data, train_pairs) if add is None else (None, 1.0)
     torch.manual_seed(cfg.seed)  # the initial projector weights are part of the result
-    space = build_model(recipe, data).to(device)
+    space = build_model(recipe, data, add).to(device)
     objective = build_objective(recipe.loss)
     objective.contrastive.to(device)
     params = list(space.parameters()) + list(objective.contrastive.parameters())
@@ -249,10 +272,31 @@ def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pair
     steps_per_epoch = len(epoch_batches(train_pairs, batch_size, 0, cfg.seed, cfg.captions, world))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.optimizer, total_steps))
-    split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint}
+    split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint,
+                 **({"source": add.fingerprint} if add else {})}
     return _Run(recipe, data, train_pairs, val_pairs, space, objective, optimizer, scheduler, params,
                 baseline, weight, device, resolve_precision(cfg.precision, device), batch_size,
-                steps_per_epoch, total_steps, out, split_key, rank, world)
+                steps_per_epoch, total_steps, out, split_key, rank, world, add)
+
+
+def _add_layers(add: AddSpec, stores: dict, layers: dict | None) -> dict:
+    """The layers of an --add run: the target reads what the source model reads; checked."""
+    missing = {add.modality, add.to} - set(stores)
+    if missing or len(stores) != 2:
+        raise AnybindError(f"--add {add.modality} trains on two stores, {add.modality}=... and {add.to}=... "
+                           f"(the target's features, extracted as the source model's {add.to} side was); "
+                           f"got {', '.join(stores) or 'none'}")
+    want = add.source.layers_of(add.to)
+    layers = dict(layers or {})
+    if layers.get(add.to) not in (None, want):
+        raise AnybindError(f"the {add.to} side reads {', '.join(want)} in the source model; it cannot change")
+    layers[add.to] = want
+    dims = [stores[add.to].layers.get(lay) for lay in want]
+    need = add.source.input_dims(add.to)
+    if need is not None and dims != need:
+        raise AnybindError(f"the {add.to} store {stores[add.to].path.name} has dims {dims} at {', '.join(want)}, "
+                           f"but the source model reads {need}: extract it with the source's {add.to} encoder")
+    return layers
 
 
 def _checkpoint_state(run: _Run) -> dict:
@@ -286,6 +330,8 @@ def _restore(run: _Run, resume: bool) -> None:
     if run.rank == 0:
         run.recipe.save(run.out / "recipe.yaml")
         atomic.write_json(run.out / "stores.json", run.stores)
+        if run.add is not None:
+            atomic.write_json(run.out / SOURCE_FILE, run.add.record())
 
 
 def _checkpoint(run: _Run) -> None:
@@ -306,7 +352,7 @@ def _validate_and_keep_best(run: _Run) -> None:
     if value > state["best_metric"]:
         state.update(best_metric=value, best_step=state["step"], bad_evals=0)
         if run.rank == 0:
-            run.space.save(run.out / BEST)
+            run.trained().save(run.out / BEST)
             atomic.write_json(run.out / BEST / "metrics.json", {"step": state["step"], "val": metrics})
     else:
         state["bad_evals"] += 1
@@ -375,7 +421,9 @@ def _finish(run: _Run) -> BoundModel:
         _validate_and_keep_best(run)
     best = ProjectorSpace.load(run.out / BEST).to(run.device) if (run.out / BEST).exists() else run.space
     model = run.model(best)
-    model.correction = fit_correction(run.recipe.correction, model, run.data, run.train_pairs, run.recipe.train.seed)
+    if run.add is None:  # an added modality ranks with the source's correction, unchanged
+        model.correction = fit_correction(run.recipe.correction, model, run.data, run.train_pairs,
+                                          run.recipe.train.seed)
     if run.rank == 0:
         model.save(run.out / MODEL)
     return model
@@ -395,6 +443,7 @@ def train(
     max_train_pairs: int | None = None,
     preload: bool | None = None,
     anchor: str | None = None,
+    add: AddSpec | None = None,
 ) -> TrainResult:
     """Fit the recipe's bound model on two stores: train its projectors (validation and early
     stopping read the blended model), fit its correction, and save it to ``out/model``.
@@ -405,11 +454,13 @@ def train(
     the GPU once (default: when they fit in a third of its free memory; see `batch_reader`).
     `anchor` names the modality the other binds to (default: the store with one row per item).
     `result.val` is the saved model's retrieval on the val split, correction included.
+    `add` (progressive binding, `AddSpec`) trains one new modality against the frozen bound space
+    of a source model (`align/frozen.py`); ``out/model`` is then the source plus that modality.
     """
     t0 = time.perf_counter()
     device = select_device(device)
     distributed = dist.init_from_env(device)
-    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor)
+    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add)
     _restore(run, resume)
     _loop(run, progress, preload)
     model = _finish(run)
