@@ -1,4 +1,8 @@
-"""Labelled image folders: ``root/<class>/.../*.jpg`` -> label = class, caption = class words.
+"""Labelled folders: ``root/<class>/.../*.jpg`` (or ``*.wav``) -> label = class, caption = class words.
+
+Images give an ``image`` field, audio files (`audio.AUDIO_EXTENSIONS`) an ``audio`` field. A
+folder holding both pairs them by path without extension (``dog/001.jpg`` + ``dog/001.wav`` is
+one item, id ``dog/001``); a folder of one kind keeps the file's path as the item id.
 
 An ImageNet-style layout with split folders on top (``root/train/<class>/...``,
 ``root/val/<class>/...``) is recognised too: the class is then the second level, and the folder
@@ -13,7 +17,7 @@ from pathlib import Path
 from ..errors import DataError
 from .index import DatasetIndex
 
-LISTING_VERSION = 1
+LISTING_VERSION = 2  # 2: audio files
 IMAGE_EXTENSIONS = {
     ".jpg",
     ".jpeg",
@@ -38,20 +42,32 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def media_of(path: Path) -> str | None:
+    """'image', 'audio' or None (not a file a folder dataset lists)."""
+    from .audio import is_audio
+
+    if path.name.startswith("."):
+        return None
+    if is_image(path):
+        return "image"
+    return "audio" if is_audio(path) else None
+
+
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def looks_like_folder_dataset(root: str | os.PathLike) -> bool:
-    """A directory whose subfolders hold images (used by `load_dataset` to auto-detect)."""
+    """A directory whose subfolders hold images or audio (used by `load_dataset` to auto-detect)."""
     root = Path(root)
     if not root.is_dir():
         return False
-    return any(any(is_image(p) for p in d.rglob("*")) for d in _class_dirs(root)[:20])
+    return any(any(media_of(p) for p in d.rglob("*")) for d in _class_dirs(root)[:20])
 
 
 def list_folder(root: str | os.PathLike, name: str | None = None) -> DatasetIndex:
-    """One item per image file; label and caption from its class folder.
+    """One item per image or audio file (or per image+audio pair); label and caption from its
+    class folder.
 
     >>> idx = list_folder("pets/")  # pets/cat/1.jpg, pets/dog/2.jpg  # doctest: +SKIP
     >>> idx.column("label")  # doctest: +SKIP
@@ -59,31 +75,38 @@ def list_folder(root: str | os.PathLike, name: str | None = None) -> DatasetInde
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
+        raise DataError(f"folder not found: {root}")
     tops = _class_dirs(root)
     split_layout = bool(tops) and all(d.name.lower() in SPLIT_FOLDERS for d in tops)
     class_roots = [c for d in tops for c in _class_dirs(d)] if split_layout else tops
-    records = []
-    for class_dir in class_roots:
-        label = class_dir.name
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image(p)):
-            rel = path.relative_to(root).as_posix()
-            records.append(
-                {"item_id": rel, "image": rel, "caption": class_caption(label), "label": label}
-            )
-    if not records:
-        loose = [p.name for p in root.iterdir() if p.is_file() and is_image(p)][:3]
+    files = [(class_dir.name, path, media_of(path)) for class_dir in class_roots
+             for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and media_of(p))]
+    if not files:
+        loose = [p.name for p in root.iterdir() if p.is_file() and media_of(p)][:3]
         hint = (
-            f" (images lie directly in it, e.g. {', '.join(loose)}: put them in class subfolders)"
+            f" (files lie directly in it, e.g. {', '.join(loose)}: put them in class subfolders)"
             if loose
             else ""
         )
-        raise DataError(f"{root} has no class subfolders with images{hint}")
+        raise DataError(f"{root} has no class subfolders with images or audio files{hint}")
+    media = [m for m in ("image", "audio") if any(kind == m for _, _, kind in files)]
+    records = _records(root, files, paired=len(media) > 1)
     meta = {
         "source": str(root),
         "split_folders": split_layout,
         "classes": sorted({r["label"] for r in records}),
     }
     return DatasetIndex.from_records(
-        name or root.name, records, {"image": "image", "caption": "text"}, root=str(root), meta=meta
+        name or root.name, records, {**{m: m for m in media}, "caption": "text"}, root=str(root), meta=meta
     )
+
+
+def _records(root: Path, files: list[tuple[str, Path, str]], paired: bool) -> list[dict]:
+    """One record per file; with `paired`, files with the same path but their extension are one."""
+    records: dict[str, dict] = {}
+    for label, path, kind in files:
+        rel = path.relative_to(root).as_posix()
+        key = rel.rsplit(".", 1)[0] if paired else rel
+        record = records.setdefault(key, {"item_id": key, "caption": class_caption(label), "label": label})
+        record.setdefault(kind, rel)  # a second file of one kind (a.wav, a.flac) keeps the first
+    return list(records.values())

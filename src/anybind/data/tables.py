@@ -1,10 +1,13 @@
-"""Paired tables (CSV, TSV, JSONL, Parquet): an image column plus one or more caption columns.
+"""Paired tables (CSV, TSV, JSONL, Parquet): an image and/or audio column plus caption columns.
 
-Column roles are found by common names and can be given explicitly (``image=``, ``caption=``,
-``label=``, ``id=``, ``group=``). Several captions per image come from several caption columns,
+Column roles are found by common names and can be given explicitly (``image=``, ``audio=``,
+``caption=``, ``label=``, ``id=``, ``group=``). A generic file column (``path``, ``file``, ...)
+whose values end in an audio extension (`audio.AUDIO_EXTENSIONS`) is the audio column, not the
+image one. Several captions per item come from several caption columns,
 a caption cell holding a list (JSON/Parquet lists, or a JSON list in a CSV cell), or several
-rows naming the same image: they merge into one item. Relative image paths resolve against
-the table's folder (``root``). item_id = the id column when there is one, else the image path.
+rows naming the same image: they merge into one item. Relative image and audio paths resolve
+against the table's folder (``root``). item_id = the id column when there is one, else the
+image path, else the audio path.
 Text tables are UTF-8 unless ``encoding=`` says otherwise; a byte that does not decode is refused
 with its line and column, never read as bytes or replaced.
 """
@@ -23,7 +26,7 @@ import pyarrow as pa
 from ..errors import DataError
 from .index import DatasetIndex
 
-LISTING_VERSION = 2  # 2: non-UTF-8 bytes refused (a listing cached before may hold b'...' text)
+LISTING_VERSION = 3  # 2: non-UTF-8 bytes refused (a listing cached before may hold b'...' text); 3: audio
 IMAGE_NAMES = (
     "image",
     "image_path",
@@ -40,6 +43,22 @@ IMAGE_NAMES = (
     "image_url",
     "img_url",
 )
+AUDIO_NAMES = (
+    "audio",
+    "audio_path",
+    "audiopath",
+    "audio_file",
+    "audio_filename",
+    "audio_url",
+    "wav",
+    "wav_path",
+    "wav_file",
+    "sound",
+    "recording",
+)
+#: how many of a generic file column's values are looked at to tell audio from images
+SNIFF_ROWS = 20
+MEDIA = ("image", "audio")  # the file fields a table may have, in the order an item id falls back on
 CAPTION_NAMES = (
     "caption",
     "captions",
@@ -168,12 +187,13 @@ def _numbered(columns: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def detect_columns(
-    columns: list[str], image=None, caption=None, label=None, id=None, group=None
+    columns: list[str], image=None, caption=None, label=None, id=None, group=None, audio=None, sample=None
 ) -> dict:
-    """{'image': col, 'caption': [cols], 'label': col|None, 'id': col|None, 'group': col|None}.
+    """{'image': col|None, 'audio': col|None, 'caption': [cols], 'label', 'id', 'group': col|None}.
 
-    Explicit arguments win; `caption` may be one name or a list. Unknown names are a DataError
-    that lists the table's columns.
+    Explicit arguments win; `caption` may be one name or a list. `sample` (column -> a few of its
+    values) lets a generic file column holding audio files be taken as the audio column. An image
+    or an audio column is needed, or both. Unknown names are a DataError that lists the columns.
     """
 
     def check(col):
@@ -182,7 +202,7 @@ def detect_columns(
         return col
 
     roles = {
-        "image": check(image) or _find(columns, IMAGE_NAMES),
+        **_media_columns(columns, check(image), check(audio), sample or {}),
         "label": check(label) or _find(columns, LABEL_NAMES),
         "id": check(id) or _find(columns, ID_NAMES),
         "group": check(group) or _find(columns, GROUP_NAMES),
@@ -198,15 +218,31 @@ def detect_columns(
         if not caps:
             caps = [c for c in columns if c.lower().strip() in FALLBACK_CAPTION_NAMES]
     roles["caption"] = list(
-        dict.fromkeys(c for c in caps if c not in (roles["image"], roles["id"]))
+        dict.fromkeys(c for c in caps if c not in (roles["image"], roles["audio"], roles["id"]))
     )
-    if roles["image"] is None:
-        raise DataError(f"no image column found among {', '.join(columns)}: name it with image=...")
+    if roles["image"] is None and roles["audio"] is None:
+        raise DataError(f"no image column (nor audio column) found among {', '.join(columns)}: "
+                        "name it with image=... (or audio=...)")
     if not roles["caption"]:
         raise DataError(
             f"no caption column found among {', '.join(columns)}: name it with caption=..."
         )
     return roles
+
+
+def _media_columns(columns: list[str], image, audio, sample: dict) -> dict:
+    """The image and audio columns: named ones, else found by name; a found (not named) image
+    column whose sampled values are all audio files is the audio column instead."""
+    from .audio import is_audio
+
+    if audio is None:
+        audio = _find([c for c in columns if c != image], AUDIO_NAMES)
+    if image is None:
+        image = _find([c for c in columns if c != audio], IMAGE_NAMES)
+        values = [str(v).split("?")[0] for v in sample.get(image, []) if v is not None and str(v).strip()]
+        if image is not None and values and all(is_audio(v) for v in values):
+            image, audio = None, audio or image
+    return {"image": image, "audio": audio}
 
 
 # ---- cells --------------------------------------------------------------------------------------
@@ -240,8 +276,8 @@ def _norm_ref(ref: str) -> str:
 
 
 def _merge_rows(table: pa.Table, roles: dict) -> tuple[dict[str, dict], int]:
-    """The table's rows as items keyed by id (or image): rows naming the same one merge; returns
-    (items, how many rows named neither an image nor an id)."""
+    """The table's rows as items keyed by id (or image, or audio): rows naming the same one merge;
+    returns (items, how many rows named neither an image, an audio file nor an id)."""
     cols = {
         role: table.column(c).to_pylist() for role, c in roles.items() if role != "caption" and c
     }
@@ -249,21 +285,16 @@ def _merge_rows(table: pa.Table, roles: dict) -> tuple[dict[str, dict], int]:
     items: dict[str, dict] = {}
     dropped = 0
     for i in range(table.num_rows):
-        ref = _scalar(cols["image"][i])
+        refs = {m: _scalar(cols[m][i]) if m in cols else None for m in MEDIA}
         key = _scalar(cols["id"][i]) if "id" in cols else None
-        key = key or (_norm_ref(ref) if ref else None)
+        key = key or next((_norm_ref(r) for r in refs.values() if r), None)
         if key is None:
-            dropped += 1  # neither an image nor an id: nothing to pair
+            dropped += 1  # neither a file nor an id: nothing to pair
             continue
         item = items.get(key)
         if item is None:
-            item = items[key] = {
-                "item_id": key,
-                "image": _norm_ref(ref) if ref else None,
-                "caption": [],
-                "label": None,
-                "group": None,
-            }
+            item = items[key] = {"item_id": key, "caption": [], "label": None, "group": None}
+            item.update({m: _norm_ref(r) if r else None for m, r in refs.items() if m in cols})
         for col in caption_cols:
             item["caption"] += [c for c in _captions_of(col[i]) if c not in item["caption"]]
         for role in ("label", "group"):
@@ -277,6 +308,7 @@ def list_table(
     path: str | os.PathLike,
     *,
     image: str | None = None,
+    audio: str | None = None,
     caption: str | list[str] | None = None,
     label: str | None = None,
     id: str | None = None,
@@ -285,7 +317,10 @@ def list_table(
     name: str | None = None,
     encoding: str = "utf-8",
 ) -> DatasetIndex:
-    """List a paired table; rows with the same image (or id) merge into one item.
+    """List a paired table; rows with the same image (or id, or audio file) merge into one item.
+
+    Fields: ``image`` and/or ``audio`` (``audio=`` names an audio column; one is also found by
+    name, or as a file column whose values are audio files), then ``caption``.
 
     `encoding` is the text encoding of a CSV/TSV/JSONL/JSON table (default UTF-8; a byte that
     is not valid is refused, naming its line). As a dataset spec option:
@@ -293,10 +328,13 @@ def list_table(
 
     >>> idx = list_table("pairs.csv")  # columns: image, caption  # doctest: +SKIP
     >>> idx = list_table("coco.jsonl", image="file_name", caption="captions")  # doctest: +SKIP
+    >>> list_table("clips.csv").fields  # columns: path (x.wav), text  # doctest: +SKIP
+    {'audio': 'audio', 'caption': 'text'}
     """
     path = Path(path).expanduser()
     table = read_table(path, encoding)
-    roles = detect_columns(table.column_names, image, caption, label, id, group)
+    sample = {c: table.column(c).slice(0, SNIFF_ROWS).to_pylist() for c in table.column_names}
+    roles = detect_columns(table.column_names, image, caption, label, id, group, audio, sample)
     items, dropped = _merge_rows(table, roles)
     meta = {"source": str(path), "columns": roles, "rows": table.num_rows, "dropped_rows": dropped}
     if encoding != "utf-8":
@@ -305,7 +343,7 @@ def list_table(
     return DatasetIndex.from_records(
         name or path.stem,
         list(items.values()),
-        {"image": "image", "caption": "text"},
+        {**{m: m for m in MEDIA if roles[m]}, "caption": "text"},
         root=str(base.resolve()),
         meta=meta,
     )

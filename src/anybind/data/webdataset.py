@@ -1,9 +1,13 @@
 """WebDataset tar shards in the img2dataset layout: ``KEY.jpg`` + ``KEY.txt`` (+ ``KEY.json``).
 
+Audio samples (``KEY.wav`` / ``.flac`` / ``.ogg`` / ``.mp3`` + ``KEY.txt``) give an ``audio``
+field the same way; a sample may hold an image and an audio file.
+
 Shards are given as a directory (every ``*.tar`` in it), one ``.tar``, a glob, or brace notation
 (``shards/{00000..00009}.tar``, ``{a,b}.tar``). Members are listed once per shard
 (`tar_members.list_members`: names, offsets, sizes); captions are read with positional reads;
-images become ``tar://<shard>#<member>`` references that `images.load_image` reads the same way.
+images and audio become ``tar://<shard>#<member>`` references that `images.load_image` and
+`audio.load_audio` read the same way.
 item_id = ``<shard stem>/<key>``: stable whatever other shards are listed.
 """
 
@@ -20,8 +24,9 @@ from ..errors import DataError
 from .index import DatasetIndex
 from .tar_members import list_members, read_member
 
-LISTING_VERSION = 1
+LISTING_VERSION = 2  # 2: audio samples
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3")
 CAPTION_EXTENSIONS = ("txt", "caption", "text")
 LABEL_EXTENSIONS = ("cls", "label")
 
@@ -86,32 +91,39 @@ def _shard_records(shard: Path) -> list[dict]:
     records = []
     for key, parts in samples.items():
         image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        if image is None:
+        audio = next((parts[e] for e in AUDIO_EXTENSIONS if e in parts), None)
+        if image is None and audio is None:
             continue
-        captions = [_text(shard, parts[e]) for e in CAPTION_EXTENSIONS if e in parts]
         label = next((_text(shard, parts[e]) for e in LABEL_EXTENSIONS if e in parts), None)
-        if "json" in parts:
-            try:
-                info = json.loads(read_member(shard, parts["json"]))
-            except ValueError:
-                info = {}
-            extra = info.get("caption") if isinstance(info, dict) else None
-            if isinstance(extra, str) and extra.strip():
-                captions.append(extra.strip())
-        captions = list(dict.fromkeys(c for c in captions if c))
         records.append(
             {
                 "item_id": f"{shard.stem}/{key}",
-                "image": f"tar://{shard}#{image}",
-                "caption": captions,
+                "image": f"tar://{shard}#{image}" if image else None,
+                "audio": f"tar://{shard}#{audio}" if audio else None,
+                "caption": _captions(shard, parts),
                 "label": label,
             }
         )
     return records
 
 
+def _captions(shard: Path, parts: dict[str, str]) -> list[str]:
+    """A sample's captions: its .txt (.caption, .text) members, then its json's 'caption'."""
+    captions = [_text(shard, parts[e]) for e in CAPTION_EXTENSIONS if e in parts]
+    if "json" in parts:
+        try:
+            info = json.loads(read_member(shard, parts["json"]))
+        except ValueError:
+            info = {}
+        extra = info.get("caption") if isinstance(info, dict) else None
+        if isinstance(extra, str) and extra.strip():
+            captions.append(extra.strip())
+    return list(dict.fromkeys(c for c in captions if c))
+
+
 def list_webdataset(shards: str | os.PathLike, name: str | None = None) -> DatasetIndex:
-    """One item per sample key that has an image; captions from .txt (and json 'caption').
+    """One item per sample key that has an image or an audio file; captions from .txt (and json
+    'caption'). Fields: ``image`` and/or ``audio`` (whichever the samples hold), ``caption``.
 
     >>> idx = list_webdataset("laion/{00000..00009}.tar")  # doctest: +SKIP
     """
@@ -119,10 +131,12 @@ def list_webdataset(shards: str | os.PathLike, name: str | None = None) -> Datas
     records = [r for shard in paths for r in _shard_records(shard)]
     if not records:
         raise DataError(
-            f"the shards of '{shards}' hold no samples with an image ({', '.join(IMAGE_EXTENSIONS)})"
+            f"the shards of '{shards}' hold no samples with an image ({', '.join(IMAGE_EXTENSIONS)}) "
+            f"or audio ({', '.join(AUDIO_EXTENSIONS)})"
         )
+    media = [m for m in ("image", "audio") if any(r[m] for r in records)]
     meta = {"source": os.fspath(shards), "shards": [str(p) for p in paths]}
     default_name = Path(os.fspath(shards)).stem.split("{")[0].strip("-_") or "webdataset"
     return DatasetIndex.from_records(
-        name or default_name, records, {"image": "image", "caption": "text"}, meta=meta
+        name or default_name, records, {**{m: m for m in media}, "caption": "text"}, meta=meta
     )
