@@ -3,9 +3,11 @@
 Spec strings name a dataset:
 
 - built-in names: ``openclipart``, ``fashion-mnist``, ``skimage-photos`` (``fashion-mnist:/dir``
-  points a built-in at another copy of its files)
+  points a built-in at another copy of its files); spoken: ``openclipart-speech``,
+  ``wordnet-speech`` (audio + caption; ``openclipart-speech:N`` keeps N spread items)
 - ``table:PATH`` (CSV/TSV/JSONL/JSON/Parquet), ``folder:PATH`` (class subfolders),
-  ``wds:PATTERN`` (WebDataset tar shards: a dir, a .tar, a glob or ``{00000..00009}``)
+  ``wds:PATTERN`` (WebDataset tar shards: a dir, a .tar, a glob or ``{00000..00009}``); each
+  takes image and/or audio files (`audio.load_audio` opens audio references)
 - ``imagenet:PATH`` (a labelled evaluation folder ``PATH/<wnid>/*.JPEG``; option
   ``class_names=`` a JSON or ``LOC_synset_mapping.txt``), ``karpathy:PATH`` (COCO / Flickr30k
   captions in a Karpathy-split JSON; option ``images=`` the image folder)
@@ -94,6 +96,21 @@ register_dataset(
     "skimage-photos", f"{_HERE}.skimage_photos:list_skimage_photos",
     help="19 sample photos shipped with scikit-image, captioned by hand",
     licence="BSD-3-Clause", install="pip install scikit-image", needs=("skimage",), package="scikit-image",
+)
+register_dataset(
+    "openclipart-speech", f"{_HERE}.spoken:list_openclipart_speech",
+    help="openclipart's first captions spoken by espeak-ng (same ids, groups, splits, folds as openclipart; "
+         "3 voices for train items); openclipart-speech:N keeps N spread items",
+    licence="public domain (speech by espeak-ng)",
+    install="apt-get install espeak-ng openclipart-png openclipart-svg",
+    sources=("/usr/share/openclipart",), fields={"audio": "audio", "caption": "text"},
+)
+register_dataset(
+    "wordnet-speech", f"{_HERE}.spoken:list_wordnet_speech",
+    help="3,000 spread WordNet noun glosses spoken by espeak-ng (item = synset, label = its lexicographer "
+         "file); wordnet-speech:N lists N",
+    licence="WordNet 3.0 licence (speech by espeak-ng)", install="apt-get install espeak-ng wordnet-base",
+    sources=("/usr/share/wordnet/data.noun",), fields={"audio": "audio", "caption": "text"},
 )
 register_dataset_prefix("table", f"{_HERE}.tables:list_table",
                         help="a table of items: CSV, TSV, JSONL, JSON or Parquet (columns name the fields)")
