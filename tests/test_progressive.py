@@ -3,6 +3,7 @@ an existing model; every part of the source stays byte-identical and its metrics
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -99,8 +100,45 @@ def test_add_refuses_what_cannot_work(source_run):
     with pytest.raises(AnybindError, match="two stores, speech=... and text=..."):
         train(load_recipe("default", OVERRIDES), {"speech": stores["speech"], "image": stores["image"]},
               out=tmp_path / "x", add=spec, progress=False)
+    with pytest.raises(AnybindError, match="not extracted as the source model's text side"):
+        train(load_recipe("default", OVERRIDES), {"speech": stores["speech"], "text": stores["speech"]},
+              out=tmp_path / "x", add=spec, progress=False)
     with pytest.raises(AnybindError, match="the text side reads"):
         train(load_recipe("default", OVERRIDES), {"speech": stores["speech"], "text": stores["text"]},
               out=tmp_path / "x", add=spec, layers={"text": ["layer.1"]}, progress=False)
     saved = json.loads((result.out / "model" / "config.json").read_text())
     assert "added" not in saved["options"] if "options" in saved else "added" not in saved
+
+
+def test_emergent_scores_agree_with_training_and_resume(source_run):
+    """score_pairs on the jointly trained pair equals split_retrieval on the same split; the
+    protocol scores the added modality against images it never met, and reuses its log."""
+    from anybind.evaluate.emergent import (Addition, EmergentSetup, emergent_protocol, score_pairs, split_items,
+                                           summarise)
+
+    result, stores, tmp_path = source_run
+    paired = PairedFeatures({"image": stores["image"], "text": stores["text"]})
+    items = split_items(stores["image"], "val", None)
+    scores = score_pairs(result.model, ("image", stores["image"]), {"text": ("text", stores["text"], None)}, items)
+    reference = split_retrieval(result.model, paired, paired.pairs("val"))
+    assert scores["text"]["text_to_image_R@5"] == reference["text_to_image_R@5"]
+    assert scores["text"]["image_to_text_R@1"] == reference["image_to_text_R@1"]
+
+    setup = EmergentSetup(
+        recipe=load_recipe("default", [*OVERRIDES, "correction={name: qb-norm, beta: 20}"]),
+        base={"image": stores["image"], "text": stores["text"]}, add_recipe=load_recipe("default", OVERRIDES),
+        additions={"speech": Addition("speech", {"speech": stores["speech"], "text": stores["text"]})},
+        queries={"audio": ("speech", stores["speech"], 0), "spoken": ("text", stores["text"], 0)},
+        emergent="audio")
+    records = emergent_protocol(setup, folds=[None], seeds=[0], out=tmp_path / "emergent", progress=False)
+    (rec,) = records
+    # the fixed split's test items are neither train nor val of the addition: all are scored
+    assert rec["scores"]["audio"]["gallery"] == len(split_items(stores["image"], "test", None))
+    assert rec["scores"]["audio"]["chance"]["audio_to_image_R@1"] == pytest.approx(1 / rec["scores"]["audio"]["gallery"])
+    ratio = rec["ratios"]["audio"]["audio_to_image_R@10"]
+    spoken = rec["scores"]["spoken"]["spoken_to_image_R@10"]
+    assert ratio == pytest.approx(rec["scores"]["audio"]["audio_to_image_R@10"] / spoken) if spoken else math.isnan(ratio)
+    again = emergent_protocol(setup, folds=[None], seeds=[0], out=tmp_path / "emergent", progress=False)
+    assert again == records and len((tmp_path / "emergent" / "results.jsonl").read_text().splitlines()) == 1
+    rows = summarise(records)
+    assert {r["query"] for r in rows} == {"audio", "spoken"} and rows[0]["n"] == 1

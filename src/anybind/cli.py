@@ -327,6 +327,20 @@ def open_store(side: str, value: str, layers: str | None, cache, progress: bool,
                    cache=cache, progress=progress)
 
 
+def _as_source_extracted(add, value: str):
+    """`--store text=DATASET` with --add: ENCODER+DATASET naming the source's own text encoder (its
+    layers come from the source model; pooling and precision are checked against the source's)."""
+    from pathlib import Path
+
+    if "+" in value or Path(value).is_dir():
+        return value
+    encoding = add.target_encoding()
+    if encoding is None:
+        raise AnybindError(f"{add.source_path} does not say which encoder its {add.to} side used: "
+                           f"give --store {add.to}=ENCODER+{value}")
+    return f"{encoding['encoder']}+{value}"
+
+
 def store_layers(side: str, store, text: str | None, assessment=None, cache=None) -> list[str] | None:
     """The canonical layers `text` names among a store's (None when no layers were given)."""
     from .features.layers import resolve_layers
@@ -361,8 +375,9 @@ def cmd_assess(args) -> int:
 
 
 # ---- verbs: training and recipes -------------------------------------------------------------------------
-def train_inputs(args) -> tuple[dict, dict | None]:
-    """The two stores of `anybind train` and the layers each side reads (resolved on the store)."""
+def train_inputs(args, add=None) -> tuple[dict, dict | None]:
+    """The two stores of `anybind train` and the layers each side reads (resolved on the store).
+    With --add, the target may be a bare DATASET: extracted as the source model's target side."""
     pairs = side_items(args.store, "--store")
     if len(pairs) != 2 or len({s for s, _ in pairs}) != 2:
         raise AnybindError("give two stores: --store image=STORE --store text=STORE "
@@ -373,6 +388,8 @@ def train_inputs(args) -> tuple[dict, dict | None]:
         raise AnybindError(f"--layers names {', '.join(sorted(unknown))}, which has no --store")
     stores, layers = {}, {}
     for side, value in pairs:
+        if add is not None and side == add.to:  # the target reads what the source model reads
+            value, texts[side] = _as_source_extracted(add, value), ",".join(add.source.layers_of(add.to))
         stores[side] = open_store(side, value, texts.get(side), args.cache, not args.quiet, args.assessment,
                                   args.encoding)
         chosen = store_layers(side, stores[side], texts.get(side), args.assessment, args.cache)
@@ -391,15 +408,38 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     device = _device(args.device)
-    stores, layers = train_inputs(args)
-    out = args.out or f"runs/{slug(recipe.name)}-{datetime.now():%Y%m%d-%H%M%S}"
+    add = _add_spec(args)
+    stores, layers = train_inputs(args, add)
+    default = f"{slug(args.add)}-onto-{slug(add.to)}" if add else slug(recipe.name)
+    out = args.out or f"runs/{default}-{datetime.now():%Y%m%d-%H%M%S}"
     result = train(recipe, stores, out=out, layers=layers, device=device, resume=not args.restart,
-                   progress=not args.quiet)
-    print(format_result(result))
+                   progress=not args.quiet, add=add)
+    print(format_result(result, names=(add.to, add.modality) if add else None))
     print(f"\n{result.steps} steps in {result.seconds:.0f}s"
           + (" (stopped early)" if result.stopped_early else "")
           + f"; bound model: {result.out / 'model'}; log: {result.out / 'metrics.jsonl'}")
+    if add:
+        print(f"{add.modality} is bound onto the frozen {add.to} space of {add.source_path} (unchanged); "
+              f"ship it with: anybind export {result.out}")
     return 0
+
+
+def _add_spec(args):
+    """`--add M --to SOURCE`: progressive binding of M onto the source's space (the other store's modality)."""
+    if not args.add:
+        if args.to:
+            raise AnybindError("--to names the model to add a modality to: give --add MODALITY with it")
+        return None
+    if not args.to:
+        raise AnybindError(f"--add {args.add} needs --to: the bundle, run or bound-model folder to bind it into")
+    from .align.frozen import AddSpec
+
+    sides = [s for s, _ in side_items(args.store, "--store")]
+    others = [s for s in sides if s != args.add]
+    if args.add not in sides or len(others) != 1:
+        raise AnybindError(f"--add {args.add} trains on two stores: --store {args.add}=STORE and --store "
+                           "TARGET=STORE (TARGET: the source's modality it binds to, e.g. text)")
+    return AddSpec.from_source(args.to, args.add, to=others[0])
 
 
 def cmd_recipes(args) -> int:
@@ -770,6 +810,12 @@ def _train_args(verb: Callable) -> None:
     p.add_argument("--out", "-o", help="run folder (default runs/RECIPE-TIME); an existing run resumes")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--assessment", help="assessment.json for --layers SIDE=auto (default: the latest)")
+    p.add_argument("--add", metavar="MODALITY",
+                   help="progressive binding: train only MODALITY's projector, onto the frozen bound space of the "
+                        "model given by --to (the other --store names the modality it binds to, e.g. "
+                        "--add audio --to bundles/default --store audio=whisper-tiny-en+openclipart-speech "
+                        "--store text=openclipart-speech); the source is never modified")
+    p.add_argument("--to", metavar="BUNDLE_OR_RUN", help="with --add: the bundle, run or bound model to extend")
     _add_encoding(p)
     _add_device(p)
 

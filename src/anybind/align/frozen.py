@@ -59,6 +59,11 @@ class AddSpec:
             h.update(f.read_bytes())
         return h.hexdigest()[:16]
 
+    def target_encoding(self) -> dict | None:
+        """How the source's features of `to` were computed ({encoder, pooling, precision, dtype}), read
+        from the source run's stores or the bundle's bundle.json; None when the source does not say."""
+        return source_encoding(self.source_path, self.to)
+
     def record(self) -> dict:
         """What `source.json` holds: enough for export to find the source's encoders."""
         return {"source": str(self.source_path), "model": str(self.model_path), "modality": self.modality,
@@ -72,6 +77,37 @@ def source_model_folder(path: Path) -> Path:
             return candidate
     raise AnybindError(f"{path} is neither a training run (with model/), a bundle, nor a bound-model folder: "
                        "pass what `anybind train` or `anybind export` wrote")
+
+
+def source_encoding(path: Path, modality: str) -> dict | None:
+    """The encoding of `modality`'s features in a run folder or bundle (None: a bare model folder)."""
+    if (path / "bundle.json").exists():
+        entry = json.loads((path / "bundle.json").read_text()).get("modalities", {}).get(modality)
+        return {k: entry.get(k) for k in ("encoder", "pooling", "precision", "dtype")} if entry else None
+    if (path / "stores.json").exists():
+        stores = json.loads((path / "stores.json").read_text())
+        if modality in stores:
+            from ..features import FeatureStore
+            from ..features.encode import store_encoding
+
+            return store_encoding(FeatureStore.open(stores[modality]))
+        upstream = read_source(path)  # an added run holds only its own edge's stores
+        return source_encoding(Path(upstream["source"]), modality) if upstream else None
+    return None
+
+
+def check_target_store(add: AddSpec, store) -> None:
+    """The target's features must come from the encoder the source model was trained on."""
+    from ..features.encode import store_encoding
+
+    want, have = add.target_encoding(), store_encoding(store)
+    if want is None:
+        return
+    diffs = [f"{k}: source {want[k]!r}, store {have[k]!r}" for k in ("encoder", "pooling")
+             if want.get(k) is not None and want[k] != have.get(k)]
+    if diffs:
+        raise AnybindError(f"the {add.to} store {store.path.name} was not extracted as the source model's {add.to} "
+                           f"side ({'; '.join(diffs)}): give --store {add.to}=DATASET to extract it as the source was")
 
 
 def read_source(run: str | os.PathLike) -> dict | None:

@@ -33,7 +33,7 @@ from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
 from .fit import fit_baseline, fit_blend, fit_correction, split_retrieval
-from .frozen import SOURCE_FILE, AddSpec, FrozenTarget
+from .frozen import SOURCE_FILE, AddSpec, FrozenTarget, check_target_store
 from .losses import build_objective
 from .optim import build_optimizer, lr_lambda
 from .projectors import build_projector
@@ -286,6 +286,7 @@ def _add_layers(add: AddSpec, stores: dict, layers: dict | None) -> dict:
         raise AnybindError(f"--add {add.modality} trains on two stores, {add.modality}=... and {add.to}=... "
                            f"(the target's features, extracted as the source model's {add.to} side was); "
                            f"got {', '.join(stores) or 'none'}")
+    check_target_store(add, stores[add.to])
     want = add.source.layers_of(add.to)
     layers = dict(layers or {})
     if layers.get(add.to) not in (None, want):
@@ -495,13 +496,18 @@ def nn_transfer_baseline(data: PairedFeatures, train_pairs: Pairs, val_pairs: Pa
     return split_retrieval(model, data, val_pairs)
 
 
-def format_result(result: TrainResult, metric_ks=(1, 10)) -> str:
-    """A small table: the trained model beside the baselines and chance, on the val split."""
+def format_result(result: TrainResult, metric_ks=(1, 10), names: tuple[str, str] | None = None) -> str:
+    """A small table: the trained model beside the baselines and chance, on the val split.
+    `names` (anchor, partner) label the directions (default i2t / t2i)."""
     rows = [(f"trained (best, step {result.best_step})", result.val)]
     rows += [(f"baseline: {k}", v) for k, v in result.baselines.items()]
     rows += [("chance", result.chance)]
+    a, p = names or ("i", "t")
+    short = {"image_to_text": f"{a}2{p}", "text_to_image": f"{p}2{a}"}
     cols = [f"{d}_R@{k}" for k in metric_ks for d in ("image_to_text", "text_to_image", "mean")]
-    head = "val split".ljust(28) + "".join(c.replace("image_to_text", "i2t").replace("text_to_image", "t2i").rjust(11) for c in cols)
+    head = "val split".ljust(28) + "".join(
+        c.replace("image_to_text", short["image_to_text"]).replace("text_to_image", short["text_to_image"]).rjust(11)
+        for c in cols)
     lines = [head]
     for name, m in rows:
         lines.append(name.ljust(28) + "".join(f"{100 * m.get(c, math.nan):10.1f}%" for c in cols))

@@ -1,0 +1,254 @@
+"""Emergent alignment: retrieval between modalities that never met in training.
+
+A modality added onto text (spoken captions bound to the text space) is never paired with images,
+yet a bound model can rank images for an audio query. This module scores every pair of
+modalities a model binds, on one evaluation item set (a dataset's test fold), joining stores of
+*different* datasets by item id (a spoken dataset shares openclipart's item ids and groups):
+
+    scores = score_pairs(model, gallery={"image": img_store}, queries={"audio": audio_store,
+                         "text": spoken_text_store}, items=test_items)
+
+and folds x seeds runs (`emergent_protocol`) train the base model, add the new modality, and
+report each query modality -> image beside the reference (the text that was spoken, as text), a
+cascade (speech -> transcript -> text side: `queries["cascade"]`), chance, and the *emergence
+ratio*: emergent recall / the same recall with the spoken text as the query.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.crossval import fold_splits
+from ..errors import AnybindError
+from ..features import FeatureStore
+from ..metrics.retrieval import chance_retrieval_metrics, retrieval_metrics
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class QueryRows:
+    """Store rows of one query modality, each with the gallery row of its item."""
+
+    rows: np.ndarray
+    gallery_index: np.ndarray  # into the gallery's selected rows
+
+
+def split_items(store: FeatureStore, split: str, fold: int | None) -> set[str]:
+    """Item ids of `split` in the store's dataset: its fixed split, or cross-validation fold `fold`."""
+    ids = store.item_ids
+    if fold is None:
+        splits = np.array(store.splits)
+    else:
+        splits = fold_splits(store.rows.column("group").to_pylist(), store.rows.column("fold").to_numpy(), fold)
+    return {i for i, s in zip(ids, splits) if s == split}
+
+
+def gallery_rows(store: FeatureStore, items: set[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """The store rows of `items` (one row per item: the first), and item -> position among them."""
+    rows, where = [], {}
+    for r, item in enumerate(store.item_ids):
+        if item in items and item not in where:
+            where[item] = len(rows)
+            rows.append(r)
+    if not rows:
+        raise AnybindError(f"{store.path.name} holds none of the {len(items)} evaluation items")
+    return np.asarray(rows, dtype=np.int64), where
+
+
+def query_rows(store: FeatureStore, where: dict[str, int], caption_index: int | None = None,
+               gallery: FeatureStore | None = None) -> QueryRows:
+    """Rows of a query store whose item is in the gallery (optionally one rendering per item),
+    checked to come from the same grouping: a shared item must have the same group on both sides,
+    or a cross-dataset join could put a test item's twin in training."""
+    ids, sub = store.item_ids, store.caption_index
+    keep = [r for r, item in enumerate(ids) if item in where and (caption_index is None or sub[r] == caption_index)]
+    if not keep:
+        raise AnybindError(f"{store.path.name} shares no item with the evaluation items: was it listed from "
+                           "the same items (e.g. openclipart-speech for openclipart)?")
+    if gallery is not None:
+        _check_same_groups(store, gallery, keep)
+    return QueryRows(np.asarray(keep, dtype=np.int64), np.array([where[ids[r]] for r in keep], dtype=np.int64))
+
+
+def _check_same_groups(query: FeatureStore, gallery: FeatureStore, rows: list[int]) -> None:
+    g_of = dict(zip(gallery.item_ids, gallery.rows.column("group").to_pylist()))
+    q_ids, q_groups = query.item_ids, query.rows.column("group").to_pylist()
+    bad = [q_ids[r] for r in rows if g_of.get(q_ids[r]) != q_groups[r]]
+    if bad:
+        raise AnybindError(f"{len(bad)} items of {query.path.name} sit in another group than in {gallery.path.name} "
+                           f"(e.g. {bad[0]}): the two datasets do not share their grouping, so folds would leak")
+
+
+def encode_rows(model, modality: str, store: FeatureStore, rows: np.ndarray):
+    """The model's shared-space rows of some store rows, at the layers the model reads."""
+    from ..align.data import Side
+
+    layers = model.layers_of(modality)
+    side = Side(modality, store, layers, [store.array(lay) for lay in layers])
+    return model.encode(modality, side.rows(rows))
+
+
+def score_pairs(model, gallery: tuple[str, FeatureStore], queries: dict[str, tuple[str, FeatureStore, int | None]],
+                items: set[str], ks=KS) -> dict[str, dict]:
+    """Recall@k of each query set against the gallery, both ways, ranked as the model ranks.
+
+    `gallery` is (modality, store); `queries` maps a label to (modality, store, caption index or
+    None for every row). Keys of each result: ``{q}_to_{g}_R@k`` (query -> gallery),
+    ``{g}_to_{q}_R@k`` and ``mean_R@k``; plus ``chance`` per label."""
+    g_mod, g_store = gallery
+    g_rows, where = gallery_rows(g_store, items)
+    z_gallery = encode_rows(model, g_mod, g_store, g_rows)
+    out = {}
+    for label, (q_mod, q_store, sub) in queries.items():
+        q = query_rows(q_store, where, sub, g_store)
+        z_query = encode_rows(model, q_mod, q_store, q.rows)
+        m = retrieval_metrics(**model.ranking_inputs(z_gallery, z_query), text_to_image=q.gallery_index, ks=ks)
+        out[label] = _rename(m, label, g_mod)
+        out[label]["queries"] = len(q.rows)
+        out[label]["gallery"] = len(g_rows)
+        out[label]["chance"] = _rename(chance_retrieval_metrics(q.gallery_index, ks=ks), label, g_mod)
+    return out
+
+
+def _rename(metrics: dict, query: str, gallery: str) -> dict:
+    """image_to_text / text_to_image -> gallery_to_query / query_to_gallery."""
+    return {k.replace("image_to_text", f"{gallery}_to_{query}").replace("text_to_image", f"{query}_to_{gallery}"): v
+            for k, v in metrics.items()}
+
+
+def emergence_ratio(scores: dict, query: str, reference: str, gallery: str = "image", ks=KS) -> dict:
+    """Emergent recall / reference recall, per k and direction (query -> gallery and back)."""
+    out = {}
+    for k in ks:
+        for a, b in ((f"{query}_to_{gallery}", f"{reference}_to_{gallery}"),
+                     (f"{gallery}_to_{query}", f"{gallery}_to_{reference}")):
+            num, den = scores[query].get(f"{a}_R@{k}"), scores[reference].get(f"{b}_R@{k}")
+            out[f"{a}_R@{k}"] = num / den if num is not None and den else math.nan
+        num, den = scores[query][f"mean_R@{k}"], scores[reference][f"mean_R@{k}"]
+        out[f"mean_R@{k}"] = num / den if den else math.nan
+    return out
+
+
+# ---- folds x seeds: train the base, add the new modality, score every pair ------------------------------
+@dataclass
+class Addition:
+    """A modality bound progressively onto the base model's `to` space, from its own edge's stores."""
+
+    modality: str
+    stores: dict  # {modality: store, to: store}, e.g. spoken audio and its text
+    to: str = "text"
+
+
+@dataclass
+class EmergentSetup:
+    """What `emergent_protocol` trains and scores."""
+
+    recipe: object  # the base model's Recipe (image-text, trained per fold and seed)
+    base: dict  # {"image": store, "text": store}
+    add_recipe: object  # the Recipe of the added modality's projector
+    additions: dict  # label -> Addition (e.g. "spoken openclipart", "spoken wordnet")
+    queries: dict  # label -> (modality, store, caption index or None), scored against the base's images
+    gallery: str = "image"
+    reference: str = "spoken"  # the query set the emergence ratio divides by
+    emergent: str = "audio"  # the query set the ratio is of
+
+
+def emergent_protocol(setup: EmergentSetup, folds, seeds, out, progress: bool = True) -> list[dict]:
+    """Every (fold, seed, addition): train (or resume) the base model and the addition, score the
+    queries on the fold's test items. Results append to ``out/results.jsonl`` and are reused."""
+    import json
+    from pathlib import Path
+
+    from .. import atomic
+
+    out = Path(out)
+    log = out / "results.jsonl"
+    done = {(r["fold"], r["seed"], r["addition"]): r for r in _read_log(log)}
+    records = []
+    for fold in folds:
+        for seed in seeds:
+            for label, addition in setup.additions.items():
+                key = (fold, seed, label)
+                if key not in done:
+                    done[key] = _one_run(setup, fold, seed, label, addition, out, progress)
+                    atomic.append_line(log, json.dumps(done[key], sort_keys=True))
+                records.append(done[key])
+    return records
+
+
+def _one_run(setup: EmergentSetup, fold, seed, label, addition: Addition, out, progress) -> dict:
+    from ..align.frozen import AddSpec
+    from ..align.trainer import train
+    from ..checks import slug
+
+    tag = f"fold{fold}-seed{seed}"
+    base = train(_seeded(setup.recipe, seed), setup.base, out=out / "base" / tag, fold=fold, progress=progress,
+                 baselines=False)
+    spec = AddSpec.from_source(base.out, addition.modality, to=addition.to)
+    added = train(_seeded(setup.add_recipe, seed), addition.stores, out=out / slug(label) / tag, fold=fold,
+                  add=spec, progress=progress, baselines=False)
+    gallery_store = setup.base[setup.gallery]
+    items = split_items(gallery_store, "test", fold)
+    # an item the addition trained on is no test of emergence (its subset may split groups otherwise)
+    seen = set().union(*(split_items(addition.stores[addition.to], s, fold) for s in ("train", "val")))
+    items -= seen
+    scores = score_pairs(added.model, (setup.gallery, gallery_store), setup.queries, items)
+    ratios = {}
+    if setup.emergent in scores and setup.reference in scores:
+        ratios[setup.emergent] = emergence_ratio(scores, setup.emergent, setup.reference, setup.gallery)
+        if "cascade" in scores:
+            ratios["cascade"] = emergence_ratio(scores, "cascade", setup.reference, setup.gallery)
+    return {"fold": fold, "seed": seed, "addition": label, "scores": scores, "ratios": ratios,
+            "base_val": base.val, "added_val": added.val, "base_run": str(base.out), "added_run": str(added.out)}
+
+
+def _seeded(recipe, seed: int):
+    import dataclasses
+
+    return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
+
+
+def _read_log(path) -> list[dict]:
+    import json
+
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: that run is redone
+            continue
+    return out
+
+
+def summarise(records: list[dict], ks=(1, 10)) -> list[dict]:
+    """Mean and sd over folds x seeds: one row per (addition, query set), recall query -> gallery
+    and back, its chance, and the emergence ratio where there is one."""
+    rows = []
+    by_add: dict[str, list[dict]] = {}
+    for r in records:
+        by_add.setdefault(r["addition"], []).append(r)
+    for label, runs in by_add.items():
+        for query in runs[0]["scores"]:
+            row = {"addition": label, "query": query, "n": len(runs)}
+            for key in _metric_keys(runs[0]["scores"][query], ks):
+                row[key] = _mean_sd([r["scores"][query][key] for r in runs])
+                row[f"chance {key}"] = _mean_sd([r["scores"][query]["chance"][key] for r in runs])
+                if query in runs[0]["ratios"]:
+                    row[f"ratio {key}"] = _mean_sd([r["ratios"][query][key] for r in runs])
+            rows.append(row)
+    return rows
+
+
+def _metric_keys(scores: dict, ks) -> list[str]:
+    return [k for k in scores if "_R@" in k and int(k.rsplit("@", 1)[1]) in ks]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
