@@ -113,8 +113,14 @@ def test_add_refuses_what_cannot_work(source_run):
 def test_emergent_scores_agree_with_training_and_resume(source_run):
     """score_pairs on the jointly trained pair equals split_retrieval on the same split; the
     protocol scores the added modality against images it never met, and reuses its log."""
-    from anybind.evaluate.emergent import (Addition, EmergentSetup, emergent_protocol, score_pairs, split_items,
-                                           summarise)
+    from anybind.evaluate.emergent import (
+        Addition,
+        EmergentSetup,
+        emergent_protocol,
+        score_pairs,
+        split_items,
+        summarise,
+    )
 
     result, stores, tmp_path = source_run
     paired = PairedFeatures({"image": stores["image"], "text": stores["text"]})

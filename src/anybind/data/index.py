@@ -86,10 +86,12 @@ class DatasetIndex:
             raise DataError(f"dataset '{name}': item_id '{dup}' appears more than once")
         groups = [str(r.get("group") or r["item_id"]) for r in records]
         cols: dict[str, list] = {"item_id": ids}
+        listed = set()  # fields with several values per item: captions, or several recordings of one
         for f, modality in fields.items():
             vals = [r.get(f) for r in records]
-            if modality == "text":
+            if modality == "text" or any(isinstance(v, (list, tuple)) for v in vals):
                 vals = [([v] if isinstance(v, str) else list(v or [])) for v in vals]
+                listed.add(f)
             cols[f] = vals
         cols["label"] = [None if r.get("label") is None else str(r["label"]) for r in records]
         cols["group"] = groups
@@ -101,7 +103,7 @@ class DatasetIndex:
         for c in cols:
             if c == "fold":
                 schema.append(pa.field(c, pa.int8()))
-            elif c in fields and fields[c] == "text":
+            elif c in listed:
                 schema.append(pa.field(c, pa.list_(pa.string())))
             else:
                 schema.append(pa.field(c, pa.string()))
