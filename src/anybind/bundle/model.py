@@ -3,6 +3,11 @@
     model = anybind.load("bundles/openclipart")
     z = model.encode_text(["a red bird"])                 # [1, D], L2-normalised
     probs = model.classify(["cat.png"], ["cat", "dog"])    # [1, 2]
+    z = model.encode_audio(["bird.wav", (samples, 44100)])  # with an audio modality (train --add)
+
+A bundle binds any number of modalities: the jointly trained ones (image, text) and those added
+onto one of them later (`anybind train --add`); `modalities` lists them all, `joint` and `added`
+say which is which.
 
 Encoders are created on first use (a text-only user never loads the image encoder), at the
 layers, pooling and compute precision the bound model was trained on, and their features are
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
 
 BUNDLE_FORMAT = "anybind.bundle/2"  # 2: one bound model folder (model/) instead of projectors/, blend/, correction/
 MODEL_DIR = "model"
+#: what a bare numpy array given as audio is taken to be sampled at (Hz); give (array, rate) otherwise
+AUDIO_RATE = 16000
 
 
 class BundleError(AnybindError):
@@ -50,6 +57,21 @@ class Bundle:
         return list(self.info["modalities"])
 
     @property
+    def joint(self) -> list[str]:
+        """The modalities trained together (the rest were added onto one of them)."""
+        return list(self.info.get("joint") or self.bound.layers)
+
+    @property
+    def added(self) -> dict[str, str]:
+        """Each added modality -> the modality whose space it was bound into."""
+        return {m: self.bound.bound_to(m) for m in self.modalities if m not in self.joint}
+
+    def side(self, modality: str) -> str:
+        """The side (image / text) `modality` ranks as: an added modality ranks as its target."""
+        self._check(modality)
+        return self.bound.side(modality)
+
+    @property
     def dim(self) -> int:
         return int(self.info["dim"])
 
@@ -63,9 +85,13 @@ class Bundle:
         return f"Bundle({self.path}, {enc}, dim={self.dim})"
 
     # ---- encoding ------------------------------------------------------------------------------
-    def encoder(self, modality: str):
+    def _check(self, modality: str) -> None:
         if modality not in self.info["modalities"]:
-            raise BundleError(f"this bundle binds {', '.join(self.modalities)}, not '{modality}'")
+            raise BundleError(f"this bundle binds {', '.join(self.modalities)}, not '{modality}'"
+                              + (": add it with `anybind train --add` and export that run" if modality == "audio" else ""))
+
+    def encoder(self, modality: str):
+        self._check(modality)
         if modality not in self._encoders:
             from ..encoders import create_encoder
 
@@ -76,12 +102,11 @@ class Bundle:
         """The frozen encoder's features of raw items, per layer, as the stores held them."""
         from ..features.encode import encode_as_stored
 
-        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) and not hasattr(items, "__len__"):
-            items = [items]
-        items = list(items)
+        self._check(modality)
+        items = _audio_items(items) if modality == "audio" else _items(items)
         if not items:
             raise BundleError(f"no {modality} items to encode")
-        enc = self.encoder(modality)  # refuses a modality the bundle does not bind
+        enc = self.encoder(modality)
         side = self.info["modalities"][modality]
         return encode_as_stored(enc, items, side["layers"], side.get("pooling"), side.get("precision"),
                                 side.get("dtype", "float16"), batch_size)
@@ -96,7 +121,9 @@ class Bundle:
 
     def encode(self, modality: str, items: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """Shared-space embeddings [n, dim], L2-normalised: images as paths, PIL images or arrays;
-        texts as strings."""
+        texts as strings; audio as paths (WAV, FLAC, OGG, MP3; tar://), bytes, ``(array, rate)``
+        pairs or 1-D numpy arrays (taken as `AUDIO_RATE`, 16 kHz). A bad item raises a DataError
+        with the reason (unreadable, empty, silent, clipped)."""
         return self.project(modality, self.features(modality, items, batch_size))
 
     def encode_image(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
@@ -104,6 +131,10 @@ class Bundle:
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         return self.encode("text", texts, batch_size)
+
+    def encode_audio(self, clips: Sequence[Any], batch_size: int = 16) -> torch.Tensor:
+        """Audio clips (see `encode`) -> [n, dim]."""
+        return self.encode("audio", clips, batch_size)
 
     # ---- zero-shot -----------------------------------------------------------------------------
     def class_embeddings(self, labels: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
@@ -114,15 +145,18 @@ class Bundle:
         return class_embeddings(list(labels), self.encode_text, tmpl)
 
     def classify(self, images: Sequence[Any], labels: Sequence[str] | None = None,
-                 templates: str | Sequence[str] | None = None, scale: float = 100.0) -> torch.Tensor:
-        """Zero-shot class probabilities [n images, n labels]: softmax of `scale` x cosine."""
+                 templates: str | Sequence[str] | None = None, scale: float = 100.0,
+                 modality: str = "image") -> torch.Tensor:
+        """Zero-shot class probabilities [n items, n labels]: softmax of `scale` x cosine with the
+        labels' prompt embeddings. `modality` says what the items are (image, or audio, ...)."""
         import torch
 
+        self._check(modality)
         labels = list(labels or self.default_labels)
         if not labels:
             raise BundleError("give the labels to classify into (this bundle names no default classes)")
         cls = self.class_embeddings(labels, templates)
-        return torch.softmax(scale * self.encode_image(images) @ cls.T, dim=1)
+        return torch.softmax(scale * self.encode(modality, images) @ cls.T, dim=1)
 
     # ---- retrieval corrections (what the index applies to its gallery) -------------------------
     def gallery(self, modality: str, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,6 +167,31 @@ class Bundle:
     @property
     def correction(self):
         return self.bound.correction
+
+
+def _items(items: Any) -> list:
+    """A single item (a string, bytes) or a sequence of items, as a list."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) and not hasattr(items, "__len__"):
+        return [items]
+    return list(items)
+
+
+def _audio_items(items: Any) -> list:
+    """Audio clips as a list; one clip (a path, bytes, a 1-D array, an (array, rate) pair) counts
+    as a list of one. A bare array is taken as samples at `AUDIO_RATE`, whatever rate the encoder reads."""
+    import numpy as np
+
+    one = (isinstance(items, (str, bytes, bytearray, os.PathLike, np.ndarray)) or _is_pair(items)
+           or hasattr(items, "read"))
+    clips = [items] if one else list(items)
+    return [(x, AUDIO_RATE) if isinstance(x, np.ndarray) else x for x in clips]
+
+
+def _is_pair(x: Any) -> bool:
+    import numpy as np
+
+    return (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], np.ndarray)
+            and isinstance(x[1], (int, np.integer)) and not isinstance(x[1], bool))
 
 
 def read_info(path: str | os.PathLike) -> dict:

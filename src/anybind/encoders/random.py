@@ -1,5 +1,8 @@
 """Tiny deterministic encoders for tests: `random:image`, `random:text`, `random:audio[@seed]`.
 
+`random:audio` reads files, bytes and (array, rate) pairs with `anybind.data.audio.load_audio`
+(mono, 16 kHz); a numpy array is taken as samples already at 16 kHz.
+
 Real computation (a small conv net / embedding bag with fixed random weights), so features
 depend on the input and tests exercise the same paths as real encoders.
 """
@@ -18,6 +21,7 @@ from .preprocess import ImagePreprocess
 from .spec import MODALITIES, EncoderSpec
 
 WIDTH, BLOCKS, VOCAB = 32, 3, 4096
+SAMPLE_RATE = 16000  # random:audio reads audio files at this rate, as speech encoders do
 
 
 class _ImageNet(nn.Module):
@@ -73,7 +77,11 @@ class RandomEncoder(Encoder):
     def load_item(self, ref):
         if self.modality in ("image", "text"):
             return super().load_item(ref)
-        return np.asarray(ref, dtype=np.float32)  # audio etc: raw arrays
+        if self.modality == "audio" and not isinstance(ref, np.ndarray):
+            from ..data.audio import load_audio
+
+            return load_audio(ref, SAMPLE_RATE)  # files, tar://, bytes, uploads, (array, rate)
+        return np.asarray(ref, dtype=np.float32)  # other modalities (and decoded audio): raw arrays
 
     def collate(self, items):
         if self.modality in ("text",):
