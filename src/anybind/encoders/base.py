@@ -24,6 +24,8 @@ from .layers import LayerText, parse_layers
 from .spec import EncoderSpec
 
 POOLINGS = ("cls", "mean", "cls+mean")
+#: poolings over time for audio (frames, not tokens: no CLS); the first is the default
+AUDIO_POOLINGS = ("mean", "mean+max")
 
 
 class Encoder(ABC):
@@ -40,6 +42,8 @@ class Encoder(ABC):
     #: SPDX-ish licence of the weights, shown in `anybind encoders` and model cards
     licence: str | None = None
     device: torch.device = torch.device("cpu")
+    #: audio encoders: the sample rate (Hz) `load_item` decodes clips to (mono float32)
+    sample_rate: int = 16000
 
     # ---- what the encoder has -------------------------------------------------------------
     @property
@@ -61,10 +65,11 @@ class Encoder(ABC):
         return self.poolings[0]
 
     def output_dim(self, layer: str, pooling: str | None = None) -> int:
-        """Dimension of the stored feature: pooled ``cls+mean`` concatenates two vectors."""
+        """Dimension of the stored feature: pooled ``cls+mean`` (or ``mean+max``) concatenates two
+        vectors; ``final`` is the model's own embedding, never concatenated."""
         pooling = pooling or self.default_pooling
         d = self.layer_dims[layer]
-        return 2 * d if (pooling == "cls+mean" and layer != "final") else d
+        return 2 * d if ("+" in pooling and layer != "final") else d
 
     def resolve_layers(self, layers: LayerText) -> list[str]:
         """Canonical layer names from user text ('7,8,final', 'all', 'last', '-1', ints, None =
@@ -81,7 +86,8 @@ class Encoder(ABC):
 
     # ---- per item (runs in worker processes) ------------------------------------------------
     def load_item(self, ref: Any) -> Any:
-        """Read one raw item from its reference (an image path, a caption, ...); DataError if bad."""
+        """Read one raw item from its reference (an image path, a caption, an audio file or a
+        decoded clip, ...); DataError if bad."""
         if self.modality == "text":
             if not isinstance(ref, str) or not ref.strip():
                 raise DataError("empty caption")
@@ -91,6 +97,10 @@ class Encoder(ABC):
 
             pre = getattr(self, "image_preprocess", None)
             return load_image(ref, min_side=getattr(pre, "resize", None))
+        if self.modality == "audio":
+            from ..data.audio import load_audio
+
+            return load_audio(ref, sample_rate=self.sample_rate)
         return ref
 
     def preprocess(self, raw: Any) -> Any:
@@ -99,7 +109,10 @@ class Encoder(ABC):
         return pre(raw) if pre is not None else raw
 
     def collate(self, items: list[Any]) -> Any:
-        """Items -> one batch (arrays are stacked; text stays a list to be tokenised in `encode`)."""
+        """Items -> one batch (arrays are stacked; text stays a list to be tokenised in `encode`;
+        audio stays a list of variable-length clips, which each encoder pads or trims as it needs)."""
+        if self.modality == "audio":
+            return list(items)
         if items and isinstance(items[0], np.ndarray):
             batch = torch.from_numpy(np.stack(items))
             return batch.contiguous(memory_format=torch.channels_last) if self.channels_last and batch.ndim == 4 else batch
@@ -219,6 +232,9 @@ def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = 
         return mean
     if pooling == "cls+mean":
         return torch.cat([cls, mean], dim=-1)
+    if pooling == "mean+max":
+        peak = body.masked_fill(m == 0, float("-inf")).amax(1) if mask is not None else body.amax(1)
+        return torch.cat([mean, peak], dim=-1)
     raise AnybindError(f"unknown pooling '{pooling}': choose one of {', '.join(POOLINGS)}")
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face transformers backend: ``hf:NAME-OR-DIR[:image|:text]``.
+"""Hugging Face transformers backend: ``hf:NAME-OR-DIR[:image|:text|:audio]``.
 
 Any ``AutoModel`` checkpoint (a hub name, or a local folder written by ``save_pretrained``)
 becomes an Encoder with canonical layers:
@@ -18,6 +18,18 @@ becomes an Encoder with canonical layers:
     >>> enc = create_encoder("hf:facebook/dinov2-small")              # doctest: +SKIP
     >>> enc.embed(["cat.jpg"], layers="8,final", pooling="cls+mean")  # doctest: +SKIP
 
+Audio (``HFAudioEncoder``; Wav2Vec2, HuBERT, WavLM, Whisper's encoder, CLAP's audio tower):
+the feature extractor saved with the model (``AutoFeatureExtractor``) runs per clip in the
+workers, at its sample rate, on the first 30 s (Whisper: its window; CLAP: its
+``max_length_s``). ``layer.i`` = ``hidden_states[i]`` pooled over the frames that hold the
+clip (``mean`` or ``mean+max``; padding frames dropped by the clip's length); ``final`` = the
+masked mean of the last hidden state, or CLAP's (projected) pooler output. A clip's features
+do not depend on its batch: models that take an attention mask are padded and masked;
+waveform models without one (wav2vec2-base and other group-norm models, which padding would
+change) run clips of equal length together; Whisper and CLAP pad every clip to their fixed
+window (CLAP's pooling covers the whole window, which its extractor fills by repeating the
+clip, as CLAP was trained).
+
 Options (``create_encoder(spec, **options)``): ``max_length`` (text truncation; default the
 model's own: sentence-transformers' ``max_seq_length`` if the folder has one, else the
 tokenizer's), ``normalize`` (L2-normalise ``final``), ``local_files_only``, ``revision``,
@@ -32,14 +44,15 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from .._deps import require
 from .._hashing import hash_dir, hash_obj
-from ..errors import AnybindError, SpecError
-from .base import Encoder, check_options, pool_feature_map, pool_tokens
+from ..errors import AnybindError, DataError, SpecError
+from .base import AUDIO_POOLINGS, Encoder, check_options, pool_feature_map, pool_tokens
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
 from .spec import EncoderSpec
 
@@ -53,10 +66,10 @@ VISION_MODEL_TYPES = frozenset({
     "data2vec-vision", "hiera", "clip_vision_model", "siglip_vision_model", "siglip2_vision_model",
     "focalnet", "bit", "dit", "vit_hybrid", "cvt", "van", "nat", "dinat", "hgnet_v2",
 })
-#: audio models need a feature extractor this backend does not build yet
+#: model types of audio models (modality "audio" without a ``:audio`` suffix)
 AUDIO_MODEL_TYPES = frozenset({
-    "wav2vec2", "wav2vec2-bert", "hubert", "wavlm", "whisper", "data2vec-audio", "unispeech",
-    "unispeech-sat", "sew", "sew-d", "audio-spectrogram-transformer", "clap", "encodec",
+    "wav2vec2", "wav2vec2-conformer", "hubert", "wavlm", "whisper", "data2vec-audio", "unispeech",
+    "unispeech-sat", "sew", "sew-d", "clap", "clap_audio_model",
 })
 #: PIL resample codes used by image processors -> ImagePreprocess interpolation names
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -133,7 +146,7 @@ def infer_modality(config) -> str:
     """``image`` for vision configs, ``text`` otherwise; dual-tower configs need a ``:modality``."""
     model_type = getattr(config, "model_type", "")
     if model_type in AUDIO_MODEL_TYPES:
-        raise SpecError(f"'{model_type}' is an audio model: the hf: backend encodes images and text only")
+        return "audio"  # CLAP's text tower needs ':text'
     if hasattr(config, "vision_config") and hasattr(config, "text_config"):
         raise SpecError(
             f"'{model_type}' has both an image and a text tower: add ':image' or ':text' to the spec"
@@ -217,6 +230,9 @@ def sentence_transformers_settings(model_dir: Path | None) -> dict:
 def _select_tower(model, modality: str):
     """Dual-tower models (CLIP, SigLIP, ...): the tower of `modality` and its projection."""
     tower_attr = "vision_model" if modality == "image" else "text_model"
+    if hasattr(model, "audio_model") and hasattr(model, "text_model"):  # CLAP
+        kind = "audio" if modality == "audio" else "text"
+        return getattr(model, f"{kind}_model"), getattr(model, f"{kind}_projection", None)
     if hasattr(model, "vision_model") and hasattr(model, "text_model"):
         proj = getattr(model, "visual_projection" if modality == "image" else "text_projection", None)
         return getattr(model, tower_attr), proj
@@ -399,6 +415,147 @@ class HFEncoder(Encoder):
         return "cls"
 
 
+# ---- audio ------------------------------------------------------------------------------------
+MAX_SECONDS = 30  # waveform models: the first 30 s of a clip (Whisper and CLAP: their own window)
+_AUDIO_INPUTS = ("input_values", "input_features", "is_longer")  # what a clip carries to `encode`
+
+
+class AudioClip(NamedTuple):
+    """One preprocessed clip: its model inputs (no batch axis) and its length in samples."""
+
+    inputs: dict
+    samples: int
+
+
+def audio_family(model) -> str:
+    """``whisper`` (log-mel, fixed window), ``clap`` (fused mel image) or ``waveform`` (raw samples)."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type.startswith("whisper"):
+        return "whisper"
+    if model_type.startswith("clap"):
+        return "clap"
+    return "waveform"
+
+
+class HFAudioEncoder(HFEncoder):
+    """A transformers audio model with canonical layers (see the module docstring)."""
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, *, feature_extractor, **kw):
+        self.feature_extractor, self.family = feature_extractor, audio_family(model)
+        self.sample_rate = int(getattr(feature_extractor, "sampling_rate", 16000))
+        fe = feature_extractor
+        self.max_samples = int(getattr(fe, "n_samples", 0) if self.family == "whisper" else
+                               getattr(fe, "nb_max_samples", 0) if self.family == "clap" else 0) \
+            or MAX_SECONDS * self.sample_rate
+        # waveform models without an attention mask change under padding: equal lengths run together
+        self.masked = self.family == "waveform" and bool(getattr(fe, "return_attention_mask", False))
+        super().__init__(spec, model, modality="audio", **kw)
+
+    def _probe(self) -> None:
+        rng = np.random.default_rng(0)
+        clip = self.preprocess((0.1 * rng.standard_normal(self.sample_rate)).astype(np.float32))
+        with torch.inference_mode():
+            out, _ = self._forward_audio([clip], hidden=True)
+        if out.hidden_states is None:
+            raise AnybindError(f"{self.spec}: the model returns no hidden_states; it cannot give layers")
+        self._spatial = out.hidden_states[0].ndim == 4  # CLAP's Swin stages: [B, C, H, W]
+        self._dims = [int(h.shape[1] if h.ndim == 4 else h.shape[-1]) for h in out.hidden_states]
+        self.num_prefix, self.poolings = 0, AUDIO_POOLINGS
+        self.use_pooler = self.family == "clap" and getattr(out, "pooler_output", None) is not None
+        self._final_dim = int(self._final(out, None).shape[-1])
+
+    # ---- per item (worker processes) -------------------------------------------------------
+    def preprocess(self, raw: Any) -> AudioClip:
+        """The feature extractor on one clip (its first `max_samples`): no padding, that is `encode`'s."""
+        x = np.asarray(raw, dtype=np.float32)[: self.max_samples]
+        if x.ndim != 1 or not x.size:
+            raise DataError(f"audio must be a non-empty 1-D array of samples, got shape {x.shape}")
+        got = self.feature_extractor([x], sampling_rate=self.sample_rate, return_tensors="np")
+        return AudioClip({k: np.asarray(got[k][0]) for k in _AUDIO_INPUTS if k in got}, int(x.size))
+
+    # ---- the model ----------------------------------------------------------------------------
+    def _groups(self, clips: Sequence[AudioClip]) -> list[list[int]]:
+        """Positions run together: all, or (unmasked waveform models) those of equal length."""
+        if self.family != "waveform" or self.masked:
+            return [list(range(len(clips)))]
+        groups: dict[int, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(clip.samples, []).append(i)
+        return list(groups.values())
+
+    def _forward_audio(self, clips: Sequence[AudioClip], hidden: bool):
+        """(outputs, frame mask [B, T] or None) for clips padded to the longest with a mask."""
+        lengths = torch.tensor([c.samples for c in clips])
+        inputs = {k: _pad_stack([c.inputs[k] for c in clips], float(getattr(self.feature_extractor, "padding_value", 0.0)))
+                  for k in clips[0].inputs}
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in self._forward_params}
+        if self.masked and "attention_mask" in self._forward_params:
+            inputs["attention_mask"] = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).long().to(self.device)
+        out = self.model(**inputs, output_hidden_states=hidden)
+        return out, self._frame_mask(out, lengths)
+
+    def _frame_mask(self, out, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Which output frames hold the clip: from the clip lengths (CLAP: all; see the docstring)."""
+        if self.family == "clap":
+            return None
+        total = out.last_hidden_state.shape[1]
+        if self.family == "whisper":  # 10 ms log-mel frames, halved by the second convolution
+            mel = -(-lengths // int(self.feature_extractor.hop_length))
+            frames = -(-mel * total // int(self.feature_extractor.nb_max_frames))
+        else:
+            frames = self.model._get_feat_extract_output_lengths(lengths)
+        frames = frames.clamp(1, total)
+        return (torch.arange(total)[None] < frames[:, None]).to(self.device)
+
+    def _pool_layer(self, h: torch.Tensor, pooling: str, mask) -> torch.Tensor:
+        if h.ndim == 4:  # a feature map: every position is a frame
+            h, mask = h.flatten(2).transpose(1, 2), None
+        return pool_tokens(h.float(), pooling, mask, num_prefix=0)
+
+    def _final(self, out, mask) -> torch.Tensor:
+        if self.use_pooler:
+            h = out.pooler_output.flatten(1)
+            if self.projection is not None:
+                h = self.projection(h.to(next(self.projection.parameters()).dtype))
+        else:
+            h = self._pool_layer(out.last_hidden_state, "mean", mask)
+        h = h.float()
+        return torch.nn.functional.normalize(h, dim=-1) if self.normalize else h
+
+    @torch.inference_mode()
+    def encode(self, batch: Sequence[AudioClip], layers: Sequence[str], pooling: str | None = None) -> dict[str, torch.Tensor]:
+        pooling, layers = self.check_pooling(pooling), list(layers)
+        feats: dict[str, list] = {name: [None] * len(batch) for name in layers}
+        for idx in self._groups(batch):
+            out, mask = self._forward_audio([batch[i] for i in idx], hidden=any(n != "final" for n in layers))
+            for name in layers:
+                got = (self._final(out, mask) if name == "final"
+                       else self._pool_layer(out.hidden_states[int(name.split(".")[1])], pooling, mask))
+                for k, i in enumerate(idx):
+                    feats[name][i] = got[k].float()
+        return {name: torch.stack(rows) for name, rows in feats.items()}
+
+    def preprocess_config(self) -> dict:
+        fe = self.feature_extractor.to_dict()
+        fe.pop("mel_filters", None)
+        return {"sample_rate": self.sample_rate, "max_samples": self.max_samples,
+                "feature_extractor": hash_obj(fe), "padding": "mask" if self.masked else self.family,
+                "final": self.final_mode() + ("+projection" if self.projection is not None else "")
+                + ("+l2" if self.normalize else "")}
+
+    def final_mode(self) -> str:
+        return "pooler" if self.use_pooler else "mean"
+
+
+def _pad_stack(arrays: list[np.ndarray], value: float) -> torch.Tensor:
+    """Arrays padded on the last axis to the longest with `value`, stacked."""
+    width = max(a.shape[-1] for a in arrays) if arrays[0].ndim else 0
+    if not width:
+        return torch.from_numpy(np.stack(arrays))
+    out = [np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])], constant_values=value) for a in arrays]
+    return torch.from_numpy(np.stack(out))
+
+
 # ---- construction -----------------------------------------------------------------------------
 def _default_max_length(tokenizer, config, st_settings: dict) -> int:
     if st_settings.get("max_seq_length"):
@@ -443,11 +600,17 @@ def load_hf_encoder(
             "save_pretrained ('hf:/path/to/dir') or a hub name that is cached or reachable."
         ) from e
     modality = modality or infer_modality(config)
-    if modality not in ("image", "text"):
-        raise SpecError(f"the hf: backend encodes images and text, not {modality}")
+    if modality not in ("image", "text", "audio"):
+        raise SpecError(f"the hf: backend encodes images, text and audio, not {modality}")
     with _quiet_loading(transformers):
-        model, info = transformers.AutoModel.from_pretrained(source, output_loading_info=True, **kw)
+        # CLAP's audio tower saved on its own has no AutoModel entry
+        auto = transformers.ClapAudioModel if config.model_type == "clap_audio_model" else transformers.AutoModel
+        model, info = auto.from_pretrained(source, output_loading_info=True, **kw)
     tower, projection = _select_tower(model, modality)
+    if modality == "audio":
+        enc = load_audio_encoder(spec, source, tower, projection, kw, normalize=normalize,
+                                 model_dir=resolve_model_dir(source, revision), revision=revision, licence=licence)
+        return enc.to(device) if device is not None else enc
     missing = set(info.get("missing_keys", ()))
     # a pooler that the checkpoint does not hold is random: never use it as `final`
     use_pooler = not any(k.startswith("pooler.") or ".pooler." in k for k in missing)
@@ -471,6 +634,17 @@ def load_hf_encoder(
             model_dir=model_dir, revision=revision, licence=licence,
         )
     return enc.to(device) if device is not None else enc
+
+
+def load_audio_encoder(spec: EncoderSpec, source: str, tower, projection, kw: dict, **options) -> HFAudioEncoder:
+    """An audio tower with the feature extractor saved beside it (AutoFeatureExtractor)."""
+    transformers = _transformers()
+    try:
+        fe = transformers.AutoFeatureExtractor.from_pretrained(source, **kw)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AnybindError(f"{spec}: no usable audio feature extractor in '{source}' ({e}); save it beside the "
+                           "model (feature_extractor.save_pretrained(folder))") from e
+    return HFAudioEncoder(spec, tower, feature_extractor=fe, projection=projection, **options)
 
 
 def create(spec: EncoderSpec, **options) -> HFEncoder:

