@@ -686,12 +686,15 @@ def cmd_index(args) -> int:
     from .serve.index import build_index
 
     device = _device(args.device)  # checked before any work
+    modalities = args.modality or ["image"]
+    fields = _index_fields(args.field)
     data = listed_data(args.data, args.encoding, args.cache)
-    idx = build_index(args.bundle, data, args.out, kind=args.kind, modality=args.modality, field=args.field,
+    idx = build_index(args.bundle, data, args.out, kind=args.kind, modality=modalities, field=fields,
                       cache=args.cache, batch_size=args.batch_size, num_workers=args.workers, device=device,
                       progress=not args.quiet, overwrite=args.overwrite)
     info = idx.info
-    print(f"index: {idx.path}  ({info['kind']}, {len(idx)} {info['modality']} items of {info['dataset']}, dim {idx.dim}"
+    counts = " + ".join(f"{idx.count(m)} {m}" for m in idx.modalities)
+    print(f"index: {idx.path}  ({info['kind']}, {counts} items of {info['dataset']}, dim {idx.dim}"
           + (f", correction {info['correction']} as an extra dimension" if idx.augmented else "") + ")")
     if info.get("skipped"):
         print(f"skipped {info['skipped']} unreadable items, e.g. "
@@ -700,18 +703,30 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _index_fields(given: list[str] | None) -> str | dict | None:
+    """`--field FIELD` (one modality) or `--field MODALITY=FIELD` (repeatable)."""
+    if not given:
+        return None
+    if len(given) == 1 and "=" not in given[0]:
+        return given[0]
+    return dict(side_items(given, "--field"))
+
+
 def cmd_search(args) -> int:
-    """Search an index with a text query (or an image, --image), encoded by the index's bundle."""
+    """Search an index with a text query (or an image, --image, or an audio clip, --audio), encoded by
+    the index's bundle; --modality picks the rows searched when the index holds several."""
     from .serve.index import search_index
 
-    if (args.query is None) == (args.image is None):
-        raise AnybindError('give a text query or --image PATH (one of them), e.g. anybind search INDEX "a red bird"')
-    hits = search_index(args.index, text=args.query, image=args.image, k=args.k, bundle=args.bundle)
+    if sum(q is not None for q in (args.query, args.image, args.audio)) != 1:
+        raise AnybindError('give a text query, --image PATH or --audio PATH (one of them), '
+                           'e.g. anybind search INDEX "a red bird"')
+    hits = search_index(args.index, text=args.query, image=args.image, audio=args.audio, k=args.k,
+                        bundle=args.bundle, modality=args.modality)
     rows = hits.records()
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(_table([{**r, "score": f"{r['score']:.4f}"} for r in rows], ["rank", "score", "item_id", "path"]))
+        print(_table([{**r, "score": f"{r['score']:.4f}"} for r in rows], ["rank", "score", "item_id", "modality", "path"]))
     return 0
 
 
@@ -857,25 +872,30 @@ def _bundle_args(verb: Callable) -> None:
     p.add_argument("--results", nargs="*", help="results documents (anybind eval) for the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
 
-    p = verb("index", cmd_index, "embed a dataset's images with a bundle into a search index (FAISS)")
+    p = verb("index", cmd_index, "embed a dataset's images (or audio, ...) with a bundle into a search index (FAISS)")
     p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")
     p.add_argument("--data", "-d", required=True, help=_dataset_help)
     p.add_argument("--out", "-o", required=True, help="the index folder to write")
     p.add_argument("--kind", default="auto", choices=_Choices(_index_kinds), metavar="KIND",
                    help="index kind: %(choices)s; flat = exact inner product; ivf / hnsw = approximate, "
                         "for large collections (auto: flat below 50k items)")
-    p.add_argument("--modality", default="image", help="which side of the bundle the items are (default image)")
-    p.add_argument("--field", help="the dataset field to index (default: the one of that modality)")
+    p.add_argument("--modality", action="append", metavar="MODALITY",
+                   help="a modality of the bundle to index (default image); repeat it for one index of several "
+                        "(--modality image --modality audio): a query searches any of them, or all")
+    p.add_argument("--field", action="append", metavar="[MODALITY=]FIELD",
+                   help="the dataset field to index (default: the one of that modality); MODALITY=FIELD per modality")
     p.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass")
     _add_encoding(p)
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images)")
     _add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace an index built from another bundle, dataset or kind")
 
-    p = verb("search", cmd_search, "search an index with a text (or --image) query")
+    p = verb("search", cmd_search, "search an index with a text (or --image, --audio) query")
     p.add_argument("index", help="an index folder (anybind index)")
     p.add_argument("query", nargs="?", help="the text to search for")
     p.add_argument("--image", help="search with this image instead of a text")
+    p.add_argument("--audio", help="search with this audio file (WAV, FLAC, OGG, MP3) instead of a text")
+    p.add_argument("--modality", help="search only the rows of this modality (default: every modality indexed)")
     p.add_argument("--k", "-k", type=int, default=10, help="how many results (default 10)")
     p.add_argument("--bundle", help="the bundle to encode the query (default: the one the index was built with)")
     p.add_argument("--json", action="store_true")

@@ -4,6 +4,10 @@
     hits = search_index("indexes/clipart", text="a red bird", k=5)
     hits.ids[0], hits.scores[0], hits.paths[0]
 
+    # several modalities in one index; any query against the rows of one of them (or all)
+    idx = build_index("bundles/clipart-audio", "openclipart-speech", "indexes/av", modality=["image", "audio"])
+    hits = search_index(idx, audio="bird.wav", k=5, modality="image")
+
 The gallery vectors are the bundle's embeddings of the items as its evaluation ranked them: the
 features come from the feature cache (`anybind.features.extract`, at the bundle's layers,
 pooling and compute precision, stored fp16 like `Bundle.features` rounds), so indexing is
@@ -12,13 +16,17 @@ interrupted run shard by shard, and is instant when the features are already cac
 
 The bundle's retrieval correction ranks gallery item g for query q by ``q . g' - offset_g``; an
 inner-product index applies it exactly by augmenting the vectors: ``g'' = [g', -offset_g]`` and
-``q'' = [q, 1]``. The offsets were fitted for cross-modal queries (text -> image), so a query of
-the gallery's own modality (image -> image) uses ``q'' = [q, 0]``: plain cosine against g'.
+``q'' = [q, 1]``. The offsets were fitted for cross-modal queries (text -> image), so a query
+ranked on the gallery's own side (image -> image; audio added onto text -> text) uses
+``q'' = [q, 0]``: plain cosine against g'. A query against several modalities is searched in each
+(with its own offsets or none) and the hits merged by score.
 
-On disk (a folder): ``index.faiss``, ``items.parquet`` (row, item_id, sub, ref, path) and
-``index.json`` (the bundle's path and the fingerprint of its bundle.json, kind, dims, count,
-dataset, search parameters, skipped items). A flat index is exact; IVF-Flat and HNSW are for
-collections where exact search is too slow (``kind="auto"``: flat below 50,000 items, HNSW above).
+On disk (a folder): one FAISS file per modality (``index-0.faiss``, ...), ``items.parquet``
+(row, item_id, sub, ref, path, modality: the rows of each modality in turn) and ``index.json``
+(the bundle's path and the fingerprint of its bundle.json, kind, dims, count, dataset, search
+parameters, skipped items, and per modality under ``parts``). Indexes of format 1 (one modality,
+``index.faiss``) still load. A flat index is exact; IVF-Flat and HNSW are for collections where
+exact search is too slow (``kind="auto"``: flat below 50,000 items, HNSW above).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as _field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,13 +53,16 @@ from ..errors import AnybindError
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = "anybind.index/1"
+INDEX_FORMAT = "anybind.index/2"  # 2: several modalities, one FAISS file each
+LEGACY_FORMAT = "anybind.index/1"  # one modality in index.faiss: still loads
 KINDS = ("auto", "flat", "ivf", "hnsw")
 #: below this many items `kind="auto"` builds an exact (flat) index
 EXACT_BELOW = 50_000
 #: rows projected into the shared space at a time while building (bounds the memory)
 CHUNK = 16_384
 INDEX_FILE, ITEMS_FILE, INFO_FILE = "index.faiss", "items.parquet", "index.json"
+#: `modality=` of a search that looks at every modality the index holds
+ALL = "all"
 
 
 class VectorIndexError(AnybindError):
@@ -79,23 +91,34 @@ class Hits:
     paths: list[list[str]]
     scores: list[list[float]]
     rows: list[list[int]]
+    modalities: list[list[str]] = _field(default_factory=list)  # each hit's modality
 
     def records(self, query: int = 0) -> list[dict]:
-        """One query's hits as dicts: rank, item_id, score, path."""
-        return [{"rank": r + 1, "item_id": i, "score": s, "path": p} for r, (i, s, p) in
-                enumerate(zip(self.ids[query], self.scores[query], self.paths[query], strict=True))]
+        """One query's hits as dicts: rank, item_id, score, path, modality."""
+        mods = self.modalities[query] if self.modalities else [None] * len(self.ids[query])
+        return [{"rank": r + 1, "item_id": i, "score": s, "path": p, "modality": m} for r, (i, s, p, m) in
+                enumerate(zip(self.ids[query], self.scores[query], self.paths[query], mods, strict=True))]
 
 
 class VectorIndex:
-    """A built index, loaded: `.search(vectors, k)` over the bundle's shared space."""
+    """A built index, loaded: `.search(vectors, k)` over the bundle's shared space, one FAISS
+    index per modality (`parts`), rows numbered over all of them (`item_ids[row]`)."""
 
-    def __init__(self, path: Path, info: dict, index, items: dict[str, list]):
-        self.path, self.info, self.index = path, info, index
+    def __init__(self, path: Path, info: dict, parts: dict, items: dict[str, list]):
+        self.path, self.info, self.parts = path, info, parts
+        self.index = parts[self.modality]  # the first (or only) modality's FAISS index
         self.item_ids: list[str] = items["item_id"]
         self.refs: list[str] = items["ref"]
         self.paths: list[str] = items["path"]
-        self._row_of = {i: r for r, i in enumerate(self.item_ids)}  # first row of an item
-        self._set_params(info.get("params") or {})
+        self.row_modalities: list[str] = items["modality"]
+        self.start, row = {}, 0
+        for m in self.modalities:  # each modality's rows follow the one before
+            self.start[m], row = row, row + int(parts[m].ntotal)
+        self._row_of: dict[tuple[str, str], int] = {}
+        for r, key in enumerate(zip(self.row_modalities, self.item_ids, strict=True)):
+            self._row_of.setdefault(key, r)  # first row of an item in a modality
+        for m in self.modalities:
+            _set_params(parts[m], self.part(m).get("params") or {})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VectorIndex:
@@ -104,27 +127,23 @@ class VectorIndex:
 
         faiss = _faiss()
         path = Path(path)
+        info = _read_info(path)
         try:
-            info = json.loads((path / INFO_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise VectorIndexError(f"{path} is not an anybind index ({INFO_FILE} unreadable: {e}); "
-                                   "build one with `anybind index --bundle B --data D --out DIR`") from e
-        if info.get("format") != INDEX_FORMAT:
-            raise VectorIndexError(f"{path}: index format {info.get('format')!r}; this anybind reads {INDEX_FORMAT}: "
-                                   "rebuild it with `anybind index`")
-        try:
-            index = faiss.read_index(str(path / INDEX_FILE))
+            parts = {m: faiss.read_index(str(path / p["file"])) for m, p in info["parts"].items()}
             items = pq.read_table(path / ITEMS_FILE).to_pydict()
         except (OSError, RuntimeError) as e:
             raise VectorIndexError(f"{path}: cannot read the index files ({e}); rebuild it with `anybind index`") from e
-        if index.ntotal != len(items["item_id"]) or index.ntotal != info.get("count"):
-            raise VectorIndexError(f"{path}: the index holds {index.ntotal} vectors but lists {len(items['item_id'])} "
+        items.setdefault("modality", [info["modality"]] * len(items["item_id"]))  # format 1: one modality
+        total = sum(int(x.ntotal) for x in parts.values())
+        if total != len(items["item_id"]) or total != info.get("count") or any(
+                int(parts[m].ntotal) != p["count"] for m, p in info["parts"].items()):
+            raise VectorIndexError(f"{path}: the index holds {total} vectors but lists {len(items['item_id'])} "
                                    "items: it is damaged; rebuild it with `anybind index --overwrite`")
-        return cls(path, info, index, items)
+        return cls(path, info, parts, items)
 
     # ---- what it is ------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return len(self.item_ids)
 
     @property
     def dim(self) -> int:
@@ -137,26 +156,40 @@ class VectorIndex:
 
     @property
     def modality(self) -> str:
+        """The first (or only) modality indexed."""
         return str(self.info["modality"])
+
+    @property
+    def modalities(self) -> list[str]:
+        """Every modality indexed, in the order of their rows."""
+        return list(self.info["modalities"])
+
+    def part(self, modality: str) -> dict:
+        """index.json's entry of one modality: field, count, kind, vector_dim, augmented, params, file."""
+        if modality not in self.info["parts"]:
+            raise VectorIndexError(f"this index holds {', '.join(self.modalities)} rows, not '{modality}': "
+                                   f"search one of them (or '{ALL}'), or build an index with --modality {modality}")
+        return self.info["parts"][modality]
+
+    def count(self, modality: str) -> int:
+        return int(self.part(modality)["count"])
 
     @property
     def augmented(self) -> bool:
         return bool(self.info.get("augmented"))
 
     def __repr__(self) -> str:
-        return f"VectorIndex({self.path}, {self.kind}, {len(self)} x {self.dim}, {self.info.get('dataset')})"
+        return (f"VectorIndex({self.path}, {self.kind}, {len(self)} x {self.dim}, {'+'.join(self.modalities)}, "
+                f"{self.info.get('dataset')})")
 
-    def reference(self, item_id: str) -> str | None:
-        """The resolved reference (a file path, tar://, idx://) of an indexed item; None if not indexed."""
-        row = self._row_of.get(item_id)
-        return None if row is None else self.paths[row]
-
-    def _set_params(self, params: dict) -> None:
-        faiss = _faiss()
-        if "nprobe" in params:
-            faiss.extract_index_ivf(self.index).nprobe = int(params["nprobe"])
-        if "ef_search" in params:
-            faiss.downcast_index(self.index).hnsw.efSearch = int(params["ef_search"])
+    def reference(self, item_id: str, modality: str | None = None) -> str | None:
+        """The resolved reference (a file path, tar://, idx://) of an indexed item (its row of
+        `modality`, or of the first modality holding it); None if not indexed."""
+        for m in [modality] if modality else self.modalities:
+            row = self._row_of.get((m, item_id))
+            if row is not None:
+                return self.paths[row]
+        return None
 
     # ---- the bundle it was built with ------------------------------------------------------------
     def open_bundle(self, bundle: str | os.PathLike | None = None, device: str = "cpu"):
@@ -176,11 +209,14 @@ class VectorIndex:
                 f"is another bundle): rebuild the index with `anybind index --bundle {model.path} --overwrite ...`")
 
     # ---- search ----------------------------------------------------------------------------------
-    def search(self, vectors, k: int = 10, corrected: bool = True) -> Hits:
+    def search(self, vectors, k: int = 10, corrected: bool | dict[str, bool] = True,
+               modality: str | None = None) -> Hits:
         """The k best items for each query vector (the bundle's L2-normalised embeddings, [n, dim]).
 
         Scores are ``q . g' - offset_g`` (the bundle's retrieval ranking); ``corrected=False``
-        drops the offsets (for queries of the gallery's own modality): plain ``q . g'``.
+        drops the offsets (for queries of the gallery's own side): plain ``q . g'``; a dict gives
+        it per modality. `modality` picks the rows searched: one modality, or all (None, ``"all"``:
+        each searched and the hits merged by score).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise VectorIndexError(f"k must be a positive integer, not {k!r}")
@@ -189,45 +225,96 @@ class VectorIndex:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise VectorIndexError(f"query vectors must be [n, {self.dim}] (the bundle's dimension), not {list(q.shape)}")
-        if self.augmented:
-            q = np.hstack([q, np.full((len(q), 1), 1.0 if corrected else 0.0, np.float32)])
-        k = min(int(k), len(self))
-        if k == 0:
-            return Hits([[] for _ in q], [[] for _ in q], [[] for _ in q], [[] for _ in q])
-        scores, rows = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        out = Hits([], [], [], [])
-        for s_row, r_row in zip(scores, rows, strict=True):
-            keep = r_row >= 0  # an approximate index may find fewer than k
-            rr = [int(r) for r in r_row[keep]]
-            out.rows.append(rr)
-            out.ids.append([self.item_ids[r] for r in rr])
-            out.paths.append([self.paths[r] for r in rr])
-            out.scores.append([float(s) for s in s_row[keep]])
+        mods = self.modalities if modality in (None, ALL) else [modality]
+        found = [self._search_part(m, q, int(k), corrected if isinstance(corrected, bool) else corrected.get(m, True))
+                 for m in mods]
+        out = Hits([], [], [], [], [])
+        for i in range(len(q)):
+            hits = sorted((h for part in found for h in part[i]), key=lambda h: -h[0])[: int(k)]  # stable: ties by part
+            out.scores.append([s for s, _ in hits])
+            out.rows.append([r for _, r in hits])
+            out.ids.append([self.item_ids[r] for _, r in hits])
+            out.paths.append([self.paths[r] for _, r in hits])
+            out.modalities.append([self.row_modalities[r] for _, r in hits])
         return out
+
+    def _search_part(self, modality: str, q: np.ndarray, k: int, corrected: bool) -> list[list[tuple[float, int]]]:
+        """Per query, (score, row) of one modality's k best rows."""
+        part, index = self.part(modality), self.parts[modality]
+        if part.get("augmented"):
+            q = np.hstack([q, np.full((len(q), 1), 1.0 if corrected else 0.0, np.float32)])
+        k = min(k, int(index.ntotal))
+        if k == 0:
+            return [[] for _ in q]
+        scores, rows = index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        start = self.start[modality]
+        return [[(float(s), start + int(r)) for s, r in zip(s_row, r_row, strict=True) if r >= 0]  # approximate: < k
+                for s_row, r_row in zip(scores, rows, strict=True)]
+
+
+def _read_info(path: Path) -> dict:
+    """index.json, checked; a format-1 index (one modality) described as format 2 describes it."""
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise VectorIndexError(f"{path} is not an anybind index ({INFO_FILE} unreadable: {e}); "
+                               "build one with `anybind index --bundle B --data D --out DIR`") from e
+    if info.get("format") not in (LEGACY_FORMAT, INDEX_FORMAT):
+        raise VectorIndexError(f"{path}: index format {info.get('format')!r}; this anybind reads {INDEX_FORMAT}: "
+                               "rebuild it with `anybind index`")
+    if info["format"] == LEGACY_FORMAT:
+        m = info["modality"]
+        info = {**info, "modalities": [m], "parts": {m: {
+            "field": info.get("field"), "count": info.get("count"), "kind": info.get("kind"), "file": INDEX_FILE,
+            "vector_dim": info.get("vector_dim"), "augmented": info.get("augmented"), "params": info.get("params")}}}
+    return info
+
+
+def _set_params(index, params: dict) -> None:
+    faiss = _faiss()
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    if "ef_search" in params:
+        faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])
+
+
+QUERY_KINDS = ("text", "image", "audio")
 
 
 def search_index(index: str | os.PathLike | VectorIndex, text: str | Sequence[str] | None = None, image: Any = None,
-                 k: int = 10, bundle=None) -> Hits:
-    """Encode a text (or an image: a path, PIL image or array) with the index's bundle and search.
+                 k: int = 10, bundle=None, *, audio: Any = None, modality: str | None = None) -> Hits:
+    """Encode a text, an image (a path, PIL image or array) or an audio clip (a path, bytes, an
+    (array, rate) pair) with the index's bundle and search the rows of `modality` (default: all).
 
     `bundle` is a loaded bundle or a bundle path (default: the one the index was built with).
     """
     idx = index if isinstance(index, VectorIndex) else VectorIndex.load(index)
-    if (text is None) == (image is None):
-        raise VectorIndexError("give a text query or an image query (one of them)")
+    given = {m: q for m, q in zip(QUERY_KINDS, (text, image, audio), strict=True) if q is not None}
+    if len(given) != 1:
+        raise VectorIndexError("give one query: a text, an image or an audio clip")
+    if modality not in (None, ALL):
+        idx.part(modality)  # refuse a modality the index does not hold before encoding anything
     if _is_bundle(bundle):  # already loaded
         idx.check_bundle(bundle)
         model = bundle
     else:
         model = idx.open_bundle(bundle)
-    if text is not None:
-        texts = [text] if isinstance(text, str) else list(text)
+    (kind, query), = given.items()
+    if kind == "text":
+        texts = [query] if isinstance(query, str) else list(query)
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise VectorIndexError("the text query is empty: give some words to search for")
-        q, modality = model.encode_text(texts), "text"
+        q = model.encode_text(texts)
     else:
-        q, modality = model.encode_image([image]), "image"
-    return idx.search(q, k, corrected=modality != idx.modality)
+        q = model.encode(kind, [query])
+    return idx.search(q, k, corrected=corrections(model, kind, idx.modalities), modality=modality)
+
+
+def corrections(model, query: str, modalities: Sequence[str]) -> dict[str, bool]:
+    """Per gallery modality, whether a `query`-modality query ranks with the correction's offsets:
+    only across sides (an added modality ranks as the one it was bound into)."""
+    side = getattr(model, "side", None) or (lambda m: m)
+    return {m: side(query) != side(m) for m in modalities}
 
 
 # ---- building ----------------------------------------------------------------------------------------
@@ -237,8 +324,8 @@ def build_index(
     out: str | os.PathLike,
     *,
     kind: str = "auto",
-    modality: str = "image",
-    field: str | None = None,
+    modality: str | Sequence[str] = "image",
+    field: str | dict[str, str] | None = None,
     cache: str | os.PathLike | None = None,
     batch_size: int = 64,
     num_workers: int | None = None,
@@ -249,48 +336,99 @@ def build_index(
     """Embed every `modality` item of dataset `data` with `bundle` and write a FAISS index to `out`.
 
     `bundle` is a bundle folder or a loaded bundle; `data` any spec `anybind.data.load_dataset`
-    takes (``openclipart``, ``karpathy:PATH``, ``table:FILE`` ...) or a `DatasetIndex`. An
-    existing `out` built from the same bundle, items and kind is returned as it is; another one
-    needs `overwrite` (and is replaced only once the new index is complete).
+    takes (``openclipart``, ``karpathy:PATH``, ``table:FILE`` ...) or a `DatasetIndex`.
+    `modality` may name several modalities (``["image", "audio"]``): one index holds the rows of
+    each, tagged with it; `field` is the field to index (one modality) or a dict per modality
+    (default: the dataset's field of that modality). An existing `out` built from the same
+    bundle, items and kind is returned as it is; another one needs `overwrite` (and is replaced
+    only once the new index is complete).
 
     >>> build_index("bundles/clipart", "openclipart", "indexes/clipart")  # doctest: +SKIP
     """
     choice("kind", kind, KINDS, error=VectorIndexError)
-    model, index, field = _open_inputs(bundle, data, modality, field, cache)
+    model, index, fields = _open_inputs(bundle, data, modality, field, cache)
     out = Path(out)
-    ids, subs, refs = index.field_rows(field)
-    want = {"bundle_fingerprint": bundle_fingerprint(model.path), "modality": modality, "field": field,
-            "dataset": index.name, "items_fingerprint": _rows_hash(ids, subs, refs)}
+    rows = {m: index.field_rows(f) for m, f in fields.items()}
+    first = next(iter(fields))
+    want = {"bundle_fingerprint": bundle_fingerprint(model.path), "modality": first, "field": fields[first],
+            "modalities": list(fields), "fields": fields, "dataset": index.name,
+            "items_fingerprint": _items_hash({m: _rows_hash(*r) for m, r in rows.items()})}
     existing = _existing(out, want, kind, overwrite)
     if existing is not None:
         return existing
-    side = model.info["modalities"][modality]
-    store = _gallery_store(side, index, field, modality, batch_size=batch_size, num_workers=num_workers,
-                           cache=cache, device=device, progress=progress)
-    vectors, augmented = _gallery_vectors(model, store, modality, side["layers"])
-    faiss_index, params, kind = _make_index(vectors, kind)
-    info = {"format": INDEX_FORMAT, **want, "bundle": str(Path(model.path).resolve()), "kind": kind,
-            "dim": model.dim, "vector_dim": vectors.shape[1], "augmented": augmented, "metric": "inner_product",
-            **_provenance(model, store, index, data), "params": params}
-    _write(out, faiss_index, _items(store, index, field, refs), info, overwrite)
+    options = {"batch_size": batch_size, "num_workers": num_workers, "cache": cache, "device": device,
+               "progress": progress}
+    built = {m: _build_part(model, index, m, f, rows[m][2], kind, options, f"index-{n}.faiss")
+             for n, (m, f) in enumerate(fields.items())}
+    head = built[first]["info"]
+    info = {"format": INDEX_FORMAT, **want, "bundle": str(Path(model.path).resolve()), "kind": head["kind"],
+            "dim": model.dim, "vector_dim": head["vector_dim"], "augmented": any(b["info"]["augmented"] for b in
+                                                                               built.values()),
+            "metric": "inner_product", **_provenance(model, {m: b["store"] for m, b in built.items()}, index, data),
+            "params": head["params"], "parts": {m: b["info"] for m, b in built.items()}}
+    items = {c: [x for b in built.values() for x in b["items"][c]] for c in ("item_id", "sub", "ref", "path", "modality")}
+    _write(out, {m: b["faiss"] for m, b in built.items()}, {"row": list(range(len(items["item_id"]))), **items},
+           info, overwrite)
     return VectorIndex.load(out)
 
 
-def _open_inputs(bundle, data, modality: str, field: str | None, cache):
-    """(the loaded bundle, the dataset index, the field to index), checked to fit together."""
+def _build_part(model, index, modality: str, field: str, refs: list, kind: str, options: dict, file: str) -> dict:
+    """One modality's FAISS index, its rows for items.parquet, and its entry in index.json."""
+    side = model.info["modalities"][modality]
+    store = _gallery_store(side, index, field, modality, **options)
+    vectors, augmented = _gallery_vectors(model, store, modality, side["layers"])
+    faiss_index, params, kind = _make_index(vectors, kind)
+    items = _items(store, index, field, refs)
+    items["modality"] = [modality] * len(store)
+    info = {"field": field, "count": len(store), "kind": kind, "file": file,
+            "vector_dim": int(vectors.shape[1]), "augmented": augmented, "params": params,
+            "skipped": len(store.skipped), "store": str(store.path)}
+    return {"faiss": faiss_index, "store": store, "items": items, "info": info}
+
+
+def _open_inputs(bundle, data, modality: str | Sequence[str], field: str | dict | None, cache):
+    """(the loaded bundle, the dataset index, {modality: the field to index}), checked to fit together."""
     from ..bundle import load
     from ..data import load_dataset
     from ..features.extract import default_field
 
     model = bundle if _is_bundle(bundle) else load(bundle)
-    if modality not in model.info["modalities"]:
-        raise VectorIndexError(f"this bundle binds {', '.join(model.modalities)}, not '{modality}': "
-                               "pass --modality with one of them")
+    modalities = [modality] if isinstance(modality, str) else list(dict.fromkeys(modality))
+    if not modalities:
+        raise VectorIndexError("name at least one modality to index (--modality image)")
+    for m in modalities:
+        if m not in model.info["modalities"]:
+            raise VectorIndexError(f"this bundle binds {', '.join(model.modalities)}, not '{m}': "
+                                   "pass --modality with one of them")
+    fields = _fields_given(field, modalities)
     index = load_dataset(str(data), cache=cache) if isinstance(data, (str, os.PathLike)) else data
-    field = field or default_field(index, modality)
-    if index.modality(field) != modality:
-        raise VectorIndexError(f"field '{field}' of '{index.name}' is {index.modality(field)}, not {modality}")
-    return model, index, field
+    fields = {m: fields.get(m) or default_field(index, m) for m in modalities}
+    for m, f in fields.items():
+        if index.modality(f) != m:
+            raise VectorIndexError(f"field '{f}' of '{index.name}' is {index.modality(f)}, not {m}")
+    return model, index, fields
+
+
+def _fields_given(field: str | dict | None, modalities: list[str]) -> dict[str, str]:
+    if field is None:
+        return {}
+    if isinstance(field, dict):
+        unknown = [m for m in field if m not in modalities]
+        if unknown:
+            raise VectorIndexError(f"a field is given for {', '.join(unknown)}, which is not indexed "
+                                   f"({', '.join(modalities)})")
+        return dict(field)
+    if len(modalities) > 1:
+        raise VectorIndexError(f"one field for {len(modalities)} modalities: give it per modality "
+                               "(--field MODALITY=FIELD)")
+    return {modalities[0]: field}
+
+
+def _items_hash(hashes: dict[str, str]) -> str:
+    """One modality: its rows' fingerprint as it is; several: a hash over each modality's."""
+    if len(hashes) == 1:
+        return next(iter(hashes.values()))
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _gallery_store(side: dict, index, field: str, modality: str, **options):
@@ -323,13 +461,14 @@ def _items(store, index, field: str, refs: list) -> dict[str, list]:
             "path": [None if refs[r] is None else str(refs[r]) for r in rows["source_row"]]}
 
 
-def _provenance(model, store, index, data) -> dict:
+def _provenance(model, stores: dict, index, data) -> dict:
     """What index.json records beside the vectors: correction, dataset, skipped items, versions."""
-    skipped = store.skipped
-    info = {"correction": _correction_name(model), "count": len(store),
+    skipped = [{**row, "modality": m} if len(stores) > 1 else row for m, st in stores.items() for row in st.skipped]
+    info = {"correction": _correction_name(model), "count": sum(len(st) for st in stores.values()),
             "dataset_spec": index.meta.get("spec", str(data) if isinstance(data, (str, os.PathLike)) else None),
             "root": index.root, "skipped": len(skipped), "skipped_items": skipped[:100],
-            "store": str(store.path), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "store": str(next(iter(stores.values())).path),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "faiss": getattr(_faiss(), "__version__", None)}
     if getattr(model.correction, "score_fn", None) is not None:
         info["note"] = (f"correction {info['correction']} ranks by a non-linear key; the index ranks by its "
@@ -378,8 +517,8 @@ def _existing(out: Path, want: dict, kind: str, overwrite: bool) -> VectorIndex 
             log.info("%s is up to date (same bundle, items and kind)", out)
             return VectorIndex.load(out)
     if not overwrite:
-        raise VectorIndexError(f"{out} exists and holds something else (another bundle, dataset or kind): "
-                               "choose another --out or pass --overwrite")
+        raise VectorIndexError(f"{out} exists and holds something else (another bundle, dataset, modalities or kind, "
+                               "or an index of an older anybind): choose another --out or pass --overwrite")
     if not _is_index_folder(out):  # checked before the work, not after it
         raise VectorIndexError(f"{out} is not an anybind index: refusing to overwrite it "
                                "(remove it yourself, or choose another --out)")
@@ -430,17 +569,19 @@ def _make_index(vectors: np.ndarray, kind: str):
     return index, params, kind
 
 
-def _write(out: Path, faiss_index, items: dict, info: dict, overwrite: bool) -> None:
-    """Write the three files into a staged folder moved into place whole: never a half-written
-    index, and an index being replaced stays until the new one is complete."""
+def _write(out: Path, parts: dict, items: dict, info: dict, overwrite: bool) -> None:
+    """Write the files into a staged folder moved into place whole: never a half-written index,
+    and an index being replaced stays until the new one is complete."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     faiss = _faiss()
     table = pa.table({"row": pa.array(items["row"], pa.int64()), "item_id": pa.array(items["item_id"], pa.string()),
                       "sub": pa.array(items["sub"], pa.int32()), "ref": pa.array(items["ref"], pa.string()),
-                      "path": pa.array(items["path"], pa.string())})
+                      "path": pa.array(items["path"], pa.string()),
+                      "modality": pa.array(items["modality"], pa.string())})
     with staged_dir(out, replace=overwrite, is_ours=_is_index_folder) as stage:
-        write_with(stage / INDEX_FILE, lambda tmp: faiss.write_index(faiss_index, str(tmp)))
+        for modality, index in parts.items():
+            write_with(stage / info["parts"][modality]["file"], lambda tmp, index=index: faiss.write_index(index, str(tmp)))
         write_with(stage / ITEMS_FILE, lambda tmp: pq.write_table(table, tmp))
         write_json(stage / INFO_FILE, info)
