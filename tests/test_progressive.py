@@ -148,3 +148,20 @@ def test_emergent_scores_agree_with_training_and_resume(source_run):
     assert again == records and len((tmp_path / "emergent" / "results.jsonl").read_text().splitlines()) == 1
     rows = summarise(records)
     assert {r["query"] for r in rows} == {"audio", "spoken"} and rows[0]["n"] == 1
+
+
+def test_training_free_maps_bind_a_modality_without_touching_the_source(source_run):
+    from anybind.align.fit import INTO_MAP_BASELINES, added_map_model
+
+    result, stores, tmp_path = source_run
+    spec = AddSpec.from_source(result.out, "speech")
+    added = train(load_recipe("default", OVERRIDES), {"speech": stores["speech"], "text": stores["text"]},
+                  out=tmp_path / "added", add=spec, progress=False)
+    assert set(added.baselines) == {f"map: {n}" for n in INTO_MAP_BASELINES}
+    data = PairedFeatures({"text": stores["text"], "speech": stores["speech"]}, anchor="text")
+    model = added_map_model("ridge", {"alpha": 1e-3}, spec.source, "speech", data, data.pairs("train"))
+    folder = model.save(tmp_path / "ridge-model")
+    loaded = BoundModel.load(folder)
+    assert loaded.added["speech"].kind == "map:ridge"
+    assert split_retrieval(loaded, data, data.pairs("val")) == split_retrieval(model, data, data.pairs("val"))
+    assert split_retrieval(loaded, data, data.pairs("val"))["mean_R@10"] > 0.5  # a random linear map is learnable

@@ -56,6 +56,26 @@ def fit_correction(cfg: dict | None, model: BoundModel, data: PairedFeatures, tr
     return build_correction(cfg["name"], **params).fit({ANCHOR_SIDE: za, PARTNER_SIDE: zp})
 
 
+INTO_MAP_BASELINES = ("ridge", "procrustes", "nn-transfer", "asif")  # what --add reports beside training
+
+
+def added_map_model(name: str, options: dict, source: BoundModel, modality: str, data: PairedFeatures,
+                    train_pairs: Pairs) -> BoundModel:
+    """Progressive binding with no training: `source` plus `modality` mapped onto the frozen bound
+    space of the other side of `data` by a training-free map (`align/into.py`), fitted on the train
+    pairs (each partner row's target: its anchor's bound embedding, blend included)."""
+    from .into import build_into_map
+
+    to = data.anchor_name if modality == data.partner_name else data.partner_name
+    rows = train_pairs.anchor_rows if to == data.anchor_name else train_pairs.partner_rows
+    own = train_pairs.partner_rows if to == data.anchor_name else train_pairs.anchor_rows
+    targets, inverse = np.unique(rows, return_inverse=True)
+    y = source.encode(to, data.side(to).rows(targets)).cpu().numpy()[inverse]
+    x = data.side(modality).rows(own)[-1].numpy()
+    part = build_into_map(name, **options).fit(x, y, item=train_pairs.item)
+    return source.with_added(modality, part, to, data.side(modality).layers)
+
+
 def baseline_model(name: str, options: dict, data: PairedFeatures, train_pairs: Pairs,
                    correction: dict | None = None, seed: int = 0) -> BoundModel:
     """A training-free bound model: a fitted baseline (+ its correction)."""

@@ -32,7 +32,7 @@ from ..metrics.retrieval import chance_retrieval_metrics
 from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
-from .fit import fit_baseline, fit_blend, fit_correction, split_retrieval
+from .fit import INTO_MAP_BASELINES, added_map_model, fit_baseline, fit_blend, fit_correction, split_retrieval
 from .frozen import SOURCE_FILE, AddSpec, FrozenTarget, check_target_store
 from .losses import build_objective
 from .optim import build_optimizer, lr_lambda
@@ -469,7 +469,11 @@ def train(
     result = TrainResult(run.out, state["best_step"], state["best_metric"], state["step"],
                          split_retrieval(model, run.data, run.val_pairs), model=model,
                          chance=chance_retrieval_metrics(run.val_pairs.anchor_rows), stopped_early=state["stopped_early"])
-    if baselines:
+    if baselines and run.add is not None:  # the training-free maps into the same frozen space
+        for name in INTO_MAP_BASELINES:
+            mapped = added_map_model(name, {}, run.add.source, run.add.modality, run.data, run.train_pairs)
+            result.baselines[f"map: {name}"] = split_retrieval(mapped, run.data, run.val_pairs)
+    elif baselines:
         result.baselines["nn-transfer"] = nn_transfer_baseline(run.data, run.train_pairs, run.val_pairs)
     result.seconds = time.perf_counter() - t0
     if run.rank == 0:
