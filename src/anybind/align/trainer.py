@@ -32,7 +32,14 @@ from ..metrics.retrieval import chance_retrieval_metrics
 from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
-from .fit import INTO_MAP_BASELINES, added_map_model, fit_baseline, fit_blend, fit_correction, split_retrieval
+from .fit import (
+    INTO_MAP_BASELINES,
+    added_map_model,
+    fit_baseline,
+    fit_blend,
+    fit_correction,
+    split_retrieval,
+)
 from .frozen import SOURCE_FILE, AddSpec, FrozenTarget, check_target_store
 from .losses import build_objective
 from .optim import build_optimizer, lr_lambda
