@@ -741,7 +741,7 @@ def cmd_serve(args) -> int:
         text = Path(args.labels).read_text() if Path(args.labels).is_file() else args.labels
         labels = [x.strip() for x in (text.splitlines() if "\n" in text.strip() else text.split(",")) if x.strip()]
     serve(args.bundle, args.index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, labels=labels,
-          log_level="warning" if args.quiet else "info")
+          log_level="warning" if args.quiet else "info", max_audio_seconds=args.max_audio_seconds)
     return 0
 
 
@@ -905,7 +905,9 @@ def _bundle_args(verb: Callable) -> None:
     p.add_argument("--index", "-i", help="an index folder (anybind index): enables /search and /images")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted image upload (default 10 MiB)")
+    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted image or audio upload (default 10 MiB)")
+    p.add_argument("--max-audio-seconds", type=float, default=30,
+                   help="longest accepted audio upload (default 30 s); longer clips get a 422")
     p.add_argument("--labels", help="default zero-shot labels: a comma list or a file with one per line "
                                     "(default: the classes the bundle was evaluated on)")
 

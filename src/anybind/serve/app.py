@@ -3,11 +3,21 @@
     app = create_app("bundles/clipart", index="indexes/clipart")   # any ASGI server runs it
     serve("bundles/clipart", index="indexes/clipart", port=8000)   # or uvicorn, here
 
-Routes: ``POST /embed`` (JSON ``{"texts": [...]}`` or a multipart image upload) -> embeddings;
-``POST /classify`` (an image upload, optional ``labels``) -> zero-shot labels, most likely first;
-``GET /search?q=...&k=10`` (with an index) -> items with score and image URL;
-``GET /images/{item_id}`` -> an indexed image (only items the index lists: an id is looked up,
-never joined to a path); ``GET /health``; ``GET /`` the web page; OpenAPI docs at ``/docs``.
+Routes: ``POST /embed`` (JSON ``{"texts": [...]}`` or a multipart image or audio upload) -> embeddings;
+``POST /classify`` (an image or audio upload, optional ``labels``) -> zero-shot labels, most likely first;
+``GET /search?q=...&k=10&modality=image`` (with an index) -> items with score and image URL (audio
+URL, text); ``POST /search`` (a multipart image or audio upload, ``k``, ``modality``) -> the same
+for a query clip or picture (any-to-any: the rows of one indexed modality, or all);
+``GET /images/{item_id}``, ``GET /audio/{item_id}?sub=0`` -> an indexed image or clip (only items
+the index lists: an id is looked up, never joined to a path); ``GET /health``; ``GET /`` the web
+page; OpenAPI docs at ``/docs``.
+
+An upload is audio when its form says so (a field ``type=audio``, or the file part is named
+``audio``), its type is ``audio/*``, its name ends in an audio extension, or its bytes start like
+WAV, FLAC, OGG, MP3 or AIFF; otherwise it is an image. Audio is decoded with soundfile (browsers
+record webm/ogg-opus, which libsndfile may not read: the page converts recordings to 16-bit WAV
+with the Web Audio API before uploading) and refused with the reason when it is unreadable (415),
+empty, silent, clipped or longer than `max_audio_seconds` (422).
 
 Why it is built this way: every error is a 4xx/5xx JSON ``{"error": message}`` and never takes
 the server down; uploads are read with a size limit before anything decodes them; model calls
@@ -42,7 +52,9 @@ MAX_JSON_DEPTH = 32
 #: (never backtracks nor retries), so stripping the strings is one linear pass
 _JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
-PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+#: the longest audio clip accepted (seconds): Whisper's window; longer speech is cut by encoders anyway
+DEFAULT_MAX_AUDIO_SECONDS = 30.0
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
             "script-src 'self' 'unsafe-inline'; connect-src 'self'; object-src 'none'; base-uri 'none'")
 
 
@@ -58,18 +70,23 @@ def _fastapi():
     return require("fastapi", "the HTTP API (anybind serve)", "fastapi", extra="serve")
 
 
-def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, labels: list[str] | None = None):
+def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, labels: list[str] | None = None,
+               max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS):
     """A FastAPI app serving `bundle` (a folder or a loaded bundle) and optionally `index`.
 
     `labels` replaces the bundle's default zero-shot classes (`Bundle.default_labels`)
     for /classify requests that give none, and for the page's editable label list.
+    `max_audio_seconds` is the longest audio upload accepted.
     """
     fastapi = _fastapi()
     if not any(importlib.util.find_spec(m) for m in ("python_multipart", "multipart")):
         raise MissingDependencyError("image uploads (anybind serve)", "python-multipart", "serve")
     if int(max_upload_bytes) < 1:
         raise AnybindError("the upload limit must be positive (--max-upload-mb)")
+    if not float(max_audio_seconds) > 0:
+        raise AnybindError("the audio length limit must be positive (--max-audio-seconds)")
     ctx = _Served(*_load_served(bundle, index), int(max_upload_bytes), labels)
+    ctx.max_audio_seconds = float(max_audio_seconds)
     app = fastapi.FastAPI(
         title="anybind", version=_version(),
         description=f"Embeddings, zero-shot classification and search with the bundle `{ctx.model.path}` "
@@ -102,6 +119,7 @@ class _Served:
         self.default_labels = list(labels) if labels else model.default_labels
         image_side = (model.info["modalities"].get("image") or {}).get("preprocess") or {}
         self.min_side = image_side.get("resize")
+        self.max_audio_seconds = DEFAULT_MAX_AUDIO_SECONDS
         self._lock = threading.Lock()
 
     def _locked(self, fn, *args):
@@ -118,7 +136,22 @@ class _Served:
         """The uploaded image of a multipart form, decoded off the event loop."""
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(_decode_upload, *_upload(form, self.max_upload_bytes), self.min_side)
+        return await run_in_threadpool(_decode_upload, *_upload(form, self.max_upload_bytes)[:2], self.min_side)
+
+    async def item_of(self, form) -> tuple[str, Any]:
+        """(modality, item) of the upload of a multipart form: a decoded image, or checked audio bytes."""
+        from starlette.concurrency import run_in_threadpool
+
+        data, name, ctype, part = _upload(form, self.max_upload_bytes)
+        modality = _upload_modality(form, data, name, ctype, part)
+        if modality not in self.model.modalities:
+            raise ApiError(400, f"this bundle binds {', '.join(self.model.modalities)}: it cannot read {modality} "
+                                f"({name})" + (" - export a run trained with --add audio" if modality == "audio" else ""))
+        if modality == "image":
+            return modality, await run_in_threadpool(_decode_upload, data, name, self.min_side)
+        if modality == "audio":
+            return modality, await run_in_threadpool(_check_audio, data, name, self.max_audio_seconds)
+        raise ApiError(400, f"uploads are images or audio, not {modality}")
 
 
 def _add_error_handlers(app) -> None:
@@ -166,8 +199,10 @@ def _add_info_routes(app, ctx: _Served) -> None:
     async def health():
         return {"status": "ok", "bundle": str(model.path), "modalities": model.modalities, "dim": model.dim,
                 "index": None if idx is None else {"kind": idx.kind, "count": len(idx), "modality": idx.modality,
+                                                   "modalities": {m: idx.count(m) for m in idx.modalities},
                                                    "dataset": idx.info.get("dataset")},
-                "default_labels": ctx.default_labels, "max_upload_bytes": ctx.max_upload_bytes}
+                "default_labels": ctx.default_labels, "max_upload_bytes": ctx.max_upload_bytes,
+                "max_audio_seconds": ctx.max_audio_seconds}
 
 
 def _add_model_routes(app, ctx: _Served) -> None:
@@ -177,8 +212,8 @@ def _add_model_routes(app, ctx: _Served) -> None:
 
     model = ctx.model
 
-    @app.post("/embed", summary="Embed texts (JSON {\"texts\": [...]}) or one image (multipart field 'file')",
-              openapi_extra=_EMBED_BODY)
+    @app.post("/embed", summary="Embed texts (JSON {\"texts\": [...]}) or one image or audio clip (multipart "
+                                "field 'file')", openapi_extra=_EMBED_BODY)
     async def embed(request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
@@ -187,49 +222,111 @@ def _add_model_routes(app, ctx: _Served) -> None:
             emb = await ctx.on_model(model.encode_text, texts)
             return {"modality": "text", "dim": model.dim, "embeddings": emb.tolist()}
         if ctype.startswith("multipart/form-data"):
-            image = await ctx.image_of(await _read_form(request, ctx.max_upload_bytes))
-            emb = await ctx.on_model(model.encode_image, [image])
-            return {"modality": "image", "dim": model.dim, "embeddings": emb.tolist()}
+            modality, item = await ctx.item_of(await _read_form(request, ctx.max_upload_bytes))
+            emb = await ctx.on_model(model.encode, modality, [item])
+            return {"modality": modality, "dim": model.dim, "embeddings": emb.tolist()}
         raise ApiError(415, "send JSON {\"texts\": [\"a red bird\", ...]} (Content-Type: application/json) or an "
-                            "image as multipart/form-data in the field 'file'")
+                            "image or audio clip as multipart/form-data in the field 'file'")
 
-    @app.post("/classify", summary="Zero-shot labels of an uploaded image (multipart: 'file', optional 'labels')",
-              openapi_extra=_CLASSIFY_BODY)
+    @app.post("/classify", summary="Zero-shot labels of an uploaded image or audio clip (multipart: 'file', "
+                                   "optional 'labels')", openapi_extra=_CLASSIFY_BODY)
     async def classify(request: Request):
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise ApiError(415, "send the image as multipart/form-data in the field 'file' (and optionally 'labels')")
+            raise ApiError(415, "send the image or audio clip as multipart/form-data in the field 'file' "
+                                "(and optionally 'labels')")
         form = await _read_form(request, ctx.max_upload_bytes)
         names = _labels(form) or ctx.default_labels
         if not names:
             raise ApiError(400, "give the labels to classify into (form field 'labels': a JSON list, or one per line): "
                                 "this bundle names no default classes")
-        probs = await ctx.on_model(model.classify, [await ctx.image_of(form)], names)
+        modality, item = await ctx.item_of(form)
+        probs = await ctx.on_model(_classify, model, [item], names, modality)
         ranked = sorted(zip(names, probs[0].tolist(), strict=True), key=lambda t: -t[1])
-        return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
+        return {"modality": modality, "labels": [{"label": n, "probability": p} for n, p in ranked]}
+
+
+def _classify(model, items: list, names: list[str], modality: str):
+    return model.classify(items, names, modality=modality)
 
 
 def _add_index_routes(app, ctx: _Served) -> None:
-    """/search and /images/{item_id}: the index, and the images it lists (never a path joined)."""
+    """/search, /images/{item_id} and /audio/{item_id}: the index, and the files it lists (never a path joined)."""
     from fastapi import Request
-    from starlette.concurrency import run_in_threadpool
 
     idx = ctx.index
 
-    @app.get("/search", summary="The indexed items nearest a text query")
-    async def search(request: Request, q: str = "", k: str = "10"):
-        if idx is None:
-            raise ApiError(404, "this server has no index: build one with `anybind index` and start it with --index")
-        q, kk = _query(q), _k(k)
+    @app.get("/search", summary="The indexed items nearest a text query (rows of `modality`, default all)")
+    async def search(request: Request, q: str = "", k: str = "10", modality: str = ""):
+        _need_index(idx)
+        q, kk, rows = _query(q), _k(k), _rows(modality, idx)
         vec = await ctx.on_model(ctx.model.encode_text, [q])
-        hits = await run_in_threadpool(idx.search, vec, kk, idx.modality != "text")
-        return {"query": q, "k": kk, "results": _search_results(hits, idx.modality, str(request.base_url))}
+        return {"query": q, "k": kk, **await _ranked(ctx, vec, "text", kk, rows, str(request.base_url))}
+
+    @app.post("/search", summary="The indexed items nearest an uploaded image or audio clip (multipart: 'file', "
+                                 "optional 'k', 'modality' of the rows)", openapi_extra=_SEARCH_BODY)
+    async def search_upload(request: Request):
+        _need_index(idx)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(415, "send the image or audio clip as multipart/form-data in the field 'file' (and "
+                                "optionally 'k' and 'modality'); a text query is GET /search?q=...")
+        form = await _read_form(request, ctx.max_upload_bytes)
+        kk, rows = _k(_form_text(form, "k") or "10"), _rows(_form_text(form, "modality") or "", idx)
+        query, item = await ctx.item_of(form)
+        vec = await ctx.on_model(ctx.model.encode, query, [item])
+        return {"query": {"modality": query}, "k": kk, **await _ranked(ctx, vec, query, kk, rows, str(request.base_url))}
 
     @app.get("/images/{item_id:path}", summary="An indexed image (only items the index lists)")
     def image(item_id: str):
-        ref = idx.reference(item_id) if idx is not None and idx.modality == "image" else None
+        ref = idx.reference(item_id, "image") if idx is not None and "image" in idx.modalities else None
         if ref is None:
             raise ApiError(404, f"no indexed image has the id {item_id!r}")
         return _image_response(item_id, ref)
+
+    @app.get("/audio/{item_id:path}", summary="An indexed audio clip (only items the index lists)")
+    def audio(item_id: str, sub: str = "0"):
+        ref = idx.reference(item_id, "audio", _sub(sub)) if idx is not None and "audio" in idx.modalities else None
+        if ref is None:
+            raise ApiError(404, f"no indexed audio clip has the id {item_id!r} (number {sub})")
+        return _audio_response(item_id, ref)
+
+
+def _need_index(idx) -> None:
+    if idx is None:
+        raise ApiError(404, "this server has no index: build one with `anybind index` and start it with --index")
+
+
+async def _ranked(ctx: _Served, vec, query: str, k: int, rows: str | None, base: str) -> dict:
+    """The search results of a query vector of modality `query` (offsets applied across sides only)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from .index import corrections
+
+    idx = ctx.index
+    hits = await run_in_threadpool(idx.search, vec, k, corrections(ctx.model, query, idx.modalities), rows)
+    return {"modality": rows or "all", "results": _search_results(hits, base)}
+
+
+def _rows(modality: str, idx) -> str | None:
+    """The indexed modality a search looks at (None: all of them)."""
+    modality = (modality or "").strip()
+    if modality in ("", "all"):
+        return None
+    if modality not in idx.modalities:
+        raise ApiError(400, f"modality must be one of {', '.join(idx.modalities)} or all (the rows this index holds), "
+                            f"not {modality[:40]!r}")
+    return modality
+
+
+def _sub(sub: str) -> int:
+    try:
+        return int(sub)
+    except ValueError:
+        raise ApiError(400, f"sub must be an integer (the clip's number), not {sub[:20]!r}") from None
+
+
+def _form_text(form, name: str) -> str | None:
+    value = form.get(name)
+    return value if isinstance(value, str) else None
 
 
 def _query(q: str) -> str:
@@ -252,13 +349,16 @@ def _k(k: str) -> int:
     return kk
 
 
-def _search_results(hits, modality: str, base: str) -> list[dict]:
+def _search_results(hits, base: str) -> list[dict]:
     """Rows of one query's hits; the server's file paths stay on the server."""
     results = []
-    for r in hits.records():
-        row = {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"]}
+    for r, sub in zip(hits.records(), hits.subs[0] if hits.subs else [0] * len(hits.ids[0]), strict=True):
+        modality = r["modality"]
+        row = {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"], "modality": modality}
         if modality == "image":
             row["image_url"] = base + "images/" + quote(r["item_id"], safe="/")
+        elif modality == "audio":
+            row["audio_url"] = base + "audio/" + quote(r["item_id"], safe="/") + f"?sub={sub}"
         else:
             row[modality] = r["path"]  # a text gallery: the text itself
         results.append(row)
@@ -288,11 +388,38 @@ def _image_response(item_id: str, ref: str):
     return Response(buf.getvalue(), media_type="image/png", headers=headers)
 
 
+def _audio_response(item_id: str, ref: str):
+    """A local audio file as it is; anything else (tar://) decoded and sent as 16-bit WAV."""
+    from fastapi.responses import FileResponse, Response
+
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
+    local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
+    if local is not None:
+        if not os.path.isfile(local):
+            raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
+        ctype = mimetypes.guess_type(local)[0] or ""
+        if ctype.startswith("audio/"):
+            return FileResponse(local, media_type=ctype, headers=headers)
+    import soundfile
+
+    from ..data.audio import load_audio
+
+    try:
+        samples = load_audio(ref, 16000)
+    except DataError as e:
+        raise ApiError(404, f"the indexed audio of {item_id!r} cannot be read: {e}") from e
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, 16000, format="WAV", subtype="PCM_16")
+    return Response(buf.getvalue(), media_type="audio/wav", headers=headers)
+
+
 def serve(bundle, index=None, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
-          labels: list[str] | None = None, warmup: bool = True, log_level: str = "info") -> None:
+          labels: list[str] | None = None, warmup: bool = True, log_level: str = "info",
+          max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS) -> None:
     """Run the API and page with uvicorn until interrupted (loads the encoders first, if `warmup`)."""
     uvicorn = require("uvicorn", "the HTTP server (anybind serve)", "uvicorn", extra="serve")
-    app = create_app(bundle, index, max_upload_bytes=int(max_upload_mb * 2**20), labels=labels)
+    app = create_app(bundle, index, max_upload_bytes=int(max_upload_mb * 2**20), labels=labels,
+                     max_audio_seconds=max_audio_seconds)
     if warmup:  # pay the encoders' loading before the first request, not during it
         import numpy as np
 
@@ -301,6 +428,8 @@ def serve(bundle, index=None, host: str = "127.0.0.1", port: int = 8000, max_upl
             model.encode_text(["warm up"])
         if "image" in model.modalities:
             model.encode_image([np.full((32, 32, 3), 255, np.uint8)])
+        if "audio" in model.modalities:  # a quarter second of a 440 Hz tone
+            model.encode_audio(0.3 * np.sin(np.arange(4000, dtype=np.float32) * (2 * np.pi * 440 / 16000)))
     print(f"anybind: serving {app.state.bundle.path} at http://{host}:{port}/  (API docs: /docs)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
@@ -341,17 +470,64 @@ async def _read_form(request, max_upload_bytes: int):
         raise ApiError(400, f"malformed multipart form: {e}") from e
 
 
-def _upload(form, max_upload_bytes: int) -> tuple[bytes, str]:
-    """(bytes, filename) of the uploaded image in field 'file' (or 'image')."""
-    up = form.get("file") or form.get("image")
-    if up is None or isinstance(up, str):
-        raise ApiError(400, "no image: send it as a file in the multipart field 'file'")
+def _upload(form, max_upload_bytes: int) -> tuple[bytes, str, str, str]:
+    """(bytes, filename, content type, part name) of the upload in field 'file' (or 'image', 'audio')."""
+    part = next((n for n in ("file", "image", "audio") if form.get(n) is not None and not isinstance(form.get(n), str)),
+                None)
+    if part is None:
+        raise ApiError(400, "no image or audio clip: send it as a file in the multipart field 'file'")
+    up = form.get(part)
     data = up.file.read(max_upload_bytes + 1)
     if len(data) > max_upload_bytes:
-        raise ApiError(413, f"the image is too large (over the limit of {max_upload_bytes / 2**20:.1f} MiB)")
+        raise ApiError(413, f"the file is too large (over the limit of {max_upload_bytes / 2**20:.1f} MiB)")
     if not data:
         raise ApiError(400, "the uploaded file is empty")
-    return data, up.filename or "upload"
+    return data, up.filename or "upload", (getattr(up, "content_type", None) or "").lower(), part
+
+
+#: how audio files begin (WAV, FLAC, OGG, MP3 with a tag, AIFF); an MP3 frame is checked apart
+_AUDIO_MAGIC = ((0, b"RIFF", 8, b"WAVE"), (0, b"fLaC", 0, b""), (0, b"OggS", 0, b""), (0, b"ID3", 0, b""),
+                (0, b"FORM", 8, b"AIF"))
+
+
+def _upload_modality(form, data: bytes, name: str, ctype: str, part: str) -> str:
+    """What an upload is: the form's 'type' field, the part's name, its type, its name, its bytes."""
+    from ..data.audio import is_audio
+
+    asked = form.get("type")
+    if isinstance(asked, str) and asked.strip():
+        if asked.strip() not in ("image", "audio"):
+            raise ApiError(400, f"type must be image or audio (what the uploaded file is), not {asked.strip()[:40]!r}")
+        return asked.strip()
+    if part in ("image", "audio"):
+        return part
+    if ctype.startswith("audio/") or is_audio(name) or _looks_like_audio(data):
+        return "audio"
+    return "image"
+
+
+def _looks_like_audio(data: bytes) -> bool:
+    if any(data[a:a + len(x)] == x and data[b:b + len(y)] == y for a, x, b, y in _AUDIO_MAGIC):
+        return True
+    return len(data) > 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0  # an MPEG audio frame sync
+
+
+def _check_audio(data: bytes, name: str, max_seconds: float) -> bytes:
+    """The uploaded audio bytes, once they decode to usable audio no longer than `max_seconds`
+    (decoded as `load_audio` decodes a file; the bundle then reads the same bytes)."""
+    from ..data.audio import load_audio
+
+    rate = 16000
+    try:
+        samples = load_audio(data, rate)
+    except DataError as e:
+        if str(e).startswith("unreadable audio"):
+            raise ApiError(415, f"{name} is not readable audio (send WAV, FLAC, OGG or MP3): {e}") from e
+        raise ApiError(422, f"{name} is not usable audio: {e}") from e
+    seconds = len(samples) / rate
+    if seconds > max_seconds:
+        raise ApiError(422, f"{name} is too long ({seconds:.1f} s; at most {max_seconds:g} s): send a shorter clip")
+    return data
 
 
 def _decode_upload(data: bytes, name: str, min_side: int | None) -> Any:
@@ -446,16 +622,25 @@ def _version() -> str:
     return __version__
 
 
-_IMAGE_PART = {"type": "string", "format": "binary", "description": "the image (PNG, JPEG, ...)"}
+_IMAGE_PART = {"type": "string", "format": "binary",
+               "description": "the image (PNG, JPEG, ...) or audio clip (WAV, FLAC, OGG, MP3)"}
+_TYPE_PART = {"type": "string", "enum": ["image", "audio"],
+              "description": "what the file is (default: from its type, name and first bytes)"}
 _EMBED_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["texts"], "properties": {
         "texts": {"type": "array", "items": {"type": "string"}, "example": ["a red bird"]}}}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": _IMAGE_PART}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": _IMAGE_PART, "type": _TYPE_PART}}},
 }}}
 _CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": _IMAGE_PART,
+        "file": _IMAGE_PART, "type": _TYPE_PART,
         "labels": {"type": "string", "description": "a JSON list, or one label per line (default: the bundle's classes)"}}}},
+}}}
+_SEARCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": _IMAGE_PART, "type": _TYPE_PART, "k": {"type": "integer", "default": 10},
+        "modality": {"type": "string", "description": "the indexed modality to search (default: all)"}}}},
 }}}
 
 __all__ = ["ApiError", "create_app", "serve"]

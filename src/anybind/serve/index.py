@@ -92,6 +92,7 @@ class Hits:
     scores: list[list[float]]
     rows: list[list[int]]
     modalities: list[list[str]] = _field(default_factory=list)  # each hit's modality
+    subs: list[list[int]] = _field(default_factory=list)  # each hit's value number in its field (caption, clip)
 
     def records(self, query: int = 0) -> list[dict]:
         """One query's hits as dicts: rank, item_id, score, path, modality."""
@@ -110,13 +111,15 @@ class VectorIndex:
         self.item_ids: list[str] = items["item_id"]
         self.refs: list[str] = items["ref"]
         self.paths: list[str] = items["path"]
+        self.subs: list[int] = [int(x) for x in items["sub"]]
         self.row_modalities: list[str] = items["modality"]
         self.start, row = {}, 0
         for m in self.modalities:  # each modality's rows follow the one before
             self.start[m], row = row, row + int(parts[m].ntotal)
-        self._row_of: dict[tuple[str, str], int] = {}
-        for r, key in enumerate(zip(self.row_modalities, self.item_ids, strict=True)):
-            self._row_of.setdefault(key, r)  # first row of an item in a modality
+        self._row_of: dict[tuple, int] = {}
+        for r, (m, i, sub) in enumerate(zip(self.row_modalities, self.item_ids, self.subs, strict=True)):
+            self._row_of.setdefault((m, i), r)  # first row of an item in a modality
+            self._row_of.setdefault((m, i, sub), r)
         for m in self.modalities:
             _set_params(parts[m], self.part(m).get("params") or {})
 
@@ -182,11 +185,12 @@ class VectorIndex:
         return (f"VectorIndex({self.path}, {self.kind}, {len(self)} x {self.dim}, {'+'.join(self.modalities)}, "
                 f"{self.info.get('dataset')})")
 
-    def reference(self, item_id: str, modality: str | None = None) -> str | None:
+    def reference(self, item_id: str, modality: str | None = None, sub: int | None = None) -> str | None:
         """The resolved reference (a file path, tar://, idx://) of an indexed item (its row of
-        `modality`, or of the first modality holding it); None if not indexed."""
+        `modality`, or of the first modality holding it; its `sub`-th value, or its first); None if
+        not indexed."""
         for m in [modality] if modality else self.modalities:
-            row = self._row_of.get((m, item_id))
+            row = self._row_of.get((m, item_id) if sub is None else (m, item_id, int(sub)))
             if row is not None:
                 return self.paths[row]
         return None
@@ -228,7 +232,7 @@ class VectorIndex:
         mods = self.modalities if modality in (None, ALL) else [modality]
         found = [self._search_part(m, q, int(k), corrected if isinstance(corrected, bool) else corrected.get(m, True))
                  for m in mods]
-        out = Hits([], [], [], [], [])
+        out = Hits([], [], [], [], [], [])
         for i in range(len(q)):
             hits = sorted((h for part in found for h in part[i]), key=lambda h: -h[0])[: int(k)]  # stable: ties by part
             out.scores.append([s for s, _ in hits])
@@ -236,6 +240,7 @@ class VectorIndex:
             out.ids.append([self.item_ids[r] for _, r in hits])
             out.paths.append([self.paths[r] for _, r in hits])
             out.modalities.append([self.row_modalities[r] for _, r in hits])
+            out.subs.append([self.subs[r] for _, r in hits])
         return out
 
     def _search_part(self, modality: str, q: np.ndarray, k: int, corrected: bool) -> list[list[tuple[float, int]]]:
