@@ -2,13 +2,16 @@
 
 Order: what was run (encoders, data, recipe, versions, stage times), the results table with
 baselines and chance, training curves, the layer heatmap, recall@k, per-class accuracy, the
-data-efficiency curve when asked, and where the bundle is.
+data-efficiency curve when asked, the emergent pairs of progressive additions (every query set
+against the images, trained pairs beside emergent ones) when there are some, and where the
+bundle is.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from pathlib import Path
 
@@ -19,7 +22,7 @@ HEADLINE_METRICS = ["retrieval/mean_R@1", "retrieval/mean_R@10", "retrieval/mean
 
 
 def write_run_report(out: Path, run, eval_out: dict, assessment: dict | None, bundle: str | None,
-                     stage_seconds: dict, this_time: dict, total: float) -> dict[str, Path]:
+                     stage_seconds: dict, this_time: dict, total: float, emergent: dict | None = None) -> dict[str, Path]:
     from .evaluate import report as rep
     from .evaluate.plots import plot_sweep
     from .evaluate.results import package_versions, read_results
@@ -58,6 +61,8 @@ def write_run_report(out: Path, run, eval_out: dict, assessment: dict | None, bu
         imgs.append(("Data efficiency", png))
     for title, p in imgs:
         md += [f"## {title}", "", f"![{title}]({Path(p).relative_to(out).as_posix()})", ""]
+    if emergent:
+        md += emergent_section(emergent, out)
     md += ["## The bundle", ""]
     if bundle:
         md += [f"`{bundle}` — load it with `anybind.load({str(bundle)!r})`; model card: `{bundle}/card.md`.", ""]
@@ -67,8 +72,92 @@ def write_run_report(out: Path, run, eval_out: dict, assessment: dict | None, bu
     write_text(out / "report.md", text)
     write_text(out / "report.html", markdown_to_html(text, out, title=f"anybind run: {run.name}"))
     write_json(out / "report.json", {"results": eval_out["results"], "bundle": bundle,
-                                     "stage_seconds": stage_seconds, "this_run": this_time})
+                                     "stage_seconds": stage_seconds, "this_run": this_time,
+                                     **({"emergent": emergent["summary"]} if emergent else {})})
     return {"md": out / "report.md", "html": out / "report.html"}
+
+
+# ---- the emergent stage: every query set against the base's images -----------------------------------
+def pair_kind(query: str, modality: str) -> str:
+    """Whether a query set's pair with images was trained, or emerges through the text space."""
+    if query == modality:
+        return f"emergent ({modality} was bound to text only)"
+    return {"text": "trained (image-text, the base's captions)",
+            "spoken": "trained (image-text, the text that was spoken)",
+            "cascade": "cascade (Whisper transcript, then the text side)"}.get(query, "trained")
+
+
+def _cell(row: dict, key: str) -> str:
+    """'mean ± sd (chance c)' in percent, or a dash when the row has no such key."""
+    if key not in row:
+        return "–"
+    (mean, sd), chance = row[key], row.get(f"chance {key}")
+    text = f"{100 * mean:.1f} ± {100 * sd:.1f}"
+    return text + (f" ({100 * chance[0]:.1f})" if chance else "")
+
+
+def _ratio(row: dict, key: str) -> str:
+    if f"ratio {key}" not in row:
+        return ""
+    mean, sd = row[f"ratio {key}"]
+    return "–" if math.isnan(mean) else f"{mean:.2f} ± {sd:.2f}"
+
+
+def emergent_table(emergent: dict) -> list[str]:
+    """Markdown rows: per addition and query set, query -> image and image -> query R@1/R@10 (mean ±
+    sd over folds x seeds, chance in brackets) and the emergence ratio."""
+    head = ["addition", "query set", "pair with images", "q→image R@1", "q→image R@10", "image→q R@1",
+            "image→q R@10", "ratio q→image R@10"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in emergent["summary"]:
+        q, g = row["query"], "image"
+        kind = pair_kind(q, emergent["additions"].get(row["addition"], ""))
+        cells = [_cell(row, f"{q}_to_{g}_R@1"), _cell(row, f"{q}_to_{g}_R@10"), _cell(row, f"{g}_to_{q}_R@1"),
+                 _cell(row, f"{g}_to_{q}_R@10"), _ratio(row, f"{q}_to_{g}_R@10")]
+        md.append(f"| {row['addition']} | {q} | {kind} | " + " | ".join(cells) + " |")
+    return md
+
+
+def emergent_section(emergent: dict, out: Path) -> list[str]:
+    n = emergent["summary"][0]["n"] if emergent["summary"] else 0
+    md = ["## Emergent pairs (progressive additions)", "",
+          f"Each addition is bound onto the base's text space, never paired with images; every query set "
+          f"is scored against the base's test images (folds {emergent['folds']}, seeds {emergent['seeds']}: "
+          f"{n} runs each). Recall in percent, mean ± sd, chance in brackets; the emergence ratio is the "
+          "new modality's recall over that of the text that was spoken.", ""]
+    md += emergent_table(emergent) + [""]
+    png = plot_emergent(emergent, out / "emergent" / "query-to-image-R10.png")
+    if png is not None:
+        md += [f"![query → image R@10]({png.relative_to(out).as_posix()})", ""]
+    return md
+
+
+def plot_emergent(emergent: dict, out_png: Path) -> Path | None:
+    """Bars of query -> image R@10 per query set, one group per addition (sd as error bars,
+    chance as a tick)."""
+    from .evaluate.plots import _figure, _save  # the report's other plots are drawn the same way
+
+    rows = [r for r in emergent["summary"] if f"{r['query']}_to_image_R@10" in r]
+    if not rows:
+        return None
+    labels = list(dict.fromkeys(r["addition"] for r in rows))
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    fig = _figure(1.6 + 1.2 * len(labels) * len(queries) / 2, 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / len(queries)
+    for j, q in enumerate(queries):
+        pts = [(i, r) for i, lab in enumerate(labels) for r in rows if r["addition"] == lab and r["query"] == q]
+        xs = [i + (j - (len(queries) - 1) / 2) * width for i, _ in pts]
+        key = f"{q}_to_image_R@10"
+        ax.bar(xs, [100 * r[key][0] for _, r in pts], width, yerr=[100 * r[key][1] for _, r in pts], label=q,
+               capsize=3)
+        ax.plot(xs, [100 * r[f"chance {key}"][0] for _, r in pts], linestyle="none", marker="_", markersize=12,
+                color="black")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("query → image R@10 (%)")
+    ax.legend(fontsize=8, frameon=False, title="query set (—: chance)", title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, out_png)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

@@ -1,6 +1,6 @@
 """`anybind run RUN.yaml`: one experiment from raw data to an evaluated, exported model.
 
-    extract -> assess -> train + evaluate -> export -> report
+    extract -> assess -> train + evaluate -> [add: extract, emergent] -> export -> report
 
 A run file names an encoder per modality (and which modality is the anchor), a dataset, a recipe
 (plus overrides), the evaluation and the export; it does not repeat the recipe. The file is
@@ -9,6 +9,13 @@ Every stage is cached: features in the feature cache, and each stage's outputs i
 keyed by a hash of its inputs (``stages.json``); ``stage-log.jsonl`` says, per invocation, which
 stages ran and which were cached, so a second run of the same file loads no encoder and a killed
 run resumes where it stopped.
+
+Progressive additions (``add:``) bind a new modality (spoken captions, say) onto the base model's
+text space after it is trained, each from its own dataset; the ``emergent:`` stage then trains
+the base and every addition per fold and seed (`evaluate.emergent.emergent_protocol`) and scores
+each query set against the base's images: the new modality (never paired with images), the text
+that was spoken, the base's own captions and, with ``cascade: true``, Whisper's transcripts.
+The exported bundle is then the first addition's model (image, text and the new modality).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import logging
 import os
 import time
+import types
 import typing
 import uuid
 from dataclasses import dataclass, field
@@ -78,6 +86,29 @@ class EvalSpec:
 
 
 @dataclass
+class AddEntry:
+    """A modality bound progressively onto the base model's `to` space (`train --add`)."""
+
+    label: str | None = None  #: a name for the addition, e.g. "spoken openclipart" (its folder: the slug)
+    modality: str | None = None  #: the new modality, e.g. audio
+    encoder: EncoderEntry | None = None  #: its encoder entry ({spec, layers, pooling})
+    data: str | None = None  #: a dataset holding that modality and a `to` field (openclipart-speech)
+    to: str = "text"  #: the base modality it binds to; its store on `data` is extracted as the base's
+    recipe: str | None = None  #: default: the run's recipe
+    overrides: list | None = None  #: default: the run's overrides
+
+
+@dataclass
+class EmergentSpec:
+    """Scoring every query set against the base's images, per fold and seed, for every addition."""
+
+    queries: str | None = None  #: a dataset sharing the base's items (rendering 0 = the query); default: add[0].data
+    folds: list | None = None  #: default: evaluate.folds
+    seeds: list | None = None  #: default: evaluate.seeds
+    cascade: bool = False  #: also score Whisper's transcripts of the queries through the text side
+
+
+@dataclass
 class RunFile:
     name: str = "run"
     description: str = ""
@@ -91,6 +122,8 @@ class RunFile:
     overrides: list = field(default_factory=list)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
     export: bool = True
+    add: list = field(default_factory=list)  #: progressive additions (AddEntry), bound after the base
+    emergent: EmergentSpec | None = None  #: the emergent stage (default when `add` is given)
 
     def __post_init__(self):
         if not isinstance(self.encoders, dict):
@@ -99,9 +132,19 @@ class RunFile:
                          for m, e in self.encoders.items()}
         if self.anchor is None and self.encoders:
             self.anchor = next(iter(self.encoders))
+        if self.add is None:
+            self.add = []
+        if not isinstance(self.add, list):
+            raise RunFileError(f"add must be a list of additions ({{label, modality, encoder, data}}), not {self.add!r}")
+        self.add = [a if isinstance(a, AddEntry) else _build(AddEntry, a, f"add[{i}].") for i, a in enumerate(self.add)]
+        if isinstance(self.emergent, dict):
+            self.emergent = _build(EmergentSpec, self.emergent, "emergent.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.add and self.emergent is None:  # a run without additions dumps as it always did
+            del out["add"], out["emergent"]
+        return out
 
 
 def load_run_file(name_or_path: str | os.PathLike = "default") -> RunFile:
@@ -131,11 +174,26 @@ def _build(cls, data, prefix: str):
             raise RunFileError(f"unknown run-file key '{prefix}{key}'{did_you_mean(str(key), fields)}: "
                                f"{where} has {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    kw = {k: _build(hints[k], v, f"{prefix}{k}.") if dataclasses.is_dataclass(hints[k]) else v for k, v in data.items()}
+    kw = {k: _build(_dataclass_of(hints[k]), v, f"{prefix}{k}.") if _nested(hints[k], v) else v
+          for k, v in data.items()}
     try:
         return cls(**kw)
     except TypeError as e:
         raise RunFileError(f"{where}: {e}") from e
+
+
+def _dataclass_of(hint):
+    """The dataclass a field holds (`X` or `X | None`), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def _nested(hint, value) -> bool:
+    """A section to build: a dataclass field, or an optional one that is given."""
+    return _dataclass_of(hint) is not None and (value is not None or dataclasses.is_dataclass(hint))
 
 
 # ---- checks: every mistake refused before any work, naming its key -------------------------------------
@@ -148,6 +206,8 @@ def validate_run(run: RunFile) -> RunFile:
     _check_assess(run.assess)
     _check_eval(run)
     _check_recipe(run)
+    _check_additions(run)
+    _check_emergent(run)
     return run
 
 
@@ -178,7 +238,7 @@ def dataset_forms() -> tuple[list[str], list[str]]:
     return DATASETS.names(), DATA_PREFIXES.names()
 
 
-def _check_data(spec: str) -> None:
+def _check_data(spec: str, key: str = "data") -> None:
     builtins, prefixes = dataset_forms()
     prefix, sep, rest = spec.partition(":")
     if spec in builtins or (sep and rest and (prefix in prefixes or prefix in builtins)):
@@ -186,7 +246,7 @@ def _check_data(spec: str) -> None:
     path = Path(spec).expanduser()
     if path.exists() or spec.endswith(".tar"):
         return  # a bare path: load_dataset tells the kind from what is there
-    raise RunFileError(f"data: unknown dataset '{spec}'{did_you_mean(prefix if sep else spec, builtins + prefixes)}: "
+    raise RunFileError(f"{key}: unknown dataset '{spec}'{did_you_mean(prefix if sep else spec, builtins + prefixes)}: "
                        f"use a built-in ({', '.join(builtins)}), "
                        f"{', '.join(p + ':PATH' for p in prefixes)}, or an existing path")
 
@@ -200,10 +260,10 @@ def _check_encoding(encoding) -> None:
         raise RunFileError(f"encoding: unknown text encoding {encoding!r}: use e.g. utf-8, latin-1, cp1252") from None
 
 
-def _check_encoder(modality: str, entry: EncoderEntry) -> None:
+def _check_encoder(modality: str, entry: EncoderEntry, key: str | None = None) -> None:
     from .encoders import POOLINGS, list_encoders, parse_spec
 
-    key = f"encoders.{modality}"
+    key = key or f"encoders.{modality}"
     if not isinstance(entry.spec, str):
         raise RunFileError(f"{key}.spec must be an encoder spec string, not {entry.spec!r}")
     try:
@@ -309,6 +369,120 @@ def _checked_tasks(ev: EvalSpec) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+# ---- progressive additions and the emergent stage
+QUERY_SETS = ("spoken", "text", "cascade")  # the emergent stage's fixed query labels (beside each new modality)
+
+
+def _check_additions(run: RunFile) -> None:
+    """Each addition: a new modality, its encoder, a dataset holding it and its `to` side, a recipe."""
+    if not run.add:
+        return
+    _check_emergent_base(run)
+    labels: dict[str, str] = {}
+    for i, a in enumerate(run.add):
+        key = f"add[{i}]"
+        for name in ("label", "modality", "data"):
+            if not isinstance(getattr(a, name), str) or not getattr(a, name).strip():
+                raise RunFileError(f"{key}.{name} is required (a non-empty string), not {getattr(a, name)!r}: "
+                                   "e.g. {label: spoken openclipart, modality: audio, "
+                                   "encoder: {spec: whisper-tiny-en}, data: openclipart-speech}")
+        if slug(a.label) in labels:
+            raise RunFileError(f"{key}.label '{a.label}' names the same folder as '{labels[slug(a.label)]}': "
+                               "give each addition its own label")
+        labels[slug(a.label)] = a.label
+        _check_addition(run, a, key)
+
+
+def _check_emergent_base(run: RunFile) -> None:
+    """The emergent stage trains the base with the trainer's defaults: the final layer of each
+    store and the image side as the anchor; a run asking for other settings is refused, not
+    silently trained otherwise."""
+    for m, e in run.encoders.items():
+        if e.layers.strip() != "final":
+            raise RunFileError(f"encoders.{m}.layers: a run with add: binds on the final layer only (the emergent "
+                               f"stage trains the base on it), not {e.layers!r}: set layers: final")
+    if run.anchor != "image":
+        raise RunFileError(f"anchor: a run with add: anchors the base on image (the emergent stage trains it so), "
+                           f"not {run.anchor!r}")
+
+
+def _check_addition(run: RunFile, a: AddEntry, key: str) -> None:
+    if a.modality in run.encoders:
+        raise RunFileError(f"{key}.modality: {a.modality} is already bound by the base (encoders.{a.modality}): "
+                           "an addition binds a new modality")
+    if a.modality in QUERY_SETS or a.modality != slug(a.modality):
+        raise RunFileError(f"{key}.modality must be a plain name other than {', '.join(QUERY_SETS)}, not {a.modality!r}")
+    choice(f"{key}.to (a modality of encoders)", a.to, list(run.encoders), error=RunFileError)
+    if not isinstance(a.encoder, EncoderEntry):
+        raise RunFileError(f"{key}.encoder is required: {{spec: ..., layers: final}} encoding {a.modality}")
+    _check_encoder(a.modality, a.encoder, f"{key}.encoder")
+    if a.encoder.layers.strip() != "final":
+        raise RunFileError(f"{key}.encoder.layers: an addition binds its final layer only, not {a.encoder.layers!r}")
+    _check_data(a.data, f"{key}.data")
+    _check_fields(a.data, (a.modality, a.to), f"{key}.data")
+    if a.overrides is not None and (not isinstance(a.overrides, list) or not all(isinstance(o, str) for o in a.overrides)):
+        raise RunFileError(f"{key}.overrides must be a list of KEY=VALUE strings, not {a.overrides!r}")
+    _check_named_recipe(*addition_recipe(run, a), key)
+
+
+def addition_recipe(run: RunFile, a: AddEntry) -> tuple[str, list]:
+    """(recipe, overrides) an addition trains with: its own, else the run's."""
+    return (a.recipe or run.recipe), list(run.overrides if a.overrides is None else a.overrides)
+
+
+def _check_fields(spec: str, modalities, key: str) -> None:
+    """A built-in dataset's fields are known before listing it: it must hold each modality."""
+    from .data import DATASETS
+
+    if spec.partition(":")[0] not in DATASETS:
+        return  # other forms are checked when listed (`_index_fields`)
+    has = set(DATASETS.entry(spec.partition(":")[0]).meta["fields"].values())
+    missing = [m for m in modalities if m not in has]
+    if missing:
+        raise RunFileError(f"{key}: {spec} has no {' or '.join(missing)} field (it has {', '.join(sorted(has))})")
+
+
+def _check_emergent(run: RunFile) -> None:
+    if run.emergent is not None and not run.add:
+        raise RunFileError("emergent: scores progressive additions, but the run file has no add: entries")
+    if not run.add:
+        return
+    em = run.emergent = run.emergent or EmergentSpec()
+    em.queries = run.add[0].data if em.queries is None else em.queries
+    if not isinstance(em.queries, str) or not em.queries.strip():
+        raise RunFileError(f"emergent.queries must be a dataset spec (e.g. openclipart-speech), not {em.queries!r}")
+    _check_data(em.queries, "emergent.queries")
+    _check_fields(em.queries, sorted({a.modality for a in run.add} | {"text"}), "emergent.queries")
+    em.folds = list(run.evaluate.folds) if em.folds is None else em.folds
+    em.seeds = list(run.evaluate.seeds) if em.seeds is None else em.seeds
+    for i, f in enumerate(_as_list(em.folds, "emergent.folds")):
+        if f != "fixed":
+            integer(f"emergent.folds[{i}] (a fold number, or fixed)", f, minimum=0, error=RunFileError)
+    for i, s in enumerate(_as_list(em.seeds, "emergent.seeds")):
+        integer(f"emergent.seeds[{i}]", s, minimum=0, error=RunFileError)
+    if not em.folds or not em.seeds:
+        raise RunFileError("emergent.folds and emergent.seeds need at least one entry each")
+    flag("emergent.cascade", em.cascade, error=RunFileError)
+    if em.cascade and not any(a.modality == "audio" for a in run.add):
+        raise RunFileError("emergent.cascade transcribes spoken queries with Whisper: it needs an addition of "
+                           f"modality audio (the additions bind {', '.join(a.modality for a in run.add)})")
+
+
+def _check_named_recipe(recipe, overrides: list, key: str) -> None:
+    from .align.recipe import load_recipe
+
+    if not isinstance(recipe, str) or not recipe.strip():
+        raise RunFileError(f"{key}.recipe must be a recipe name or path, not {recipe!r}")
+    try:
+        load_recipe(recipe)
+    except AnybindError as e:
+        raise RunFileError(f"{key}.recipe: {e}") from e
+    try:
+        load_recipe(recipe, overrides)
+    except AnybindError as e:
+        raise RunFileError(f"{key}.overrides: {e}") from e
+
+
 def _check_recipe(run: RunFile) -> None:
     from .align.recipe import load_recipe
 
@@ -396,7 +570,8 @@ def last_invocation(folder: str | os.PathLike) -> dict[str, str]:
 def _paths(outputs: dict) -> list[str]:
     found = []
     for k, v in outputs.items():
-        if k in ("store", "assessment", "bundle", "train_run", "report", "sweep_json") and isinstance(v, str):
+        if k in ("store", "assessment", "bundle", "train_run", "report", "sweep_json", "records", "summary_json",
+                 "export_run") and isinstance(v, str):
             found.append(v)
         elif k == "results" and isinstance(v, list):
             found += v
@@ -432,9 +607,11 @@ class _Pipeline:
         stores.update(self.extract_auto(index, assessment))
         stores = {m: stores[m] for m in self.run.encoders}
         layers = {m: list(s["layers"]) for m, s in stores.items()}
+        added = self.addition_stores(index, stores) if self.run.add else None  # a bad dataset fails before training
         eval_out = self.evaluate(stores, layers)
-        bundle = self.export(eval_out) if self.run.export else None
-        self.report(eval_out, assessment, bundle, t_all)
+        emergent = self.emergent(stores, added) if added else None
+        bundle = self.export(eval_out, emergent) if self.run.export else None
+        self.report(eval_out, assessment, bundle, t_all, emergent)
         return self.out
 
     def dataset(self):
@@ -555,23 +732,176 @@ class _Pipeline:
         paths = write_sweep(doc, self.out / "eval", plot=False)  # the report draws it
         return {"sweep": plot_series(doc)[spec.name], "sweep_json": str(paths["json"])}
 
-    def export(self, eval_out: dict) -> str:
+    def export(self, eval_out: dict, emergent: dict | None = None) -> str:
+        """The evaluated model's bundle; with additions, the first addition's model (its source
+        is the base it was added to, trained on the first fold and seed of the emergent stage)."""
+        run = emergent["export_run"] if emergent else eval_out["train_run"]
+
         def do():
             from .bundle import export_bundle
 
-            export_bundle(eval_out["train_run"], self.out / "bundle", results=[eval_out["results"][0]], overwrite=True)
+            export_bundle(run, self.out / "bundle", results=[eval_out["results"][0]], overwrite=True)
             return {"bundle": str(self.out / "bundle")}
 
-        return self.stages.run("export", {"evaluate": eval_out}, do)["bundle"]
+        return self.stages.run("export", {"evaluate": eval_out, **({"run": run} if emergent else {})}, do)["bundle"]
 
-    def report(self, eval_out: dict, assessment: dict | None, bundle: str | None, t_all: float) -> None:
+    def report(self, eval_out: dict, assessment: dict | None, bundle: str | None, t_all: float,
+               emergent: dict | None = None) -> None:
         from .report_html import write_run_report
 
         t0 = time.perf_counter()
         stage_times = {k: v.get("seconds") for k, v in self.stages.data.items()}
         write_run_report(self.out, self.run, eval_out, assessment, bundle, stage_times, self.stages.times,
-                         total=time.perf_counter() - t_all)
+                         total=time.perf_counter() - t_all, emergent=emergent)
         self.stages.times["report"] = time.perf_counter() - t0
+
+    # ---- progressive additions -----------------------------------------------------------------
+    def side_index(self, spec: str, base_index, modalities, key: str):
+        """An addition's (or the queries') dataset; with `items: N`, the base's items (or N spread
+        ones when it shares none): a spoken built-in is asked for N items so it synthesises no more."""
+        from .data import load_dataset
+
+        n = self.run.items
+        index = load_dataset(spec, cache=self.cache, **(count_option(spec, n) if n else {}))
+        _index_fields(index, modalities, key)
+        return restrict_to_base(index, base_index, n) if n else index
+
+    def to_entry(self, to: str, stores: dict) -> EncoderEntry:
+        """The base's `to` encoder entry, at the layers its store holds ("auto" resolved)."""
+        base = self.run.encoders[to]
+        return EncoderEntry(base.spec, ",".join(stores[to]["layers"]), base.pooling)
+
+    def addition_stores(self, base_index, stores: dict) -> dict:
+        """Per addition: its modality's and its target's stores on its dataset; and the query sets'
+        stores on the queries dataset (per addition encoder, the spoken text, the transcripts)."""
+        added = {}
+        for i, a in enumerate(self.run.add):
+            index = self.side_index(a.data, base_index, (a.modality, a.to), f"add[{i}].data")
+            name = f"extract.add.{slug(a.label)}"
+            to = self.to_entry(a.to, stores)
+            added[a.label] = {a.modality: self.extract(f"{name}.{a.modality}", a.encoder, a.encoder.layers, index),
+                              a.to: self.extract(f"{name}.{a.to}", to, to.layers, index)}
+        em = self.run.emergent
+        qindex = self.side_index(em.queries, base_index, sorted({a.modality for a in self.run.add} | {"text"}),
+                                 "emergent.queries")
+        text = self.to_entry("text", stores)
+        queries = {"spoken": self.extract("extract.queries.text", text, text.layers, qindex)}
+        for a in self.run.add:
+            queries[a.label] = self.extract(f"extract.queries.{slug(a.label)}", a.encoder, a.encoder.layers, qindex)
+        if em.cascade:
+            queries["cascade"] = self.cascade(qindex, stores)
+        return {"additions": added, "queries": queries}
+
+    def cascade(self, qindex, stores: dict) -> dict:
+        """Whisper's transcripts of rendering 0 of the emergent folds' test items, as a text store."""
+        items = sorted(self.emergent_items(stores) & set(qindex.item_ids))
+        entry = self.to_entry("text", stores)
+        text_entry = {"spec": entry.spec, "layers": entry.layers, "pooling": entry.pooling}
+
+        def do():
+            from .evaluate.cascade import transcript_store
+
+            store = transcript_store(qindex, set(items), text_entry, cache=self.cache, progress=self.progress)
+            return {"store": str(store.path), "layers": store.report["layers"]}
+
+        return self.stages.run("extract.queries.cascade", {"dataset": qindex.name, "fingerprint": qindex.fingerprint,
+                                                           "items": items, "text": text_entry}, do)
+
+    def emergent_items(self, stores: dict) -> set[str]:
+        """The base's test items over the emergent stage's folds (what any query is scored on)."""
+        from .evaluate.emergent import split_items
+        from .features import FeatureStore
+
+        image = FeatureStore.open(stores["image"]["store"])
+        return set().union(*(split_items(image, "test", f) for f in _folds(self.run.emergent.folds)))
+
+    def emergent(self, stores: dict, added: dict) -> dict:
+        """Folds x seeds x additions: the base, each addition onto it, every query set scored."""
+        run, em = self.run, self.run.emergent
+        recipes = {a.label: addition_recipe(run, a) for a in run.add}
+        inputs = {"v": 1, "base": stores, "added": added, "recipe": [run.recipe, run.overrides, _recipe_text(run.recipe)],
+                  "add_recipes": {k: [r, o, _recipe_text(r)] for k, (r, o) in recipes.items()},
+                  "additions": [[a.label, a.modality, a.to] for a in run.add]}
+        # the folder is keyed by all but folds and seeds: asking for another seed reuses the runs done
+        folder = self.out / "emergent" / hash_obj(inputs, 12)
+        return self.stages.run("emergent", {**inputs, "folds": em.folds, "seeds": em.seeds},
+                               lambda: self.score_emergent(stores, added, folder))
+
+    def score_emergent(self, stores: dict, added: dict, folder: Path) -> dict:
+        from .align.recipe import load_recipe
+        from .evaluate.emergent import emergent_protocol, summarise
+
+        run, em = self.run, self.run.emergent
+        folds, seeds = _folds(em.folds), [int(s) for s in em.seeds]
+        records = []
+        for a in run.add:  # one protocol per addition: each has its own recipe and query encoder
+            setup = _emergent_setup(stores, added, a, load_recipe(run.recipe, run.overrides),
+                                    load_recipe(*addition_recipe(run, a)))
+            records += emergent_protocol(setup, folds, seeds, folder, progress=self.progress)
+        rows = summarise(records)
+        write_json(folder / "summary.json", {"rows": rows, "folds": em.folds, "seeds": em.seeds})
+        first = next(r for r in records if r["addition"] == run.add[0].label)  # first fold, first seed
+        return {"records": str(folder / "results.jsonl"), "summary_json": str(folder / "summary.json"),
+                "summary": rows, "export_run": first["added_run"], "additions": {a.label: a.modality for a in run.add},
+                "cascade": em.cascade, "folds": em.folds, "seeds": em.seeds}
+
+
+def _emergent_setup(stores: dict, added: dict, a: AddEntry, recipe, add_recipe):
+    """The `EmergentSetup` of one addition: the base's image and text stores, the addition's own
+    pair, and the query sets (this addition's encoder on the queries, the spoken text, the base's
+    captions, the transcripts), each scored against the base's images."""
+    from .evaluate.emergent import Addition, EmergentSetup
+    from .features import FeatureStore
+
+    def store(out: dict):
+        return FeatureStore.open(out["store"])
+
+    pair = {m: store(s) for m, s in added["additions"][a.label].items()}
+    q = added["queries"]
+    queries = {a.modality: (a.modality, store(q[a.label]), 0), "spoken": ("text", store(q["spoken"]), 0),
+               "text": ("text", store(stores["text"]), None)}
+    if "cascade" in q:
+        queries["cascade"] = ("text", store(q["cascade"]), 0)
+    return EmergentSetup(recipe=recipe, base={"image": store(stores["image"]), "text": store(stores["text"])},
+                         add_recipe=add_recipe, additions={a.label: Addition(a.modality, pair, to=a.to)},
+                         queries=queries, emergent=a.modality)
+
+
+def _folds(folds: list) -> list:
+    return [None if f == "fixed" else int(f) for f in folds]
+
+
+def count_option(spec: str, n: int) -> dict:
+    """A built-in lister that takes a count (the spoken ones: `limit`, `size`) lists n items
+    instead of all of them (each item costs a synthesis there)."""
+    import inspect
+
+    from .data import DATASETS
+
+    if spec not in DATASETS:
+        return {}
+    params = inspect.signature(DATASETS.entry(spec).resolve()).parameters
+    return next(({name: n} for name in ("limit", "size") if name in params), {})
+
+
+def restrict_to_base(index, base_index, n: int):
+    """The rows of `index` whose item the base holds; an index sharing no item with the base keeps
+    n spread items of its own."""
+    base_ids = set(base_index.item_ids)
+    rows = [r for r, item in enumerate(index.item_ids) if item in base_ids]
+    if not rows:
+        return index.spread(n) if len(index) > n else index
+    if len(rows) < len(base_ids):
+        log.info("%s holds %d of the base's %d items", index.name, len(rows), len(base_ids))
+    return index if len(rows) == len(index) else index.take(rows, f"{index.name}-of-{base_index.name}")
+
+
+def _index_fields(index, modalities, key: str) -> None:
+    have = set(index.fields.values())
+    missing = [m for m in modalities if m not in have]
+    if missing:
+        raise RunFileError(f"{key}: {index.name} has no {' or '.join(missing)} field (its fields: "
+                           f"{', '.join(f'{f} ({m})' for f, m in index.fields.items())})")
 
 
 def _formats() -> dict:
