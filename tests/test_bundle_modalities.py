@@ -91,12 +91,26 @@ def audio_paths(index: DatasetIndex, store) -> list[str]:
     return [index.resolve(audio[i][j]) for i, j in zip(store.item_ids, store.caption_index, strict=True)]
 
 
+_SHARED: dict = {}
+
+
+def shared_audio_bundle(tmp_path_factory) -> SimpleNamespace:
+    """`build_audio_bundle` once per test session (this module and test_serve_audio read it; tests
+    write only new names beside it). Use it with ANYBIND_CACHE set to its root / "cache"."""
+    if "built" not in _SHARED:
+        root = tmp_path_factory.mktemp("avbundle")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ANYBIND_CACHE", str(root / "cache"))
+            _SHARED["built"] = build_audio_bundle(root)
+    return _SHARED["built"]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avbundle")
+    shared = shared_audio_bundle(tmp_path_factory)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ANYBIND_CACHE", str(root / "cache"))
-        yield build_audio_bundle(root)
+        mp.setenv("ANYBIND_CACHE", str(shared.root / "cache"))
+        yield shared
 
 
 # ---- export ------------------------------------------------------------------------------------------
