@@ -146,8 +146,10 @@ def test_emergent_scores_agree_with_training_and_resume(source_run):
     assert ratio == pytest.approx(rec["scores"]["audio"]["audio_to_image_R@10"] / spoken) if spoken else math.isnan(ratio)
     again = emergent_protocol(setup, folds=[None], seeds=[0], out=tmp_path / "emergent", progress=False)
     assert again == records and len((tmp_path / "emergent" / "results.jsonl").read_text().splitlines()) == 1
+    assert set(rec["baselines"]) == {"ridge", "nn-transfer"}
+    assert rec["baselines"]["ridge"]["gallery"] == rec["scores"]["audio"]["gallery"]
     rows = summarise(records)
-    assert {r["query"] for r in rows} == {"audio", "spoken"} and rows[0]["n"] == 1
+    assert {r["query"] for r in rows} == {"audio", "spoken", "map: ridge", "map: nn-transfer"} and rows[0]["n"] == 1
 
 
 def test_training_free_maps_bind_a_modality_without_touching_the_source(source_run):

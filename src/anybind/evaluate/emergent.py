@@ -155,6 +155,7 @@ class EmergentSetup:
     gallery: str = "image"
     reference: str = "spoken"  # the query set the emergence ratio divides by
     emergent: str = "audio"  # the query set the ratio is of
+    maps: tuple = ("ridge", "nn-transfer")  # training-free maps into the same space, scored beside
 
 
 def emergent_protocol(setup: EmergentSetup, folds, seeds, out, progress: bool = True) -> list[dict]:
@@ -202,8 +203,26 @@ def _one_run(setup: EmergentSetup, fold, seed, label, addition: Addition, out, p
         ratios[setup.emergent] = emergence_ratio(scores, setup.emergent, setup.reference, setup.gallery)
         if "cascade" in scores:
             ratios["cascade"] = emergence_ratio(scores, "cascade", setup.reference, setup.gallery)
-    return {"fold": fold, "seed": seed, "addition": label, "scores": scores, "ratios": ratios,
+    baselines = _map_baselines(setup, addition, spec.source, fold, items)
+    return {"fold": fold, "seed": seed, "addition": label, "scores": scores, "ratios": ratios, "baselines": baselines,
             "base_val": base.val, "added_val": added.val, "base_run": str(base.out), "added_run": str(added.out)}
+
+
+def _map_baselines(setup: EmergentSetup, addition: Addition, source, fold, items: set[str]) -> dict:
+    """The emergent query set scored through each training-free map (fitted on the addition's train
+    pairs of this fold) instead of the trained projector."""
+    from ..align.data import PairedFeatures
+    from ..align.fit import added_map_model
+
+    if not setup.maps or setup.emergent not in setup.queries:
+        return {}
+    layers = {addition.to: source.layers_of(addition.to)}
+    data = PairedFeatures(addition.stores, layers, fold=fold, anchor=addition.to)
+    train_pairs = data.pairs("train")
+    query = {setup.emergent: setup.queries[setup.emergent]}
+    gallery = (setup.gallery, setup.base[setup.gallery])
+    return {name: score_pairs(added_map_model(name, {}, source, addition.modality, data, train_pairs), gallery,
+                              query, items)[setup.emergent] for name in setup.maps}
 
 
 def _seeded(recipe, seed: int):
@@ -234,11 +253,13 @@ def summarise(records: list[dict], ks=(1, 10)) -> list[dict]:
     for r in records:
         by_add.setdefault(r["addition"], []).append(r)
     for label, runs in by_add.items():
-        for query in runs[0]["scores"]:
+        # the training-free maps score the emergent query set: their rows keep its metric names
+        scored = [{**r["scores"], **{f"map: {m}": v for m, v in r.get("baselines", {}).items()}} for r in runs]
+        for query, first in scored[0].items():
             row = {"addition": label, "query": query, "n": len(runs)}
-            for key in _metric_keys(runs[0]["scores"][query], ks):
-                row[key] = _mean_sd([r["scores"][query][key] for r in runs])
-                row[f"chance {key}"] = _mean_sd([r["scores"][query]["chance"][key] for r in runs])
+            for key in _metric_keys(first, ks):
+                row[key] = _mean_sd([s[query][key] for s in scored])
+                row[f"chance {key}"] = _mean_sd([s[query]["chance"][key] for s in scored])
                 if query in runs[0]["ratios"]:
                     row[f"ratio {key}"] = _mean_sd([r["ratios"][query][key] for r in runs])
             rows.append(row)
