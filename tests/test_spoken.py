@@ -97,9 +97,11 @@ def test_wordnet_speech_by_spec_with_a_count(cache):
 @pytest.mark.skipif(not (HAS_OPENCLIPART and HAS_WORDNET), reason="openclipart-png / wordnet-base not installed")
 def test_openclipart_speech_keeps_openclipart_items_groups_and_folds(tmp_path):
     speech = list_openclipart_speech(limit=12, audio_dir=tmp_path / "one")
-    clipart = {r["item_id"]: r for r in load_dataset("openclipart").table.to_pylist()}
+    listed = load_dataset("openclipart")
+    clipart = {r["item_id"]: r for r in listed.table.to_pylist()}
     rows = speech.table.to_pylist()
     assert len(rows) == 12 and speech.fields == {"audio": "audio", "caption": "text"}
+    assert speech.item_ids == listed.spread(12).item_ids  # the same subset as openclipart's spread(12)
     for r in rows:
         ref = clipart[r["item_id"]]
         assert (r["group"], r["split"], r["fold"], r["label"]) == (ref["group"], ref["split"], ref["fold"], ref["label"])

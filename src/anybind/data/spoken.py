@@ -37,8 +37,11 @@ from .. import atomic
 from ..config import cache_root
 from ..errors import DataError
 from .index import DatasetIndex, split_of
+from .openclipart import LISTING_VERSION as _OPENCLIPART_VERSION
 
-LISTING_VERSION = 1
+# a new openclipart listing (captions, groups) must re-list openclipart-speech too, even when
+# its cache is keyed by no source file (``openclipart-speech:N``)
+LISTING_VERSION = f"1+openclipart.{_OPENCLIPART_VERSION}"
 WORKERS = 2  # espeak processes at a time (threads only wait on them)
 MAX_WORDS = 25
 WORDNET_ROOT = "/usr/share/wordnet"
@@ -189,12 +192,13 @@ def _record(item: dict, refs: list[str], root: Path, failed: dict) -> dict:
 
 
 def spread_rows(total: int, n: int | None) -> list[int]:
-    """n row positions evenly spread over `total` (all of them when n is None): deterministic."""
+    """n row positions evenly spread over `total` (all when n is None), the very rows
+    `DatasetIndex.spread` takes: ``openclipart-speech:N`` is ``openclipart``'s ``spread(N)``."""
+    import numpy as np
+
     if n is None or n >= total:
         return list(range(total))
-    if n == 1:
-        return [0]
-    return sorted({round(i * (total - 1) / (n - 1)) for i in range(n)})
+    return np.unique(np.linspace(0, total - 1, num=n).round().astype(np.int64)).tolist()
 
 
 def _count(value, name: str, what: str) -> int | None:
