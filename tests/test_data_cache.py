@@ -60,7 +60,7 @@ def test_options_key_the_cache(table, cache, count_listings):
 
 def test_unknown_name_lists_the_builtins(cache):
     # registries list their names sorted
-    with pytest.raises(DataError, match="fashion-mnist, openclipart, skimage-photos"):
+    with pytest.raises(DataError, match="fashion-mnist, openclipart, openclipart-speech, skimage-photos, wordnet-speech"):
         load_dataset("no-such-dataset")
     with pytest.raises(DataError, match=r"table:PATH, wds:PATTERN"):
         load_dataset("no-such-dataset")
@@ -88,7 +88,8 @@ def test_an_existing_path_of_no_known_kind(tmp_path, cache):
 
 def test_list_datasets():
     rows = {r["name"]: r for r in list_datasets()}
-    assert set(rows) == {"openclipart", "fashion-mnist", "skimage-photos"}
-    for r in rows.values():
-        assert r["fields"] == {"image": "image", "caption": "text"}
+    assert set(rows) == {"openclipart", "fashion-mnist", "skimage-photos", "openclipart-speech", "wordnet-speech"}
+    for name, r in rows.items():
+        spoken = name.endswith("-speech")
+        assert r["fields"] == ({"audio": "audio", "caption": "text"} if spoken else {"image": "image", "caption": "text"})
         assert isinstance(r["installed"], bool) and r["licence"] and r["install"]

@@ -53,7 +53,8 @@ def registered():
 
 def test_the_tables_are_registries():
     assert isinstance(DATASETS, Registry) and isinstance(DATA_PREFIXES, Registry)
-    assert set(DATASETS.names()) == {"openclipart", "fashion-mnist", "skimage-photos"}
+    assert set(DATASETS.names()) == {"openclipart", "fashion-mnist", "skimage-photos", "openclipart-speech",
+                                     "wordnet-speech"}
     assert {"table", "folder", "wds", "imagenet", "karpathy"} <= set(DATA_PREFIXES.names())
     assert DATASETS.entry("openclipart").meta["licence"] == "public domain"
     assert isinstance(DATA_PREFIXES.entry("table").target, str)  # lazy: nothing imported
