@@ -4,6 +4,7 @@ the audio store held it."""
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from anybind.align import load_recipe
 from anybind.align.frozen import AddSpec
 from anybind.align.trainer import train
 from anybind.bundle import BundleError, export_bundle
-from anybind.data import load_dataset, register_dataset_prefix
+from anybind.data import DATA_PREFIXES, load_dataset, register_dataset_prefix
 from anybind.data.index import DatasetIndex
 from anybind.errors import AnybindError, DataError
 from anybind.features import extract
@@ -38,7 +39,17 @@ def list_avtoy(location: str) -> DatasetIndex:
     return index
 
 
-register_dataset_prefix("avtoy", list_avtoy, help="test data: images, captions and audio", replace=True)
+@contextmanager
+def avtoy_data(cache_root: Path):
+    """The `avtoy:` prefix registered and ANYBIND_CACHE set, for as long as a module's tests run
+    (unregistered after: other tests list the registered prefixes)."""
+    register_dataset_prefix("avtoy", list_avtoy, help="test data: images, captions and audio", replace=True)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ANYBIND_CACHE", str(cache_root))
+            yield
+    finally:
+        DATA_PREFIXES.unregister("avtoy")
 
 
 def tone(hz: float, seed: int, rate: int = RATE, seconds: float = 0.4) -> np.ndarray:
@@ -96,11 +107,10 @@ _SHARED: dict = {}
 
 def shared_audio_bundle(tmp_path_factory) -> SimpleNamespace:
     """`build_audio_bundle` once per test session (this module and test_serve_audio read it; tests
-    write only new names beside it). Use it with ANYBIND_CACHE set to its root / "cache"."""
+    write only new names beside it). Use it inside `avtoy_data(its root / "cache")`."""
     if "built" not in _SHARED:
         root = tmp_path_factory.mktemp("avbundle")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("ANYBIND_CACHE", str(root / "cache"))
+        with avtoy_data(root / "cache"):
             _SHARED["built"] = build_audio_bundle(root)
     return _SHARED["built"]
 
@@ -108,8 +118,7 @@ def shared_audio_bundle(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     shared = shared_audio_bundle(tmp_path_factory)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ANYBIND_CACHE", str(shared.root / "cache"))
+    with avtoy_data(shared.root / "cache"):
         yield shared
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from anybind.cli import main
-from test_bundle_modalities import RATE, audio_paths, shared_audio_bundle, tone
+from test_bundle_modalities import RATE, audio_paths, avtoy_data, shared_audio_bundle, tone
 
 pytest.importorskip("faiss", reason="the serve extra is not installed: pip install 'anybind[serve]'")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anybind[serve]'")
@@ -31,8 +31,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def av(tmp_path_factory):
     """The audio bundle and one exact index of its image and audio rows, built by the CLI."""
     built = shared_audio_bundle(tmp_path_factory)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ANYBIND_CACHE", str(built.root / "cache"))
+    with avtoy_data(built.root / "cache"):
         index = built.root / "index"
         assert main(["index", "--bundle", str(built.bundle), "--data", built.data, "--modality", "image",
                      "--modality", "audio", "--out", str(index), "-q"]) == 0
