@@ -82,6 +82,8 @@ def pair_kind(query: str, modality: str) -> str:
     """Whether a query set's pair with images was trained, or emerges through the text space."""
     if query == modality:
         return f"emergent ({modality} was bound to text only)"
+    if query.startswith("map: "):
+        return f"emergent, training-free {query[5:]} map of {modality} onto text"
     return {"text": "trained (image-text, the base's captions)",
             "spoken": "trained (image-text, the text that was spoken)",
             "cascade": "cascade (Whisper transcript, then the text side)"}.get(query, "trained")
@@ -110,12 +112,19 @@ def emergent_table(emergent: dict) -> list[str]:
             "image→q R@10", "ratio q→image R@10"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in emergent["summary"]:
-        q, g = row["query"], "image"
-        kind = pair_kind(q, emergent["additions"].get(row["addition"], ""))
+        modality = emergent["additions"].get(row["addition"], "")
+        q, g = _metric_name(row, modality), "image"
         cells = [_cell(row, f"{q}_to_{g}_R@1"), _cell(row, f"{q}_to_{g}_R@10"), _cell(row, f"{g}_to_{q}_R@1"),
                  _cell(row, f"{g}_to_{q}_R@10"), _ratio(row, f"{q}_to_{g}_R@10")]
-        md.append(f"| {row['addition']} | {q} | {kind} | " + " | ".join(cells) + " |")
+        md.append(f"| {row['addition']} | {row['query']} | {pair_kind(row['query'], modality)} | "
+                  + " | ".join(cells) + " |")
     return md
+
+
+def _metric_name(row: dict, modality: str) -> str:
+    """The name a row's metrics carry: its query set's, or (a training-free map scoring the new
+    modality's queries) the modality's."""
+    return row["query"] if any(k.startswith(f"{row['query']}_to_") for k in row) else modality
 
 
 def emergent_section(emergent: dict, out: Path) -> list[str]:
@@ -137,7 +146,9 @@ def plot_emergent(emergent: dict, out_png: Path) -> Path | None:
     chance as a tick)."""
     from .evaluate.plots import _figure, _save  # the report's other plots are drawn the same way
 
-    rows = [r for r in emergent["summary"] if f"{r['query']}_to_image_R@10" in r]
+    rows = [{**r, "key": f"{_metric_name(r, emergent['additions'].get(r['addition'], ''))}_to_image_R@10"}
+            for r in emergent["summary"]]
+    rows = [r for r in rows if r["key"] in r]
     if not rows:
         return None
     labels = list(dict.fromkeys(r["addition"] for r in rows))
@@ -148,11 +159,10 @@ def plot_emergent(emergent: dict, out_png: Path) -> Path | None:
     for j, q in enumerate(queries):
         pts = [(i, r) for i, lab in enumerate(labels) for r in rows if r["addition"] == lab and r["query"] == q]
         xs = [i + (j - (len(queries) - 1) / 2) * width for i, _ in pts]
-        key = f"{q}_to_image_R@10"
-        ax.bar(xs, [100 * r[key][0] for _, r in pts], width, yerr=[100 * r[key][1] for _, r in pts], label=q,
-               capsize=3)
-        ax.plot(xs, [100 * r[f"chance {key}"][0] for _, r in pts], linestyle="none", marker="_", markersize=12,
-                color="black")
+        ax.bar(xs, [100 * r[r["key"]][0] for _, r in pts], width, yerr=[100 * r[r["key"]][1] for _, r in pts],
+               label=q, capsize=3)
+        ax.plot(xs, [100 * r[f"chance {r['key']}"][0] for _, r in pts], linestyle="none", marker="_",
+                markersize=12, color="black")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("query → image R@10 (%)")
     ax.legend(fontsize=8, frameon=False, title="query set (—: chance)", title_fontsize=8, loc="upper left",
