@@ -55,7 +55,7 @@ def default_field(index, modality: str) -> str:
     fields = [f for f, m in index.fields.items() if m == modality]
     if len(fields) == 1:
         return fields[0]
-    preferred = {"image": "image", "text": "caption"}.get(modality)
+    preferred = {"image": "image", "text": "caption", "audio": "audio"}.get(modality)
     if preferred in fields:
         return preferred
     if not fields:
@@ -101,20 +101,32 @@ class _Collate:
         return [p for p, _ in ok], batch, skipped
 
 
-def _batches(shards: list[int], shard_size: int, refs: list, batch_size: int, by_length: bool = False) -> list[list[int]]:
+def _batches(shards: list[int], shard_size: int, refs: list, batch_size: int,
+             by_length: str | bool = False) -> list[list[int]]:
     """Fixed batches inside each shard: the same on every run, so a resumed run is bit-identical.
 
-    With `by_length` (text), rows of a shard are batched in order of length, so a batch holds
-    captions of similar length and little padding is computed; shards are written back in row
-    order, so the store does not depend on it.
+    With `by_length` ("text": characters; "audio": file bytes), rows of a shard are batched in
+    order of length, so a batch holds captions (clips) of similar length and little padding is
+    computed; shards are written back in row order, so the store does not depend on it.
     """
     out = []
     for s in shards:
         rows = list(range(s * shard_size, min((s + 1) * shard_size, len(refs))))
         if by_length:
-            rows.sort(key=lambda r: (len(refs[r]) if isinstance(refs[r], str) else 0, r))
+            rows.sort(key=lambda r: (_length(refs[r], by_length), r))
         out += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     return out
+
+
+def _length(ref, kind) -> int:
+    if not isinstance(ref, str):
+        return 0
+    if kind == "audio":  # a clip's file size stands for its duration; references that are no file: 0
+        try:
+            return os.path.getsize(ref)
+        except OSError:
+            return 0
+    return len(ref)
 
 
 # ---- the store folder ------------------------------------------------------------------------------
@@ -503,7 +515,8 @@ def _run_shards(enc, refs, pending, request, path, device, precision, batch_size
     if not pending:
         return
     shard_size = request["shard_size"]
-    batches = _batches(pending, shard_size, refs, batch_size, by_length=enc.modality == "text")
+    by_length = enc.modality if enc.modality in ("text", "audio") else False
+    batches = _batches(pending, shard_size, refs, batch_size, by_length=by_length)
     loader = _loader(enc, refs, batches, num_workers, device)
     from tqdm.auto import tqdm
 
