@@ -420,7 +420,7 @@ def cmd_train(args) -> int:
           + f"; bound model: {result.out / 'model'}; log: {result.out / 'metrics.jsonl'}")
     if add:
         print(f"{add.modality} is bound onto the frozen {add.to} space of {add.source_path} (unchanged); "
-              f"ship it with: anybind export {result.out}")
+              f"ship it with: anybind export --run {result.out} --out bundles/NAME")
     return 0
 
 
@@ -475,6 +475,8 @@ def cmd_eval(args) -> int:
     """
     if args.compare:
         return _eval_compare_files(args)
+    if args.speech:
+        return _eval_emergent(args)
     from pathlib import Path
 
     specs = model_specs(args.models, args.set)
@@ -492,6 +494,30 @@ def cmd_eval(args) -> int:
     if sweep:
         return _eval_sweep(args, specs, suite, sweep, out, folds, seeds, tasks)
     return _eval_models(args, specs, suite, out, folds, seeds, tasks)
+
+
+def _eval_emergent(args) -> int:
+    """--speech: every modality pair of image + text + audio added progressively, trained or not."""
+    from pathlib import Path
+
+    from .evaluate.emergent import emergent_protocol, format_summary, speech_setup, summarise
+
+    if "," in args.models:
+        raise AnybindError(f"--speech evaluates one recipe (--models NAME), not {args.models!r}")
+    recipe = args.models
+    setup = speech_setup(data=args.data or "openclipart", image=args.image, text=args.text, audio=args.audio, speech=args.speech,
+                         disjoint=args.disjoint, recipe=recipe, overrides=args.set, cascade=args.cascade,
+                         cache=args.cache, progress=not args.quiet)
+    out = Path(args.out or "evals/speech")
+    records = emergent_protocol(setup, _count_or_list(args.folds), _count_or_list(args.seeds), out,
+                                progress=not args.quiet)
+    rows = summarise(records)
+    from .atomic import write_json
+
+    write_json(out / "summary.json", rows)
+    print(format_summary(rows))
+    print(f"\nper-run records: {out / 'results.jsonl'}; summary: {out / 'summary.json'}")
+    return 0
 
 
 def _eval_compare_files(args) -> int:
@@ -862,6 +888,17 @@ def _eval_args(verb: Callable) -> None:
     p.add_argument("--metric", default="suite/score", help="the metric compared, tuned and swept (default suite/score)")
     p.add_argument("--reference", default="default", help="model the others are compared with (paired differences)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS.json", help="only compare finished results documents")
+    p.add_argument("--speech", metavar="DATASET",
+                   help="emergent evaluation instead of the suite: bind image + text (--image, --text, the recipe "
+                        "of --models), add audio (--audio) progressively onto the frozen text space from this "
+                        "spoken dataset (e.g. openclipart-speech:3000), and rank test images by each spoken "
+                        "caption never paired with images, beside the spoken text, the captions, a Whisper "
+                        "cascade, training-free maps and chance, per fold and seed (emergence ratio included)")
+    p.add_argument("--disjoint", metavar="DATASET",
+                   help="with --speech: also add audio from a spoken dataset sharing no item (e.g. wordnet-speech)")
+    p.add_argument("--audio", default="whisper-tiny-en", help="with --speech: the audio encoder (default whisper-tiny-en)")
+    p.add_argument("--no-cascade", dest="cascade", action="store_false",
+                   help="with --speech: skip the Whisper transcript cascade baseline")
     p.add_argument("--out", "-o", help="evaluation folder (default evals/builtin); re-running resumes")
 
 

@@ -174,9 +174,10 @@ def emergent_protocol(setup: EmergentSetup, folds, seeds, out, progress: bool = 
         for seed in seeds:
             for label, addition in setup.additions.items():
                 key = (fold, seed, label)
-                if key not in done:
-                    done[key] = _one_run(setup, fold, seed, label, addition, out, progress)
-                    atomic.append_line(log, json.dumps(done[key], sort_keys=True))
+                if key not in done:  # as it reads back from the log: a rerun prints the same
+                    line = json.dumps(_one_run(setup, fold, seed, label, addition, out, progress), sort_keys=True)
+                    atomic.append_line(log, line)
+                    done[key] = json.loads(line)
                 records.append(done[key])
     return records
 
@@ -273,3 +274,60 @@ def _metric_keys(scores: dict, ks) -> list[str]:
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+# ---- the built-in speech setup and its table -------------------------------------------------------------
+def speech_setup(*, data: str = "openclipart", image: str = "efficientnet-lite0", text: str = "minilm-l6",
+                 audio: str = "whisper-tiny-en", speech: str = "openclipart-speech", disjoint: str | None = None,
+                 recipe: str = "default", overrides=(), cascade: bool = True, cache=None,
+                 progress: bool = True) -> EmergentSetup:
+    """Image-text bound on `data`, audio added from `speech` (and from `disjoint`, a spoken dataset
+    sharing no item), queries: `speech`'s rendering-0 clips, the spoken text, `data`'s captions and
+    (with `cascade`) Whisper's transcripts. Every store is extracted on first use, then cached."""
+    from ..align import load_recipe
+    from ..data import load_dataset
+    from ..features import extract
+    from .cascade import transcript_store
+
+    def stores(spec: str, first: str, encoder: str) -> tuple[dict, object]:
+        index = load_dataset(spec, cache=cache)
+        return {first: extract(encoder, index, layers="final", cache=cache, progress=progress),
+                "text": extract(text, index, layers="final", cache=cache, progress=progress)}, index
+
+    base, _ = stores(data, "image", image)
+    spoken, speech_index = stores(speech, "audio", audio)
+    additions = {f"spoken {speech.split(':')[0].removesuffix('-speech')}": Addition("audio", spoken)}
+    if disjoint:
+        additions[f"spoken {disjoint.split(':')[0].removesuffix('-speech')}"] = Addition("audio", stores(disjoint, "audio", audio)[0])
+    queries = {"audio": ("audio", spoken["audio"], 0), "spoken": ("text", spoken["text"], 0),
+               "text": ("text", base["text"], None)}
+    if cascade:  # every spoken item; each fold scores its own test items
+        items = set(spoken["text"].item_ids)
+        queries["cascade"] = ("text", transcript_store(speech_index, items, {"spec": text, "layers": "final"},
+                                                       cache=cache, progress=progress), 0)
+    return EmergentSetup(recipe=load_recipe(recipe, list(overrides)), base=base,
+                         add_recipe=load_recipe(recipe, list(overrides)), additions=additions, queries=queries)
+
+
+def format_summary(rows: list[dict], gallery: str = "image") -> str:
+    """mean +- sd (percent) of query -> gallery R@1 / R@10, gallery -> query R@10, chance and the
+    emergence ratio, one line per (addition, query set)."""
+    head = (f"{'addition':20s} {'query':18s} {'q->' + gallery + ' R@1':>15s} {'q->' + gallery + ' R@10':>15s} "
+            f"{gallery + '->q R@10':>15s} {'chance R@10':>11s} {'ratio R@10':>12s}")
+    lines = [head]
+    for r in rows:
+        q = "audio" if r["query"].startswith("map: ") else r["query"]
+        cells = [_pct(r.get(f"{q}_to_{gallery}_R@1")), _pct(r.get(f"{q}_to_{gallery}_R@10")),
+                 _pct(r.get(f"{gallery}_to_{q}_R@10"))]
+        chance = r.get(f"chance {q}_to_{gallery}_R@10", (math.nan, 0))[0]
+        ratio = r.get(f"ratio {q}_to_{gallery}_R@10")
+        lines.append(f"{r['addition']:20s} {r['query']:18s} " + " ".join(f"{c:>15s}" for c in cells)
+                     + f" {100 * chance:10.1f}%" + (f" {ratio[0]:6.2f} ± {ratio[1]:.2f}" if ratio else ""))
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    if value is None:
+        return "-"
+    mean, sd = value
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
