@@ -27,6 +27,7 @@ from ..features import FeatureStore
 from ..metrics.retrieval import chance_retrieval_metrics, retrieval_metrics
 
 KS = (1, 5, 10)
+VERSION = 2  # of a results.jsonl record: a record of another version is computed again
 
 
 @dataclass
@@ -156,6 +157,8 @@ class EmergentSetup:
     reference: str = "spoken"  # the query set the emergence ratio divides by
     emergent: str = "audio"  # the query set the ratio is of
     maps: tuple = ("ridge", "nn-transfer")  # training-free maps into the same space, scored beside
+    layers: dict | None = None  # the layers the base reads per modality (default: final)
+    anchor: str | None = None  # the base's anchor (default: the store with one row per item)
 
 
 def emergent_protocol(setup: EmergentSetup, folds, seeds, out, progress: bool = True) -> list[dict]:
@@ -168,7 +171,7 @@ def emergent_protocol(setup: EmergentSetup, folds, seeds, out, progress: bool = 
 
     out = Path(out)
     log = out / "results.jsonl"
-    done = {(r["fold"], r["seed"], r["addition"]): r for r in _read_log(log)}
+    done = {(r["fold"], r["seed"], r["addition"]): r for r in _read_log(log) if r.get("version") == VERSION}
     records = []
     for fold in folds:
         for seed in seeds:
@@ -189,7 +192,7 @@ def _one_run(setup: EmergentSetup, fold, seed, label, addition: Addition, out, p
 
     tag = f"fold{fold}-seed{seed}"
     base = train(_seeded(setup.recipe, seed), setup.base, out=out / "base" / tag, fold=fold, progress=progress,
-                 baselines=False)
+                 baselines=False, layers=setup.layers, anchor=setup.anchor)
     spec = AddSpec.from_source(base.out, addition.modality, to=addition.to)
     added = train(_seeded(setup.add_recipe, seed), addition.stores, out=out / slug(label) / tag, fold=fold,
                   add=spec, progress=progress, baselines=False)
@@ -198,6 +201,8 @@ def _one_run(setup: EmergentSetup, fold, seed, label, addition: Addition, out, p
     # an item the addition trained on is no test of emergence (its subset may split groups otherwise)
     seen = set().union(*(split_items(addition.stores[addition.to], s, fold) for s in ("train", "val")))
     items -= seen
+    if setup.emergent in setup.queries:  # one gallery for every query set: the items that have a spoken query
+        items &= set(setup.queries[setup.emergent][1].item_ids)
     scores = score_pairs(added.model, (setup.gallery, gallery_store), setup.queries, items)
     ratios = {}
     if setup.emergent in scores and setup.reference in scores:
@@ -205,7 +210,8 @@ def _one_run(setup: EmergentSetup, fold, seed, label, addition: Addition, out, p
         if "cascade" in scores:
             ratios["cascade"] = emergence_ratio(scores, "cascade", setup.reference, setup.gallery)
     baselines = _map_baselines(setup, addition, spec.source, fold, items)
-    return {"fold": fold, "seed": seed, "addition": label, "scores": scores, "ratios": ratios, "baselines": baselines,
+    return {"version": VERSION, "fold": fold, "seed": seed, "addition": label, "scores": scores, "ratios": ratios,
+            "baselines": baselines,
             "base_val": base.val, "added_val": added.val, "base_run": str(base.out), "added_run": str(added.out)}
 
 
