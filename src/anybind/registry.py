@@ -79,14 +79,18 @@ class Registry:
         return add if target is None else add(target)
 
     def subclass_decorator(self, name: str, base: type, *, help: str = "", error: type[Exception] = RegistryError,
-                           describe: str | None = None):
+                           describe: str | None = None, dataclass: bool = False, decorator: str | None = None):
         """A class decorator for parts that subclass `base`: registers the class under `name` and
-        sets its ``name`` attribute (what saved parts record to rebuild it)."""
-        what = describe or f"{base.__name__} subclasses"
+        sets its ``name`` attribute (what saved parts record to rebuild it). With `dataclass`, only
+        dataclasses (their fields are their options) are taken."""
+        import dataclasses
+
+        what = describe or (f"dataclass subclasses of {base.__name__}" if dataclass else f"{base.__name__} subclasses")
+        decorator = decorator or f"register_{self.kind}"
 
         def add(cls: type) -> type:
-            if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise error(f"register_{self.kind}('{name}') decorates {what}, not {cls!r}")
+            if not (isinstance(cls, type) and issubclass(cls, base)) or (dataclass and not dataclasses.is_dataclass(cls)):
+                raise error(f"{decorator}('{name}') decorates {what}, not {cls!r}")
             self.register(name, cls, help=help)  # refuses a name taken by another class
             cls.name = name
             return cls

@@ -201,15 +201,7 @@ B = TypeVar("B", bound="Baseline")
 def register_baseline(name: str, *, help: str = "") -> Callable[[type[B]], type[B]]:
     """Class decorator: make a baseline (a dataclass whose fields are its options) available to
     :func:`build_baseline` under ``name``."""
-    register = BASELINES.subclass_decorator(name, Baseline, help=help, error=BaselineError,
-                                            describe="dataclass subclasses of Baseline")
-
-    def add(cls: type[B]) -> type[B]:
-        if not dataclasses.is_dataclass(cls):  # its fields are its options
-            raise BaselineError(f"register_baseline('{name}') decorates dataclass subclasses of Baseline, not {cls!r}")
-        return register(cls)
-
-    return add
+    return BASELINES.subclass_decorator(name, Baseline, help=help, error=BaselineError, dataclass=True)
 
 
 def build_baseline(name: str, **options: Any) -> Baseline:

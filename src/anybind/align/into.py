@@ -151,15 +151,8 @@ M = TypeVar("M", bound="IntoMap")
 def register_into_map(name: str, *, help: str = "") -> Callable[[type[M]], type[M]]:
     """Class decorator: make a map (a dataclass whose fields are its options) available to
     :func:`build_into_map` under ``name``."""
-    register = INTO_MAPS.subclass_decorator(name, IntoMap, help=help, error=IntoMapError,
-                                            describe="dataclass subclasses of IntoMap")
-
-    def add(cls: type[M]) -> type[M]:
-        if not dataclasses.is_dataclass(cls):  # its fields are its options
-            raise IntoMapError(f"register_into_map('{name}') decorates dataclass subclasses of IntoMap, not {cls!r}")
-        return register(cls)
-
-    return add
+    return INTO_MAPS.subclass_decorator(name, IntoMap, help=help, error=IntoMapError, dataclass=True,
+                                        decorator="register_into_map")
 
 
 def build_into_map(name: str, **options: Any) -> IntoMap:
