@@ -365,18 +365,31 @@ def _search_results(hits, base: str) -> list[dict]:
     return results
 
 
+_MEDIA_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
+
+
+def _local_file(item_id: str, ref: str, kind: str):
+    """The indexed file itself when it is a local file of media type `kind`/*, else None."""
+    from fastapi.responses import FileResponse
+
+    local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
+    if local is None:
+        return None
+    if not os.path.isfile(local):
+        raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
+    ctype = mimetypes.guess_type(local)[0] or ""
+    if ctype.startswith(kind + "/") and ctype != "image/svg+xml":
+        return FileResponse(local, media_type=ctype, headers=_MEDIA_HEADERS)
+    return None
+
+
 def _image_response(item_id: str, ref: str):
     """A local image file as it is; anything else (tar://, idx://, odd types) decoded to a PNG."""
-    from fastapi.responses import FileResponse, Response
+    from fastapi.responses import Response
 
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
-    local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
-    if local is not None:
-        if not os.path.isfile(local):
-            raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
-        ctype = mimetypes.guess_type(local)[0] or ""
-        if ctype.startswith("image/") and ctype != "image/svg+xml":
-            return FileResponse(local, media_type=ctype, headers=headers)
+    headers = _MEDIA_HEADERS
+    if (as_is := _local_file(item_id, ref, "image")) is not None:
+        return as_is
     from ..data.images import load_image
 
     try:
@@ -390,16 +403,11 @@ def _image_response(item_id: str, ref: str):
 
 def _audio_response(item_id: str, ref: str):
     """A local audio file as it is; anything else (tar://) decoded and sent as 16-bit WAV."""
-    from fastapi.responses import FileResponse, Response
+    from fastapi.responses import Response
 
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"}
-    local = ref[len("file://"):] if ref.startswith("file://") else None if "://" in ref else ref
-    if local is not None:
-        if not os.path.isfile(local):
-            raise ApiError(404, f"the indexed file of {item_id!r} is gone: rebuild the index")
-        ctype = mimetypes.guess_type(local)[0] or ""
-        if ctype.startswith("audio/"):
-            return FileResponse(local, media_type=ctype, headers=headers)
+    headers = _MEDIA_HEADERS
+    if (as_is := _local_file(item_id, ref, "audio")) is not None:
+        return as_is
     import soundfile
 
     from ..data.audio import load_audio
