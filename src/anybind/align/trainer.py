@@ -516,10 +516,10 @@ def format_result(result: TrainResult, metric_ks=(1, 10), names: tuple[str, str]
     a, p = names or ("i", "t")
     short = {"image_to_text": f"{a}2{p}", "text_to_image": f"{p}2{a}"}
     cols = [f"{d}_R@{k}" for k in metric_ks for d in ("image_to_text", "text_to_image", "mean")]
-    head = "val split".ljust(28) + "".join(
-        c.replace("image_to_text", short["image_to_text"]).replace("text_to_image", short["text_to_image"]).rjust(11)
-        for c in cols)
-    lines = [head]
+    labels = [c.replace("image_to_text", short["image_to_text"]).replace("text_to_image", short["text_to_image"])
+              for c in cols]
+    width = max(11, *(len(label) + 2 for label in labels))
+    lines = ["val split".ljust(28) + "".join(label.rjust(width) for label in labels)]
     for name, m in rows:
-        lines.append(name.ljust(28) + "".join(f"{100 * m.get(c, math.nan):10.1f}%" for c in cols))
+        lines.append(name.ljust(28) + "".join(f"{100 * m.get(c, math.nan):{width - 1}.1f}%" for c in cols))
     return "\n".join(lines)
