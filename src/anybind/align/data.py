@@ -140,15 +140,7 @@ class PairedFeatures:
 
     def anchor_splits(self) -> np.ndarray:
         """train/val/test per anchor row: the index's split, or the cross-validation fold's."""
-        a = self.sides[self.anchor_name].store
-        need = ["split"] if self.fold is None else ["group", "fold"]
-        if any(c not in a.rows.column_names for c in need):
-            raise StoreError(f"{a.path} has no per-row {' or '.join(need)}: re-extract it with this version of anybind")
-        if self.fold is None:
-            return np.array(a.splits)
-        from ..data.crossval import fold_splits
-
-        return fold_splits(a.rows.column("group").to_pylist(), a.rows.column("fold").to_numpy(), self.fold)
+        return row_splits(self.sides[self.anchor_name].store, self.fold)
 
     # ---- access --------------------------------------------------------------------------------
     def pairs(self, split: str | list[str] = "train") -> Pairs:
@@ -187,6 +179,19 @@ class PairedFeatures:
             sel = self.split_of_pair == s
             out[s] = {"pairs": int(sel.sum()), "items": int(len(np.unique(self.item_of_pair[sel])))}
         return out
+
+
+def row_splits(store: FeatureStore, fold: int | None) -> np.ndarray:
+    """train/val/test per store row: the dataset index's split (`fold` None), or cross-validation
+    fold `fold`'s (`anybind.data.crossval`)."""
+    need = ["split"] if fold is None else ["group", "fold"]
+    if any(c not in store.rows.column_names for c in need):
+        raise StoreError(f"{store.path} has no per-row {' or '.join(need)}: re-extract it with this version of anybind")
+    if fold is None:
+        return np.array(store.splits)
+    from ..data.crossval import fold_splits
+
+    return fold_splits(store.rows.column("group").to_pylist(), store.rows.column("fold").to_numpy(), fold)
 
 
 def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str, bool]:

@@ -11,7 +11,6 @@ The source is read, never written: the new model shares its parts and saves them
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -53,11 +52,9 @@ class AddSpec:
     @property
     def fingerprint(self) -> str:
         """A hash of the source model's saved files: a resumed run must train against the same source."""
-        h = hashlib.sha256()
-        for f in sorted(p for p in self.model_path.rglob("*") if p.is_file()):
-            h.update(str(f.relative_to(self.model_path)).encode())
-            h.update(f.read_bytes())
-        return h.hexdigest()[:16]
+        from .._hashing import hash_dir
+
+        return hash_dir(self.model_path, patterns=("*",))
 
     def target_encoding(self) -> dict | None:
         """How the source's features of `to` were computed ({encoder, pooling, precision, dtype}), read

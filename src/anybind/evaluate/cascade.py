@@ -14,11 +14,9 @@ store. A clip Whisper hears nothing in gets the query "(inaudible)": dropping it
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
-from .. import atomic
 from ..config import cache_root
 from ..errors import AnybindError
 
@@ -41,16 +39,14 @@ def rendering_refs(index, items: set[str], field: str = "audio", rendering: int 
 def transcribe_cached(refs: list[str], cache=None, progress: bool = True, batch_size: int = 8) -> list[str]:
     """Whisper tiny.en transcripts of audio files, cached per clip content in ``<cache>/transcripts``."""
     from ..data.audio import load_audio
+    from .protocol import ResultsLog
 
-    folder = cache_root(cache) / "transcripts"
-    log_path = folder / "transcripts.jsonl"
-    known = _read_cache(log_path)
+    known = ResultsLog(cache_root(cache) / "transcripts" / "transcripts.jsonl")  # a cut line: transcribed again
     keys = [_clip_key(r) for r in refs]
-    todo = [i for i, k in enumerate(keys) if k not in known]
+    todo = [i for i, k in enumerate(keys) if known.get(k) is None]
     if todo:
         from tqdm.auto import tqdm
 
-        folder.mkdir(parents=True, exist_ok=True)
         from ..encoders.whisper import transcribe
 
         bar = tqdm(total=len(todo), unit="clip", desc="transcribe (cascade)", disable=not progress)
@@ -58,27 +54,14 @@ def transcribe_cached(refs: list[str], cache=None, progress: bool = True, batch_
             chunk = todo[lo : lo + batch_size]
             texts = transcribe([load_audio(refs[i]) for i in chunk], batch_size=batch_size)
             for i, text in zip(chunk, texts):
-                known[keys[i]] = text
-                atomic.append_line(log_path, json.dumps({"key": keys[i], "text": text}))
+                known.add({"key": keys[i], "text": text})
             bar.update(len(chunk))
         bar.close()
-    return [known[k] for k in keys]
+    return [known.get(k)["text"] for k in keys]
 
 
 def _clip_key(ref: str) -> str:
     return hashlib.sha256(TRANSCRIBER.encode() + b"\0" + Path(ref).read_bytes()).hexdigest()[:24]
-
-
-def _read_cache(path: Path) -> dict[str, str]:
-    known = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: transcribed again
-                continue
-            known[rec["key"]] = rec["text"]
-    return known
 
 
 def transcript_index(index, items: set[str], cache=None, progress: bool = True, field: str = "audio"):

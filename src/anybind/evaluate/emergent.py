@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.crossval import fold_splits
 from ..errors import AnybindError
 from ..features import FeatureStore
 from ..metrics.retrieval import chance_retrieval_metrics, retrieval_metrics
@@ -40,12 +39,9 @@ class QueryRows:
 
 def split_items(store: FeatureStore, split: str, fold: int | None) -> set[str]:
     """Item ids of `split` in the store's dataset: its fixed split, or cross-validation fold `fold`."""
-    ids = store.item_ids
-    if fold is None:
-        splits = np.array(store.splits)
-    else:
-        splits = fold_splits(store.rows.column("group").to_pylist(), store.rows.column("fold").to_numpy(), fold)
-    return {i for i, s in zip(ids, splits) if s == split}
+    from ..align.data import row_splits
+
+    return {i for i, s in zip(store.item_ids, row_splits(store, fold)) if s == split}
 
 
 def gallery_rows(store: FeatureStore, items: set[str]) -> tuple[np.ndarray, dict[str, int]]:
@@ -167,21 +163,19 @@ def emergent_protocol(setup: EmergentSetup, folds, seeds, out, progress: bool = 
     import json
     from pathlib import Path
 
-    from .. import atomic
+    from .protocol import ResultsLog
 
     out = Path(out)
-    log = out / "results.jsonl"
-    done = {(r["fold"], r["seed"], r["addition"]): r for r in _read_log(log) if r.get("version") == VERSION}
+    log = ResultsLog(out / "results.jsonl")
     records = []
     for fold in folds:
         for seed in seeds:
             for label, addition in setup.additions.items():
-                key = (fold, seed, label)
-                if key not in done:  # as it reads back from the log: a rerun prints the same
-                    line = json.dumps(_one_run(setup, fold, seed, label, addition, out, progress), sort_keys=True)
-                    atomic.append_line(log, line)
-                    done[key] = json.loads(line)
-                records.append(done[key])
+                key = f"v{VERSION}|fold {fold}|seed {seed}|{label}"  # another version's record is redone
+                if log.get(key) is None:  # as it reads back from the log: a rerun prints the same
+                    record = {**_one_run(setup, fold, seed, label, addition, out, progress), "key": key}
+                    log.add(json.loads(json.dumps(record, sort_keys=True)))
+                records.append(log.get(key))
     return records
 
 
@@ -236,20 +230,6 @@ def _seeded(recipe, seed: int):
     import dataclasses
 
     return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
-
-
-def _read_log(path) -> list[dict]:
-    import json
-
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: that run is redone
-            continue
-    return out
 
 
 def summarise(records: list[dict], ks=(1, 10)) -> list[dict]:
