@@ -84,7 +84,7 @@ class BoundModel:
     @property
     def modalities(self) -> list[str]:
         """Every modality, the jointly trained ones first, then the added ones in the order added."""
-        return [*self.layers, *getattr(self, "added", {})]
+        return [*self.layers, *self.added]
 
     def layers_of(self, modality: str) -> list[str]:
         """The encoder layers `modality`'s features are read at."""

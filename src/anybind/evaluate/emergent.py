@@ -193,8 +193,10 @@ def _one_run(setup: EmergentSetup, fold, seed, label, addition: Addition, out, p
     gallery_store = setup.base[setup.gallery]
     items = split_items(gallery_store, "test", fold)
     # an item the addition trained on is no test of emergence (its subset may split groups otherwise)
-    seen = set().union(*(split_items(addition.stores[addition.to], s, fold) for s in ("train", "val")))
-    items -= seen
+    from ..align.data import row_splits
+
+    edge = addition.stores[addition.to]
+    items -= {i for i, s in zip(edge.item_ids, row_splits(edge, fold)) if s in ("train", "val")}
     if setup.emergent in setup.queries:  # one gallery for every query set: the items that have a spoken query
         items &= set(setup.queries[setup.emergent][1].item_ids)
     scores = score_pairs(added.model, (setup.gallery, gallery_store), setup.queries, items)
