@@ -255,3 +255,27 @@ def test_score_dispatch_and_errors():
         M.unbiased_cka(x[:3], y[:3])
     # constant features: zero denominator scores 0.0 (as platonic-rep's epsilon would)
     assert M.linear_cka(np.ones((30, 4)), y) == 0.0
+
+
+@pytest.mark.parametrize("n, chunk", [(2, 1), (7, 3), (257, 64), (700, 128), (700, 1024)])
+def test_nearest_neighbors_tiles_equal_brute_force(n, chunk):
+    # the symmetric-tile search (upper tiles only, running top-k) finds the same neighbour sets,
+    # in decreasing similarity, as a float64 sort of the full Gram matrix
+    g = torch.Generator().manual_seed(n)
+    f = M.prepare(torch.randn(n, 64, generator=g) + torch.randn(1, 64, generator=g))
+    k = min(10, n - 1)
+    got = M.nearest_neighbors(f, k, chunk=chunk)
+    sims = f @ f.T
+    sims.fill_diagonal_(-math.inf)
+    want = torch.topk(sims, k, dim=1).indices
+    assert torch.equal(got.sort(dim=1).values, want.sort(dim=1).values)
+    got_sims = sims.gather(1, got)
+    assert bool((got_sims[:, :-1] >= got_sims[:, 1:] - 1e-6).all())  # ordered
+    assert not bool((got == torch.arange(n)[:, None]).any())  # self never a neighbour
+
+
+def test_nearest_neighbors_tile_size_does_not_change_the_lists():
+    f = M.prepare(torch.randn(500, 32, generator=torch.Generator().manual_seed(1)))
+    base = M.nearest_neighbors(f, 7)
+    for chunk in (1, 50, 499, 500, 4096):
+        assert torch.equal(M.nearest_neighbors(f, 7, chunk=chunk).sort(1).values, base.sort(1).values)

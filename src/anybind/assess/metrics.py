@@ -152,22 +152,39 @@ def _ratio(kl: float, kk: float, ll: float) -> float:
 # ----------------------------------------------------------------------------- neighbours
 
 
-def nearest_neighbors(f: torch.Tensor, k: int) -> torch.Tensor:
+def nearest_neighbors(f: torch.Tensor, k: int, chunk: int = _KNN_CHUNK) -> torch.Tensor:
     """[n, k] indices of each row's k most similar other rows (inner product, self excluded).
 
-    ``f`` is already normalised. The Gram matrix is built in float32 blocks of rows, so memory
-    stays O(chunk * n). Order within a row is by decreasing similarity.
+    ``f`` is already normalised. The Gram matrix is symmetric, so only its upper block tiles are
+    computed (float32): each tile [rows s:e, columns s:n] updates the running top-k of its rows
+    and, through its transpose, of its columns. That is about half the multiply-adds of the full
+    matrix, memory stays O(chunk * n), and order within a row is by decreasing similarity.
     """
     n = f.shape[0]
     f32 = f.to(torch.float32)
-    out = torch.empty(n, k, dtype=torch.int64)
-    for s in range(0, n, _KNN_CHUNK):
-        e = min(n, s + _KNN_CHUNK)
-        g = f32[s:e] @ f32.T
+    best_v = torch.full((n, k), -math.inf)
+    best_i = torch.zeros(n, k, dtype=torch.int64)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        tile = f32[s:e] @ f32[s:].T  # rows s:e against columns s:n
         rows = torch.arange(e - s)
-        g[rows, rows + s] = -math.inf
-        out[s:e] = torch.topk(g, k, dim=1, largest=True, sorted=True).indices
-    return out
+        tile[rows, rows] = -math.inf
+        _merge_top(best_v, best_i, slice(s, e), tile, s, k)
+        if e < n:  # the same similarities seen from the later rows (columns e:n)
+            _merge_top(best_v, best_i, slice(e, n), tile[:, e - s :].T, s, k)
+    order = best_v.argsort(dim=1, descending=True, stable=True)
+    return best_i.gather(1, order)
+
+
+def _merge_top(best_v: torch.Tensor, best_i: torch.Tensor, rows: slice, sims: torch.Tensor,
+               offset: int, k: int) -> None:
+    """Fold the top-k of ``sims`` (its column c is item offset + c) into rows' running top-k."""
+    v, i = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+    v = torch.cat([best_v[rows], v], dim=1)
+    i = torch.cat([best_i[rows], i + offset], dim=1)
+    top = torch.topk(v, k, dim=1).indices
+    best_v[rows] = v.gather(1, top)
+    best_i[rows] = i.gather(1, top)
 
 
 def knn_overlap(nx: torch.Tensor, ny: torch.Tensor) -> torch.Tensor:
