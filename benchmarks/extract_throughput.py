@@ -8,6 +8,12 @@ and prints items/s for each. On a CPU machine decoding and the forward pass shar
 so the bound for (c) is 1 / (t_forward + t_decode) per item; on a GPU it is the forward alone.
 The ratio (c) / bound is the figure of merit (target >= 0.9).
 
+Roofline: the matmul rate (fp32, bf16) is measured at the start and the end of the run
+(benchmarks/roofline.py); (a) and (c) print their GFLOP/s as a fraction of the rate of the
+precision extraction computes in (`choose_precision`). FLOPs: benchmarks/flops.py (FlopCounterMode
+over the real forward of each batch shape; analytic for Whisper under CTranslate2; otherwise not
+counted, with the reason). (b) does no matmul work: items/s only.
+
     python benchmarks/extract_throughput.py --encoder efficientnet-lite0 --data openclipart --n 1024
 """
 
@@ -31,6 +37,8 @@ from anybind.features.extract import (
     choose_precision,
     default_field,
 )
+from flops import NOT_FLOP_BOUND, encoder_flops, flops_line, roofline_text
+from roofline import Roofline
 
 
 def main() -> None:
@@ -43,6 +51,7 @@ def main() -> None:
     ap.add_argument("--layers", default="final")
     args = ap.parse_args()
 
+    roof = Roofline.measure()
     device = select_device("auto")
     enc = create_encoder(args.encoder).to(device)
     index = load_dataset(args.data).spread(args.n)  # evenly spread: rare huge images count fairly
@@ -83,12 +92,23 @@ def main() -> None:
                         num_workers=workers, cache=tmp, progress=False)
         t_full = time.perf_counter() - t
         assert len(store) == n_ok
+    flops, how = encoder_flops(enc, (b for _, b in decoded), layers, pooling)
+    roof.remeasure()
 
-    per = lambda s: n_ok / s  # noqa: E731
+    report(roof, device, n_ok, (flops, how), precision, t_forward, t_decode, t_full)
+
+
+def report(roof: Roofline, device, n_ok: int, counted: tuple, precision: str, t_forward: float, t_decode: float,
+           t_full: float) -> None:
+    (flops, how), per = counted, (lambda s: n_ok / s)
     bound = n_ok / (t_forward + t_decode) if device.type == "cpu" else n_ok / t_forward
-    print(f"(a) forward only          {per(t_forward):8.1f} items/s   ({t_forward:.1f} s)")
-    print(f"(b) decode + preprocess   {per(t_decode):8.1f} items/s   ({t_decode:.1f} s)")
-    print(f"(c) full extract          {per(t_full):8.1f} items/s   ({t_full:.1f} s)")
+    print(roof.header())
+    print(flops_line(flops, n_ok, how))
+    print(f"(a) forward only          {per(t_forward):8.1f} items/s   ({t_forward:.1f} s)"
+          f"{roofline_text(roof, t_forward, flops, precision)}")
+    print(f"(b) decode + preprocess   {per(t_decode):8.1f} items/s   ({t_decode:.1f} s)   {NOT_FLOP_BOUND}")
+    print(f"(c) full extract          {per(t_full):8.1f} items/s   ({t_full:.1f} s)"
+          f"{roofline_text(roof, t_full, flops, precision)}")
     print(f"bound = 1/(t_forward + t_decode) = {bound:.1f} items/s" if device.type == "cpu" else f"bound = forward = {bound:.1f} items/s")
     print(f"ratio (c) / bound = {per(t_full) / bound:.2f}   (target >= 0.90)")
 
