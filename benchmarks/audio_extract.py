@@ -8,6 +8,13 @@ In one run, over the same espeak-ng clips (captions spoken by two voices, made h
 and prints clips/s for each. On a CPU the parts share the cores, so the bound for (d) is
 1 / (t_decode + t_preprocess + t_forward) per clip; the ratio (d) / bound is the figure of merit.
 
+Roofline: the matmul rate (fp32, bf16) is measured at the start and the end of the run
+(benchmarks/roofline.py); (c) and (d) print their GFLOP/s as a fraction of the rate of the
+precision extraction computes in (`choose_precision`; Whisper under CTranslate2: fp32). FLOPs
+(benchmarks/flops.py): Whisper tiny.en analytically (conv stem + 4 blocks x 384 over each clip's
+padded frames); torch encoders by FlopCounterMode over the real forward. (a) and (b) do no large
+matmul: clips/s only.
+
     python benchmarks/audio_extract.py --encoder whisper-tiny-en --n 40
     python benchmarks/audio_extract.py --encoder whisper-tiny-en --window 30s --n 16
 """
@@ -27,6 +34,9 @@ from anybind.data.audio import load_audio
 from anybind.data.index import DatasetIndex
 from anybind.encoders import create_encoder
 from anybind.features import extract
+from anybind.features.precision import autocast, choose_precision
+from flops import NOT_FLOP_BOUND, encoder_flops, flops_line, roofline_text
+from roofline import Roofline
 
 CAPTIONS = [
     "a red car", "a blue whale", "a small dog running on the grass", "two people riding bicycles",
@@ -50,15 +60,15 @@ def make_clips(root: Path, n: int) -> DatasetIndex:
     return DatasetIndex.from_records("espeak", records, {"audio": "audio", "caption": "text"}, root=str(root))
 
 
-def time_parts(enc, paths: list[str], batch_size: int, layers: list[str]) -> tuple[float, float, float]:
-    """(t_decode, t_preprocess, t_forward) over `paths`, each part alone, in this process.
+def time_parts(enc, paths: list[str], batch_size: int, layers: list[str], precision: str) -> tuple[float, float, float, list]:
+    """(t_decode, t_preprocess, t_forward, the forward's batches) over `paths`, each part alone, in this process.
 
     The forward pass is timed first, on batches prepared untimed. Decoding and preprocessing
     then run on one torch thread, as in extract's worker processes (the DataLoader sets one per
     worker): the log-mel's small STFTs ran 5-10x slower on two threads of a shared 2-core machine."""
     items = [enc.preprocess(load_audio(p, sample_rate=enc.sample_rate)) for p in paths]
     batches = [enc.collate(items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, enc.device):
         enc.encode(batches[0], layers, enc.default_pooling)  # warm-up: loads the model
         t = time.perf_counter()
         for b in batches:
@@ -74,7 +84,7 @@ def time_parts(enc, paths: list[str], batch_size: int, layers: list[str]) -> tup
         enc.preprocess(x)
     t_pre = time.perf_counter() - t
     torch.set_num_threads(threads)
-    return t_decode, t_pre, t_fwd
+    return t_decode, t_pre, t_fwd, batches
 
 
 def main() -> None:
@@ -89,8 +99,10 @@ def main() -> None:
     if shutil.which("espeak-ng") is None:
         raise SystemExit("this benchmark speaks its clips with espeak-ng: apt-get install espeak-ng")
 
+    roof = Roofline.measure()
     enc = create_encoder(args.encoder, **({"window": args.window} if args.window else {}))
     layers = enc.resolve_layers(args.layers)
+    precision = choose_precision(enc, enc.default_pooling, enc.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "clips"
         root.mkdir()
@@ -98,20 +110,31 @@ def main() -> None:
         _, _, refs = index.field_rows("audio")
         seconds = sum(load_audio(r).size for r in refs) / 16000
         print(f"{enc.spec} on {len(refs)} espeak clips ({seconds / len(refs):.2f} s mean), batch {args.batch_size}, "
-              f"{enc.preprocess_config().get('window', '')} window, torch threads {torch.get_num_threads()}")
-        t_decode, t_pre, t_fwd = time_parts(enc, refs, args.batch_size, layers)
+              f"{enc.preprocess_config().get('window', '')} window, {precision} compute, torch threads {torch.get_num_threads()}")
+        t_decode, t_pre, t_fwd, batches = time_parts(enc, refs, args.batch_size, layers, precision)
         t = time.perf_counter()
-        store = extract(enc, index, layers=layers, batch_size=args.batch_size, num_workers=args.workers,
+        store = extract(enc, index, layers=layers, precision=precision, batch_size=args.batch_size, num_workers=args.workers,
                         cache=Path(tmp) / "cache", progress=False)
         t_full = time.perf_counter() - t
         assert len(store) == len(refs), store.report
 
-    n = len(refs)
+    flops, how = encoder_flops(enc, batches, layers, enc.default_pooling)
+    roof.remeasure()
+    report(roof, len(refs), (flops, how), precision, t_decode, t_pre, t_fwd, t_full)
+
+
+def report(roof: Roofline, n: int, counted: tuple, precision: str, t_decode: float, t_pre: float, t_fwd: float,
+           t_full: float) -> None:
+    flops, how = counted
     bound = n / (t_decode + t_pre + t_fwd)
-    print(f"(a) decode (load_audio)    {n / t_decode:8.1f} clips/s   ({t_decode:.2f} s)")
-    print(f"(b) preprocess (log-mel)   {n / t_pre:8.1f} clips/s   ({t_pre:.2f} s)")
-    print(f"(c) forward only           {n / t_fwd:8.1f} clips/s   ({t_fwd:.2f} s)")
-    print(f"(d) full extract           {n / t_full:8.1f} clips/s   ({t_full:.2f} s)")
+    print(roof.header())
+    print(flops_line(flops, n, how, unit="clip"))
+    print(f"(a) decode (load_audio)    {n / t_decode:8.1f} clips/s   ({t_decode:.2f} s)   {NOT_FLOP_BOUND}")
+    print(f"(b) preprocess (log-mel)   {n / t_pre:8.1f} clips/s   ({t_pre:.2f} s)   "
+          "not FLOP-bound (per-clip STFT and mel filterbank: small products)")
+    print(f"(c) forward only           {n / t_fwd:8.1f} clips/s   ({t_fwd:.2f} s){roofline_text(roof, t_fwd, flops, precision)}")
+    print(f"(d) full extract           {n / t_full:8.1f} clips/s   ({t_full:.2f} s)"
+          f"{roofline_text(roof, t_full, flops, precision)}")
     print(f"bound = 1/(t_decode + t_preprocess + t_forward) = {bound:.1f} clips/s")
     print(f"ratio (d) / bound = {n / t_full / bound:.2f}")
 
