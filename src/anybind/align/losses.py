@@ -116,6 +116,8 @@ class InfoNCE(nn.Module):
             a, b = _normalised_pair("infonce", za, zb)
             pos = _check_pos("infonce", pos, a, b)
             scale = self.logit_scale().float()
+            if self.chunk_size is None or self.chunk_size >= max(a.shape[0], b.shape[0]):
+                return _infonce_both_directions(a, b, scale, pos)
             a_to_b = _chunked_mean(_infonce_rows, a, b, scale, pos, self.chunk_size)
             b_to_a = _chunked_mean(
                 _infonce_rows, b, a, scale, None if pos is None else pos.T, self.chunk_size
@@ -164,6 +166,20 @@ class SigLIP(nn.Module):
             pos = _check_pos("siglip", pos, a, b)
             scale_bias = torch.stack([self.scale(), self.bias]).float()
             return _chunked_mean(_siglip_rows, a, b, scale_bias, pos, self.chunk_size)
+
+
+def _infonce_both_directions(a: Tensor, b: Tensor, scale: Tensor, pos: Tensor | None) -> Tensor:
+    """The unchunked InfoNCE from one logits matrix: a -> b over its rows, b -> a over its columns
+    (``b @ a.T`` is its transpose), so the B x B product and its gradients are computed once."""
+    logits = (scale * a) @ b.T
+    if pos is None:  # row i's positive (and column i's) is the diagonal
+        positive_ab = positive_ba = logits.diagonal()
+    else:
+        masked = logits.masked_fill(~pos, float("-inf"))
+        positive_ab, positive_ba = masked.logsumexp(dim=1), masked.logsumexp(dim=0)
+    a_to_b = (logits.logsumexp(dim=1) - positive_ab).sum() / a.shape[0]
+    b_to_a = (logits.logsumexp(dim=0) - positive_ba).sum() / b.shape[0]
+    return 0.5 * (a_to_b + b_to_a)
 
 
 def _infonce_rows(q: Tensor, g: Tensor, scale: Tensor, pos: Tensor | None, offset: int) -> Tensor:
@@ -237,7 +253,8 @@ def structure_regulariser(
     (``z = c x Q`` for an orthogonal ``Q``, any scale ``c > 0``, or rows rescaled). Cost is
     O(B^2 D) plus O(B^3) per extra level, so a batch larger than ``max_batch`` is replaced by a
     random sub-batch of ``max_batch`` rows: ``torch.randperm(B, generator=generator)[:max_batch]``.
-    Computed in fp32 whatever autocast says.
+    Computed in fp32 whatever autocast says. With one level and a frozen ``x`` (the training
+    case) it takes `_structure_one_level`'s fast path: the same value and gradient.
     """
     levels, tau, weights, max_batch = _structure_settings(levels, tau, level_weighting, max_batch)
     if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
@@ -253,6 +270,8 @@ def structure_regulariser(
         keep = torch.randperm(x.shape[0], generator=generator)[:max_batch].to(x.device)
         x, z = x[keep], z[keep.to(z.device)]
     with _fp32():
+        if levels == 1 and not x.requires_grad:
+            return _structure_one_level(x.float(), z.float(), tau)
         p_x = _random_walk(x.float(), tau)
         p_z = _random_walk(z.float(), tau)
         total = z.new_zeros((), dtype=torch.float32)
@@ -341,6 +360,98 @@ def _random_walk(y: Tensor, tau: float) -> Tensor:
     y = F.normalize(y, dim=-1)
     y = y - y.mean(dim=0, keepdim=True)
     return torch.softmax((y @ y.T) / tau, dim=-1)
+
+
+# The one-level fast path: the frozen side without autograd, symmetric Grams computed once per
+# tile pair, and a hand-written backward that reuses the forward's B x B buffers in place.
+#: Rows per strip of a symmetric Gram's product, and the side of the tiles transposed in place:
+#: small tiles, as a whole-row transpose (a power-of-two row stride) thrashes the cache.
+_GRAM_STRIP, _TILE = 512, 128
+
+
+def _structure_one_level(x: Tensor, z: Tensor, tau: float) -> Tensor:
+    """``mean_i JS(P_x[i] || P_z[i])`` (levels 1): `structure_regulariser`'s value and gradient
+    w.r.t. `z`, for an `x` that needs no gradient."""
+    with torch.no_grad():
+        logits = _gram_logits(_centred_rows(x), tau)
+        p = torch.softmax(logits, dim=1)
+        log_p = torch.clamp_min(p, torch.finfo(p.dtype).tiny, out=logits).log_()  # reuses the buffer
+    return _OneLevelJS.apply(_centred_rows(z), p, log_p, tau)
+
+
+def _centred_rows(y: Tensor) -> Tensor:
+    """L2-normalised rows, then centred over the batch (as `_random_walk`)."""
+    y = F.normalize(y, dim=-1)
+    return y - y.mean(dim=0, keepdim=True)
+
+
+def _gram_logits(y: Tensor, tau: float) -> Tensor:
+    """``(Y Y^T) / tau``: each strip of rows times the rows from its own on, the rest mirrored
+    (the matrix is symmetric), which is about half the FLOPs of the full product."""
+    n = y.shape[0]
+    out = y.new_empty(n, n)
+    for start in range(0, n, _GRAM_STRIP):
+        strip = out[start:start + _GRAM_STRIP, start:]
+        torch.addmm(strip, y[start:start + _GRAM_STRIP], y[start:].T, beta=0, alpha=1 / tau, out=strip)
+    for a in range(0, n, _TILE):  # mirror the tiles below the diagonal
+        for b in range(a + _TILE, n, _TILE):
+            out[b:b + _TILE, a:a + _TILE].copy_(out[a:a + _TILE, b:b + _TILE].T)
+    return out
+
+
+def _add_transpose_(m: Tensor) -> Tensor:
+    """``m <- m + m^T`` in place, tile by tile (a whole-matrix transpose reads memory badly)."""
+    n = m.shape[0]
+    for a in range(0, n, _TILE):
+        for b in range(a, n, _TILE):
+            upper, lower = m[a:a + _TILE, b:b + _TILE], m[b:b + _TILE, a:a + _TILE]
+            both = upper + lower.T
+            upper.copy_(both)
+            lower.copy_(both.T)
+    return m
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    return torch.einsum("ij,ij->i", a, b)
+
+
+class _OneLevelJS(torch.autograd.Function):
+    """``mean_i max(0, JS(p_i || q_i))`` with ``q = softmax_rows(Y Y^T / tau)``, from the centred
+    rows ``Y``; `p` (and its log) is constant.
+
+    With ``m = (p + q) / 2`` and ``d = log q - log m``, ``dJS_i / dq_ij = d_ij / 2`` (the terms
+    through ``m`` cancel), so through the softmax ``dJS_i / dlogit_ij = q_ij (d_ij - q_i . d_i) / 2``
+    and ``dY = (G + G^T) Y / tau`` for that logit gradient ``G``. Logs are of values clamped to
+    the smallest normal float, and a zero probability adds nothing, as in `_js_rows`.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, p: Tensor, log_p: Tensor, tau: float) -> Tensor:
+        tiny = torch.finfo(y.dtype).tiny
+        logits = _gram_logits(y, tau)
+        q = torch.softmax(logits, dim=1)
+        log_m = torch.lerp(p, q, 0.5, out=logits).clamp_min_(tiny).log_()  # reuses the buffer
+        d = torch.clamp_min(q, tiny).log_().sub_(log_m)
+        q_d = _row_dots(q, d)
+        js = 0.5 * (q_d - _row_dots(p, log_m.sub_(log_p)))  # log_m - log_p, in place
+        kept = js >= 0  # clamp_min(0)'s gradient mask: rounding can dip below 0
+        ctx.save_for_backward(y, q, d, q_d, kept)
+        ctx.tau, ctx.used = tau, False
+        return js.clamp_min(0.0).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        if ctx.used:  # d is turned into the logit gradient in place
+            raise AnybindError("structure: the one-level fast path supports one backward pass")
+        ctx.used = True
+        y, q, d, q_d, kept = ctx.saved_tensors
+        with _fp32():
+            logit_grad = d.sub_(q_d[:, None]).mul_(q)
+            scale = grad * (0.5 / (y.shape[0] * ctx.tau))
+            if not bool(kept.all()):
+                logit_grad.mul_(kept[:, None].to(q.dtype))
+            return (_add_transpose_(logit_grad) @ y) * scale, None, None, None
 
 
 def _js_rows(p: Tensor, q: Tensor) -> Tensor:
