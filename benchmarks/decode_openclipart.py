@@ -6,6 +6,11 @@ encoder's `min_side` (reduced decodes, banded decode of huge PNGs, white composi
 their pixel sizes, and the skipped files with their reasons. `--naive` runs the same pool on a
 plain `Image.open(...).convert("RGB")` (bomb guard off) for a ratio measured in the same run.
 
+Roofline: decoding and resizing do no matmul work, so they are not FLOP-bound and their rate
+stays images/s; the matmul rate (fp32, bf16; benchmarks/roofline.py) is still measured at the
+start and the end of the run, as the machine's state beside the times (a slow run on a busy
+machine shows in it).
+
     python benchmarks/decode_openclipart.py                  # ~8,121 files, 2 workers
     python benchmarks/decode_openclipart.py --order size     # largest files first
     python benchmarks/decode_openclipart.py --naive          # also the naive baseline
@@ -20,6 +25,9 @@ import struct
 import sys
 import time
 from collections import Counter
+
+from flops import NOT_FLOP_BOUND
+from roofline import Roofline
 
 ROOT = "/usr/share/openclipart/png"
 
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = paths[: args.limit]
     if args.order == "size":
         paths.sort(key=lambda p: -pixels(p))
+    roof = Roofline.measure()
     print(
         f"{len(paths)} PNGs under {args.root}, {args.workers} workers, order={args.order}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run"
@@ -142,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
             f"\nspeed-up: {naive['wall'] / ours['wall']:.2f}x wall, "
             f"{sum(r[2] for r in naive['results']) / sum(r[2] for r in ours['results']):.2f}x CPU"
         )
+    roof.remeasure()
+    print(f"\n{roof.header()}")
+    print(f"decode + preprocess: {NOT_FLOP_BOUND}; {len(paths) / ours['wall']:.0f} images/s is its measure")
 
 
 if __name__ == "__main__":
