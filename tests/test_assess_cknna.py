@@ -41,8 +41,12 @@ def test_small_blocks_and_tied_duplicate_rows_give_the_same_scores(monkeypatch):
     xs[0][30:40] = xs[0][:10]  # duplicated rows: ties in the neighbour search
     fxs, fys = [M.prepare(x) for x in xs], [M.prepare(y) for y in ys]
     monkeypatch.setattr(C, "_BLOCK", 7)  # one row per block, many blocks
+    monkeypatch.setattr(C, "_GATHER_BLOCK", 7)
     got = C.batched_cknna(fxs, fys, 4)
     np.testing.assert_allclose(got, _pairwise(fxs, fys, 4), rtol=0, atol=1e-9)
+    nb = M.nearest_neighbors(fxs[0], 4)
+    brute = [[i in nb[j].tolist() for j in nb[i].tolist()] for i in range(60)]
+    assert C.reciprocal(nb).tolist() == brute
 
 
 def test_identical_spaces_score_one_on_their_pair():
