@@ -88,7 +88,7 @@ def assert_same(x, z, **kwargs):
     # rounding of a sum that cancels, magnified; compare it to its own size, the rest together
     zero = (z == 0).all(dim=1)
     error = (g_new - g_ref).norm(dim=1)
-    scale = g_ref[~zero].abs().max().clamp_min(1e-12)
+    scale = g_ref[~zero].norm(dim=1).max().clamp_min(1e-12)
     assert (error[~zero].max() / scale).item() < 2e-5
     assert bool((error[zero] <= 2e-3 * g_ref[zero].norm(dim=1)).all())
 
@@ -106,6 +106,19 @@ def random_pair(n, dx, dz, seed):
 def test_structure_equals_the_reference(n, levels, level_weighting):
     x, z = random_pair(n, 24, 12, seed=n)
     assert_same(x, z, levels=levels, level_weighting=level_weighting)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Row blocks of a few rows, so a small batch goes through many blocks and a ragged last one."""
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1000)
+
+
+@pytest.mark.parametrize("n", [37, 300])
+def test_structure_in_many_row_blocks_equals_the_reference(small_blocks, n):
+    x, z = random_pair(n, 20, 10, seed=11)
+    assert_same(x, z)
+    assert_same(x, z, tau=0.01)
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.05, 0.3, 2.0])
@@ -170,7 +183,15 @@ def test_structure_fast_path_refuses_a_second_backward():
         value.backward()
 
 
-def test_symmetric_gram_equals_the_product():
+def test_symmetric_gram_and_blocked_reductions_equal_the_plain_ones(small_blocks):
+    m = torch.randn(300, 200) * 30
+    rows, cols = losses._row_and_column_logsumexp(m)
+    assert torch.allclose(rows, m.logsumexp(1)) and torch.allclose(cols, m.logsumexp(0))
+    assert torch.allclose(losses._softmax_rows_(m.clone()), torch.softmax(m, 1))
+    segment = torch.tensor([0, 2, 2, 1, 0, 2])
+    values = torch.tensor([1.0, -3.0, 50.0, 7.0, 2.0, 49.0])
+    expected = torch.stack([values[segment == k].logsumexp(0) for k in range(3)])
+    assert torch.allclose(losses._segment_logsumexp(values, segment, 3), expected)
     y = torch.randn(1030, 9)
     assert torch.allclose(losses._gram_logits(y, 0.1), (y @ y.T) / 0.1, rtol=1e-5, atol=1e-4)
     m = torch.randn(300, 300)
@@ -186,8 +207,11 @@ def infonce_value_and_grads(fn, loss, za, zb, pos):
 
 
 @pytest.mark.parametrize("case", ["diagonal", "duplicates", "unequal rows"])
-@pytest.mark.parametrize("chunk_size", [None, 64])
-def test_infonce_equals_the_reference(case, chunk_size):
+@pytest.mark.parametrize("chunk_size", [None, 64, 7])  # 64 >= the batch: the fused path too
+@pytest.mark.parametrize("blocks", ["one block", "many blocks"])
+def test_infonce_equals_the_reference(case, chunk_size, blocks, monkeypatch):
+    if blocks == "many blocks":
+        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 200)
     g = torch.Generator().manual_seed(0)
     na, nb = (50, 30) if case == "unequal rows" else (50, 50)
     za, zb = torch.randn(na, 16, generator=g), torch.randn(nb, 16, generator=g)
@@ -197,9 +221,17 @@ def test_infonce_equals_the_reference(case, chunk_size):
         items_b[:20] = torch.arange(20)  # every item on both sides
         items_a[:20] = torch.arange(20)
         pos = items_a[:, None] == items_b[None, :]
-    loss = InfoNCE(temperature=0.05, chunk_size=chunk_size)  # 64 >= the batch: the fused path
+    loss = InfoNCE(temperature=0.05, chunk_size=chunk_size)
     v_ref, g_ref = infonce_value_and_grads(reference_infonce, loss, za, zb, pos)
     v_new, g_new = infonce_value_and_grads(lambda m, a, b, p: m(a, b, p), loss, za, zb, pos)
     assert torch.allclose(v_new, v_ref, rtol=1e-6, atol=1e-6)
     for new, ref in zip(g_new, g_ref):
         assert torch.allclose(new, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_infonce_fused_path_refuses_a_second_backward():
+    za, zb = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4)
+    value = InfoNCE()(za, zb)
+    value.backward(retain_graph=True)
+    with pytest.raises(AnybindError, match="one backward"):
+        value.backward()

@@ -171,15 +171,79 @@ class SigLIP(nn.Module):
 def _infonce_both_directions(a: Tensor, b: Tensor, scale: Tensor, pos: Tensor | None) -> Tensor:
     """The unchunked InfoNCE from one logits matrix: a -> b over its rows, b -> a over its columns
     (``b @ a.T`` is its transpose), so the B x B product and its gradients are computed once."""
-    logits = (scale * a) @ b.T
     if pos is None:  # row i's positive (and column i's) is the diagonal
-        positive_ab = positive_ba = logits.diagonal()
+        rows = cols = torch.arange(a.shape[0], device=a.device)
     else:
-        masked = logits.masked_fill(~pos, float("-inf"))
-        positive_ab, positive_ba = masked.logsumexp(dim=1), masked.logsumexp(dim=0)
-    a_to_b = (logits.logsumexp(dim=1) - positive_ab).sum() / a.shape[0]
-    b_to_a = (logits.logsumexp(dim=0) - positive_ba).sum() / b.shape[0]
-    return 0.5 * (a_to_b + b_to_a)
+        rows, cols = pos.nonzero(as_tuple=True)
+    return _InfoNCEBoth.apply(scale * a, b, rows, cols)
+
+
+class _InfoNCEBoth(torch.autograd.Function):
+    """``(mean_i [lse_j L_ij - lse_{j in pos(i)} L_ij] + mean_j [lse_i L_ij - lse_{i in pos(j)} L_ij]) / 2``
+    for ``L = A B^T``, the positives listed as (`rows`, `cols`).
+
+    Its gradient, ``dL = softmax_rows(L) / 2na + softmax_cols(L) / 2nb`` less the same two softmaxes
+    over the positives only, is formed in place in L's buffer, row block by row block.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        logits = a @ b.T
+        row_lse, col_lse = _row_and_column_logsumexp(logits)
+        positive = logits[rows, cols]
+        pos_row_lse = _segment_logsumexp(positive, rows, a.shape[0])
+        pos_col_lse = _segment_logsumexp(positive, cols, b.shape[0])
+        ctx.save_for_backward(a, b, logits, row_lse, col_lse, rows, cols, positive, pos_row_lse, pos_col_lse)
+        ctx.used = False
+        return 0.5 * ((row_lse - pos_row_lse).mean() + (col_lse - pos_col_lse).mean())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        if ctx.used:  # the logits are turned into their gradient in place
+            raise AnybindError("infonce: the fused loss supports one backward pass")
+        ctx.used = True
+        a, b, logits, row_lse, col_lse, rows, cols, positive, pos_row_lse, pos_col_lse = ctx.saved_tensors
+        with _fp32():
+            w_a, w_b = 0.5 / a.shape[0], 0.5 / b.shape[0]
+            # w * exp(L - lse) as exp(L - (lse - log w)): one pass over each block
+            row_shift, col_shift = row_lse - math.log(w_a), (col_lse - math.log(w_b))[None, :]
+            for start, block in _row_blocks(logits):
+                by_col = torch.sub(block, col_shift).exp_()
+                block.sub_(row_shift[start:start + block.shape[0], None]).exp_().add_(by_col)
+            on_positives = (w_a * (positive - pos_row_lse[rows]).exp()
+                            + w_b * (positive - pos_col_lse[cols]).exp())
+            logits.index_put_((rows, cols), -on_positives, accumulate=True)
+            return (logits @ b) * grad, (logits.T @ a) * grad, None, None
+
+
+def _row_and_column_logsumexp(m: Tensor) -> tuple[Tensor, Tensor]:
+    """``m.logsumexp(1), m.logsumexp(0)`` in one pass over blocks of rows (after the column peaks)."""
+    col_peak = m.amax(dim=0)
+    row_lse, col_sum = m.new_empty(m.shape[0]), m.new_zeros(m.shape[1])
+    for start, block in _row_blocks(m):
+        row_lse[start:start + block.shape[0]] = block.logsumexp(dim=1)
+        col_sum += torch.sub(block, col_peak).exp_().sum(dim=0)
+    return row_lse, col_peak + col_sum.log()
+
+
+def _segment_logsumexp(values: Tensor, segment: Tensor, n: int) -> Tensor:
+    """logsumexp of `values` within each of `n` segments (each one non-empty)."""
+    peak = values.new_full((n,), float("-inf")).scatter_reduce(0, segment, values, "amax")
+    total = values.new_zeros(n).index_add_(0, segment, (values - peak[segment]).exp())
+    return peak + total.log()
+
+
+#: Elements in a block of rows of a B x B matrix (512 KB of fp32) that the elementwise passes
+#: work through in cache, instead of streaming the whole matrix from memory once per pass.
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def _row_blocks(m: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(first row, view) of the blocks of rows of `m`, each about `_BLOCK_ELEMENTS` large."""
+    step = max(1, _BLOCK_ELEMENTS // max(1, m.shape[1]))
+    for start in range(0, m.shape[0], step):
+        yield start, m[start:start + step]
 
 
 def _infonce_rows(q: Tensor, g: Tensor, scale: Tensor, pos: Tensor | None, offset: int) -> Tensor:
@@ -373,10 +437,15 @@ def _structure_one_level(x: Tensor, z: Tensor, tau: float) -> Tensor:
     """``mean_i JS(P_x[i] || P_z[i])`` (levels 1): `structure_regulariser`'s value and gradient
     w.r.t. `z`, for an `x` that needs no gradient."""
     with torch.no_grad():
-        logits = _gram_logits(_centred_rows(x), tau)
-        p = torch.softmax(logits, dim=1)
-        log_p = torch.clamp_min(p, torch.finfo(p.dtype).tiny, out=logits).log_()  # reuses the buffer
-    return _OneLevelJS.apply(_centred_rows(z), p, log_p, tau)
+        p = _softmax_rows_(_gram_logits(_centred_rows(x), tau))
+    return _OneLevelJS.apply(_centred_rows(z), p, tau)
+
+
+def _softmax_rows_(m: Tensor) -> Tensor:
+    """Row softmax in place, block by block."""
+    for _, block in _row_blocks(m):
+        block.copy_(torch.softmax(block, dim=1))
+    return m
 
 
 def _centred_rows(y: Tensor) -> Tensor:
@@ -417,7 +486,7 @@ def _row_dots(a: Tensor, b: Tensor) -> Tensor:
 
 class _OneLevelJS(torch.autograd.Function):
     """``mean_i max(0, JS(p_i || q_i))`` with ``q = softmax_rows(Y Y^T / tau)``, from the centred
-    rows ``Y``; `p` (and its log) is constant.
+    rows ``Y``; `p` is constant, and its buffer is reused (the caller's `p` is consumed).
 
     With ``m = (p + q) / 2`` and ``d = log q - log m``, ``dJS_i / dq_ij = d_ij / 2`` (the terms
     through ``m`` cancel), so through the softmax ``dJS_i / dlogit_ij = q_ij (d_ij - q_i . d_i) / 2``
@@ -426,32 +495,41 @@ class _OneLevelJS(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, p: Tensor, log_p: Tensor, tau: float) -> Tensor:
-        tiny = torch.finfo(y.dtype).tiny
-        logits = _gram_logits(y, tau)
-        q = torch.softmax(logits, dim=1)
-        log_m = torch.lerp(p, q, 0.5, out=logits).clamp_min_(tiny).log_()  # reuses the buffer
-        d = torch.clamp_min(q, tiny).log_().sub_(log_m)
-        q_d = _row_dots(q, d)
-        js = 0.5 * (q_d - _row_dots(p, log_m.sub_(log_p)))  # log_m - log_p, in place
+    def forward(ctx, y: Tensor, p: Tensor, tau: float) -> Tensor:
+        q = _softmax_rows_(_gram_logits(y, tau))
+        js, q_d = y.new_empty(y.shape[0]), y.new_empty(y.shape[0])
+        for start, q_rows in _row_blocks(q):
+            rows = slice(start, start + q_rows.shape[0])
+            js[rows], q_d[rows], p[rows] = _js_block(p[rows], q_rows)  # p's rows now hold d
         kept = js >= 0  # clamp_min(0)'s gradient mask: rounding can dip below 0
-        ctx.save_for_backward(y, q, d, q_d, kept)
+        ctx.save_for_backward(y, q, p, q_d, kept)
         ctx.tau, ctx.used = tau, False
         return js.clamp_min(0.0).mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
         if ctx.used:  # d is turned into the logit gradient in place
             raise AnybindError("structure: the one-level fast path supports one backward pass")
         ctx.used = True
         y, q, d, q_d, kept = ctx.saved_tensors
         with _fp32():
-            logit_grad = d.sub_(q_d[:, None]).mul_(q)
+            weight = kept.to(q.dtype)[:, None]
+            for start, block in _row_blocks(d):
+                rows = slice(start, start + block.shape[0])
+                block.sub_(q_d[rows, None]).mul_(q[rows]).mul_(weight[rows])
             scale = grad * (0.5 / (y.shape[0] * ctx.tau))
-            if not bool(kept.all()):
-                logit_grad.mul_(kept[:, None].to(q.dtype))
-            return (_add_transpose_(logit_grad) @ y) * scale, None, None, None
+            return (_add_transpose_(d) @ y) * scale, None, None
+
+
+def _js_block(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For these rows: JS(p || q) (unclamped), q . d and d = log q - log m."""
+    tiny = torch.finfo(q.dtype).tiny
+    log_m = torch.lerp(p, q, 0.5).clamp_min_(tiny).log_()
+    p_to_m = _row_dots(p, torch.clamp_min(p, tiny).log_().sub_(log_m))  # KL(p || m)
+    d = torch.clamp_min(q, tiny).log_().sub_(log_m)
+    q_d = _row_dots(q, d)  # KL(q || m)
+    return 0.5 * (p_to_m + q_d), q_d, d
 
 
 def _js_rows(p: Tensor, q: Tensor) -> Tensor:
