@@ -9,6 +9,13 @@ prints requests/s, p50 and p99 latency, the error count (must be zero: the exit 
 otherwise), and the N-client numbers as ratios to the single client's. Traffic goes to 127.0.0.1
 only and every loop is bounded in time and count.
 
+Roofline: the matmul rate (fp32, bf16) is measured before the server starts and after it stops
+(benchmarks/roofline.py). The model FLOPs of one request (benchmarks/flops.py) are counted in this
+process on the same bundle: the text encoder and projector by FlopCounterMode over
+`encode_text` (the mean over the queries sent), plus the search of a flat index (2 x rows x dim;
+IVF and HNSW are not counted); each phase then prints the GFLOP/s the server achieved and its
+fraction of the matmul rate of the text side's precision. HTTP handling is not FLOP-bound.
+
 Make the bundle and the index first (or use ones you have):
 
     anybind train --recipe default --store image=efficientnet-lite0+openclipart \\
@@ -30,9 +37,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
+
+from flops import flat_search_flops, torch_flops
+from roofline import Roofline
 
 QUERIES = [
     "a red bird", "flag of france", "playing card", "a black cat", "a house with a red roof", "a smiling sun",
@@ -50,6 +61,28 @@ MAX_REQUESTS_PER_CLIENT = 200_000
 class Tally:
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+def request_flops(bundle_path: str, index_path: str, embed_share: float) -> tuple[float | None, str, str]:
+    """(model FLOPs of one request, how counted, the text side's precision), or (None, why not, precision)."""
+    import json
+
+    import torch
+
+    from anybind.bundle import load
+
+    bundle = load(bundle_path)
+    precision = bundle.info["modalities"]["text"].get("precision") or "fp32"
+    with torch.inference_mode():
+        encode = [torch_flops(bundle.encode_text, [q]) for q in QUERIES]
+    if not all(encode):
+        return None, "the text encoder runs outside torch (FlopCounterMode saw no matmul)", precision
+    search, how = flat_search_flops(json.loads((Path(index_path) / "index.json").read_text())["parts"])
+    if search is None:
+        return None, how, precision
+    flops = float(np.mean(encode)) + (1 - embed_share) * search
+    return flops, (f"text encoder + projector {np.mean(encode) / 1e6:.1f} MFLOP (FlopCounterMode, mean of "
+                   f"{len(QUERIES)} queries) + search {search / 1e6:.1f} MFLOP ({how})"), precision
 
 
 def free_port() -> int:
@@ -121,6 +154,19 @@ def run_phase(base: str, clients: int, seconds: float, k: int, embed_share: floa
             "errors": len(errors), "first_errors": errors[:3]}
 
 
+def roofline_report(roof: Roofline, counted: tuple, phases: tuple) -> None:
+    flops, how, precision = counted
+    roof.remeasure()
+    print(f"\n{roof.header()}")
+    if flops is None:
+        print(f"FLOPs not counted: {how}")
+        return
+    print(f"model FLOPs per request: {flops / 1e6:.1f} MFLOP = {how}; {precision} compute")
+    for r in phases:
+        print(f"{r['clients']:>3} clients: {r['rps']:.1f} req/s, {roof.describe(r['seconds'], r['requests'] * flops, precision)}")
+    print("the rest of each request (HTTP, JSON, the event loop) is not FLOP-bound")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="a bundle folder (anybind export)")
@@ -135,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.embed_share <= 1 or args.clients < 1 or args.seconds <= 0:
         ap.error("--clients >= 1, --seconds > 0 and 0 <= --embed-share <= 1")
 
+    roof = Roofline.measure()
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
@@ -161,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['p99_ms']:>7.1f}  {r['errors']:>6}")
     print(f"\n{args.clients} clients vs 1: throughput x{many['rps'] / one['rps']:.2f}, "
           f"p50 latency x{many['p50_ms'] / one['p50_ms']:.2f}, p99 latency x{many['p99_ms'] / one['p99_ms']:.2f}")
+    roofline_report(roof, request_flops(args.bundle, args.index, args.embed_share), (one, many))
     errors = one["errors"] + many["errors"]
     if errors:
         print(f"ERRORS: {errors}, e.g. {(one['first_errors'] + many['first_errors'])[:3]}")
