@@ -41,7 +41,10 @@ def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    # fused: one pass over each parameter's memory instead of ~10 elementwise ops; on a CPU it is
+    # ~6x faster for the star projector's 35M parameters (benchmarks/train_throughput.py), and the
+    # same update up to float rounding. A resumed checkpoint keeps the setting it was saved with.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
 def lr_lambda(cfg: OptimizerConfig, total_steps: int):
