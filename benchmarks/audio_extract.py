@@ -34,6 +34,7 @@ from anybind.data.audio import load_audio
 from anybind.data.index import DatasetIndex
 from anybind.encoders import create_encoder
 from anybind.features import extract
+from anybind.features.extract import _batches
 from anybind.features.precision import autocast, choose_precision
 from flops import NOT_FLOP_BOUND, encoder_flops, flops_line, roofline_text
 from roofline import Roofline
@@ -46,6 +47,7 @@ CAPTIONS = [
     "a bird sitting on a branch", "a sailboat on the ocean at sunset", "a woman reading a book",
     "a pizza with cheese and mushrooms", "a horse standing in a field", "a city street at night", "a green apple",
 ]
+SHARD_SIZE = 1024  # extract's default, passed to it: (c) runs the batches (d) runs
 VOICES = (("en-us", []), ("en-gb-scotland", ["-p", "30", "-s", "150"]))
 
 
@@ -67,7 +69,9 @@ def time_parts(enc, paths: list[str], batch_size: int, layers: list[str], precis
     then run on one torch thread, as in extract's worker processes (the DataLoader sets one per
     worker): the log-mel's small STFTs ran 5-10x slower on two threads of a shared 2-core machine."""
     items = [enc.preprocess(load_audio(p, sample_rate=enc.sample_rate)) for p in paths]
-    batches = [enc.collate(items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
+    # the batches extract makes (clips sorted by file size inside a shard): the same padding as (d)
+    groups = _batches(list(range(-(-len(paths) // SHARD_SIZE))), SHARD_SIZE, paths, batch_size, "audio")
+    batches = [enc.collate([items[i] for i in group]) for group in groups]
     with torch.inference_mode(), autocast(precision, enc.device):
         enc.encode(batches[0], layers, enc.default_pooling)  # warm-up: loads the model
         t = time.perf_counter()
@@ -113,7 +117,8 @@ def main() -> None:
               f"{enc.preprocess_config().get('window', '')} window, {precision} compute, torch threads {torch.get_num_threads()}")
         t_decode, t_pre, t_fwd, batches = time_parts(enc, refs, args.batch_size, layers, precision)
         t = time.perf_counter()
-        store = extract(enc, index, layers=layers, precision=precision, batch_size=args.batch_size, num_workers=args.workers,
+        store = extract(enc, index, layers=layers, precision=precision, batch_size=args.batch_size,
+                        shard_size=SHARD_SIZE, num_workers=args.workers,
                         cache=Path(tmp) / "cache", progress=False)
         t_full = time.perf_counter() - t
         assert len(store) == len(refs), store.report

@@ -31,14 +31,18 @@ from anybind.device import select_device
 from anybind.encoders import create_encoder
 from anybind.features import extract
 from anybind.features.extract import (
+    _batches,
     _Collate,
     _Items,
+    _to,
     autocast,
     choose_precision,
     default_field,
 )
 from flops import NOT_FLOP_BOUND, encoder_flops, flops_line, roofline_text
 from roofline import Roofline
+
+SHARD_SIZE = 1024  # extract's default, passed to it: the batches (a) and (b) run are the ones (c) runs
 
 
 def main() -> None:
@@ -63,8 +67,10 @@ def main() -> None:
     print(f"{enc.spec} on {len(refs)} items of {args.data}, batch {args.batch_size}, {workers} workers, "
           f"{precision} compute, device {device}, torch threads {torch.get_num_threads()}")
 
-    # (b) decode + preprocess alone, through the same loader extract uses
-    batches = [list(range(i, min(i + args.batch_size, len(refs)))) for i in range(0, len(refs), args.batch_size)]
+    # (b) decode + preprocess alone, through the same loader extract uses, in the batches it makes
+    # (captions sorted by length inside a shard): (a) and (c) then compute the same padding
+    by_length = enc.modality if enc.modality in ("text", "audio") else False
+    batches = _batches(list(range(-(-len(refs) // SHARD_SIZE))), SHARD_SIZE, refs, args.batch_size, by_length)
     loader = torch.utils.data.DataLoader(_Items(enc, refs), batch_sampler=batches, collate_fn=_Collate(enc),
                                          num_workers=workers, multiprocessing_context="fork" if workers else None)
     t = time.perf_counter()
@@ -75,11 +81,11 @@ def main() -> None:
     # (a) the bare forward on the pre-decoded batches
     with torch.inference_mode():
         with autocast(precision, device):
-            enc.encode(decoded[0][1].to(device), layers, pooling)  # warm-up
+            enc.encode(_to(decoded[0][1], device), layers, pooling)  # warm-up
         t = time.perf_counter()
         for _, b in decoded:
             with autocast(precision, device):
-                out = enc.encode(b.to(device), layers, pooling)
+                out = enc.encode(_to(b, device), layers, pooling)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_forward = time.perf_counter() - t
@@ -88,7 +94,7 @@ def main() -> None:
     # (c) the full extract into a fresh cache
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        store = extract(enc, index, layers=layers, precision=precision, batch_size=args.batch_size,
+        store = extract(enc, index, layers=layers, precision=precision, batch_size=args.batch_size, shard_size=SHARD_SIZE,
                         num_workers=workers, cache=tmp, progress=False)
         t_full = time.perf_counter() - t
         assert len(store) == n_ok
