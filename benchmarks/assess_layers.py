@@ -97,7 +97,7 @@ def bench(metric: str, xs, ys, args, roof: Roofline) -> None:
     t0 = time.perf_counter()
     naive = np.array([[score(metric, xs[a], y, k=args.k) for y in ys] for a in range(rows)])
     t_naive = (time.perf_counter() - t0) * len(xs) / rows
-    extrapolated = " (EXTRAPOLATED from %d x layers)" % rows if rows < len(xs) else " (measured, all pairs)"
+    extrapolated = f" (EXTRAPOLATED from {rows} x layers)" if rows < len(xs) else " (measured, all pairs)"
 
     print(f"[{metric}] {len(xs) * len(ys)} layer pairs")
     print(f"  batched: {roof.describe(t_batched, floor)}  [floor = {floor / 1e12:.3f} TFLOP]")
