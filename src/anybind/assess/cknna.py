@@ -74,10 +74,12 @@ def neighbour_terms(f: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tenso
     f64 = f.to(torch.float64)
     sim = torch.empty(n, kk, dtype=torch.float64)
     step = max(1, _GATHER_BLOCK // (kk * d))
+    buffer = torch.empty(step * kk, d, dtype=torch.float64)  # reused: no page faults per block
     for s in range(0, n, step):
         e = min(n, s + step)
-        near = f64.index_select(0, nb[s:e].reshape(-1)).view(e - s, kk, d)
-        sim[s:e] = torch.linalg.vecdot(near, f64[s:e, None, :])
+        near = torch.index_select(f64, 0, nb[s:e].reshape(-1), out=buffer[: (e - s) * kk])
+        near = near.view(e - s, kk, d).mul_(f64[s:e, None, :])
+        torch.sum(near, dim=2, out=sim[s:e])
     return nb, sim, reciprocal(nb)
 
 
