@@ -42,8 +42,9 @@ def batched_cknna(
 ) -> np.ndarray:
     """[len(fxs), len(fys)] CKNNA scores of prepared layers (float64, L2-normalised rows).
 
-    Equal to ``metrics.cknna(x, y, k)`` on every layer pair; O(n k (d + log k)) per layer and
-    O(n k log k) per pair in time, O(n k) per layer in memory.
+    Equal to ``metrics.cknna(x, y, k)`` on every layer pair. Beyond each layer's neighbour search
+    (O(n^2 d), done once per layer): O(n k (d + log(n k))) per layer and O(n k log k) per pair
+    in time, O(n k) per layer plus ~2^20-element blocks in memory.
     """
     n = fxs[0].shape[0]
     kk = M.knn_k(n, k)
