@@ -10,7 +10,6 @@ import torch
 
 import anybind.assess.cknna as C
 import anybind.assess.metrics as M
-from anybind.assess import layers as L
 from anybind.errors import AnybindError
 
 
@@ -56,16 +55,6 @@ def test_identical_spaces_score_one_on_their_pair():
     assert got[0, 1] == pytest.approx(1.0, abs=1e-12)
     assert got[1, 0] == pytest.approx(1.0, abs=1e-12)
     assert got[0, 0] < 0.99
-
-
-def test_equals_todays_dense_batched_form():
-    dense = getattr(L, "batched_cknna", None)
-    if dense is None:  # the dense form was retired; metrics.cknna stays the reference above
-        pytest.skip("anybind.assess.layers.batched_cknna no longer exists")
-    xs = _layers(200, [16, 40], [0.4, 1.2], seed=6)
-    ys = _layers(200, [24, 8, 30], [0.6, 0.9, 2.5], seed=7)
-    fxs, fys = [M.prepare(x) for x in xs], [M.prepare(y) for y in ys]
-    np.testing.assert_allclose(C.batched_cknna(fxs, fys, 7), dense(fxs, fys, 7), rtol=0, atol=1e-9)
 
 
 # ---- a case worked out by hand: 6 points on the unit circle, k = 2 ------------------------------

@@ -13,8 +13,9 @@ once:
 * unbiased_cka: the same batched cross products, plus per-layer vectors for the unbiased terms;
 * rbf_cka: each layer's centred RBF Gram matrix is built once (the y layers' are kept:
   L2 * n^2 * 8 bytes), cross HSICs are their inner products;
-* cknna: each layer's Gram matrix and neighbour lists once (y layers kept, as for rbf_cka); the
-  masked unbiased HSIC is then computed per pair (it depends on both masks).
+* cknna (`anybind.assess.cknna`): each layer's neighbour lists, its similarities to those
+  neighbours and the reciprocity flags once; every pair's masked unbiased HSIC from those sparse
+  lists, batched over pairs (no n x n matrix).
 """
 
 from __future__ import annotations
@@ -159,23 +160,4 @@ def batched_rbf_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | s
         for b, lc in enumerate(ly):
             out[a, b] = M._ratio(float((kc * lc).sum()), sx, sy[b])
         del kc
-    return out
-
-
-def batched_cknna(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
-    n = fxs[0].shape[0]
-    kk = M.knn_k(n, k)
-    if kk < 2:
-        raise AnybindError("CKNNA needs k >= 2 (as platonic-rep): use a larger k")
-    M._need_n(n, 4, "CKNNA")
-    ys = []
-    for f in fys:
-        nb, g = M.nearest_neighbors(f, kk), f @ f.T
-        ys.append((g, nb, M.cknna_similarity(g, g, nb, nb)))
-    out = np.empty((len(fxs), len(fys)))
-    for a, f in enumerate(fxs):
-        nb, g = M.nearest_neighbors(f, kk), f @ f.T
-        sx = M.cknna_similarity(g, g, nb, nb)
-        for b, (gy, nby, sy) in enumerate(ys):
-            out[a, b] = M._ratio(M.cknna_similarity(g, gy, nb, nby), sx, sy)
     return out

@@ -426,7 +426,7 @@ def unbiased_cka(x: Any, y: Any, standardize: bool = False) -> float:
     )
 
 
-@register_metric("cknna", batched="anybind.assess.layers:batched_cknna")
+@register_metric("cknna", batched="anybind.assess.cknna:batched_cknna")
 def cknna(x: Any, y: Any, k: int | str = 10, standardize: bool = False) -> float:
     """CKA restricted to mutual k-nearest-neighbour pairs (platonic-rep, unbiased HSIC)."""
     fx, fy = _pair(x, y, standardize)
