@@ -109,7 +109,8 @@ def _cross_frob2(ax: list[torch.Tensor], ay: list[torch.Tensor]) -> np.ndarray:
     cat = torch.cat(ay, dim=1)
     bounds = np.cumsum([0, *dys])
     for a, fa in enumerate(ax):
-        sq = (fa.T @ cat).double().square().sum(dim=0)  # per y column, then per y layer block
+        # cat^T fa, not fa^T cat: ~10% faster here (both operands walked along their rows)
+        sq = (cat.T @ fa).double().square().sum(dim=1)  # per y column, then per y layer block
         for b in range(len(ay)):
             out[a, b] = float(sq[bounds[b] : bounds[b + 1]].sum())
     return out
@@ -129,9 +130,22 @@ def batched_linear_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int 
     M._need_n(fxs[0].shape[0], 2, "linear CKA")
     cx = [M.centred(f).float() for f in fxs]
     cy = [M.centred(f).float() for f in fys]
-    sx = [float(_cross_frob2([c], [c])[0, 0]) for c in cx]
-    sy = [float(_cross_frob2([c], [c])[0, 0]) for c in cy]
+    sx = [_self_frob2(c) for c in cx]
+    sy = [_self_frob2(c) for c in cy]
     return _ratios(_cross_frob2(cx, cy), sx, sy)
+
+
+def _self_frob2(c: torch.Tensor, block: int = 384) -> float:
+    """||c^T c||_F^2 from the blocks on and above the diagonal of the symmetric c^T c (the ones
+    below are their transposes: counted twice), ~3/4 of the full product's FLOPs at 768 columns."""
+    if c.shape[1] > c.shape[0]:
+        return float(_cross_frob2([c], [c])[0, 0])  # wide: the n x n Gram form is cheaper
+    cols = [c[:, s : s + block] for s in range(0, c.shape[1], block)]
+    total = 0.0
+    for i, ci in enumerate(cols):
+        for j in range(i, len(cols)):
+            total += (1.0 if i == j else 2.0) * float((ci.T @ cols[j]).double().square().sum())
+    return total
 
 
 def batched_unbiased_cka(fxs: list[torch.Tensor], fys: list[torch.Tensor], k: int | str = 10) -> np.ndarray:
