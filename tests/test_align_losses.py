@@ -12,14 +12,12 @@ from anybind.align.losses import (
     InfoNCE,
     LossError,
     SigLIP,
-    StructureRegulariser,
     build_loss,
     build_objective,
     register_loss,
     resolve_loss_section,
-    structure_regulariser,
-    warmup_weight,
 )
+from anybind.align.structure import StructureRegulariser, structure_regulariser, warmup_weight
 from anybind.errors import AnybindError
 
 

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from anybind.align import losses
-from anybind.align.losses import InfoNCE, _fp32, _structure_settings, structure_regulariser
+from anybind.align import blocks, losses, structure
+from anybind.align.blocks import fp32 as _fp32
+from anybind.align.losses import InfoNCE
+from anybind.align.structure import _structure_settings, structure_regulariser
 from anybind.errors import AnybindError
 
 
@@ -111,7 +113,7 @@ def test_structure_equals_the_reference(n, levels, level_weighting):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Row blocks of a few rows, so a small batch goes through many blocks and a ragged last one."""
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1000)
 
 
 @pytest.mark.parametrize("n", [37, 300])
@@ -136,7 +138,7 @@ def test_structure_with_ties_zeros_and_underflow():
     z[70:80] = 0.0
     assert_same(x, z)
     assert_same(x, z, tau=0.005)  # rows whose softmax has exact zeros on both sides
-    p = torch.softmax(losses._gram_logits(losses._centred_rows(z), 0.005), dim=1)
+    p = torch.softmax(blocks.gram_logits(structure._centred_rows(z), 0.005), dim=1)
     assert bool((p == 0).any())  # the case is exercised
 
 
@@ -187,15 +189,15 @@ def test_symmetric_gram_and_blocked_reductions_equal_the_plain_ones(small_blocks
     m = torch.randn(300, 200) * 30
     rows, cols = losses._row_and_column_logsumexp(m)
     assert torch.allclose(rows, m.logsumexp(1)) and torch.allclose(cols, m.logsumexp(0))
-    assert torch.allclose(losses._softmax_rows_(m.clone()), torch.softmax(m, 1))
+    assert torch.allclose(blocks.softmax_rows_(m.clone()), torch.softmax(m, 1))
     segment = torch.tensor([0, 2, 2, 1, 0, 2])
     values = torch.tensor([1.0, -3.0, 50.0, 7.0, 2.0, 49.0])
     expected = torch.stack([values[segment == k].logsumexp(0) for k in range(3)])
     assert torch.allclose(losses._segment_logsumexp(values, segment, 3), expected)
     y = torch.randn(1030, 9)
-    assert torch.allclose(losses._gram_logits(y, 0.1), (y @ y.T) / 0.1, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(blocks.gram_logits(y, 0.1), (y @ y.T) / 0.1, rtol=1e-5, atol=1e-4)
     m = torch.randn(300, 300)
-    assert torch.equal(losses._add_transpose_(m.clone()), m + m.T)
+    assert torch.equal(blocks.add_transpose_(m.clone()), m + m.T)
 
 
 # ---- InfoNCE: one logits matrix for both directions --------------------------------------------------
@@ -208,10 +210,10 @@ def infonce_value_and_grads(fn, loss, za, zb, pos):
 
 @pytest.mark.parametrize("case", ["diagonal", "duplicates", "unequal rows"])
 @pytest.mark.parametrize("chunk_size", [None, 64, 7])  # 64 >= the batch: the fused path too
-@pytest.mark.parametrize("blocks", ["one block", "many blocks"])
-def test_infonce_equals_the_reference(case, chunk_size, blocks, monkeypatch):
-    if blocks == "many blocks":
-        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 200)
+@pytest.mark.parametrize("row_blocks", ["one block", "many blocks"])
+def test_infonce_equals_the_reference(case, chunk_size, row_blocks, monkeypatch):
+    if row_blocks == "many blocks":
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 200)
     g = torch.Generator().manual_seed(0)
     na, nb = (50, 30) if case == "unequal rows" else (50, 50)
     za, zb = torch.randn(na, 16, generator=g), torch.randn(nb, 16, generator=g)

@@ -2,8 +2,8 @@
 
 * `InfoNCE`: symmetric contrastive loss with a learnable, clamped temperature.
 * `SigLIP`: pairwise sigmoid loss with a learnable scale and bias.
-* `structure_regulariser` / `StructureRegulariser`: STRUCTURE's term that keeps a projector's
-  output neighbourhoods like its frozen input's.
+* `StructureRegulariser` (`anybind.align.structure`): STRUCTURE's term that keeps a projector's
+  output neighbourhoods like its frozen input's, added to either by `build_objective`.
 
 Both contrastive losses take an optional boolean ``pos`` matrix (``pos[i, j]``: ``za[i]`` and
 ``zb[j]`` are a positive pair), so several captions of one image in a batch all count as
@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +42,11 @@ from torch.utils.checkpoint import checkpoint
 from ..checks import choice, did_you_mean, flag, integer, number, positive
 from ..errors import AnybindError
 from ..registry import Registry, signature_options
+from .blocks import fp32, row_blocks
+from .structure import StructureRegulariser
 
 #: InfoNCE's logit scale (1 / temperature) is clamped to this range, as in CLIP.
 MIN_LOGIT_SCALE, MAX_LOGIT_SCALE = 1.0, 100.0
-
-#: STRUCTURE's default softmax temperature. The authors' code uses the contrastive loss's own
-#: temperature for it, and their tuned configurations set that to 0.05 (with lambda 10).
-STRUCTURE_TAU = 0.05
 
 #: Contrastive losses by name (the STRUCTURE regulariser is separate: it adds to any of them).
 LOSSES = Registry("loss", plural="losses")
@@ -114,7 +111,7 @@ class InfoNCE(nn.Module):
         return float(1.0 / self.logit_scale().detach())
 
     def forward(self, za: Tensor, zb: Tensor, pos: Tensor | None = None) -> Tensor:
-        with _fp32():
+        with fp32():
             a, b = _normalised_pair("infonce", za, zb)
             pos = _check_pos("infonce", pos, a, b)
             scale = self.logit_scale().float()
@@ -163,7 +160,7 @@ class SigLIP(nn.Module):
         return self.log_scale.exp()
 
     def forward(self, za: Tensor, zb: Tensor, pos: Tensor | None = None) -> Tensor:
-        with _fp32():
+        with fp32():
             a, b = _normalised_pair("siglip", za, zb)
             pos = _check_pos("siglip", pos, a, b)
             scale_bias = torch.stack([self.scale(), self.bias]).float()
@@ -206,11 +203,11 @@ class _InfoNCEBoth(torch.autograd.Function):
             raise AnybindError("infonce: the fused loss supports one backward pass")
         ctx.used = True
         a, b, logits, row_lse, col_lse, rows, cols, positive, pos_row_lse, pos_col_lse = ctx.saved_tensors
-        with _fp32():
+        with fp32():
             w_a, w_b = 0.5 / a.shape[0], 0.5 / b.shape[0]
             # w * exp(L - lse) as exp(L - (lse - log w)): one pass over each block
             row_shift, col_shift = row_lse - math.log(w_a), (col_lse - math.log(w_b))[None, :]
-            for start, block in _row_blocks(logits):
+            for start, block in row_blocks(logits):
                 by_col = torch.sub(block, col_shift).exp_()
                 block.sub_(row_shift[start:start + block.shape[0], None]).exp_().add_(by_col)
             on_positives = (w_a * (positive - pos_row_lse[rows]).exp()
@@ -223,7 +220,7 @@ def _row_and_column_logsumexp(m: Tensor) -> tuple[Tensor, Tensor]:
     """``m.logsumexp(1), m.logsumexp(0)`` in one pass over blocks of rows (after the column peaks)."""
     col_peak = m.amax(dim=0)
     row_lse, col_sum = m.new_empty(m.shape[0]), m.new_zeros(m.shape[1])
-    for start, block in _row_blocks(m):
+    for start, block in row_blocks(m):
         row_lse[start:start + block.shape[0]] = block.logsumexp(dim=1)
         col_sum += torch.sub(block, col_peak).exp_().sum(dim=0)
     return row_lse, col_peak + col_sum.log()
@@ -234,20 +231,6 @@ def _segment_logsumexp(values: Tensor, segment: Tensor, n: int) -> Tensor:
     peak = values.new_full((n,), float("-inf")).scatter_reduce(0, segment, values, "amax")
     total = values.new_zeros(n).index_add_(0, segment, (values - peak[segment]).exp())
     return peak + total.log()
-
-
-#: Elements in a block of rows of a B x B matrix (4 MB of fp32) that the elementwise passes work
-#: through in a CPU's cache, instead of streaming the whole matrix from memory once per pass
-#: (large enough that the per-op overhead stays small: 1/4 to 16 MB measured the same).
-_BLOCK_ELEMENTS = 1 << 20
-
-
-def _row_blocks(m: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """(first row, view) of the blocks of rows of `m`, each about `_BLOCK_ELEMENTS` large (one
-    block off the CPU: an accelerator streams the whole matrix faster than it launches kernels)."""
-    step = max(1, _BLOCK_ELEMENTS // max(1, m.shape[1])) if m.device.type == "cpu" else m.shape[0]
-    for start in range(0, m.shape[0], step):
-        yield start, m[start:start + step]
 
 
 def _infonce_rows(q: Tensor, g: Tensor, scale: Tensor, pos: Tensor | None, offset: int) -> Tensor:
@@ -295,271 +278,6 @@ def _chunked_mean(
             rows_fn, q[start:stop], g, params, part, start, use_reentrant=False
         )
     return total / n
-
-
-# ---- STRUCTURE -------------------------------------------------------------------------------------
-def structure_regulariser(
-    x: Tensor,
-    z: Tensor,
-    *,
-    levels: int = 1,
-    tau: float = STRUCTURE_TAU,
-    level_weighting: str = "uniform",
-    max_batch: int = 4096,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """STRUCTURE (Gröger et al., 2025): keep the projected batch's neighbourhoods like the input's.
-
-    For frozen features ``x`` [B, Dx] and their projections ``z`` [B, Dz] (rows paired), each is
-    L2-normalised, then mean-centred over the batch (the authors' order); with ``S = Y Y^T``
-    (the diagonal kept, as in the authors' code) and ``P = softmax_rows(S / tau)``, the term is::
-
-        sum_l w_l * mean_i JS( P_x^l[i] || P_z^l[i] ),   l = 1..levels,   sum_l w_l = 1
-
-    where ``P^l`` is the l-step random walk (matrix power) and ``w_l`` is uniform or
-    proportional to 1/l (``level_weighting="inverse"``). It is 0 when ``z`` keeps the geometry
-    (``z = c x Q`` for an orthogonal ``Q``, any scale ``c > 0``, or rows rescaled). Cost is
-    O(B^2 D) plus O(B^3) per extra level, so a batch larger than ``max_batch`` is replaced by a
-    random sub-batch of ``max_batch`` rows: ``torch.randperm(B, generator=generator)[:max_batch]``.
-    Computed in fp32 whatever autocast says. With one level and a frozen ``x`` (the training
-    case) it takes `_structure_one_level`'s fast path: the same value and gradient.
-    """
-    levels, tau, weights, max_batch = _structure_settings(levels, tau, level_weighting, max_batch)
-    if x.ndim != 2 or z.ndim != 2 or x.shape[0] != z.shape[0]:
-        raise AnybindError(
-            f"structure: x and z must be [B, D] matrices with the same rows, got {tuple(x.shape)} "
-            f"and {tuple(z.shape)}"
-        )
-    if x.shape[0] < 2:
-        raise AnybindError(
-            "structure: needs a batch of at least 2 rows (it compares neighbourhoods)"
-        )
-    if x.shape[0] > max_batch:
-        keep = torch.randperm(x.shape[0], generator=generator)[:max_batch].to(x.device)
-        x, z = x[keep], z[keep.to(z.device)]
-    with _fp32():
-        if levels == 1 and not x.requires_grad:
-            return _structure_one_level(x.float(), z.float(), tau)
-        p_x = _random_walk(x.float(), tau)
-        p_z = _random_walk(z.float(), tau)
-        total = z.new_zeros((), dtype=torch.float32)
-        step_x, step_z = p_x, p_z
-        for level, w in enumerate(weights, start=1):
-            if level > 1:
-                step_x, step_z = step_x @ p_x, step_z @ p_z
-            total = total + w * _js_rows(step_x, step_z).mean()
-        return total
-
-
-class StructureRegulariser(nn.Module):
-    """`structure_regulariser` with its settings held, for a training loop.
-
-    ``weight`` (lambda; 0 = off) and ``warmup_steps`` are the schedule read by `weight(step)`,
-    the linearly warmed-up lambda (STRUCTURE's recipe: lambda 10, warmed up so the contrastive
-    loss shapes the space first); the other options are `structure_regulariser`'s. A recipe sets
-    them as ``loss.structure_<option>``.
-    """
-
-    def __init__(
-        self,
-        *,
-        weight: float = 0.0,
-        levels: int = 1,
-        tau: float = STRUCTURE_TAU,
-        level_weighting: str = "uniform",
-        warmup_steps: int = 0,
-        max_batch: int = 4096,
-    ):
-        super().__init__()
-        self.levels, self.tau, _, self.max_batch = _structure_settings(
-            levels, tau, level_weighting, max_batch
-        )
-        self.level_weighting = level_weighting
-        self.lam = number("structure: weight", weight, minimum=0)
-        self.warmup_steps = integer("structure: warmup_steps", warmup_steps, minimum=0)
-
-    def weight(self, step: int) -> float:
-        """Lambda at a (0-based) training step."""
-        return warmup_weight(step, self.lam, self.warmup_steps)
-
-    def forward(self, x: Tensor, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return structure_regulariser(
-            x,
-            z,
-            levels=self.levels,
-            tau=self.tau,
-            level_weighting=self.level_weighting,
-            max_batch=self.max_batch,
-            generator=generator,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"weight={self.lam}, levels={self.levels}, tau={self.tau}, "
-            f"level_weighting={self.level_weighting}, warmup_steps={self.warmup_steps}, "
-            f"max_batch={self.max_batch}"
-        )
-
-
-def warmup_weight(step: int, lam: float, warmup_steps: int) -> float:
-    """``lam * min(1, step / warmup_steps)``: 0 at step 0, `lam` from `warmup_steps` on."""
-    if step < 0 or warmup_steps < 0:
-        raise AnybindError(
-            f"warmup_weight: step and warmup_steps must be >= 0, got {step} and {warmup_steps}"
-        )
-    if warmup_steps == 0:
-        return float(lam)
-    return float(lam) * min(1.0, step / warmup_steps)
-
-
-def _structure_settings(
-    levels: Any, tau: Any, level_weighting: Any, max_batch: Any
-) -> tuple[int, float, list[float], int]:
-    """The checked settings: levels, tau, the per-level weights, max_batch."""
-    levels = integer("structure: levels", levels, minimum=1)
-    tau = positive("structure: tau", tau)
-    weights = _level_weights(levels, level_weighting)
-    max_batch = integer("structure: max_batch", max_batch, minimum=2)
-    return levels, tau, weights, max_batch
-
-
-def _random_walk(y: Tensor, tau: float) -> Tensor:
-    """Row-stochastic P = softmax_rows(Y Y^T / tau) of L2-normalised, batch-centred rows."""
-    y = _centred_rows(y)
-    return torch.softmax((y @ y.T) / tau, dim=-1)
-
-
-# The one-level fast path: the frozen side without autograd, symmetric Grams computed once per
-# tile pair, and a hand-written backward that reuses the forward's B x B buffers in place.
-#: Rows per strip of a symmetric Gram's product, and the side of the tiles transposed in place:
-#: small tiles, as a whole-row transpose (a power-of-two row stride) thrashes the cache.
-_GRAM_STRIP, _TILE = 512, 256
-
-
-def _structure_one_level(x: Tensor, z: Tensor, tau: float) -> Tensor:
-    """``mean_i JS(P_x[i] || P_z[i])`` (levels 1): `structure_regulariser`'s value and gradient
-    w.r.t. `z`, for an `x` that needs no gradient."""
-    with torch.no_grad():
-        p = _softmax_rows_(_gram_logits(_centred_rows(x), tau))
-    return _OneLevelJS.apply(_centred_rows(z), p, tau)
-
-
-def _softmax_rows_(m: Tensor) -> Tensor:
-    """Row softmax in place, block by block."""
-    for _, block in _row_blocks(m):
-        block.copy_(torch.softmax(block, dim=1))
-    return m
-
-
-def _centred_rows(y: Tensor) -> Tensor:
-    """L2-normalised rows, then centred over the batch (the authors' order)."""
-    y = F.normalize(y, dim=-1)
-    return y - y.mean(dim=0, keepdim=True)
-
-
-def _gram_logits(y: Tensor, tau: float) -> Tensor:
-    """``(Y Y^T) / tau``: each strip of rows times the rows from its own on, the rest mirrored
-    (the matrix is symmetric), which is about half the FLOPs of the full product."""
-    n = y.shape[0]
-    out = y.new_empty(n, n)
-    for start in range(0, n, _GRAM_STRIP):
-        strip = out[start:start + _GRAM_STRIP, start:]
-        torch.addmm(strip, y[start:start + _GRAM_STRIP], y[start:].T, beta=0, alpha=1 / tau, out=strip)
-    for a in range(0, n, _TILE):  # mirror the tiles below the diagonal
-        for b in range(a + _TILE, n, _TILE):
-            out[b:b + _TILE, a:a + _TILE].copy_(out[a:a + _TILE, b:b + _TILE].T)
-    return out
-
-
-def _add_transpose_(m: Tensor) -> Tensor:
-    """``m <- m + m^T`` in place, tile by tile (a whole-matrix transpose reads memory badly)."""
-    n = m.shape[0]
-    for a in range(0, n, _TILE):
-        for b in range(a, n, _TILE):
-            upper, lower = m[a:a + _TILE, b:b + _TILE], m[b:b + _TILE, a:a + _TILE]
-            both = upper + lower.T
-            upper.copy_(both)
-            lower.copy_(both.T)
-    return m
-
-
-def _row_dots(a: Tensor, b: Tensor) -> Tensor:
-    return torch.einsum("ij,ij->i", a, b)
-
-
-class _OneLevelJS(torch.autograd.Function):
-    """``mean_i max(0, JS(p_i || q_i))`` with ``q = softmax_rows(Y Y^T / tau)``, from the centred
-    rows ``Y``; `p` is constant, and its buffer is reused (the caller's `p` is consumed).
-
-    With ``m = (p + q) / 2`` and ``d = log q - log m``, ``dJS_i / dq_ij = d_ij / 2`` (the terms
-    through ``m`` cancel), so through the softmax ``dJS_i / dlogit_ij = q_ij (d_ij - q_i . d_i) / 2``
-    and ``dY = (G + G^T) Y / tau`` for that logit gradient ``G``. Logs are of values clamped to
-    the smallest normal float, and a zero probability adds nothing, as in `_js_rows`.
-    """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, p: Tensor, tau: float) -> Tensor:
-        q = _softmax_rows_(_gram_logits(y, tau))
-        js, q_d = y.new_empty(y.shape[0]), y.new_empty(y.shape[0])
-        for start, q_rows in _row_blocks(q):
-            rows = slice(start, start + q_rows.shape[0])
-            js[rows], q_d[rows], p[rows] = _js_block(p[rows], q_rows)  # p's rows now hold d
-        kept = js >= 0  # clamp_min(0)'s gradient mask: rounding can dip below 0
-        ctx.save_for_backward(y, q, p, q_d, kept)
-        ctx.tau, ctx.used = tau, False
-        return js.clamp_min(0.0).mean()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        if ctx.used:  # d is turned into the logit gradient in place
-            raise AnybindError("structure: the one-level fast path supports one backward pass")
-        ctx.used = True
-        y, q, d, q_d, kept = ctx.saved_tensors
-        with _fp32():
-            weight = kept.to(q.dtype)[:, None]
-            for start, block in _row_blocks(d):
-                rows = slice(start, start + block.shape[0])
-                block.sub_(q_d[rows, None]).mul_(q[rows]).mul_(weight[rows])
-            scale = grad * (0.5 / (y.shape[0] * ctx.tau))
-            return (_add_transpose_(d) @ y) * scale, None, None
-
-
-def _js_block(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For these rows: JS(p || q) (unclamped), q . d and d = log q - log m."""
-    tiny = torch.finfo(q.dtype).tiny
-    log_m = torch.lerp(p, q, 0.5).clamp_min_(tiny).log_()
-    p_to_m = _row_dots(p, torch.clamp_min(p, tiny).log_().sub_(log_m))  # KL(p || m)
-    d = torch.clamp_min(q, tiny).log_().sub_(log_m)
-    q_d = _row_dots(q, d)  # KL(q || m)
-    return 0.5 * (p_to_m + q_d), q_d, d
-
-
-def _js_rows(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (natural log) between matching rows of two row-stochastic matrices."""
-    m = 0.5 * (p + q)
-    tiny = torch.finfo(p.dtype).tiny
-    log_m = m.clamp_min(tiny).log()
-
-    def kl_to_m(a: Tensor) -> Tensor:  # 0 * log 0 = 0
-        return torch.where(a > 0, a * (a.clamp_min(tiny).log() - log_m), torch.zeros_like(a)).sum(
-            dim=-1
-        )
-
-    return (0.5 * (kl_to_m(p) + kl_to_m(q))).clamp_min(0.0)  # rounding can dip below 0
-
-
-#: Per-level weights before normalising: uniform (1) or inverse (1/l).
-_LEVEL_WEIGHTINGS: dict[str, Callable[[int], float]] = {
-    "uniform": lambda level: 1.0,
-    "inverse": lambda level: 1.0 / level,
-}
-
-
-def _level_weights(levels: int, level_weighting: str) -> list[float]:
-    choice("structure: level_weighting", level_weighting, _LEVEL_WEIGHTINGS)
-    raw = [_LEVEL_WEIGHTINGS[level_weighting](level) for level in range(1, levels + 1)]
-    return [w / sum(raw) for w in raw]
 
 
 # ---- building by name, and a recipe's loss section -------------------------------------------------
@@ -707,16 +425,6 @@ def _built(build: Callable[..., Any], options: dict, prefix: str, error: type[Ex
 
 
 # ---- checks ----------------------------------------------------------------------------------------
-@contextmanager
-def _fp32() -> Iterator[None]:
-    """Disable autocast (CPU and CUDA) for the block: the losses are computed in fp32."""
-    with ExitStack() as stack:
-        stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast(device_type="cuda", enabled=False))
-        yield
-
-
 def _normalised_pair(loss: str, za: Tensor, zb: Tensor) -> tuple[Tensor, Tensor]:
     if not (isinstance(za, Tensor) and isinstance(zb, Tensor)) or za.ndim != 2 or zb.ndim != 2:
         raise AnybindError(f"{loss}: za and zb must be [B, D] tensors")
