@@ -92,7 +92,7 @@ def _neighbours(fs: list[torch.Tensor], kk: int) -> torch.Tensor:
 
 
 def _cross_frob2(ax: list[torch.Tensor], ay: list[torch.Tensor]) -> np.ndarray:
-    """[L1, L2] of ||ax_a^T ay_b||_F^2: one matmul per x layer against all y layers at once.
+    """[L1, L2] of ||ax_a^T ay_b||_F^2: one matmul per y layer against all x layers at once.
 
     The products run in the inputs' dtype; their squares are summed in float64.
     """
@@ -106,13 +106,14 @@ def _cross_frob2(ax: list[torch.Tensor], ay: list[torch.Tensor]) -> np.ndarray:
             for b, gb in enumerate(grams):
                 out[a, b] = float((ga * gb).double().sum())
         return out
-    cat = torch.cat(ay, dim=1)
-    bounds = np.cumsum([0, *dys])
-    for a, fa in enumerate(ax):
-        # cat^T fa, not fa^T cat: ~10% faster here (both operands walked along their rows)
-        sq = (cat.T @ fa).double().square().sum(dim=1)  # per y column, then per y layer block
-        for b in range(len(ay)):
-            out[a, b] = float(sq[bounds[b] : bounds[b + 1]].sum())
+    cat = torch.cat(ax, dim=1)
+    bounds = np.cumsum([0, *(f.shape[1] for f in ax)])
+    for b, fb in enumerate(ay):
+        # all x layers against one y layer: cat^T fb ran at the matmul roof here, ~7% faster than
+        # one y-concatenation against each x layer
+        sq = (cat.T @ fb).double().square().sum(dim=1)  # per x column, then per x layer block
+        for a in range(len(ax)):
+            out[a, b] = float(sq[bounds[a] : bounds[a + 1]].sum())
     return out
 
 
