@@ -343,6 +343,48 @@ def test_the_page_searches_and_classifies_in_headless_chromium(served, live_serv
     assert pixels.shape[1] >= 800 and pixels.var() > 100  # not a blank page
 
 
+def test_the_api_docs_come_from_the_server_not_a_cdn(client):
+    for page, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        html = client.get(page).text
+        assert "cdn." not in html and "fonts.googleapis" not in html and "http://" not in html, page
+        for name in assets:
+            assert f'"/docs-assets/{name}"' in html, (page, name)
+            r = client.get(f"/docs-assets/{name}")
+            assert r.status_code == 200 and len(r.content) > 100_000, name
+    assert client.get("/docs-assets/../app.py").status_code == 404  # only the packaged assets
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+def test_the_api_docs_render_in_headless_chromium_with_no_network(live_server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    # every host but the loopback fails to resolve: a page that needs a CDN stays blank
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    try:
+        driver.set_page_load_timeout(30)
+        wait = WebDriverWait(driver, 30)
+        driver.get(live_server + "docs")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock")) >= 4)
+        paths = {e.text for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/embed", "/classify", "/health"} <= paths
+        driver.get(live_server + "redoc")
+        wait.until(lambda d: "/embed" in d.find_element(By.TAG_NAME, "body").text)
+        assert "anybind" in driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+
+
 # ---- open_clip / CLIP_benchmark compatibility --------------------------------------------------------
 def test_a_clip_benchmark_style_zero_shot_loop_through_the_shim_matches_classify(served):
     from PIL import Image

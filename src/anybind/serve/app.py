@@ -10,7 +10,7 @@ URL, text); ``POST /search`` (a multipart image or audio upload, ``k``, ``modali
 for a query clip or picture (any-to-any: the rows of one indexed modality, or all);
 ``GET /images/{item_id}``, ``GET /audio/{item_id}?sub=0`` -> an indexed image or clip (only items
 the index lists: an id is looked up, never joined to a path); ``GET /health``; ``GET /`` the web
-page; OpenAPI docs at ``/docs``.
+page; OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``, from packaged assets (no network).
 
 An upload is audio when its form says so (a field ``type=audio``, or the file part is named
 ``audio``), its type is ``audio/*``, its name ends in an audio extension, or its bytes start like
@@ -34,6 +34,7 @@ import os
 import re
 import threading
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -88,10 +89,11 @@ def create_app(bundle, index=None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, l
     ctx = _Served(*_load_served(bundle, index), int(max_upload_bytes), labels)
     ctx.max_audio_seconds = float(max_audio_seconds)
     app = fastapi.FastAPI(
-        title="anybind", version=_version(),
+        title="anybind", version=_version(), docs_url=None, redoc_url=None,  # _add_docs_routes: offline
         description=f"Embeddings, zero-shot classification and search with the bundle `{ctx.model.path}` "
                     f"({', '.join(ctx.model.modalities)}; {ctx.model.dim} dimensions).")
     _add_error_handlers(app)
+    _add_docs_routes(app)
     _add_info_routes(app, ctx)
     _add_model_routes(app, ctx)
     _add_index_routes(app, ctx)
@@ -183,6 +185,36 @@ def _add_error_handlers(app) -> None:
     async def _internal_error(request, exc):
         log.exception("error serving %s", request.url.path)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+#: Where the API docs' scripts and styles are served from (fastapi-offline's packaged copies).
+DOCS_ASSETS = "/docs-assets"
+
+
+def _add_docs_routes(app) -> None:
+    """/docs (Swagger UI) and /redoc from packaged assets, so they work with no network (FastAPI's
+    own pages load their scripts from a CDN and stay blank offline)."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError("the offline API docs (anybind serve /docs)", "fastapi-offline", "serve")
+    assets = Path(next(iter(spec.submodule_search_locations))) / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="anybind API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url=app.openapi_url, title="anybind API",
+                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
 
 def _add_info_routes(app, ctx: _Served) -> None:
