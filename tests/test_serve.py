@@ -386,13 +386,64 @@ def test_the_api_docs_render_in_headless_chromium_with_no_network(live_server, t
 
 
 # ---- open_clip / CLIP_benchmark compatibility --------------------------------------------------------
+@pytest.mark.parametrize("name", ["create_model_and_transforms", "create_model_from_pretrained", "get_tokenizer"])
+def test_the_shim_takes_open_clips_arguments_in_open_clips_order(name):
+    import inspect
+
+    open_clip = pytest.importorskip("open_clip", reason="pip install open_clip_torch")
+    from anybind.serve import compat
+
+    theirs = list(inspect.signature(getattr(open_clip, name)).parameters.values())
+    ours = list(inspect.signature(getattr(compat, name)).parameters.values())
+    positional = [p.name for p in ours if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == [p.name for p in theirs[: len(positional)]]  # positional calls line up
+    assert ours[-1].kind is ours[-1].VAR_KEYWORD  # and every other open_clip keyword is accepted
+    defaults = {t.name: t.default for t in theirs}
+    for p in ours[1:-1]:  # every named option is open_clip's, with open_clip's default
+        assert p.name in defaults and p.default == defaults[p.name], p.name
+
+
+def test_clip_benchmarks_own_zero_shot_evaluation_runs_through_the_shim(served):
+    from PIL import Image
+
+    zeroshot = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification",
+                                   reason="pip install clip-benchmark --no-deps")
+    from anybind.serve.compat import create_model_and_transforms, get_tokenizer
+
+    model, _, preprocess = create_model_and_transforms(served.bundle, pretrained="ignored", device="cpu")
+    paths, templates = served.index.paths[:24], ["a photo of {c}.", "a {c} thing."]
+    # the targets are anybind's own zero-shot predictions with the same templates, so CLIP_benchmark's
+    # evaluation through the shim must score 100% (and it scores the real labels it is given)
+    own = anybind.load(served.bundle).classify(paths, COLOURS, templates=templates).argmax(dim=1)
+
+    class Folder(torch.utils.data.Dataset):  # a small local image folder, yielded as ImageFolder does
+        classes = COLOURS
+
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return preprocess(Image.open(paths[i])), int(own[i])
+
+    loader = torch.utils.data.DataLoader(Folder(), batch_size=8)
+    # clip_benchmark's own classifier and classification loop (its `evaluate` wraps these, then
+    # formats metrics with float() of a 1-element array, which NumPy >= 2.4 refuses: not ours)
+    classifier = zeroshot.zero_shot_classifier(model, get_tokenizer(served.bundle), COLOURS, templates, "cpu", amp=False)
+    logits, target = zeroshot.run_classification(model, classifier, loader, "cpu", amp=False)
+    assert logits.shape == (24, 3) and torch.equal(target, own)
+    assert torch.equal(logits.argmax(dim=1), own)  # 100% against anybind's own predictions
+    assert len(set(own.tolist())) >= 2  # not one class for every image
+
+
 def test_a_clip_benchmark_style_zero_shot_loop_through_the_shim_matches_classify(served):
     from PIL import Image
 
     from anybind.evaluate.zeroshot import load_templates
-    from anybind.serve.compat import create_model_and_transforms
+    from anybind.serve.compat import create_model_and_transforms, get_tokenizer
 
-    model, preprocess, tokenizer = create_model_and_transforms(served.bundle)
+    model, preprocess_train, preprocess = create_model_and_transforms(served.bundle, pretrained="ignored")
+    assert preprocess_train is preprocess  # no training augmentation: the encoder's own transform
+    tokenizer = get_tokenizer(served.bundle)
     model = model.eval().to("cpu")
     templates = load_templates(served.model.card.get("templates") or "default")
     with torch.no_grad():  # as CLIP_benchmark's zeroshot_classifier + run_classification do

@@ -1,6 +1,7 @@
 """A bundle behind the open_clip loader interface, so CLIP_benchmark-style code runs it unchanged.
 
-    model, preprocess, tokenizer = create_model_and_transforms("bundles/clipart")
+    model, _, preprocess = create_model_and_transforms("bundles/clipart")   # open_clip's order
+    tokenizer = get_tokenizer("bundles/clipart")
     images = torch.stack([preprocess(Image.open(p)) for p in paths])      # the encoder's own preprocessing
     img = model.encode_image(images)                                      # [n, dim], L2-normalised
     txt = model.encode_text(tokenizer(["a photo of a cat", "a photo of a dog"]))
@@ -87,20 +88,35 @@ class ClipStyleModel:
         return self.bundle.encode_text(list(tokens))
 
 
-def create_model_and_transforms(bundle_path: str | os.PathLike, device: str = "cpu"):
-    """``(model, preprocess, tokenizer)`` for a bundle folder, like open_clip's loader of the same name.
+def create_model_and_transforms(model_name: str | os.PathLike, pretrained: str | None = None, *,
+                                precision: str = "fp32", device: str = "cpu", **open_clip_options: Any):
+    """open_clip's loader: ``(model, preprocess_train, preprocess_val)`` for the bundle folder `model_name`.
 
-    >>> model, preprocess, tokenizer = create_model_and_transforms("bundles/clipart")  # doctest: +SKIP
+    Both transforms are the encoder's own preprocessing (projectors train on cached features, so there
+    is no training augmentation). `pretrained`, `precision` and open_clip's other options
+    (`cache_dir`, `jit`, `force_*`, ...) are accepted so open_clip calls run unchanged, and do not
+    apply: the bundle fixes its weights, preprocessing and precision. Past `pretrained` they are
+    keyword-only, so a positional call can never put a value in the wrong place.
+
+    >>> model, _, preprocess = create_model_and_transforms("bundles/clipart")  # doctest: +SKIP
     """
+    model, preprocess = create_model_from_pretrained(model_name, device=device)
+    return model, preprocess, preprocess
+
+
+def create_model_from_pretrained(model_name: str | os.PathLike, pretrained: str | None = None, *,
+                                 precision: str = "fp32", device: str = "cpu", return_transform: bool = True,
+                                 **open_clip_options: Any):
+    """open_clip's ``create_model_from_pretrained``: ``(model, preprocess)``, or the model alone when
+    `return_transform` is false. Options as `create_model_and_transforms`."""
     from ..bundle import load
 
-    bundle = load(bundle_path, device)
-    return ClipStyleModel(bundle), Preprocess(bundle), Tokenizer()
+    bundle = load(model_name, device)
+    model = ClipStyleModel(bundle)
+    return (model, Preprocess(bundle)) if return_transform else model
 
 
-def get_tokenizer(bundle_path: str | os.PathLike | None = None) -> Tokenizer:
-    """open_clip's ``get_tokenizer``: the strings pass through to the bundle's text encoder."""
+def get_tokenizer(model_name: str | os.PathLike = "", context_length: int | None = None, **kwargs: Any) -> Tokenizer:
+    """open_clip's ``get_tokenizer``: the strings pass through to the bundle's text encoder, so the
+    bundle is not needed here and `context_length` does not apply (the encoder truncates)."""
     return Tokenizer()
-
-
-__all__ = ["ClipStyleModel", "Preprocess", "TextBatch", "Tokenizer", "create_model_and_transforms", "get_tokenizer"]
