@@ -24,7 +24,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from anybind.align.losses import build_objective
 from anybind.align.optim import build_optimizer
@@ -32,6 +31,7 @@ from anybind.align.projectors import build_projector
 from anybind.align.recipe import OptimizerConfig
 from anybind.align.space import ProjectorSpace
 from anybind.align.trainer import step_loss
+from flops import torch_flops
 from roofline import Roofline
 
 D_IMAGE, D_TEXT, DIM = 1280, 384, 512
@@ -61,10 +61,9 @@ def make_step(kind: str, batch: int, precision: str, structure_levels: int = 0):
         opt.step()
 
     def count_flops() -> int:
-        with FlopCounterMode(display=False) as counter:
-            loss().backward()
+        flops = torch_flops(lambda: loss().backward())
         opt.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+        return flops
 
     return step, count_flops
 

@@ -354,6 +354,18 @@ def test_the_api_docs_come_from_the_server_not_a_cdn(client):
     assert client.get("/docs-assets/../app.py").status_code == 404  # only the packaged assets
 
 
+def test_without_the_packaged_docs_assets_the_server_says_what_to_install(served, monkeypatch):
+    import importlib.util
+
+    from anybind.errors import MissingDependencyError
+    from anybind.serve.app import create_app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi_offline" else real(name, *a))
+    with pytest.raises(MissingDependencyError, match="fastapi-offline"):
+        create_app(served.model, served.index)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
                     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 def test_the_api_docs_render_in_headless_chromium_with_no_network(live_server, tmp_path):

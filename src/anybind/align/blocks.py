@@ -26,7 +26,6 @@ def fp32() -> Iterator[None]:
         yield
 
 
-
 #: Elements in a block of rows of a B x B matrix (4 MB of fp32) that the elementwise passes work
 #: through in a CPU's cache, instead of streaming the whole matrix from memory once per pass
 #: (large enough that the per-op overhead stays small: 1/4 to 16 MB measured the same).

@@ -2,7 +2,7 @@
 
 `anybind.assess.metrics.cknna` is HSIC_u(M*K, M*L) / sqrt(HSIC_u(Mx*K, Mx*K) HSIC_u(My*L, My*L))
 with K = X X^T, L = Y Y^T, the 0/1 masks Mx_ij = [j in N_x(i)], My_ij = [j in N_y(i)],
-M = Mx * My, and the unbiased HSIC of `metrics.hsic_unbiased_dense`:
+M = Mx * My, and the unbiased HSIC of `metrics.hsic_unbiased_sums`:
 
     HSIC_u(A, B) = [sum_ij A_ij B_ji + sum(A) sum(B) / ((n-1)(n-2)) - 2 (1^T A)(B 1) / (n-2)] / (n(n-3))
 
@@ -98,11 +98,6 @@ def reciprocal(nb: torch.Tensor) -> torch.Tensor:
     return (edges[pos] == reverse).view_as(nb)
 
 
-def hsic_from_sums(tr, sum_a, sum_b, dot, n: int):
-    """The unbiased HSIC from its four sums (see the module docstring); works elementwise."""
-    return (tr + sum_a * sum_b / ((n - 1) * (n - 2)) - 2 * dot / (n - 2)) / (n * (n - 3))
-
-
 def self_hsic(nb: torch.Tensor, sim: torch.Tensor, recip: torch.Tensor, n: int) -> torch.Tensor:
     """[L] HSIC_u(Mx*K, Mx*K) for stacked layers nb, sim, recip [L, n, k]: every neighbour is
     matched, so sum(A) = sum(sim), r = row sums of sim, c = sim scattered to its columns."""
@@ -114,7 +109,7 @@ def self_hsic(nb: torch.Tensor, sim: torch.Tensor, recip: torch.Tensor, n: int) 
     total = row.sum(dim=1)
     tr = (sim * sim * recip).sum(dim=(1, 2))
     dot = (col.view(layers, n) * row).sum(dim=1)
-    return hsic_from_sums(tr, total, total, dot, n)
+    return M.hsic_unbiased_sums(tr, total, total, dot, n)
 
 
 def cross_hsic(xs: tuple[torch.Tensor, ...], ys: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
@@ -152,4 +147,4 @@ def cross_hsic(xs: tuple[torch.Tensor, ...], ys: tuple[torch.Tensor, ...], n: in
         row[:, :, s:e] = l_hit.sum(dim=3)
         col.index_add_(0, (q + offsets).reshape(-1), k_hit.reshape(-1))
     dot = (col.view(n_a, n_b, n) * row).sum(dim=2)
-    return hsic_from_sums(tr, sum_a, row.sum(dim=2), dot, n)
+    return M.hsic_unbiased_sums(tr, sum_a, row.sum(dim=2), dot, n)

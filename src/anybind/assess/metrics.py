@@ -173,8 +173,7 @@ def nearest_neighbors(f: torch.Tensor, k: int, chunk: int = _KNN_CHUNK) -> torch
         _merge_top(best_v, best_i, slice(s, e), tile, s, k)
         if e < n:  # the same similarities seen from the later rows (columns e:n)
             _merge_top(best_v, best_i, slice(e, n), tile[:, e - s :].T, s, k)
-    order = best_v.argsort(dim=1, descending=True, stable=True)
-    return best_i.gather(1, order)
+    return best_i  # every merge keeps its rows sorted (topk's order)
 
 
 def _merge_top(best_v: torch.Tensor, best_i: torch.Tensor, rows: slice, sims: torch.Tensor,
@@ -225,23 +224,25 @@ def cycle_hits(nx: torch.Tensor, ny: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- HSIC pieces
 
 
+def hsic_unbiased_sums(tr, sum_k, sum_l, dot, n: int):
+    """Song et al. (2012) unbiased HSIC from its four sums (works elementwise on tensors):
+    [tr + sum_k sum_l / ((n-1)(n-2)) - 2 dot / (n-2)] / (n(n-3)), with tr = sum(K~ * L~^T),
+    sum_k = sum(K~), sum_l = sum(L~), dot = sum(K~ L~) = (1^T K~)(L~ 1); K~, L~ zero-diagonal."""
+    return (tr + sum_k * sum_l / ((n - 1) * (n - 2)) - 2 * dot / (n - 2)) / (n * (n - 3))
+
+
 def hsic_unbiased_dense(kmat: torch.Tensor, lmat: torch.Tensor) -> float:
     """Song et al. (2012) unbiased HSIC of two n x n matrices (need not be symmetric), n >= 4.
 
-    As platonic-rep's ``hsic_unbiased``: zero the diagonals, then
-    [sum(K~ * L~^T) + sum(K~) sum(L~) / ((n-1)(n-2)) - 2 sum(K~ @ L~) / (n-2)] / (n(n-3)).
+    As platonic-rep's ``hsic_unbiased``: zero the diagonals, then `hsic_unbiased_sums` of
+    sum(K~ * L~^T), sum(K~), sum(L~) and sum(K~ @ L~).
     """
-    n = kmat.shape[0]
     kt = kmat.clone()
     lt = lmat.clone()
     kt.fill_diagonal_(0)
     lt.fill_diagonal_(0)
-    val = (
-        (kt * lt.T).sum()
-        + kt.sum() * lt.sum() / ((n - 1) * (n - 2))
-        - 2 * (kt.sum(dim=0) @ lt.sum(dim=1)) / (n - 2)  # sum(K~ L~) = (1^T K~)(L~ 1)
-    )
-    return float(val / (n * (n - 3)))
+    dot = kt.sum(dim=0) @ lt.sum(dim=1)  # sum(K~ L~) = (1^T K~)(L~ 1)
+    return float(hsic_unbiased_sums((kt * lt.T).sum(), kt.sum(), lt.sum(), dot, kmat.shape[0]))
 
 
 def centred(f: torch.Tensor) -> torch.Tensor:
@@ -272,8 +273,7 @@ def hsic_unbiased_from(cross: float, a: dict[str, Any], b: dict[str, Any], n: in
     tr(K~ L~) = sum(K * L) - d_a . d_b (K, L symmetric); sum(K~ L~) = r_a . r_b.
     """
     tr = cross - float(a["d"] @ b["d"])
-    val = tr + a["s"] * b["s"] / ((n - 1) * (n - 2)) - 2 * float(a["r"] @ b["r"]) / (n - 2)
-    return val / (n * (n - 3))
+    return hsic_unbiased_sums(tr, a["s"], b["s"], float(a["r"] @ b["r"]), n)
 
 
 def rbf_sigma(f: torch.Tensor) -> float:
