@@ -259,6 +259,14 @@ def test_access_log_lines_over_a_real_socket_are_json_with_key_names_never_keys(
         assert secret not in text
 
 
+def test_serve_refuses_a_bad_access_log_or_shutdown_timeout_before_listening(bundle, tmp_path, capsys):
+    folder = str(bundle[0])
+    assert main(["serve", "--bundle", folder, "--access-log", str(tmp_path / "no" / "such" / "log")]) == 2
+    assert "cannot be opened" in capsys.readouterr().err
+    assert main(["serve", "--bundle", folder, "--shutdown-timeout", "0"]) == 2
+    assert "--shutdown-timeout" in capsys.readouterr().err
+
+
 # ---- graceful shutdown --------------------------------------------------------------------------------
 def _refused(port: int) -> bool:
     try:
