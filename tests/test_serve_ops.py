@@ -183,6 +183,8 @@ def test_metrics_over_a_real_socket_count_the_requests_made(bundle):
         assert _value(fams, hist, f"{hist}_count", route=route) == n
         assert 0 < _value(fams, hist, f"{hist}_sum", route=route) < 30
     assert _value(fams, "anybind_http_requests_in_flight") == 1  # this one
+    b = "anybind_batch_size"  # fed by the micro-batcher: two requests one after the other, two texts each
+    assert (_value(fams, b, f"{b}_count", modality="text"), _value(fams, b, f"{b}_sum", modality="text")) == (2, 4)
     assert "/images/1000" not in r.text  # routes, never raw paths
 
 
