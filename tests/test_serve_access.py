@@ -159,6 +159,20 @@ def test_public_paths_are_configurable_and_docs_bring_their_assets(bundle):
         create_app(bundle[1], api_keys=bundle[2], public="health")
 
 
+def test_the_openapi_schema_says_how_to_send_a_key_so_docs_can(bundle):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(bundle[1], api_keys=bundle[2], public="/health,/docs")) as c:
+        schema = c.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert schema["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert schema["paths"]["/health"]["get"]["security"] == []  # public
+    assert "security" not in schema["paths"]["/embed"]["post"]  # the global requirement applies
+    with TestClient(create_app(bundle[1])) as c:  # no keys: no scheme
+        assert "securitySchemes" not in c.get("/openapi.json").json().get("components", {})
+
+
 # ---- CORS ---------------------------------------------------------------------------------------------
 def test_cors_over_a_real_socket_allowed_disallowed_and_preflight(bundle):
     _, model, keys = bundle

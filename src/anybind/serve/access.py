@@ -290,5 +290,27 @@ def install_access(app, *, api_keys=None, public=None, cors_origins=(), rate_lim
     limit = rate_limit if isinstance(rate_limit, RateLimit) or rate_limit is None else RateLimit.parse(rate_limit)
     if keys is None and cors is None and limit is None:
         return
-    app.add_middleware(AccessControl, keys=keys, public=parse_public(DEFAULT_PUBLIC if public is None else public),
-                       cors=cors, rate=None if limit is None else TokenBuckets(limit))
+    public = parse_public(DEFAULT_PUBLIC if public is None else public)
+    app.add_middleware(AccessControl, keys=keys, public=public, cors=cors, rate=None if limit is None else TokenBuckets(limit))
+    if keys is not None:
+        _document_keys(app, public)
+
+
+def _document_keys(app, public: tuple[str, ...]) -> None:
+    """The OpenAPI schema says how to send a key, so /docs has an Authorize button that sends it."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            schema["security"] = [{"bearer": []}, {"apiKey": []}]
+            for path, operations in schema.get("paths", {}).items():
+                if is_public(path, public):
+                    for operation in operations.values():
+                        operation["security"] = []
+        return app.openapi_schema
+
+    app.openapi = openapi
