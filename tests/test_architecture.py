@@ -21,7 +21,7 @@ LAYERS = [
     {"align"},
     {"evaluate"},
     {"bundle"},
-    {"serve", "report_html", "run"},
+    {"serve", "report_html", "run", "runtime"},  # runtime: torch-free (tests/test_onnx_runtime.py checks it)
     {"cli"},
 ]
 

@@ -639,10 +639,18 @@ def cmd_export(args) -> int:
     """Write a trained run as a bundle: encoder specs, projectors, blend and correction, model card."""
     from .bundle import export_bundle, load
 
+    if args.onnx:  # refuse an encoder the runtime cannot run before anything is written
+        from .bundle.onnx_export import check_run_exportable
+
+        check_run_exportable(args.run)
     out = export_bundle(args.run, args.out, results=args.results, overwrite=args.overwrite)
     model = load(out)
     encoders = ", ".join(f"{m}={v['encoder']}" for m, v in model.info["modalities"].items())
     print(f"bundle: {out}  ({encoders}; dim {model.dim})\nload it with: anybind.load({str(out)!r})")
+    if args.onnx:
+        from .bundle.onnx_export import export_onnx
+
+        print(f"onnx graphs: {export_onnx(out)}\nwithout torch: anybind.runtime.load({str(out)!r})")
     return 0
 
 
@@ -908,6 +916,8 @@ def _bundle_args(verb: Callable) -> None:
     p.add_argument("--out", "-o", required=True, help="the bundle folder to write")
     p.add_argument("--results", nargs="*", help="results documents (anybind eval) for the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--onnx", action="store_true", help="also write each modality's encoder + projector as an ONNX "
+                   "graph (onnx/), for the torch-free anybind.runtime")
 
     p = verb("index", cmd_index, "embed a dataset's images (or audio, ...) with a bundle into a search index (FAISS)")
     p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")
