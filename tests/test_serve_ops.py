@@ -289,6 +289,17 @@ def _wait_ready(port: int, proc, deadline: float) -> None:
     raise AssertionError("anybind serve did not become ready")
 
 
+def _wait_in_flight(port: int, count: int) -> None:
+    """Until /metrics says `count` requests are being answered (the one asking included)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"x-api-key": BOB}).text
+        if _value(parse_exposition(text), "anybind_http_requests_in_flight") >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} requests in flight")
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_refuses_new_connections_and_exits_0(bundle, tmp_path):
     """`anybind serve` as a process: a request whose body is still arriving when SIGTERM comes is
@@ -304,7 +315,7 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_connections_and_exit
         conn = socket.create_connection(("127.0.0.1", port), timeout=30)
         conn.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"X-API-Key: {ALICE}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
-        time.sleep(0.5)  # the request has started: its headers are in, its body is not
+        _wait_in_flight(port, 2)  # the request is in the app (its headers in, its body not), besides this one
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while not _refused(port) and time.monotonic() < deadline:
