@@ -13,7 +13,7 @@ MAX_LINES = 60
 
 # each layer may import itself and the layers before it, never a later one
 LAYERS = [
-    {"errors", "checks", "registry", "atomic", "saving", "config", "_hashing", "_deps", "device"},
+    {"errors", "checks", "registry", "atomic", "saving", "config", "_hashing", "_deps", "device", "tracking"},
     {"data"},
     {"encoders"},
     {"features"},

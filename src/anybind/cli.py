@@ -405,15 +405,18 @@ def cmd_train(args) -> int:
     from .align import load_recipe
     from .align.trainer import format_result, train
     from .checks import slug
+    from .tracking import check_loggers
 
+    check_loggers(args.logger)  # a typo or a missing package before any store is extracted
     recipe = load_recipe(args.recipe, args.set)
     device = _device(args.device)
     add = _add_spec(args)
     stores, layers = train_inputs(args, add)
     default = f"{slug(args.add)}-onto-{slug(add.to)}" if add else slug(recipe.name)
     out = args.out or f"runs/{default}-{datetime.now():%Y%m%d-%H%M%S}"
-    result = train(recipe, stores, out=out, layers=layers, device=device, resume=not args.restart,
-                   progress=not args.quiet, add=add)
+    with experiment_loggers(args, out) as loggers:
+        result = train(recipe, stores, out=out, layers=layers, device=device, resume=not args.restart,
+                       progress=not args.quiet, add=add, loggers=loggers)
     print(format_result(result, names=(add.to, add.modality) if add else None))
     print(f"\n{result.steps} steps in {result.seconds:.0f}s"
           + (" (stopped early)" if result.stopped_early else "")
@@ -440,6 +443,17 @@ def _add_spec(args):
         raise AnybindError(f"--add {args.add} trains on two stores: --store {args.add}=STORE and --store "
                            "TARGET=STORE (TARGET: the source's modality it binds to, e.g. text)")
     return AddSpec.from_source(args.to, args.add, to=others[0])
+
+
+def experiment_loggers(args, out):
+    """`--logger` / `--logger-dir`: the experiment loggers of a run folder (default: its logs/), named
+    after it; an empty list without --logger. Closes them on exit (a failure marks their run failed)."""
+    from pathlib import Path
+
+    from .tracking import open_loggers
+
+    return open_loggers(args.logger, args.logger_dir or Path(out) / "logs", run_name=Path(out).name,
+                        quiet=args.quiet)
 
 
 def cmd_recipes(args) -> int:
@@ -473,6 +487,12 @@ def cmd_eval(args) -> int:
     scored on a validation split only. Every result is logged under --out keyed by its settings,
     so an interrupted evaluation resumes and a finished one is read back instantly.
     """
+    if args.logger and (args.compare or args.speech or args.sweep):
+        raise AnybindError("--logger records an evaluation of --models (its settings and final results); "
+                           "not --compare, --speech or --sweep")
+    from .tracking import check_loggers
+
+    check_loggers(args.logger)  # before any store is extracted
     if args.compare:
         return _eval_compare_files(args)
     if args.speech:
@@ -599,8 +619,10 @@ def _eval_models(args, specs, suite, out, folds, seeds, tasks) -> int:
     from .evaluate import report as rep
     from .evaluate.protocol import Grid, compare_models
 
-    docs = compare_models(specs, suite, out, folds=folds, seeds=seeds, grid=Grid() if args.tune else None,
-                          tasks=tasks, progress=not args.quiet)
+    with experiment_loggers(args, out) as loggers:
+        loggers.log_params({"folds": list(folds), "seeds": list(seeds), "tasks": list(tasks), "tune": args.tune})
+        docs = compare_models(specs, suite, out, folds=folds, seeds=seeds, grid=Grid() if args.tune else None,
+                              tasks=tasks, progress=not args.quiet, loggers=loggers)
     reference = args.reference if args.reference in {d["model"]["name"] for d in docs} else None
     metric = args.metric if all(args.metric in r["metrics"] for d in docs for r in d["runs"]) else "retrieval/mean_R@10"
     print(rep.compare_table(docs, reference, metric))
@@ -623,11 +645,18 @@ def cmd_run(args) -> int:
     built-in `default` run: efficientnet-lite0 + minilm-l6 on openclipart, the built-in suite.
     """
     from .run import last_invocation, load_run_file, run_pipeline
+    from .tracking import check_loggers
 
+    check_loggers(args.logger)
     run = load_run_file(args.runfile)
     if args.encoding:  # the run file's `encoding:` (checked again by run_pipeline)
         run.encoding = args.encoding
-    out = run_pipeline(run, out=args.out, cache=args.cache, progress=not args.quiet)
+    from pathlib import Path
+
+    from .checks import slug
+
+    with experiment_loggers(args, args.out or Path("runs") / slug(run.name)) as loggers:
+        out = run_pipeline(run, out=args.out, cache=args.cache, progress=not args.quiet, loggers=loggers)
     stages = json.loads((out / "stages.json").read_text())
     status = last_invocation(out)
     print(_table([{"stage": k, "seconds (first)": v.get("seconds"), "this run": status.get(k, "")}
@@ -793,6 +822,14 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda when a GPU is visible, this rank's under torchrun), cpu, cuda, cuda:N")
 
 
+def _add_loggers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logger", action="append", metavar="NAME",
+                   help="also record to an experiment logger: tensorboard, mlflow, wandb (repeat it, or a comma "
+                        "list); needs pip install 'anybind[tracking]'. Local by default: TensorBoard event files, "
+                        "an MLflow file: store (or MLFLOW_TRACKING_URI), W&B offline (or WANDB_MODE)")
+    p.add_argument("--logger-dir", metavar="DIR", help="where the loggers write (default: the output folder's logs/)")
+
+
 def _add_encoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", help="text encoding of a CSV/TSV/JSONL table dataset (default utf-8), e.g. latin-1")
 
@@ -867,11 +904,13 @@ def _train_args(verb: Callable) -> None:
     p.add_argument("--to", metavar="BUNDLE_OR_RUN", help="with --add: the bundle, run or bound model to extend")
     _add_encoding(p)
     _add_device(p)
+    _add_loggers(p)
 
     p = verb("run", cmd_run, "run a whole experiment from a run file (extract, assess, train, eval, export)")
     p.add_argument("runfile", nargs="?", default="default", help="a run YAML file or a built-in name (default)")
     p.add_argument("--out", "-o", help="run folder (default runs/NAME); re-running resumes and reuses every stage")
     _add_encoding(p)
+    _add_loggers(p)
 
 
 def _eval_args(verb: Callable) -> None:
@@ -908,6 +947,7 @@ def _eval_args(verb: Callable) -> None:
     p.add_argument("--no-cascade", dest="cascade", action="store_false",
                    help="with --speech: skip the Whisper transcript cascade baseline")
     p.add_argument("--out", "-o", help="evaluation folder (default evals/builtin); re-running resumes")
+    _add_loggers(p)
 
 
 def _bundle_args(verb: Callable) -> None:

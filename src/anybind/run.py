@@ -580,15 +580,16 @@ def _paths(outputs: dict) -> list[str]:
 
 # ---- the pipeline ---------------------------------------------------------------------------------------
 def run_pipeline(run: RunFile | str | os.PathLike, out: str | os.PathLike | None = None, cache=None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, loggers: typing.Sequence = ()) -> Path:
     """Run every stage of a run file into one folder; returns the folder (report.html inside).
-    The run file is checked whole first: a mistake is refused before anything is extracted."""
+    The run file is checked whole first: a mistake is refused before anything is extracted.
+    `loggers` (`anybind.tracking`) get the run file, the resolved recipe and the final results."""
     run = validate_run(run) if isinstance(run, RunFile) else load_run_file(run)
     check_auto_layers(run, cache)
     out = Path(out or Path("runs") / slug(run.name))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "run.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
-    return _Pipeline(run, out, cache, progress, Stages(out)).execute()
+    return _Pipeline(run, out, cache, progress, Stages(out), list(loggers)).execute()
 
 
 @dataclass
@@ -598,6 +599,7 @@ class _Pipeline:
     cache: typing.Any
     progress: bool
     stages: Stages
+    loggers: list = field(default_factory=list)
 
     def execute(self) -> Path:
         t_all = time.perf_counter()
@@ -609,6 +611,7 @@ class _Pipeline:
         layers = {m: list(s["layers"]) for m, s in stores.items()}
         added = self.addition_stores(index, stores) if self.run.add else None  # a bad dataset fails before training
         eval_out = self.evaluate(stores, layers)
+        self.track(eval_out)
         emergent = self.emergent(stores, added) if added else None
         bundle = self.export(eval_out, emergent) if self.run.export else None
         self.report(eval_out, assessment, bundle, t_all, emergent)
@@ -683,6 +686,18 @@ class _Pipeline:
                   "anchor": run.anchor, "evaluate": dataclasses.asdict(ev), "probe": probe[0] if probe else None,
                   "recipe_text": _recipe_text(run.recipe)}
         return self.stages.run("evaluate", inputs, lambda: self.score(stores, layers, probe))
+
+    def track(self, eval_out: dict) -> None:
+        """The experiment loggers' record: the run file, the evaluated model's resolved recipe and
+        every model's summary over folds x seeds (read from the results documents, cached or not)."""
+        if not self.loggers:
+            return
+        from .evaluate import results as res
+
+        docs = [res.read_results(p) for p in eval_out["results"]]
+        for logger in self.loggers:
+            logger.log_params({"run": self.run.to_dict(), "recipe": docs[0]["model"]["recipe"]})
+            logger.log_summary({slug(d["model"]["name"]): res.summarise(d) for d in docs})
 
     def suite(self, stores: dict, layers: dict, probe):
         from .evaluate.suite import Suite

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from ..device import select_device
 from ..errors import AnybindError
 from ..features import FeatureStore
 from ..metrics.retrieval import chance_retrieval_metrics
+from ..tracking import record_metrics
 from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
@@ -228,6 +229,7 @@ class _Run:
     add: AddSpec | None = None
     state: dict = field(default_factory=lambda: {"step": 0, "best_metric": -1.0, "best_step": -1,
                                                  "bad_evals": 0, "stopped_early": False})
+    loggers: list = field(default_factory=list)  # experiment loggers (anybind.tracking); empty: none
 
     def model(self, space: ProjectorSpace | None = None, correction=None) -> BoundModel:
         """The bound model as the recipe defines it: these projectors, the blend, a correction.
@@ -351,6 +353,8 @@ def _checkpoint(run: _Run) -> None:
 def _log(run: _Run, record: dict) -> None:
     if run.rank == 0:
         atomic.append_json(run.out / METRICS_LOG, record)
+        for logger in run.loggers:  # none without --logger: the step pays for nothing more
+            logger.log_metrics(record_metrics(record), record["step"])
 
 
 def _validate_and_keep_best(run: _Run) -> None:
@@ -452,6 +456,7 @@ def train(
     preload: bool | None = None,
     anchor: str | None = None,
     add: AddSpec | None = None,
+    loggers: Sequence = (),
 ) -> TrainResult:
     """Fit the recipe's bound model on two stores: train its projectors (validation and early
     stopping read the blended model), fit its correction, and save it to ``out/model``.
@@ -464,12 +469,17 @@ def train(
     `result.val` is the saved model's retrieval on the val split, correction included.
     `add` (progressive binding, `AddSpec`) trains one new modality against the frozen bound space
     of a source model (`align/frozen.py`); ``out/model`` is then the source plus that modality.
+    `loggers` (`anybind.tracking.open_loggers`) also get the resolved recipe, each metrics.jsonl
+    record and the final results; the caller closes them.
     """
     t0 = time.perf_counter()
     device = select_device(device)
     distributed = dist.init_from_env(device)
     run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add)
     _restore(run, resume)
+    run.loggers = list(loggers) if run.rank == 0 else []
+    for logger in run.loggers:
+        logger.log_params(run.recipe.to_dict())
     _loop(run, progress, preload)
     model = _finish(run)
     state = run.state
@@ -485,6 +495,8 @@ def train(
     result.seconds = time.perf_counter() - t0
     if run.rank == 0:
         _write_summary(run, result)
+        for logger in run.loggers:
+            logger.log_summary(_final_results(result))
     if distributed:
         dist.barrier()
     return result
@@ -499,6 +511,13 @@ def _write_summary(run: _Run, result: TrainResult) -> None:
         "val": result.val, "baselines": result.baselines, "chance": result.chance,
         "seconds": round(result.seconds, 1), "data": run.data.summary(), "train_pairs": len(run.train_pairs),
         "precision": run.precision, "world_size": run.world})
+
+
+def _final_results(result: TrainResult) -> dict:
+    """What the experiment loggers record at the end (summary.json's numbers)."""
+    return {"val": result.val, "baselines": result.baselines, "chance": result.chance, "best_step": result.best_step,
+            "best_metric": result.best_metric, "steps": result.steps, "stopped_early": result.stopped_early,
+            "seconds": result.seconds}
 
 
 def nn_transfer_baseline(data: PairedFeatures, train_pairs: Pairs, val_pairs: Pairs) -> dict:

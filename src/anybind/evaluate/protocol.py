@@ -280,9 +280,11 @@ class Grid:
 # ---- whole comparisons and sweeps -----------------------------------------------------------------------
 def compare_models(specs: Sequence[ModelSpec], suite: Suite, out: str | os.PathLike, folds: Sequence[int] = range(5),
                    seeds: Sequence[int] = range(3), grid: Grid | None = None, tune_fold: int = 0,
-                   tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"), progress: bool = True) -> list[dict]:
+                   tasks: Sequence[str] = ("retrieval", "zeroshot", "probe"), progress: bool = True,
+                   loggers: Sequence = ()) -> list[dict]:
     """Tune each model on `tune_fold`'s validation split (same grid size for all), then run the
-    chosen setting over every fold x seed; writes ``results/<model>.json`` and returns the documents."""
+    chosen setting over every fold x seed; writes ``results/<model>.json`` and returns the documents.
+    `loggers` (`anybind.tracking`) get each model's settings (its resolved recipe) and its summary."""
     out = Path(out)
     docs = []
     for spec in specs:
@@ -294,6 +296,9 @@ def compare_models(specs: Sequence[ModelSpec], suite: Suite, out: str | os.PathL
         doc["model"]["tuning"] = {"fold": tune_fold, "split": "val", "candidates": scores} if scores else None
         res.write_results(doc, out / "results" / f"{slug(spec.name)}.json")
         docs.append(doc)
+        for logger in loggers:
+            logger.log_params({slug(spec.name): doc["model"]["recipe"] or doc["model"]["settings"]})
+            logger.log_summary({slug(spec.name): res.summarise(doc)})
     return docs
 
 
