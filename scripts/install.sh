@@ -47,11 +47,12 @@ if [ ! -f "$rstamp" ] || [ pyproject.toml -nt "$rstamp" ] || [ "$0" -nt "$rstamp
   start=$(date +%s)
   [ -x "$RVENV/bin/python" ] || { echo "[install] creating $RVENV (no torch)"; $PY -m venv "$RVENV"; }
   RPIP="$RVENV/bin/pip --disable-pip-version-check -q"
-  runtime_deps=$("$VENV/bin/python" -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['runtime']))")
+  # the `runtime` extra's list, read from pyproject.toml (one place names them; no tomllib before Python 3.11)
+  runtime_deps=$("$VENV/bin/python" -c "import ast, re; print(' '.join(ast.literal_eval(re.search(r'(?m)^runtime = (\[.*\])', open('pyproject.toml').read()).group(1))))")
   echo "[install] $RVENV: anybind (--no-deps) + $runtime_deps"
   $RPIP install --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-  # shellcheck disable=SC2086 # one word per requirement
   # (pip's resolver then notes that anybind's own torch, pyarrow, ... are missing: that is the point)
+  # shellcheck disable=SC2086 # one word per requirement
   $RPIP install $runtime_deps 2>&1 | grep -v -e "^WARNING: Location" -e "which is not installed" -e "dependency conflicts" || true
   "$RVENV/bin/python" -c "import anybind.runtime, onnxruntime, tokenizers, PIL, numpy, importlib.util as u; assert u.find_spec('torch') is None, 'torch in the runtime venv'"
   touch "$rstamp"

