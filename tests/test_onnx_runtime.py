@@ -179,6 +179,48 @@ def test_image_preprocessing_matches_the_torch_path_on_real_files(real, tmp_path
         np.testing.assert_array_equal(pixels(open_image(ref, pre["min_side"]), pre), want)
 
 
+# ---- one export per other encoder kind: hf: vision, timm:, open_clip: image towers (tiny, saved locally) ------
+def _tiny_image_encoder(kind: str, folder: Path) -> str:
+    """The spec of a tiny random image model of `kind`, saved under `folder` as users download them."""
+    torch.manual_seed(0)
+    if kind == "hf":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=37, image_size=28, patch_size=14)
+        transformers.Dinov2Model(config).save_pretrained(folder)
+        transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                                       resample=3).save_pretrained(folder)
+        return f"hf:{folder}"
+    if kind == "timm":
+        timm = pytest.importorskip("timm")
+        from timm.models import save_for_hf
+
+        save_for_hf(timm.create_model("test_vit", pretrained=False).eval(), str(folder), safe_serialization=True)
+        return f"timm:{folder}"
+    open_clip = pytest.importorskip("open_clip")
+    folder.mkdir(parents=True)
+    (folder / "anybind-onnx-tiny.json").write_text(json.dumps({
+        "embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(folder)
+    torch.save(open_clip.create_model("anybind-onnx-tiny").state_dict(), folder / "tiny.pt")
+    return f"open_clip:anybind-onnx-tiny@{folder / 'tiny.pt'}:image"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hf", "timm", "open_clip"])
+def test_other_image_towers_export_and_embed_as_the_torch_path(kind, toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYBIND_CACHE", str(tmp_path / "cache"))
+    spec = _tiny_image_encoder(kind, tmp_path / kind)
+    karpathy = Path(toy.images[0]).parent / "dataset_flickr30k.json"
+    bundle = _train_and_export(tmp_path, [f"image={spec}+karpathy:{karpathy}", f"text=random:text+karpathy:{karpathy}"],
+                               [])
+    model = runtime.load(bundle)
+    worst = _worst_cosine(model.encode_image(toy.images), anybind.load(bundle).encode_image(toy.images).numpy())
+    print(f"\n{spec.split(':')[0]}: worst image cosine {worst:.6f}")
+    assert worst >= MIN_COSINE
+
+
 # ---- the numpy blends and corrections, one by one against their torch implementations ---------------------
 @pytest.mark.parametrize("name", ["procrustes", "cca", "nn-transfer", "asif"])
 def test_numpy_baselines_encode_as_the_torch_ones(name, tmp_path):
