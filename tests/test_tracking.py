@@ -291,3 +291,39 @@ def test_a_failed_run_is_marked_failed(tmp_path, monkeypatch):
     assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"  # set for MLflow's file store; undone after the test
     _, found = _mlflow_run(tmp_path / "logs")
     assert found.info.status == "FAILED" and found.data.metrics == {"train/loss": 1.0}
+
+
+class _BrokenLogger:
+    """A logger whose backend fails (a full disk, an unreachable server) from its second record on."""
+
+    def __init__(self):
+        self.calls, self.closed = [], None
+
+    def log_params(self, params):
+        self.calls.append(params)
+
+    def log_metrics(self, metrics, step):
+        if step > 1:
+            raise OSError("No space left on device")
+        self.calls.append(metrics)
+
+    def log_summary(self, summary):
+        self.calls.append(summary)
+
+    def close(self, failed=False):
+        self.closed = failed
+
+
+def test_a_failing_logger_is_dropped_with_a_warning_and_the_others_go_on(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    broken = _BrokenLogger()
+    with open_loggers(["tensorboard"], tmp_path, run_name="r") as loggers:
+        loggers.append(broken)
+        for step in (1, 2, 3):
+            loggers.log_metrics({"train/loss": 1.0 / step}, step)
+        assert broken not in loggers and broken.closed is True and len(loggers) == 1
+        loggers.log_summary({"val": {"mean_R@10": 0.5}})
+    assert "_BrokenLogger failed in log_metrics (OSError: No space left on device)" in caplog.text
+    acc = _tensorboard(tmp_path / "tensorboard")
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert acc.Scalars("final/val/mean_R@10")[0].value == 0.5

@@ -822,11 +822,16 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="auto (cuda when a GPU is visible, this rank's under torchrun), cpu, cuda, cuda:N")
 
 
+def _logger_help() -> str:
+    from .tracking import LOGGERS
+
+    return _names_help("also record to experiment loggers: ", LOGGERS, " (repeat it, or a comma list; pip install "
+                       "'anybind[tracking]'). Local by default: TensorBoard event files, an MLflow file: store (or "
+                       "MLFLOW_TRACKING_URI), W&B offline (or WANDB_MODE)")
+
+
 def _add_loggers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--logger", action="append", metavar="NAME",
-                   help="also record to an experiment logger: tensorboard, mlflow, wandb (repeat it, or a comma "
-                        "list); needs pip install 'anybind[tracking]'. Local by default: TensorBoard event files, "
-                        "an MLflow file: store (or MLFLOW_TRACKING_URI), W&B offline (or WANDB_MODE)")
+    p.add_argument("--logger", action="append", metavar="NAME", help=_logger_help)
     p.add_argument("--logger-dir", metavar="DIR", help="where the loggers write (default: the output folder's logs/)")
 
 

@@ -589,7 +589,7 @@ def run_pipeline(run: RunFile | str | os.PathLike, out: str | os.PathLike | None
     out = Path(out or Path("runs") / slug(run.name))
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "run.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
-    return _Pipeline(run, out, cache, progress, Stages(out), list(loggers)).execute()
+    return _Pipeline(run, out, cache, progress, Stages(out), loggers).execute()
 
 
 @dataclass
@@ -599,7 +599,7 @@ class _Pipeline:
     cache: typing.Any
     progress: bool
     stages: Stages
-    loggers: list = field(default_factory=list)
+    loggers: typing.Sequence = ()
 
     def execute(self) -> Path:
         t_all = time.perf_counter()
@@ -693,11 +693,12 @@ class _Pipeline:
         if not self.loggers:
             return
         from .evaluate import results as res
+        from .tracking import as_loggers
 
         docs = [res.read_results(p) for p in eval_out["results"]]
-        for logger in self.loggers:
-            logger.log_params({"run": self.run.to_dict(), "recipe": docs[0]["model"]["recipe"]})
-            logger.log_summary({slug(d["model"]["name"]): res.summarise(d) for d in docs})
+        loggers = as_loggers(self.loggers)
+        loggers.log_params({"run": self.run.to_dict(), "recipe": docs[0]["model"]["recipe"]})
+        loggers.log_summary({slug(d["model"]["name"]): res.summarise(d) for d in docs})
 
     def suite(self, stores: dict, layers: dict, probe):
         from .evaluate.suite import Suite

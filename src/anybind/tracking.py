@@ -66,36 +66,46 @@ def record_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 # ---- the set of loggers a run was given ------------------------------------------------------------------
 class Loggers(list):
-    """The loggers of one run: a list (empty: no logging at all) that closes them all on exit."""
+    """The loggers of one run: a list (empty: no logging at all) that closes them all on exit.
+
+    A logger is never required: one that fails (a full disk, an unreachable server) is dropped with
+    a warning and the run goes on; its own files (metrics.jsonl, summary.json, results) hold it all."""
 
     def log_params(self, params: Mapping) -> None:
-        for logger in self:
-            logger.log_params(dict(params))
+        self._each("log_params", dict(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        for logger in self:
-            logger.log_metrics(dict(metrics), step)
+        self._each("log_metrics", dict(metrics), step)
 
     def log_summary(self, summary: Mapping) -> None:
-        for logger in self:
-            logger.log_summary(dict(summary))
+        self._each("log_summary", dict(summary))
 
     def close(self, failed: bool = False) -> None:
-        errors = []
-        for logger in self:
-            try:
-                logger.close(failed=failed)
-            except Exception as e:  # close the others; report the first failure after
-                errors.append(e)
+        self._each("close", failed)
         self.clear()
-        if errors:
-            raise errors[0]
+
+    def _each(self, method: str, *args: Any) -> None:
+        for logger in list(self):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as e:
+                log.warning("logger %s failed in %s (%s: %s); the run goes on without it",
+                            type(logger).__name__, method, type(e).__name__, e)
+                self.remove(logger)
+                if method != "close":
+                    Loggers([logger]).close(failed=True)
 
     def __enter__(self) -> Loggers:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
         self.close(failed=kind is not None)
+
+
+def as_loggers(loggers: Iterable | None) -> Loggers:
+    """`loggers` itself when it is a `Loggers` (so that a logger dropped on failure is dropped for
+    the caller too), else a `Loggers` of them."""
+    return loggers if isinstance(loggers, Loggers) else Loggers(loggers or ())
 
 
 def parse_names(values: Iterable[str] | str | None) -> list[str]:

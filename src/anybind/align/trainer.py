@@ -29,7 +29,7 @@ from ..device import select_device
 from ..errors import AnybindError
 from ..features import FeatureStore
 from ..metrics.retrieval import chance_retrieval_metrics
-from ..tracking import record_metrics
+from ..tracking import Loggers, as_loggers, record_metrics
 from . import distributed as dist
 from .bound import BoundModel
 from .data import PairedFeatures, Pairs
@@ -229,7 +229,7 @@ class _Run:
     add: AddSpec | None = None
     state: dict = field(default_factory=lambda: {"step": 0, "best_metric": -1.0, "best_step": -1,
                                                  "bad_evals": 0, "stopped_early": False})
-    loggers: list = field(default_factory=list)  # experiment loggers (anybind.tracking); empty: none
+    loggers: Loggers = field(default_factory=Loggers)  # experiment loggers (anybind.tracking); empty: none
 
     def model(self, space: ProjectorSpace | None = None, correction=None) -> BoundModel:
         """The bound model as the recipe defines it: these projectors, the blend, a correction.
@@ -353,8 +353,8 @@ def _checkpoint(run: _Run) -> None:
 def _log(run: _Run, record: dict) -> None:
     if run.rank == 0:
         atomic.append_json(run.out / METRICS_LOG, record)
-        for logger in run.loggers:  # none without --logger: the step pays for nothing more
-            logger.log_metrics(record_metrics(record), record["step"])
+        if run.loggers:  # none without --logger: the step pays for nothing more
+            run.loggers.log_metrics(record_metrics(record), record["step"])
 
 
 def _validate_and_keep_best(run: _Run) -> None:
@@ -477,9 +477,8 @@ def train(
     distributed = dist.init_from_env(device)
     run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add)
     _restore(run, resume)
-    run.loggers = list(loggers) if run.rank == 0 else []
-    for logger in run.loggers:
-        logger.log_params(run.recipe.to_dict())
+    run.loggers = as_loggers(loggers if run.rank == 0 else ())
+    run.loggers.log_params(run.recipe.to_dict())
     _loop(run, progress, preload)
     model = _finish(run)
     state = run.state
@@ -495,8 +494,7 @@ def train(
     result.seconds = time.perf_counter() - t0
     if run.rank == 0:
         _write_summary(run, result)
-        for logger in run.loggers:
-            logger.log_summary(_final_results(result))
+        run.loggers.log_summary(_final_results(result))
     if distributed:
         dist.barrier()
     return result

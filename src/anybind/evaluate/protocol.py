@@ -296,9 +296,12 @@ def compare_models(specs: Sequence[ModelSpec], suite: Suite, out: str | os.PathL
         doc["model"]["tuning"] = {"fold": tune_fold, "split": "val", "candidates": scores} if scores else None
         res.write_results(doc, out / "results" / f"{slug(spec.name)}.json")
         docs.append(doc)
-        for logger in loggers:
-            logger.log_params({slug(spec.name): doc["model"]["recipe"] or doc["model"]["settings"]})
-            logger.log_summary({slug(spec.name): res.summarise(doc)})
+        if loggers:
+            from ..tracking import as_loggers
+
+            loggers = as_loggers(loggers)  # one that fails is dropped for the next models too
+            loggers.log_params({slug(spec.name): doc["model"]["recipe"] or doc["model"]["settings"]})
+            loggers.log_summary({slug(spec.name): res.summarise(doc)})
     return docs
 
 
