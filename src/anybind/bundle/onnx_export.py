@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -310,13 +309,6 @@ def _graph_class():
 def build_graph(bundle, modality: str, input_names: list[str], tokenized: bool):
     """The torch module exported as `modality`'s graph (defined on first use: torch loads lazily)."""
     return _graph_class()(bundle, modality, input_names, tokenized)
-
-
-def remove_onnx(bundle: str | os.PathLike) -> None:
-    """Delete a bundle's onnx/ folder (a bundle exported again without --onnx)."""
-    path = Path(bundle) / ONNX_DIR
-    if _is_onnx_dir(path):
-        shutil.rmtree(path)
 
 
 def read_onnx_info(bundle: str | os.PathLike) -> dict[str, Any]:
