@@ -3,6 +3,10 @@
     select_device()          # cuda when a GPU is visible, else cpu (under torchrun: this rank's GPU)
     select_device("cuda:1")  # checked: a clear error when there is no such GPU
 
+Under torchrun every process on a machine gets LOCAL_RANK 0, 1, ...; "auto" and "cuda" then mean
+cuda:LOCAL_RANK, so each rank uses its own GPU; `make_current` sets it before NCCL starts.
+`rank_gpu_index` is that choice as a pure function (tested without GPUs).
+
 torch is imported inside the functions, so importing this module stays cheap.
 """
 
@@ -33,6 +37,24 @@ def local_rank() -> int | None:
         raise DeviceError(f"LOCAL_RANK must be an integer, not {text!r}") from None
 
 
+def local_world_size() -> int:
+    """How many torchrun processes share this machine (LOCAL_WORLD_SIZE), 1 when alone."""
+    text = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+def rank_gpu_index(rank: int | None, count: int, asked: str = "cuda") -> int:
+    """The GPU a process with local rank `rank` takes among `count` visible: its own, or a clear error."""
+    index = rank or 0
+    if not 0 <= index < count:
+        where = f"{asked} (LOCAL_RANK={rank})" if rank is not None else asked
+        hint = (" (one process per GPU: torchrun --nproc_per_node at most the GPU count)"
+                if rank is not None else "")
+        raise DeviceError(f"--device {where}: there is no CUDA device {index}; {count} visible "
+                          f"(cuda:0 ... cuda:{count - 1}){hint}, or use --device cpu")
+    return index
+
+
 def select_device(name: str | torch.device | None = None) -> torch.device:
     """The device `name` asks for, checked against what is visible.
 
@@ -61,10 +83,17 @@ def select_device(name: str | torch.device | None = None) -> torch.device:
     return _checked_gpu(torch, int(match.group(1)), str(name))
 
 
+def make_current(device: torch.device) -> None:
+    """Make a GPU the process's current one, so NCCL and code that says plain "cuda" use it too."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def _rank_gpu(torch) -> torch.device:
     """cuda:LOCAL_RANK under torchrun, else cuda:0."""
-    rank = local_rank()
-    return _checked_gpu(torch, rank or 0, f"cuda (LOCAL_RANK={rank})" if rank is not None else "cuda")
+    return torch.device("cuda", rank_gpu_index(local_rank(), torch.cuda.device_count()))
 
 
 def _checked_gpu(torch, index: int, asked: str) -> torch.device:

@@ -8,10 +8,13 @@ exactly the single-process gradient of that loss.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import torch.distributed as dist
+
+from ..device import DeviceError, local_rank, local_world_size, make_current
 
 
 def rank_world() -> tuple[int, int]:
@@ -21,12 +24,28 @@ def rank_world() -> tuple[int, int]:
 
 
 def init_from_env(device: torch.device) -> bool:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); False when alone."""
+    """Join the process group torchrun describes (gloo on CPU, nccl on this rank's GPU); False when alone."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return True
+    if device.type != "cuda":
+        dist.init_process_group("gloo")
+        return True
+    _check_own_gpu(device)
+    make_current(device)  # before NCCL starts: its communicator binds to the current GPU
+    bind = "device_id" in inspect.signature(dist.init_process_group).parameters  # torch >= 2.3
+    dist.init_process_group("nccl", **({"device_id": device} if bind else {}))
     return True
+
+
+def _check_own_gpu(device: torch.device) -> None:
+    """NCCL needs one GPU per rank: refuse several ranks of a machine on one named GPU."""
+    rank = local_rank()
+    if rank is not None and local_world_size() > 1 and device.index != rank:
+        raise DeviceError(f"--device {device} under torchrun with {local_world_size()} processes per machine "
+                          f"would put LOCAL_RANK {rank} on another rank's GPU (NCCL needs one GPU per rank): "
+                          f"use --device cuda (or auto), which gives each rank cuda:LOCAL_RANK")
 
 
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
