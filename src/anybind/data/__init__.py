@@ -8,6 +8,8 @@ Spec strings name a dataset:
 - ``table:PATH`` (CSV/TSV/JSONL/JSON/Parquet), ``folder:PATH`` (class subfolders),
   ``wds:PATTERN`` (WebDataset tar shards: a dir, a .tar, a glob or ``{00000..00009}``); each
   takes image and/or audio files (`audio.load_audio` opens audio references)
+- ``hf:FOLDER`` (a Hugging Face ``save_to_disk`` folder), ``parquet:PATH`` (Parquet files holding
+  encoded images: img2dataset, the Hub); images stay in their cells until extraction reads them
 - ``imagenet:PATH`` (a labelled evaluation folder ``PATH/<wnid>/*.JPEG``; option
   ``class_names=`` a JSON or ``LOC_synset_mapping.txt``), ``karpathy:PATH`` (COCO / Flickr30k
   captions in a Karpathy-split JSON; option ``images=`` the image folder)
@@ -119,6 +121,12 @@ register_dataset_prefix("folder", f"{_HERE}.folders:list_folder",
 register_dataset_prefix("wds", f"{_HERE}.webdataset:list_webdataset", form="wds:PATTERN",
                         stamp=f"{_HERE}.webdataset:resolve_shards",
                         help="WebDataset tar shards: a folder, a .tar, a glob or {00000..00009}")
+register_dataset_prefix("hf", f"{_HERE}.hf_datasets:list_hf", form="hf:FOLDER",
+                        help="a Hugging Face datasets folder (save_to_disk; a DatasetDict keeps its splits) or a "
+                             "folder of its Hub Parquet files; images read from their cells only when extracted")
+register_dataset_prefix("parquet", f"{_HERE}.parquet_images:list_parquet", stamp=f"{_HERE}.parquet_images:resolve_parquet_files",
+                        help="Parquet files holding the encoded images (img2dataset output_format=parquet, the HF Hub): "
+                             "a file, a folder or a glob; listed without reading an image")
 register_dataset_prefix("imagenet", f"{_HERE}.imagenet_folder:list_imagenet_folder",
                         help="a labelled evaluation folder PATH/<wnid>/*.JPEG (option class_names=)",
                         licence="that of the images (ImageNet: non-commercial research)")
@@ -163,16 +171,34 @@ def _detect(path: Path) -> str | None:
     from .tables import TABLE_SUFFIXES
 
     if path.is_file():
+        if path.suffix.lower() in (".parquet", ".pq") and _holds_image_bytes(path):
+            return "parquet"
         if path.suffix.lower() in TABLE_SUFFIXES:
             return "table"
         return "wds" if path.suffix.lower() == ".tar" else None
     if path.is_dir():
+        from .hf_datasets import is_hf_folder
+
+        if is_hf_folder(path):
+            return "hf"
         if any(p.suffix == ".tar" for p in path.iterdir()):
             return "wds"
         from .folders import looks_like_folder_dataset
 
         return "folder" if looks_like_folder_dataset(path) else None
     return None
+
+
+def _holds_image_bytes(path: Path) -> bool:
+    """A Parquet file with a column of encoded images (read from its footer only)."""
+    import pyarrow.parquet as pq
+
+    from .parquet_images import holds_images
+
+    try:
+        return holds_images(pq.read_schema(path))
+    except Exception:  # noqa: BLE001 - not readable as Parquet: the table lister says why
+        return False
 
 
 def _stamp_paths(entry: Entry, location: str, options: dict) -> list:

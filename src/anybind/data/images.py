@@ -6,6 +6,8 @@ References (what a dataset index stores in its image column):
 - ``tar://<shard.tar>#<member>``: a member of an uncompressed WebDataset shard
 - ``idx://<images-idx3-ubyte(.gz)>#<row>``: one image of an IDX file (MNIST, Fashion-MNIST)
 - ``skimage://<name>``: ``skimage.data.<name>()``
+- ``parquet://<file>#<column>/<row>``, ``arrow://<file>#<column>/<row>``: an encoded image in a
+  cell of a Parquet file or a Hugging Face Arrow file (`parquet_images`, `hf_datasets`)
 - a PIL image, or a numpy array (HxW, HxWx1, HxWx3, HxWx4)
 
 Why each step is here:
@@ -246,7 +248,19 @@ def _open_skimage(rest: str, min_side: int | None) -> Image.Image:
     return from_array(np.asarray(value))
 
 
-_OPENERS = {"file": _open_path, "tar": _open_tar, "idx": _open_idx, "skimage": _open_skimage}
+def _open_cell(scheme: str, module: str):
+    """``parquet://`` / ``arrow://``: one image cell of a column file, read by its lister's module."""
+
+    def opener(rest: str, min_side: int | None) -> Image.Image:
+        from importlib import import_module
+
+        return open_file(import_module(module, __package__).read_cell(rest), min_side, name=f"{scheme}://{rest}")
+
+    return opener
+
+
+_OPENERS = {"file": _open_path, "tar": _open_tar, "idx": _open_idx, "skimage": _open_skimage,
+            "parquet": _open_cell("parquet", ".parquet_images"), "arrow": _open_cell("arrow", ".hf_datasets")}
 
 
 # ---- arrays and modes ------------------------------------------------------------------------
