@@ -17,7 +17,9 @@ Steps:
 - cache-hit: `sync_splits` of an n-row store against its index (the path of every extract hit).
 - pairing: `PairedFeatures` on the two stores (join on item id, finite check).
 - train-epoch: `train` for one epoch of the linear recipe (batch 1024, dim 64), no blend,
-  validation once at the end, on the val split capped at --gallery items.
+  validation once at the end; the stores' val and test splits are 5,000 items each (a tenth below
+  50k): the trainer validates on the whole val split, all pairs, so a val split growing with n
+  would make this step quadratic.
 - blend-<name>: fitting each training-free baseline on the train pairs and encoding a fixed
   --queries rows (ASIF's encoding is dense in n_anchors = n train items).
 - retrieval: recall@k on a fixed gallery of --gallery pairs drawn from n (the way to report at scale).
@@ -49,6 +51,7 @@ THUMB = 256
 STEPS = ("list", "near-dups", "cache-hit", "pairing", "train-epoch", "blend-procrustes", "blend-cca",
          "blend-nn-transfer", "blend-asif", "retrieval", "index-build", "index-query")
 FLAG_ABOVE = 1.15
+HELD_OUT = 5000  # val and test items of the synthetic stores
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -94,30 +97,44 @@ def item_ids(n: int) -> list[str]:
 
 
 def prepare(work: Path, n: int) -> Path:
-    """The inputs for size n (written once): two stores, a table, thumbnails."""
-    from anybind.features.store import write_store
-
+    """The inputs for size n (each written once): two stores, a table, thumbnails."""
     folder = work / f"n{n}"
-    if (folder / "done").exists():
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(n)
     ids = item_ids(n)
+    if not (folder / "stores.done").exists():
+        write_stores(folder, ids, rng)
+        (folder / "stores.done").write_text("")
+    if not (folder / "table.parquet").exists():
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": ids, "image": [f"img/{i}.png" for i in ids],
+                                 "caption": [f"a drawing number {k}" for k in range(n)]}), folder / "table.parquet")
+    if not (folder / "thumbs.npy").exists():
+        np.save(folder / "thumbs.npy", synthetic_thumbnails(n, rng))
+    return folder
+
+
+def fixed_splits(n: int, held_out: int = HELD_OUT) -> list[str]:
+    """val and test of a fixed size (at most a tenth each), the rest train: evaluation on a gallery of
+    fixed size, as large datasets report it (COCO's 5k test), so an epoch's cost is the training's."""
+    m = min(held_out, n // 10)
+    return ["val"] * m + ["test"] * m + ["train"] * (n - 2 * m)
+
+
+def write_stores(folder: Path, ids: list[str], rng: np.random.Generator) -> None:
+    """An image and a text store of correlated DIM-d features, one caption per item."""
+    from anybind.features.store import write_store
+
+    n = len(ids)
     image = rng.standard_normal((n, DIM), dtype=np.float32)
     text = (image @ rng.standard_normal((DIM, DIM), dtype=np.float32) / math.sqrt(DIM)
             + 0.5 * rng.standard_normal((n, DIM), dtype=np.float32))
+    splits = fixed_splits(n)
     for name, x in (("image", image), ("text", text)):
         write_store(folder / name, {"final": x}, ids, modality=name, field=name if name == "image" else "caption",
-                    dataset=f"synthetic-{n}")
-    del image, text
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"id": ids, "image": [f"img/{i}.png" for i in ids],
-                             "caption": [f"a drawing number {k}" for k in range(n)]}), folder / "table.parquet")
-    np.save(folder / "thumbs.npy", synthetic_thumbnails(n, rng))
-    (folder / "done").write_text("")
-    return folder
+                    dataset=f"synthetic-{n}", splits=splits)
 
 
 def synthetic_thumbnails(n: int, rng: np.random.Generator, chunk: int = 1 << 16) -> np.ndarray:
@@ -157,7 +174,14 @@ def step_cache_hit(folder: Path, args):
     from anybind.features.extract import sync_splits
 
     index = load_dataset(f"table:{folder / 'table.parquet'}", cache=Path(tempfile.mkdtemp(dir=folder)))
-    store = FeatureStore.open(folder / "image")
+    if not (folder / "hit.done").exists():  # a store as extracted from this index: the splits agree
+        from anybind.features.store import write_store
+
+        write_store(folder / "hit", {"final": np.zeros((len(index), 4), np.float32)}, index.item_ids,
+                    modality="image", field="image", dataset="table", splits=index.column("split"),
+                    folds=index.column("fold"), groups=index.column("group"))
+        (folder / "hit.done").write_text("")
+    store = FeatureStore.open(folder / "hit")
     return lambda: sync_splits(store, index)
 
 
@@ -282,7 +306,7 @@ def exponent(rows: list[dict]) -> float | None:
 
 
 def print_table(results: dict[str, list[dict]]) -> None:
-    print(f"| step | n | seconds | peak anon MiB | VmHWM MiB | exponent (two largest n) |")
+    print("| step | n | seconds | peak anon MiB | VmHWM MiB | exponent (two largest n) |")
     print("|---|---:|---:|---:|---:|---|")
     for step, rows in results.items():
         e = exponent(rows)

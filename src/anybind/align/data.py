@@ -46,8 +46,12 @@ class Side:
         for arr in self.arrays:
             if isinstance(arr, torch.Tensor):
                 out.append(arr[torch.as_tensor(index, dtype=torch.long)])
-            else:
-                out.append(torch.from_numpy(arr.read(np.asarray(index))))
+            else:  # memory-mapped: read in file order (sequential pages), then put back in batch order
+                index = np.asarray(index)
+                order = np.argsort(index, kind="stable")
+                rows = np.empty((len(index), arr.shape[1]), dtype=np.float32)
+                rows[order] = arr.read(index[order])
+                out.append(torch.from_numpy(rows))
         return out
 
 
@@ -98,7 +102,7 @@ class PairedFeatures:
                                    f"it has {', '.join(store.layers)}")
             total_bytes += sum(len(store) * store.layers[lay] * 4 for lay in want)
             self.sides[n] = Side(n, store, want, [store.array(lay) for lay in want])
-        in_memory = total_bytes <= IN_MEMORY_BYTES if in_memory is None else in_memory
+        in_memory = total_bytes <= min(IN_MEMORY_BYTES, memory_budget() // 4) if in_memory is None else in_memory
         if in_memory:  # read once, then check the copy: no second pass over the files
             for side in self.sides.values():
                 side.arrays = [torch.from_numpy(a.read()) for a in side.arrays]
@@ -213,10 +217,11 @@ def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str
     return anchor, False
 
 
-def _check_finite(side: Side, chunk: int = 65536) -> None:
+def _check_finite(side: Side, chunk_bytes: int = 16 << 20) -> None:
     """NaN or inf features would poison training silently: refuse them up front, with where."""
     for lay, arr in zip(side.layers, side.arrays):
-        if isinstance(arr, LayerArray):  # memory-mapped: scan in chunks
+        if isinstance(arr, LayerArray):  # memory-mapped: scan in chunks of a few MiB, whatever the width
+            chunk = max(1, chunk_bytes // (4 * max(1, arr.shape[1])))
             bad = sum(int((~np.isfinite(arr.read(slice(lo, lo + chunk)))).any(axis=1).sum())
                       for lo in range(0, len(arr), chunk))
         else:
@@ -224,3 +229,72 @@ def _check_finite(side: Side, chunk: int = 65536) -> None:
         if bad:
             raise PairingError(f"the {side.name} store {side.store.path.name} has {bad} rows with NaN or inf "
                                f"in layer {lay}: re-extract with --precision fp32 or drop those items")
+
+
+def memory_budget() -> int:
+    """Bytes this process may fill: the least of the memory available, its cgroup's limit (v2 or
+    v1) and its data rlimit. Features are copied to RAM only when they take a quarter of it, so a
+    process capped below its stores still trains, from the memory-mapped files."""
+    import resource
+
+    limits = [_meminfo_available()]
+    soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    limits.extend(_cgroup_limits())
+    return min(limits)
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # not Linux: no bound known
+
+
+def _cgroup_limits() -> list[int]:
+    """The memory limits of this process's cgroups (v2 memory.max, v1 memory.limit_in_bytes)."""
+    from pathlib import Path
+
+    out = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            candidate = Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / rel.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            value = candidate.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:  # v1 writes "no limit" as a huge number
+            out.append(int(value))
+    return out
+
+
+def block_permutation(n: int, rng: np.random.Generator, block: int = 256, window: int = 16) -> np.ndarray:
+    """A shuffle of 0..n-1 that reads a memory-mapped store in runs: blocks of `block` consecutive
+    positions in random order, then positions shuffled within each run of `window` blocks.
+
+    A batch of B rows then touches about B / block stretches of each file instead of B scattered
+    pages; every position appears once, and the order is a function of the generator only.
+
+    >>> sorted(block_permutation(10, np.random.default_rng(0), block=3, window=2).tolist()) == list(range(10))
+    True
+    """
+    starts = np.arange(0, n, block)[rng.permutation(-(-n // block))]
+    order = np.concatenate([np.arange(s, min(s + block, n)) for s in starts]) if n else np.arange(0)
+    span = block * window
+    for lo in range(0, n, span):
+        order[lo : lo + span] = order[lo : lo + span][rng.permutation(min(span, n - lo))]
+    return order

@@ -14,6 +14,7 @@ near-blank image in one group, brings every fold to about 5% (measured: 4.5-5.4%
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ THRESHOLD = 0.95
 BLANK_SD = 3.0
 SIDE = 16
 EXACT_BELOW = 20_000  # non-blank images: all pairs below, LSH candidates above
-LSH_BITS, LSH_TABLES = 20, 40
+LSH_BITS, LSH_MISS = 20, 0.006  # hash bits up to 100k images; chance a pair at the threshold is missed
 
 
 def thumbnail(ref) -> np.ndarray | None:
@@ -112,25 +113,41 @@ def exact_pairs(z: np.ndarray, threshold: float, chunk: int = 2048) -> np.ndarra
     return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
-def lsh_pairs(z: np.ndarray, threshold: float, bits: int = LSH_BITS, tables: int = LSH_TABLES,
-              seed: int = 0, chunk: int = 65536) -> np.ndarray:
+def lsh_pairs(z: np.ndarray, threshold: float, miss: float = LSH_MISS, seed: int = 0, chunk: int = 65536,
+              tables_at_once: int = 8) -> np.ndarray:
     """[m, 2] pairs i < j with z_i . z_j > threshold found by sign random projections.
 
-    Each of `tables` hashes is `bits` signs of random projections; rows that share a hash in any
+    Each table hashes a row to `bits` signs of random projections; rows that share a hash in any
     table are candidates, checked exactly. Two rows at cosine c share a table's hash with chance
-    (1 - acos(c) / pi) ** bits: at the default 0.95 threshold and 20 bits x 40 tables a pair at
-    the threshold is missed with chance 0.6%, one at 0.97 with 0.02% (and a near-duplicate
-    usually has other paths to its group); unrelated rows (c ~ 0) share a hash with chance 1e-6.
-    Deterministic (seeded), and the same with or without optional packages installed.
+    p = (1 - acos(c) / pi) ** bits. `bits` grows with log2(n) (20 up to 100k rows) so unrelated
+    rows stay O(n) candidates; the tables are as many as keep a pair at the threshold missed with
+    chance `miss` (40 at 20 bits, 57 at 24 for the 0.95 threshold); a pair at 0.97 is missed 40x
+    less often, and a near-duplicate usually has other paths to its group. Deterministic (seeded),
+    and the same whichever optional packages are installed.
     """
-    planes = np.random.default_rng(seed).standard_normal((z.shape[1], bits * tables)).astype(np.float32)
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    codes = np.empty((len(z), tables), dtype=np.int64)
-    for lo in range(0, len(z), chunk):
-        signs = (z[lo : lo + chunk].astype(np.float32) @ planes > 0).reshape(-1, tables, bits)
-        codes[lo : lo + len(signs)] = signs.astype(np.int64) @ weights
-    candidates = np.unique(np.concatenate([_same_code_pairs(codes[:, t]) for t in range(tables)]), axis=0)
-    return _confirmed(z, candidates, threshold)
+    n = len(z)
+    bits = LSH_BITS + max(0, math.ceil(math.log2(max(n, 1) / 100_000)))
+    p = (1 - math.acos(min(1.0, threshold)) / math.pi) ** bits
+    tables = max(1, math.ceil(math.log(miss) / math.log1p(-p)))
+    rng = np.random.default_rng(seed)
+    weights = 1 << np.arange(bits, dtype=np.int64)
+    found = []
+    for first in range(0, tables, tables_at_once):
+        group = min(tables_at_once, tables - first)
+        planes = rng.standard_normal((z.shape[1], bits * group)).astype(np.float32)
+        codes = np.empty((n, group), dtype=np.int64)
+        for lo in range(0, n, chunk):
+            signs = (z[lo : lo + chunk].astype(np.float32) @ planes > 0).reshape(-1, group, bits)
+            codes[lo : lo + len(signs)] = signs.astype(np.int64) @ weights
+        flat = np.concatenate([pair @ np.array([n, 1], dtype=np.int64) for pair in map(_same_code_pairs, codes.T)])
+        found.append(_distinct(flat))
+    flat = _distinct(np.concatenate(found))
+    return _confirmed(z, np.stack([flat // n, flat % n], axis=1), threshold)  # each pair once, i < j
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
 def _same_code_pairs(code: np.ndarray, run_cap: int = 64) -> np.ndarray:
@@ -162,7 +179,7 @@ def _long_run_pairs(sorted_code: np.ndarray, order: np.ndarray, run_cap: int) ->
     return np.concatenate(found)
 
 
-def _confirmed(z: np.ndarray, pairs: np.ndarray, threshold: float, chunk: int = 1 << 18) -> np.ndarray:
+def _confirmed(z: np.ndarray, pairs: np.ndarray, threshold: float, chunk: int = 8192) -> np.ndarray:
     """The candidate pairs whose exact cosine (as `exact_pairs` computes it) is over the threshold."""
     keep = np.zeros(len(pairs), dtype=bool)
     for lo in range(0, len(pairs), chunk):

@@ -1,0 +1,83 @@
+"""The mends found by benchmarks/scaling.py: near-duplicate grouping past O(n^2), training past memory."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anybind.data.groups import group_by_keys
+from anybind.data.near_duplicates import components, exact_pairs, look_keys, lsh_pairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from scaling import exponent, synthetic_thumbnails  # noqa: E402
+
+
+def _partition(keys):
+    ids = [f"{i:06d}" for i in range(len(keys))]
+    return group_by_keys(ids, [[k] if k else [] for k in keys])
+
+
+@pytest.fixture(scope="module")
+def thumbs():
+    return list(synthetic_thumbnails(4000, np.random.default_rng(3)))
+
+
+def test_lsh_path_groups_as_the_exact_one(thumbs):
+    exact = look_keys(thumbs, exact_below=10**9)
+    approx = look_keys(thumbs, exact_below=0)
+    assert exact == approx  # same groups, same names (the smallest position in each group)
+    assert sum(k is not None and k != "look:blank" for k in exact) > 250  # the planted copies were found
+    assert "look:blank" in exact
+
+
+def test_lsh_never_joins_below_the_threshold_and_misses_little(thumbs):
+    z = np.stack(thumbs[:3000]).astype(np.float64)
+    z = z[z.std(axis=1) >= 3.0] - z[z.std(axis=1) >= 3.0].mean(axis=1, keepdims=True)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    truth = {tuple(p) for p in exact_pairs(z, 0.95).tolist()}
+    found = {tuple(p) for p in lsh_pairs(z, 0.95).tolist()}
+    assert found <= truth  # every pair checked exactly
+    assert len(found) >= 0.99 * len(truth) and len(truth) > 100
+    assert all(i < j for i, j in found)
+
+
+def test_none_and_unreadable_thumbnails_keep_their_place():
+    a = np.arange(256, dtype=np.float32)
+    keys = look_keys([None, a, None, a + 1, a[::-1].copy()], exact_below=0)
+    assert keys == [None, "look:1", None, "look:1", None]
+    assert look_keys([None, None]) == [None, None]
+
+
+def test_components_name_each_group_by_its_smallest_row():
+    label = components(6, np.array([[4, 5], [1, 4], [2, 3]]))
+    assert label.tolist() == [0, 1, 2, 2, 1, 1]
+    assert components(3, np.empty((0, 2), dtype=np.int64)).tolist() == [0, 1, 2]
+
+
+def test_grouping_is_the_same_as_the_old_all_pairs_join(thumbs):
+    # the join as it was before the mend: every pair, union-find roots as names
+    from anybind.data.groups import UnionFind
+
+    x = np.stack(thumbs).astype(np.float64)
+    live = np.nonzero(x.std(axis=1) >= 3.0)[0]
+    z = x[live] - x[live].mean(axis=1, keepdims=True)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    uf = UnionFind(len(live))
+    rows, cols = np.nonzero(np.triu(z @ z.T > 0.95, k=1))
+    for r, c in zip(rows, cols, strict=True):
+        uf.union(int(r), int(c))
+    old = [None] * len(thumbs)
+    for j, i in enumerate(live):
+        if uf.size[uf.find(j)] > 1:
+            old[i] = f"look:{uf.find(j)}"
+    for i in np.nonzero(x.std(axis=1) < 3.0)[0]:
+        old[i] = "look:blank"
+    assert _partition(old) == _partition(look_keys(thumbs, exact_below=0))
+
+
+def test_growth_exponent_of_the_two_largest_sizes():
+    rows = [{"n": 10, "seconds": 1.0}, {"n": 100, "seconds": 2.0}, {"n": 1000, "seconds": 200.0}]
+    assert exponent(rows) == pytest.approx(2.0)
+    assert exponent(rows[:1]) is None
+    assert exponent([*rows[:2], {"n": 1000, "error": "killed"}]) == pytest.approx(np.log10(2.0))
