@@ -804,7 +804,10 @@ def cmd_serve(args) -> int:
         text = Path(args.labels).read_text() if Path(args.labels).is_file() else args.labels
         labels = [x.strip() for x in (text.splitlines() if "\n" in text.strip() else text.split(",")) if x.strip()]
     serve(args.bundle, args.index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, labels=labels,
-          log_level="warning" if args.quiet else "info", max_audio_seconds=args.max_audio_seconds)
+          log_level="warning" if args.quiet else "info", max_audio_seconds=args.max_audio_seconds,
+          max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, threads=args.threads, api_key_file=args.api_key_file,
+          public=args.public, cors_origins=args.cors_origin, rate_limit=args.rate_limit, access_log=args.access_log,
+          shutdown_timeout=args.shutdown_timeout)
     return 0
 
 
@@ -1000,8 +1003,33 @@ def _bundle_args(verb: Callable) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted image or audio upload (default 10 MiB)")
     p.add_argument("--max-audio-seconds", type=float, default=30,
                    help="longest accepted audio upload (default 30 s); longer clips get a 422")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="concurrent requests' items encoded in one batch, at most this many (default 32; 1: no "
+                        "batching, for answers byte-identical to a lone request's)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads for the model (default: the cores less one, which HTTP and search need)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a request may wait for others to batch with (default 2 ms; under load batches "
+                        "fill while the model works, with no wait)")
     p.add_argument("--labels", help="default zero-shot labels: a comma list or a file with one per line "
                                     "(default: the classes the bundle was evaluated on)")
+    _serve_access_args(p)
+
+
+def _serve_access_args(p: argparse.ArgumentParser) -> None:
+    """`anybind serve`'s access control and operations flags (serve/access.py, serve/ops.py)."""
+    p.add_argument("--api-key-file", help="require an API key: a file (chmod 600) with one key a line, KEY or NAME:KEY; "
+                                          "clients send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+    p.add_argument("--public", help="paths open without a key, comma-separated; PREFIX* opens a subtree, /docs "
+                                    "brings its assets (default: /health,/ready)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin whose pages may call the API, e.g. https://app.example.com (repeatable; * any)")
+    p.add_argument("--rate-limit", help="requests per API key, else per client address: COUNT/UNIT[,burst=N], "
+                                        "e.g. 10/s, 600/min or 2/s,burst=5; over it: 429 with Retry-After")
+    p.add_argument("--access-log", metavar="PATH", help="JSON access lines (method, path, status, ms, client, key "
+                                                        "name) to a file, or - for stderr, instead of uvicorn's")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, seconds to let requests in flight finish (default 30)")
 
 
 def _cache_args(sub) -> None:
