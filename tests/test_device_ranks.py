@@ -76,6 +76,7 @@ def _torchrun(tmp_path, nproc: int, device: str = "auto") -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch: 5 s idle, up to 20 s on a loaded machine
 def test_two_real_processes_each_use_their_own_device(tmp_path):
     """torchrun --nproc_per_node=2 on CPU: gloo, LOCAL_RANK honoured, each rank maps to its own GPU index."""
     report = _torchrun(tmp_path, 2)
