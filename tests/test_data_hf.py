@@ -164,6 +164,11 @@ def test_bad_parquet_and_references_are_clear(tmp_path, cache, img2dataset_parqu
     pq.write_table(pa.table({"url": ["http://x/1.jpg"], "caption": ["a"]}), tmp_path / "meta.parquet")
     with pytest.raises(DataError, match="no column of encoded images.*use wds:"):
         load_dataset(f"parquet:{tmp_path / 'meta.parquet'}", cache=cache)
+    audio = pa.table({"audio": [{"bytes": b"RIFF", "path": None}], "caption": ["a"]}).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": {"audio": {"_type": "Audio"}}}})})
+    pq.write_table(audio, tmp_path / "speech.parquet")  # HF Audio: bytes too, but no image
+    with pytest.raises(DataError, match="no column of encoded images"):
+        load_dataset(f"parquet:{tmp_path / 'speech.parquet'}", cache=cache)
     with pytest.raises(DataError, match="no Parquet files found"):
         load_dataset(f"parquet:{tmp_path / 'none'}", cache=cache)
     (tmp_path / "empty").mkdir()

@@ -75,7 +75,9 @@ def image_column(schema: pa.Schema, asked: str | None, features: dict, source: s
             raise DataError(f"{source} has no column '{asked}': it has {', '.join(schema.names)}")
         return asked
     typed = [c for c, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image" and c in schema.names]
-    found = typed or [f.name for f in schema if is_image_bytes(f.type)]
+    kinds = {c: f.get("_type") if isinstance(f, dict) else None for c, f in features.items()}
+    # bytes the features call Audio or Video are no image; plain binary (Value) or no features may be
+    found = typed or [f.name for f in schema if is_image_bytes(f.type) and kinds.get(f.name) in (None, "Value")]
     if len(found) > 1:
         named = [n for n in IMAGE_BYTES_NAMES if n in found]
         found = named[:1] or found
