@@ -4,6 +4,8 @@ Decoding and preprocessing run in worker processes while the main process runs t
 pass. Work is written shard by shard, atomically; a killed run resumes at the first missing
 shard and ends bit-for-bit equal to an uninterrupted one (same batches, same order). Under
 torchrun (RANK / WORLD_SIZE set) each process takes every WORLD_SIZE-th shard and rank 0 merges.
+With `engine="ray"` the missing shards are computed by an actor pool on a Ray cluster
+(`features/ray_engine.py`) with this module's own shard loop (`_run_shards`), and written here.
 """
 
 from __future__ import annotations
@@ -242,20 +244,24 @@ def extract(
     device: str | None = None,
     progress: bool = True,
     assessment: str | os.PathLike | None = None,
+    engine: str = "local",
+    actors: int | None = None,
+    num_gpus: float | None = None,
+    ray_address: str | None = None,
 ) -> FeatureStore | None:
     """Extract features of `encoder` over one field of `data` into a feature store (or reuse one).
 
     `layers` is anything `resolve_layers` reads ("3,final", "all", "last", "auto" with an
     `assessment`). Returns the store (None on non-zero ranks under torchrun, which only write
-    their shards).
+    their shards). `engine="ray"` computes the missing shards on a Ray cluster (`actors`,
+    `num_gpus` per actor, `ray_address`; see `features.ray_engine`): the same store, bit for bit.
 
     >>> store = extract("minilm-l6", "openclipart", layers="3,final")
     >>> store["final"].shape        # (rows, 384), memory-mapped
     """
     t0 = time.perf_counter()
-    batch_size = 64 if batch_size is None else integer("batch size", batch_size, minimum=1, error=AnybindError)
-    integer("shard size", shard_size, minimum=1, error=AnybindError)
-    choice("precision", precision, PRECISIONS, error=AnybindError)
+    batch_size = _checked_sizes(batch_size, shard_size, precision)
+    runner = _engine(engine, actors, num_gpus, ray_address, num_workers, device, encoder)  # before any work
     device = select_device(device)
     enc, index, field = _open_inputs(encoder, data, field, device, cache)
     layers = resolve_layers(layers, enc.layer_dims, assessment, enc.modality, encoder=str(enc.spec), cache=cache)
@@ -279,9 +285,29 @@ def extract(
             return _hit(done, t0, index, layers)
         log.info("extracting %s over %s/%s: %d rows, layers %s, %s autocast, stored %s -> %s", enc.spec,
                  index.name, field, len(refs), ",".join(layers), target.precision, dtype, target.path)
-        if _write_my_shards(enc, refs, request, target, device, num_workers, progress) != 0:
-            return None
-        return _finish(target, request, index, ids, subs, t0)
+        rank, computed = _write_my_shards(enc, refs, request, target, device, num_workers, progress, runner)
+        return _finish(target, request, index, ids, subs, t0, computed) if rank == 0 else None
+
+
+def _checked_sizes(batch_size: int | None, shard_size: int, precision: str) -> int:
+    """The batch size (default 64); the shard size and precision checked."""
+    integer("shard size", shard_size, minimum=1, error=AnybindError)
+    choice("precision", precision, PRECISIONS, error=AnybindError)
+    return 64 if batch_size is None else integer("batch size", batch_size, minimum=1, error=AnybindError)
+
+
+def _engine(engine: str, actors, num_gpus, ray_address, num_workers, device, encoder):
+    """None for the local engine, else the Ray engine's runner (its options checked, Ray imported)."""
+    choice("engine", engine, ("local", "ray"), error=AnybindError)
+    if engine == "local":
+        given = [n for n, v in (("actors", actors), ("num_gpus", num_gpus), ("ray_address", ray_address)) if v is not None]
+        if given:
+            raise AnybindError(f"{', '.join(given)} apply to engine 'ray' only (--engine ray)")
+        return None
+    from .ray_engine import RayRunner
+
+    return RayRunner.create(encoder, actors=actors, num_gpus=num_gpus, address=ray_address,
+                            num_workers=num_workers, device=device)
 
 
 def _store_lock(path: Path) -> StoreLock:
@@ -345,8 +371,10 @@ def _reusable_out(path: Path, key: StoreKey, layers: list[str]) -> FeatureStore 
 
 
 def _write_my_shards(enc: Encoder, refs: list, request: dict, target: _Target, device: torch.device,
-                     num_workers: int | None, progress: bool) -> int:
-    """Extract this rank's missing shards (a resumed run skips finished ones); returns the rank."""
+                     num_workers: int | None, progress: bool, runner=None) -> tuple[int, int]:
+    """Extract this rank's missing shards (a resumed run skips finished ones): (rank, shards computed).
+
+    With a Ray `runner` the shards are computed on the cluster and written here as they arrive."""
     rank, world = _rank_world()
     path, num_shards = target.path, request["num_shards"]
     _prepare_folder(path, request)
@@ -354,19 +382,25 @@ def _write_my_shards(enc: Encoder, refs: list, request: dict, target: _Target, d
     done_before = num_shards - len(pending) if world == 1 else None
     if done_before:
         log.info("resuming %s: %d of %d shards already done", path.name, done_before, num_shards)
-    _run_shards(enc, refs, pending, request, path, device, target.precision, request["batch_size"],
-                num_workers, progress)
-    return rank
+    if runner is not None:
+        runner.run(refs, pending, request, target.precision, lambda shard, tensors, meta: write_shard(
+            path / shard_name(shard), tensors, meta), progress)
+    else:
+        _run_shards(enc, refs, pending, request, path, device, target.precision, request["batch_size"],
+                    num_workers, progress)
+    return rank, len(pending)
 
 
-def _finish(target: _Target, request: dict, index, ids: list, subs: list, t0: float) -> FeatureStore:
+def _finish(target: _Target, request: dict, index, ids: list, subs: list, t0: float,
+            computed: int) -> FeatureStore:
     """Rank 0: wait for every shard, merge them into the finished store, report what was skipped."""
     path = target.path
     _wait_for_shards(path, request["num_shards"])
     store = _finalize(path, request, ids, subs, time.perf_counter() - t0, _index_splits(index))
     store.report = {"hit": False, "seconds": time.perf_counter() - t0, "rows": len(store),
                     "skipped": store.manifest["skipped"], "precision": target.precision, "path": str(path),
-                    "layers": list(request["layers"])}
+                    "layers": list(request["layers"]),
+                    "shards_computed": computed}  # by this process (or its Ray job); a resumed run: fewer
     if store.manifest["skipped"]:
         reasons = Counter(s["reason"].split(":")[0] for s in store.skipped)
         log.warning("skipped %d of %d items (listed in %s): %s", store.manifest["skipped"], request["num_rows"],
@@ -435,10 +469,14 @@ def _wait_for_shards(path: Path, num_shards: int, poll: float = 1.0) -> None:
 
 # ---- the forward pass, shard by shard ----------------------------------------------------------------
 class _ShardBuffer:
-    """Features of the shard being extracted; written back in row order once the shard is done."""
+    """Features of the shard being extracted; written back in row order once the shard is done.
 
-    def __init__(self, path: Path, request: dict):
+    `sink(shard, tensors, metadata)` receives each finished shard instead of the store folder
+    (the Ray engine's actors send it to the driver, which writes it)."""
+
+    def __init__(self, path: Path | None, request: dict, sink=None):
         self.path, self.layers, self.dims = path, request["layers"], request["layer_dims"]
+        self.sink = sink or (lambda shard, tensors, meta: write_shard(self.path / shard_name(shard), tensors, meta))
         self.dtype_name, self.st_dtype = request["dtype"], DTYPES[request["dtype"]][1]
         self.shard: int | None = None
         self._reset()
@@ -477,7 +515,7 @@ class _ShardBuffer:
         self.skipped.sort()
         # one metadata key: safetensors writes several keys in a random order, breaking bit-equality
         meta = {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": self.skipped}, sort_keys=True)}
-        write_shard(self.path / shard_name(self.shard), tensors, meta)
+        self.sink(self.shard, tensors, meta)
         self._reset()
 
 
@@ -510,8 +548,9 @@ def _encode_checked(enc: Encoder, batch, n: int, request: dict, precision: str,
     return out
 
 
-def _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress) -> None:
-    """Extract the `pending` shards into `path`, each written as soon as its last batch is done."""
+def _run_shards(enc, refs, pending, request, path, device, precision, batch_size, num_workers, progress,
+                sink=None) -> None:
+    """Extract the `pending` shards into `path` (or `sink`), each as soon as its last batch is done."""
     if not pending:
         return
     shard_size = request["shard_size"]
@@ -522,7 +561,7 @@ def _run_shards(enc, refs, pending, request, path, device, precision, batch_size
 
     bar = tqdm(total=sum(len(b) for b in batches), unit="item", desc=f"extract {enc.spec}",
                disable=not progress, smoothing=0.1)
-    buffer = _ShardBuffer(path, request)
+    buffer = _ShardBuffer(path, request, sink)
     with torch.inference_mode():
         for positions, batch, skip in loader:
             buffer.start((positions or [p for p, _ in skip])[0] // shard_size)
