@@ -67,14 +67,18 @@ def hf_dict(photos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def img2dataset_parquet(photos, tmp_path_factory):
-    """img2dataset's output_format=parquet: key, jpg bytes, caption, url, status; 2 shards, small row groups."""
+    """img2dataset's output_format=parquet: key, txt, url, status, error_message, jpg (None where the download
+    failed: one such row per shard); 2 shards, small row groups (img2dataset writes 100 rows at a time)."""
     _, rows = photos
     out = tmp_path_factory.mktemp("i2d")
     for shard, part in enumerate((rows[:11], rows[11:])):
-        table = pa.table({"key": [r["id"] for r in part], "caption": [r["caption"] for r in part],
+        failed = {"id": f"{shard}-gone", "caption": None, "bytes": None}
+        part = [*part[:3], failed, *part[3:]]
+        table = pa.table({"key": [r["id"] for r in part], "txt": [r["caption"] for r in part],
                           "url": [f"http://example.com/{r['id']}" for r in part],
-                          "jpg": pa.array([r["bytes"] for r in part], pa.binary()),
-                          "status": ["success"] * len(part)})
+                          "status": ["failed_to_download" if r is failed else "success" for r in part],
+                          "error_message": ["HTTP 404" if r is failed else None for r in part],
+                          "jpg": pa.array([r["bytes"] for r in part], pa.binary())})
         pq.write_table(table, out / f"{shard:05d}.parquet", row_group_size=4)
     return out
 
@@ -175,11 +179,13 @@ def test_bad_parquet_and_references_are_clear(tmp_path, cache, img2dataset_parqu
     with pytest.raises(DataError, match="neither a save_to_disk folder"):
         load_dataset(f"hf:{tmp_path / 'empty'}", cache=cache)
     shard = img2dataset_parquet / "00000.parquet"
-    with pytest.raises(DataError, match="has 11 rows; row 11 does not exist"):
-        load_image(f"parquet://{shard}#jpg/11")
+    with pytest.raises(DataError, match="has 12 rows; row 12 does not exist"):
+        load_image(f"parquet://{shard}#jpg/12")
+    with pytest.raises(DataError, match="row holds no image"):  # the failed download, never listed
+        load_image(f"parquet://{shard}#jpg/3")
     with pytest.raises(DataError, match=r"expected parquet://<file>#<column>/<row>"):
         load_image(f"parquet://{shard}")
-    with pytest.raises(DataError, match="has no column 'png': it has key, caption, url, jpg, status"):
+    with pytest.raises(DataError, match="has no column 'png': it has key, txt, url, status, error_message, jpg"):
         load_image(f"parquet://{shard}#png/0")
 
 

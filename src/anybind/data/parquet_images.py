@@ -5,7 +5,8 @@ without reading a single image.
 Hugging Face's metadata calls an ``Image``, else the one column of encoded bytes (``binary``, or
 HF's ``struct<bytes, path>``), preferring the names img2dataset and HF use (``jpg``, ``image``, ...);
 ``image=`` names it. Captions, labels, ids and groups are found as in `tables` (img2dataset's
-``key`` is the id, ``caption`` the caption); an HF ``ClassLabel`` label becomes its class name.
+``key`` is the id, ``txt`` the caption, and its rows whose ``status`` is not ``success`` are failed
+downloads, left out); an HF ``ClassLabel`` label becomes its class name.
 
 Listing reads the other columns only, batch by batch (`LIST_BATCH_ROWS`), so its memory does not
 grow with the images. Each image becomes ``parquet://<file>#<column>/<row>``; the extraction
@@ -92,14 +93,18 @@ def image_column(schema: pa.Schema, asked: str | None, features: dict, source: s
 
 def column_roles(schema: pa.Schema, features: dict, source: str, image=None, caption=None, label=None,
                  id=None, group=None) -> dict:
-    """{'image', 'caption': [...], 'label', 'id', 'group'}: the image column by type, the others by name."""
+    """{'image', 'caption': [...], 'label', 'id', 'group', 'status'}: the image column by type, the
+    others by name (img2dataset's caption is ``txt``; its ``status`` marks failed downloads)."""
     image = image_column(schema, image, features, source)
     plain = [f.name for f in schema if f.name == image or not (is_image_bytes(f.type) or pa.types.is_struct(f.type))]
     try:
         roles = detect_columns(plain, image=image, caption=caption, label=label, id=id, group=group)
     except DataError as exc:
-        raise DataError(f"{source}: {exc}") from None
+        if caption is not None or "txt" not in plain:
+            raise DataError(f"{source}: {exc}") from None
+        roles = detect_columns(plain, image=image, caption="txt", label=label, id=id, group=group)
     roles.pop("audio", None)
+    roles["status"] = "status" if {"status", "error_message"} <= set(plain) else None  # img2dataset's
     return roles
 
 
@@ -151,19 +156,22 @@ def _label_of(value, names: list[str] | None) -> str | None:
 def table_records(batches: Iterable, roles: dict, ref_of: Callable[[int], str], default_id: Callable[[int], str],
                   split: str | None = None, names: list[str] | None = None) -> Iterator[dict]:
     """One record per row of `batches` (record batches without the image column): the image as
-    `ref_of(row)`, captions, label (a ClassLabel's name), group, id (`default_id(row)` when none)."""
-    row = 0
+    `ref_of(row)`, captions, label (a ClassLabel's name), group, id (`default_id(row)` when none).
+    A row whose download failed (img2dataset's status) is left out: it holds no image."""
+    row = -1
     for batch in batches:
         cols = {role: batch.column(c).to_pylist() for role, c in roles.items()
-                if role in ("id", "label", "group") and c}
+                if role in ("id", "label", "group", "status") and c}
         captions = [batch.column(c).to_pylist() for c in roles["caption"]]
         for i in range(batch.num_rows):
+            row += 1
+            if "status" in cols and cols["status"][i] != "success":
+                continue
             item_id = _scalar(cols["id"][i]) if "id" in cols else None
             yield {"item_id": item_id or default_id(row), "image": ref_of(row),
                    "caption": list(dict.fromkeys(c for col in captions for c in _captions_of(col[i]))),
                    "label": _label_of(cols["label"][i], names) if "label" in cols else None,
                    "group": _scalar(cols["group"][i]) if "group" in cols else None, "split": split}
-            row += 1
 
 
 def merge_records(records: Iterable[dict]) -> list[dict]:
@@ -178,7 +186,7 @@ def merge_records(records: Iterable[dict]) -> list[dict]:
 
 def wanted_columns(roles: dict) -> list[str]:
     """Every column the listing reads: all roles but the image."""
-    named = [roles[r] for r in ("id", "label", "group") if roles.get(r)]
+    named = [roles[r] for r in ("id", "label", "group", "status") if roles.get(r)]
     return list(dict.fromkeys([*roles["caption"], *named]))
 
 
