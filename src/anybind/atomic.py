@@ -30,7 +30,12 @@ def tmp_name(path: Path) -> Path:
 
 
 def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file, then fsync it and move it onto `path`."""
+    """Call ``write(tmp)`` to fill a temporary file, then fsync it and move it onto `path`.
+
+    An object-store path (`anybind.features.storage.ObjectPath`) writes itself: the file is filled
+    locally and PUT whole, the object store's form of the rename."""
+    if hasattr(path, "write_with"):
+        return path.write_with(write)
     path = Path(path)
     tmp = tmp_name(path)
     try:
@@ -135,7 +140,9 @@ def recover_swap(out: str | os.PathLike) -> None:
 
 def clean_stale_tmp(folder: str | os.PathLike) -> None:
     """Remove the temporary files (`tmp_name`: `.NAME.PID.tmp`) of writers that died in `folder`:
-    killed, or out of disk."""
+    killed, or out of disk. An object store holds none: its writes are staged locally."""
+    if hasattr(folder, "write_with"):
+        return
     for tmp in Path(folder).glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2] if tmp.name.count(".") >= 3 else ""
         if not (pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid)))):

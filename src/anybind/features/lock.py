@@ -10,8 +10,14 @@ pid). A holder on another host cannot be checked from here: the waiter keeps wai
 which file to remove if that process is gone.
 
 Everything outside this module uses only ``StoreLock(path)``, ``acquire``/``release`` and the
-context manager, so a store on object storage can get a lock of its own form (a conditional
-put) behind the same interface.
+context manager. A store on an object store (``s3://``) gets `ObjectStoreLock` behind the same
+interface: the lock is an object created with a conditional PUT (``If-None-Match: *``: of two
+writers exactly one creates it), refreshed by a heartbeat (a conditional PUT on its own ETag)
+while held. A waiter takes it over when its holder is a dead process on this host, or when its
+heartbeat is older than ``ANYBIND_S3_LOCK_STALE_S`` (120 s) by the server's clock, removing it
+with a conditional DELETE on the ETag it judged, so two waiters cannot both take it over.
+The one race left: a holder paused for longer than the stale time (a suspended laptop) loses
+its lock without knowing until its next heartbeat, which then fails and says so.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from ..atomic import pid_alive, proc_start_ticks
 from ..errors import StoreError
+from .storage import ObjectPath, as_path, s3_endpoint
 
 log = logging.getLogger("anybind.extract")
 LOCK_FILE = ".lock"
@@ -54,9 +63,15 @@ def me() -> Holder:
 class StoreLock:
     """An exclusive lock on the store at `path` (a folder, created when missing)."""
 
+    def __new__(cls, path=None, **_):
+        if cls is StoreLock and isinstance(as_path(path), ObjectPath):
+            return super().__new__(ObjectStoreLock)
+        return super().__new__(cls)
+
     def __init__(self, path: str | os.PathLike, *, name: str = LOCK_FILE, poll_s: float = 0.5,
                  timeout_s: float | None = None):
-        self.path, self.file = Path(path), Path(path) / name
+        self.path = as_path(path)
+        self.file = self.path / name
         self.poll_s, self.timeout_s = poll_s, timeout_s
         self.held = False
 
@@ -155,3 +170,105 @@ def _read_holder(file: Path) -> Holder | None:
         if age < UNWRITTEN_GRACE_S:
             return None  # being written right now
         return Holder(pid=-1, host=socket.gethostname(), since="?", proc_start=None)
+
+
+# ---- the object-store form ---------------------------------------------------------------------------
+HEARTBEAT_S = 30.0
+
+
+def _stale_s() -> float:
+    return float(os.environ.get("ANYBIND_S3_LOCK_STALE_S", 120))
+
+
+def _s3_client():
+    from .._deps import require
+
+    require("boto3", "writing a feature store to an object store (its lock)", extra="scale")
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint())
+
+
+def _refused(e: Exception) -> bool:
+    """A conditional request that did not hold (412), or lost to a concurrent one (409)."""
+    return getattr(e, "response", {}).get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+class ObjectStoreLock(StoreLock):
+    """The lock of a store on an object store: a ``.lock`` object, created only when absent."""
+
+    def __init__(self, path, **options):
+        super().__init__(path, **options)
+        self._client = _s3_client()
+        self._etag: str | None = None
+        self._seen: tuple[Holder, str, float] | None = None  # (holder, its ETag, its age in s)
+        self._beat: tuple[threading.Event, threading.Thread] | None = None
+
+    def _try_create(self) -> bool:
+        body = (json.dumps(asdict(me()), sort_keys=True) + "\n").encode()
+        try:
+            reply = self._client.put_object(Bucket=self.file.bucket, Key=self.file.key, Body=body, IfNoneMatch="*")
+        except Exception as e:  # botocore's errors are built at run time: told apart by their code
+            if _refused(e):
+                return False
+            raise StoreError(f"could not write the lock {self.file}: {e}") from e
+        self._etag = reply["ETag"]
+        self._start_heartbeat(body)
+        return True
+
+    def holder(self) -> Holder | None:
+        try:
+            reply = self._client.get_object(Bucket=self.file.bucket, Key=self.file.key)
+        except Exception:  # noqa: BLE001 - gone meanwhile (or unreadable): free, try again
+            return None
+        server_now = parsedate_to_datetime(reply["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (server_now - reply["LastModified"]).total_seconds()  # both by the server's clock
+        try:
+            holder = Holder(**json.loads(reply["Body"].read()))
+        except (ValueError, TypeError):
+            holder = Holder(pid=-1, host="?", since="?")  # a garbled lock: judged by its age alone
+        self._seen = (holder, reply["ETag"], age)
+        return holder
+
+    def _is_dead(self, holder: Holder) -> bool:
+        if holder.host == socket.gethostname() and holder.pid != os.getpid():
+            return not pid_alive(holder.pid, holder.proc_start)
+        return self._seen is not None and self._seen[0] == holder and self._seen[2] > _stale_s()
+
+    def _take_over(self, seen: Holder) -> None:
+        """Delete the lock only if it is still the one judged dead (its ETag): one waiter wins."""
+        if self._seen is None or self._seen[0] != seen:
+            return
+        with contextlib.suppress(Exception):
+            self._client.delete_object(Bucket=self.file.bucket, Key=self.file.key, IfMatch=self._seen[1])
+
+    def _start_heartbeat(self, body: bytes) -> None:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(min(HEARTBEAT_S, _stale_s() / 4)):
+                try:
+                    self._etag = self._client.put_object(Bucket=self.file.bucket, Key=self.file.key, Body=body,
+                                                         IfMatch=self._etag)["ETag"]
+                except Exception as e:  # noqa: BLE001 - said, and the beat stops: the lock is not ours now
+                    log.error("%s: lost the lock (%s): another writer may have taken it over", self.path, e)
+                    return
+
+        self._beat = (stop, threading.Thread(target=beat, name=f"lock-heartbeat {self.file}", daemon=True))
+        self._beat[1].start()
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self._beat is not None:  # stopped first: a beat in flight would change the ETag
+            self._beat[0].set()
+            self._beat[1].join()
+        with contextlib.suppress(Exception):  # already taken over: nothing of ours to remove
+            self._client.delete_object(Bucket=self.file.bucket, Key=self.file.key, IfMatch=self._etag)
+
+    def _remote_hint(self, holder: Holder | None) -> str:
+        if holder is None:
+            return ""
+        return (f" (if that process is gone, the lock is taken over once its heartbeat is {_stale_s():.0f} s old, "
+                f"or remove {self.file})")

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import WriteError, write_with
 from ..errors import StoreError
+from .storage import ObjectPath, open_read
 
 # stored dtype name -> (safetensors code, torch dtype, numpy dtype used to map the bytes)
 DTYPES = {
@@ -91,7 +92,7 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 def read_header(path: Path) -> tuple[dict, int]:
     """(header dict, byte offset where data starts)."""
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
     except (OSError, struct.error, ValueError) as e:
@@ -109,4 +110,64 @@ def map_tensor(path: Path, name: str, header: dict | None = None, offset: int | 
     shape = tuple(info["shape"])
     if end == begin:
         return np.zeros(shape, dtype=np_dtype)
+    if isinstance(path, ObjectPath):  # no memory map over the network: rows are fetched when read
+        return RemoteTensor(path, offset + begin, np.dtype(np_dtype), shape)
     return np.memmap(path, dtype=np_dtype, mode="r", offset=offset + begin, shape=shape)
+
+
+class RemoteTensor:
+    """One tensor of a shard on an object store, read lazily: each read fetches the rows asked
+    for, as few ranged GETs as the rows allow (runs of nearby rows are fetched as one range)."""
+
+    GAP_BYTES = 1 << 20  # rows closer than this are fetched together: one request beats two
+
+    def __init__(self, path: ObjectPath, offset: int, dtype: np.dtype, shape: tuple):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+        self.row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _input(self):
+        import os
+
+        if self._file is None or self._pid != os.getpid():  # a forked worker opens its own
+            self._file, self._pid = self.path.open_input(), os.getpid()
+        return self._file
+
+    def _fetch(self, first: int, last: int) -> np.ndarray:
+        """Rows first..last (inclusive) in one ranged read."""
+        nbytes = (last - first + 1) * self.row_bytes
+        data = self._input().read_at(nbytes, self.offset + first * self.row_bytes)
+        if len(data) != nbytes:
+            raise StoreError(f"{self.path} is shorter than its header says: re-run its extraction to repair it")
+        return np.frombuffer(data, dtype=self.dtype).reshape((last - first + 1, *self.shape[1:]))
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        scalar = np.ndim(rows) == 0
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range for {len(self)} rows")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        wanted = np.unique(rows)
+        gap = max(1, self.GAP_BYTES // max(self.row_bytes, 1))
+        breaks = np.nonzero(np.diff(wanted) > gap)[0] + 1
+        runs = np.split(wanted, breaks) if len(wanted) else []
+        run_of = np.searchsorted(wanted[np.r_[0, breaks]], rows, side="right") - 1 if runs else rows
+        order = np.argsort(run_of, kind="stable")
+        bounds = np.searchsorted(run_of[order], np.arange(len(runs) + 1))
+        for k, run in enumerate(runs):
+            sel = order[bounds[k] : bounds[k + 1]]
+            out[sel] = self._fetch(int(run[0]), int(run[-1]))[rows[sel] - run[0]]
+        return out[0] if scalar else out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+    def tolist(self) -> list:
+        return self[:].tolist()

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,11 @@ import torch
 from .._hashing import hash_obj
 from ..atomic import explain, write_json, write_text, write_with
 from ..checks import slug
-from ..config import cache_root
+from ..config import cache_location, cache_root
 from ..data.index import fold_of, split_of
 from ..errors import StoreError
 from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
+from .storage import ObjectPath, arrow_source, as_path, is_url, open_read, rmtree
 
 FORMAT_VERSION = 1
 MANIFEST, REQUEST, ROWS, SKIPPED = "manifest.json", "request.json", "rows.parquet", "skipped.jsonl"
@@ -45,8 +45,10 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def stores_dir(cache: str | os.PathLike | None = None) -> Path:
-    return cache_root(cache) / "stores"
+def stores_dir(cache: str | os.PathLike | None = None) -> Path | ObjectPath:
+    """<cache root>/stores: a local folder, or a prefix on an object store (``s3://...``)."""
+    where = cache_location(cache)
+    return as_path(where) / "stores" if is_url(where) else cache_root(where) / "stores"
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ _MANIFEST_FIELDS = ("key", "modality", "layers", "dtype", "rows", "shards")
 def read_manifest(path: Path) -> tuple[dict | None, str | None]:
     """(the manifest, None), or (None, a status saying why it cannot be used: damaged or unsupported)."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((as_path(path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # a truncated or garbled file (UnicodeDecodeError is a ValueError)
         return None, f"damaged: {MANIFEST} is unreadable ({type(e).__name__}: {e})"
     if not isinstance(manifest, dict):
@@ -109,7 +111,7 @@ def read_manifest(path: Path) -> tuple[dict | None, str | None]:
 
 def repair_advice(path: Path) -> str:
     """What to do about a damaged store: re-run its extraction when it has one, else remove it."""
-    if (Path(path) / REQUEST).exists():
+    if (as_path(path) / REQUEST).exists():
         return (f"Run the same `anybind extract` again to repair it (only what is missing is recomputed), "
                 f"or remove it with `anybind cache rm {path}`")
     return f"Remove it with `anybind cache rm {path}` and write it again"
@@ -117,7 +119,7 @@ def repair_advice(path: Path) -> str:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -125,7 +127,7 @@ def file_sha256(path: Path) -> str:
 
 def shard_entry(file: Path, rows: int) -> dict:
     """The manifest's record of one finished shard: name, rows, byte size and sha256."""
-    file = Path(file)
+    file = as_path(file)
     return {"file": file.name, "rows": int(rows), "bytes": file.stat().st_size, "sha256": file_sha256(file)}
 
 
@@ -163,7 +165,7 @@ def _rows_issue(path: Path, rows: int) -> str | None:
     if not path.exists():
         return "missing"
     try:
-        got = pq.ParquetFile(path).metadata.num_rows
+        got = pq.ParquetFile(arrow_source(path)).metadata.num_rows
     except (OSError, ValueError, pa.ArrowException) as e:
         return f"unreadable ({e})"
     return None if got == rows else f"has {got} rows, the manifest says {rows}"
@@ -182,7 +184,7 @@ def reopen_for_repair(path: Path, issues: list[tuple[str, str]]) -> None:
     recomputes exactly the missing shards, byte-identical to the lost ones, and writes a new
     manifest. Refused for a store that no extraction wrote (no request.json to resume from).
     """
-    path = Path(path)
+    path = as_path(path)
     what = "; ".join(f"{f} {w}" for f, w in issues)
     try:
         json.loads((path / REQUEST).read_text(encoding="utf-8"))
@@ -204,7 +206,7 @@ def check_hit(found: FeatureStore | str | os.PathLike) -> FeatureStore | None:
     into the same folder and the normal resume path recomputes only what is missing.
     """
     if not isinstance(found, FeatureStore):
-        path = Path(found)
+        path = as_path(found)
         manifest, status = read_manifest(path)
         if status and status.startswith("damaged"):
             reopen_for_repair(path, [(MANIFEST, status.removeprefix("damaged: "))] + _bad_shards_by_header(path))
@@ -267,14 +269,14 @@ class FeatureStore:
     """
 
     def __init__(self, path: Path, manifest: dict):
-        self.path, self.manifest = Path(path), manifest
+        self.path, self.manifest = as_path(path), manifest
         self._headers = None
         self._rows = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, check: bool = True) -> FeatureStore:
         """Open a finished store; with `check` (the default) a damaged one is refused, named."""
-        path = Path(path)
+        path = as_path(path)
         manifest, problem = read_manifest(path)
         if problem:
             raise StoreError(f"{path}: {problem}. {repair_advice(path)}")
@@ -346,7 +348,7 @@ class FeatureStore:
     def rows(self):
         """pyarrow table: row, item_id, caption_index (several captions = several rows)."""
         if self._rows is None:
-            self._rows = pq.read_table(self.path / ROWS)
+            self._rows = pq.read_table(arrow_source(self.path / ROWS))
         return self._rows
 
     @property
@@ -472,7 +474,7 @@ def verify_store(path: str | os.PathLike, repair: bool = False) -> str:
     With `repair`, a damaged store is reopened (`reopen_for_repair`) so that running its
     extraction again recomputes the damaged shards.
     """
-    path = Path(path)
+    path = as_path(path)
     if not (path / MANIFEST).exists():
         if (path / REQUEST).exists():
             return "unfinished: not checked (run the same `anybind extract` again to finish it)"
@@ -495,10 +497,10 @@ def verify_store(path: str | os.PathLike, repair: bool = False) -> str:
 
 
 def remove_store(path: str | os.PathLike) -> None:
-    path = Path(path)
+    path = as_path(path)
     if not ((path / MANIFEST).exists() or (path / REQUEST).exists()):
         raise StoreError(f"{path} is not a feature store; refusing to delete it")
-    shutil.rmtree(path)
+    rmtree(path)
 
 
 def write_store(
@@ -521,7 +523,7 @@ def write_store(
     `arrays` maps layer names to [n, d] arrays aligned with `item_ids`. Splits default to the
     dataset index's rule (a hash of the group, or of the item id when no group is given).
     """
-    path = Path(path)
+    path = as_path(path)
     n = len(item_ids)
     if not arrays or any(a.ndim != 2 or len(a) != n for a in arrays.values()):
         raise StoreError(f"every array must be [n={n}, d]: got " + ", ".join(f"{k} {a.shape}" for k, a in arrays.items()))
