@@ -120,6 +120,7 @@ def test_hf_datasets_and_image_parquet_extract_as_the_plain_folder(photos, hf_di
 def test_the_cli_extracts_a_parquet_path(img2dataset_parquet, photos, cache, tmp_path):
     one = img2dataset_parquet / "00001.parquet"
     assert load_dataset(str(one), cache=cache).name == "00001"  # a bare image Parquet is not a table of paths
+    assert len(load_dataset(str(img2dataset_parquet), cache=cache)) == N  # nor is a folder of them
     out = tmp_path / "store"
     assert main(["extract", "-e", "random:image", "-d", str(one), "--precision", "fp32", "--dtype", "fp32",
                  "--workers", "1", "-o", str(out), "-q"]) == 0

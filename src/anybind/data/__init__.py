@@ -183,6 +183,9 @@ def _detect(path: Path) -> str | None:
             return "hf"
         if any(p.suffix == ".tar" for p in path.iterdir()):
             return "wds"
+        shard = next((p for p in sorted(path.iterdir()) if p.suffix == ".parquet"), None)
+        if shard is not None and _holds_image_bytes(shard):  # img2dataset output_format=parquet
+            return "parquet"
         from .folders import looks_like_folder_dataset
 
         return "folder" if looks_like_folder_dataset(path) else None
