@@ -21,7 +21,7 @@ Steps:
   50k): the trainer validates on the whole val split, all pairs, so a val split growing with n
   would make this step quadratic.
 - blend-<name>: fitting each training-free baseline on the train pairs and encoding a fixed
-  --queries rows (ASIF's encoding is dense in n_anchors = n train items).
+  --blend-queries rows (ASIF's encoding is dense in n_anchors = n train items).
 - retrieval: recall@k on a fixed gallery of --gallery pairs drawn from n (the way to report at scale).
 - index-build / index-query: `serve.index._make_index` (kind auto: flat below 100k, HNSW above)
   and a search of --queries vectors.
@@ -220,7 +220,7 @@ def step_blend(name: str):
         from anybind.align.fit import fit_baseline
 
         data, pairs = _train_arrays(folder)
-        queries = data.side("image").rows(np.arange(args.queries))[-1].numpy()
+        queries = data.side("image").rows(np.arange(args.blend_queries))[-1].numpy()
 
         def run():
             model = fit_baseline(name, {}, data, pairs)
@@ -249,19 +249,23 @@ def _unit_vectors(folder: Path) -> np.ndarray:
 
 
 def step_index_build(folder: Path, args):
-    from anybind.serve.index import _make_index
+    from anybind.serve.index import _faiss, _make_index
 
     x = _unit_vectors(folder)
-    return lambda: _make_index(x, "auto")
+
+    def run():
+        index, params, _ = _make_index(x, "auto")
+        _faiss().write_index(index, str(folder / "index.faiss"))  # for index-query
+        (folder / "index.json").write_text(json.dumps(params))
+    return run
 
 
 def step_index_query(folder: Path, args):
-    from anybind.serve.index import _make_index, _set_params
+    from anybind.serve.index import _faiss, _set_params
 
-    x = _unit_vectors(folder)
-    index, params, _ = _make_index(x, "auto")
-    _set_params(index, params)
-    q = x[: args.queries].copy()
+    index = _faiss().read_index(str(folder / "index.faiss"))
+    _set_params(index, json.loads((folder / "index.json").read_text()))
+    q = _unit_vectors(folder)[: args.queries].copy()
     return lambda: index.search(q, 10)
 
 
@@ -289,7 +293,7 @@ def run_child(step: str, n: int, args) -> dict:
 # ---- the driver -----------------------------------------------------------------------------------
 def measure(step: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", step, str(n), "--work", args.work, "--queries", str(args.queries),
-           "--gallery", str(args.gallery), "--threads", str(args.threads)]
+           "--gallery", str(args.gallery), "--blend-queries", str(args.blend_queries), "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
@@ -327,6 +331,8 @@ def main() -> None:
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "anybind-scaling"),
                    help="where the synthetic inputs are written (kept between runs)")
     p.add_argument("--queries", type=int, default=1000, help="fixed query count (blend encoding, index search)")
+    p.add_argument("--blend-queries", type=int, default=200,
+                   help="rows each baseline encodes (ASIF's output is [rows, n anchors], dense)")
     p.add_argument("--gallery", type=int, default=5000, help="fixed retrieval gallery size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one step may take")

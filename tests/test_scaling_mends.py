@@ -81,3 +81,40 @@ def test_growth_exponent_of_the_two_largest_sizes():
     assert exponent(rows) == pytest.approx(2.0)
     assert exponent(rows[:1]) is None
     assert exponent([*rows[:2], {"n": 1000, "error": "killed"}]) == pytest.approx(np.log10(2.0))
+
+
+# ---- training past memory -------------------------------------------------------------------------
+def test_block_permutation_is_a_seeded_shuffle_in_runs():
+    from anybind.align.data import block_permutation
+
+    order = block_permutation(10_000, np.random.default_rng(5), block=256, window=4)
+    assert sorted(order.tolist()) == list(range(10_000))
+    assert np.array_equal(order, block_permutation(10_000, np.random.default_rng(5), block=256, window=4))
+    assert not np.array_equal(order, np.arange(10_000))
+    # a window of 4 blocks holds 4 stretches of 256 consecutive rows: few distinct blocks per batch
+    assert len(np.unique(order[:1024] // 256)) <= 8
+    assert len(np.unique(np.random.default_rng(5).permutation(10_000)[:1024] // 256)) > 30
+    assert block_permutation(0, np.random.default_rng(0)).tolist() == []
+
+
+def test_mapped_rows_equal_in_memory_rows(tmp_path):
+    from anybind.align.data import PairedFeatures
+    from anybind.features.store import write_store
+
+    rng = np.random.default_rng(0)
+    ids = [f"i{k:04d}" for k in range(500)]
+    stores = {m: write_store(tmp_path / m, {"final": rng.standard_normal((500, 24)).astype(np.float32)}, ids,
+                             modality=m, field=m, dataset="t") for m in ("image", "text")}
+    mapped, copied = PairedFeatures(stores, in_memory=False), PairedFeatures(stores, in_memory=True)
+    rows = rng.permutation(500)[:77]  # unsorted, as a shuffled batch asks
+    for m in ("image", "text"):
+        assert np.array_equal(mapped.side(m).rows(rows)[0].numpy(), copied.side(m).rows(rows)[0].numpy())
+
+
+def test_memory_budget_honours_the_data_rlimit():
+    import subprocess
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, resource.RLIM_INFINITY)); "
+            "from anybind.align.data import memory_budget; print(memory_budget())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < int(out.stdout) <= 3 << 30

@@ -583,6 +583,9 @@ class _CosineSpace:
 _STATE_CLASSES.update(_AffineMap=_AffineMap, _CosineSpace=_CosineSpace)
 
 
+SIMILARITY_BLOCK = 1 << 25  # floats of one block of query x anchor similarities (128 MiB)
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -645,7 +648,9 @@ class ASIF(Baseline):
         q = self._spaces[side](x)
         k = min(self.k, self._n_anchors)
         out = torch.zeros(len(q), self._n_anchors)
-        for part in _chunks(len(q), self.batch_size):
+        columns = self._n_anchors if side == "image" else len(self._anchor_text)
+        rows = max(1, min(self.batch_size, SIMILARITY_BLOCK // max(1, columns)))  # [rows, columns] at a time
+        for part in _chunks(len(q), rows):
             vals, idx = self._similarities(side, q[part]).topk(k, dim=1)
             vals = vals.clamp(min=0.0)
             # divide by the row max before the power: same direction, no float underflow

@@ -113,8 +113,8 @@ def exact_pairs(z: np.ndarray, threshold: float, chunk: int = 2048) -> np.ndarra
     return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
-def lsh_pairs(z: np.ndarray, threshold: float, miss: float = LSH_MISS, seed: int = 0, chunk: int = 65536,
-              tables_at_once: int = 8) -> np.ndarray:
+def lsh_pairs(z: np.ndarray, threshold: float, miss: float = LSH_MISS, seed: int = 0,
+              chunk: int = 16384) -> np.ndarray:
     """[m, 2] pairs i < j with z_i . z_j > threshold found by sign random projections.
 
     Each table hashes a row to `bits` signs of random projections; rows that share a hash in any
@@ -129,18 +129,13 @@ def lsh_pairs(z: np.ndarray, threshold: float, miss: float = LSH_MISS, seed: int
     bits = LSH_BITS + max(0, math.ceil(math.log2(max(n, 1) / 100_000)))
     p = (1 - math.acos(min(1.0, threshold)) / math.pi) ** bits
     tables = max(1, math.ceil(math.log(miss) / math.log1p(-p)))
-    rng = np.random.default_rng(seed)
-    weights = 1 << np.arange(bits, dtype=np.int64)
-    found = []
-    for first in range(0, tables, tables_at_once):
-        group = min(tables_at_once, tables - first)
-        planes = rng.standard_normal((z.shape[1], bits * group)).astype(np.float32)
-        codes = np.empty((n, group), dtype=np.int64)
-        for lo in range(0, n, chunk):
-            signs = (z[lo : lo + chunk].astype(np.float32) @ planes > 0).reshape(-1, group, bits)
-            codes[lo : lo + len(signs)] = signs.astype(np.int64) @ weights
-        flat = np.concatenate([pair @ np.array([n, 1], dtype=np.int64) for pair in map(_same_code_pairs, codes.T)])
-        found.append(_distinct(flat))
+    planes = np.random.default_rng(seed).standard_normal((z.shape[1], bits * tables)).astype(np.float32)
+    weights = 1 << np.arange(bits, dtype=np.int32)  # bits < 31 up to 2e9 rows
+    codes = np.empty((n, tables), dtype=np.int32)
+    for lo in range(0, n, chunk):  # one pass over the rows for every table
+        signs = (z[lo : lo + chunk].astype(np.float32) @ planes > 0).reshape(-1, tables, bits)
+        codes[lo : lo + len(signs)] = signs.astype(np.int32) @ weights
+    found = [_distinct(_same_code_pairs(code) @ np.array([n, 1], dtype=np.int64)) for code in codes.T]
     flat = _distinct(np.concatenate(found))
     return _confirmed(z, np.stack([flat // n, flat % n], axis=1), threshold)  # each pair once, i < j
 
