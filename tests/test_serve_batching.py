@@ -264,3 +264,12 @@ def test_serve_stops_and_raises_when_loading_fails(served, tmp_path):
 def test_the_serve_command_refuses_a_folder_that_is_not_a_bundle_before_listening(tmp_path, capsys):
     assert main(["serve", "--bundle", str(tmp_path), "--port", str(_free_port())]) != 0
     assert "not an anybind bundle" in capsys.readouterr().err
+
+
+def test_a_new_event_loop_gets_a_new_worker():
+    """A test client may run each request in an event loop of its own: the batcher follows it."""
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=0)
+    for i in range(3):  # three loops, one after the other
+        assert _gather(batcher, [("text", [i])])[0].tolist() == [[i, 2 * i]]
+    assert [items for _, items in model.batches] == [[0], [1], [2]]

@@ -65,7 +65,9 @@ class MicroBatcher:
     async def submit(self, kind: str, items: list) -> Any:
         """The rows of `items` (run in a batch with other requests' items of the same `kind`)."""
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
+        # a worker per event loop: a test client may run each request in a loop of its own
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._pending = [p for p in self._pending if p.future.get_loop() is loop]
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._work())
         request = _Pending(kind, list(items), loop.create_future())
