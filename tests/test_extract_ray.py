@@ -15,10 +15,12 @@ import pytest
 
 ray = pytest.importorskip("ray")  # the `scale` extra (in `dev`)
 
+from anybind.cli import main  # noqa: E402
 from anybind.encoders import create_encoder  # noqa: E402
 from anybind.encoders.random import RandomEncoder  # noqa: E402
 from anybind.errors import AnybindError, MissingDependencyError  # noqa: E402
 from anybind.features import extract  # noqa: E402
+from anybind.run import RunFileError, load_run_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _toy import toy_text_index  # noqa: E402
@@ -55,14 +57,29 @@ def store_files(path: Path) -> dict:
     return out
 
 
-def test_ray_store_is_the_local_store_byte_for_byte(cluster, local_text, tmp_path):
-    store = extract("random:text", toy_text_index(200), out=tmp_path / "ray", cache=tmp_path / "cache",
-                    engine="ray", actors=2, **OPTIONS)
-    assert len(store.manifest["shards"]) == NUM_SHARDS and store.report["shards_computed"] == NUM_SHARDS
-    files = store_files(store.path)
-    assert {f"shard-{s:05d}.safetensors" for s in range(NUM_SHARDS)} <= set(files)
+def captions_table(root: Path, n: int = 200) -> Path:
+    """A JSONL table of n captions of varied length (batched by length inside each shard), one empty."""
+    rows = [{"caption": "" if i == 7 else f"caption {i} " + "word " * (i % 9), "image": f"{i}.png"} for i in range(n)]
+    table = root / "captions.jsonl"
+    table.write_text("\n".join(json.dumps(r) for r in rows))
+    return table
+
+
+def test_ray_store_is_the_local_store_byte_for_byte(cluster, tmp_path, capsys):
+    """`anybind extract --engine ray` (on the module's cluster, joined by address) against the local engine."""
+    args = ["extract", "-e", "random:text", "-d", f"table:{captions_table(tmp_path)}", "--layers", "all", "-q",
+            "--shard-size", "16", "--batch-size", "5", "--precision", "fp32"]
+    assert main(args + ["--cache", str(tmp_path / "local")]) == 0
+    local = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--cache", str(tmp_path / "ray"), "--engine", "ray", "--actors", "2",
+                        "--ray-address", cluster]) == 0
+    out = capsys.readouterr().out
+    remote = Path(out.strip().splitlines()[-1])
+    assert "extracted" in out and "1 skipped" in out and remote.name == local.name
+    files = store_files(remote)
+    assert {f"shard-{s:05d}.safetensors" for s in range(13)} <= set(files)  # 200 rows in 13 shards of 16
     assert {"rows.parquet", "skipped.jsonl", "request.json"} <= set(files)
-    assert files == store_files(local_text.path)
+    assert files == store_files(local)
 
 
 def image_index(root: Path, n: int = 120):
@@ -94,6 +111,7 @@ class DiesOnce(RandomEncoder):
         return super().encode(batch, layers, pooling)
 
 
+@pytest.mark.slow
 def test_a_lost_actor_is_restarted_and_its_shard_redone(cluster, tmp_path):
     """Images this time: an actor dies mid-shard, Ray restarts it, the shard is computed again."""
     index, marker = image_index(tmp_path / "images"), tmp_path / "died"
@@ -168,3 +186,22 @@ def test_a_missing_ray_names_the_scale_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
     with pytest.raises(MissingDependencyError, match=r"anybind\[scale\]"):
         extract("random:text", toy_text_index(10), cache=tmp_path, engine="ray")
+
+
+def test_cli_and_run_file_refuse_bad_engine_options(tmp_path, capsys):
+    table = captions_table(tmp_path, 10)
+    args = ["extract", "-e", "random:text", "-d", f"table:{table}", "-q", "--cache", str(tmp_path)]
+    assert main(args + ["--engine", "ray", "--actors", "0"]) == 2
+    assert "actors must be at least 1" in capsys.readouterr().err
+    assert main(args + ["--actors", "2"]) == 2  # the local engine has no actors
+    assert "engine 'ray' only" in capsys.readouterr().err
+    run = tmp_path / "run.yaml"
+    base = "name: x\nencoders: {image: {spec: random:image}, text: {spec: random:text}}\n"
+    run.write_text(base + "engine: ray\n")
+    loaded = load_run_file(run)
+    assert loaded.engine == "ray" and loaded.to_dict()["engine"] == "ray"
+    run.write_text(base)
+    assert "engine" not in load_run_file(run).to_dict()  # a local run dumps as it always did
+    run.write_text(base + "engine: spark\n")
+    with pytest.raises(RunFileError, match="engine"):
+        load_run_file(run)

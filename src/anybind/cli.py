@@ -297,7 +297,8 @@ def cmd_extract(args) -> int:
         args.encoder, listed_data(args.data, args.encoding, args.cache), field=args.field, layers=args.layers,
         pooling=args.pooling, precision=args.precision, dtype=args.dtype, batch_size=args.batch_size,
         num_workers=args.workers, shard_size=args.shard_size, cache=args.cache, out=args.out, device=device,
-        progress=not args.quiet, assessment=args.assessment,
+        progress=not args.quiet, assessment=args.assessment, engine=args.engine, actors=args.actors,
+        num_gpus=args.num_gpus, ray_address=args.ray_address,
     )
     if store is None:  # a non-zero torchrun rank: its shards are written, rank 0 merges
         return 0
@@ -876,6 +877,12 @@ def _extract_args(verb: Callable) -> None:
                    help="items per forward pass (texts are batched by length inside each shard)")
     p.add_argument("--workers", type=int, help="decoding worker processes (default: 2 for images, 0 for text)")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="rows per shard: the unit of resumption")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local (this process), or ray: the shards on an actor pool of a Ray cluster, the same store "
+                        "bit for bit (needs anybind[scale])")
+    p.add_argument("--actors", type=int, help="--engine ray: encoder actors (default: one per GPU, else per CPU)")
+    p.add_argument("--num-gpus", type=float, help="--engine ray: GPUs per actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--ray-address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local one)")
     _add_encoding(p)
     p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")
     _add_device(p)

@@ -124,6 +124,7 @@ class RunFile:
     export: bool = True
     add: list = field(default_factory=list)  #: progressive additions (AddEntry), bound after the base
     emergent: EmergentSpec | None = None  #: the emergent stage (default when `add` is given)
+    engine: str = "local"  #: extraction engine: local, or ray (a Ray cluster: RAY_ADDRESS, or one started here)
 
     def __post_init__(self):
         if not isinstance(self.encoders, dict):
@@ -144,6 +145,8 @@ class RunFile:
         out = dataclasses.asdict(self)
         if not self.add and self.emergent is None:  # a run without additions dumps as it always did
             del out["add"], out["emergent"]
+        if self.engine == "local":  # so does one on the local engine
+            del out["engine"]
         return out
 
 
@@ -229,6 +232,11 @@ def _check_top(run: RunFile) -> None:
     _check_data(run.data)
     if run.encoding is not None:
         _check_encoding(run.encoding)
+    choice("engine", run.engine, ("local", "ray"), error=RunFileError)
+    if run.engine == "ray":  # a missing Ray is said before any work
+        from .features.ray_engine import require_ray
+
+        require_ray()
 
 
 def dataset_forms() -> tuple[list[str], list[str]]:
@@ -633,7 +641,7 @@ class _Pipeline:
             from .features import extract
 
             store = extract(enc.spec, index, layers=layers, pooling=enc.pooling, cache=self.cache,
-                            progress=self.progress)
+                            progress=self.progress, engine=self.run.engine)
             # the layers asked for: a cache hit may be a store holding more of them
             return {"store": str(store.path), "layers": store.report["layers"]}
 
