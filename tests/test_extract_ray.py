@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")  # the `scale` extra (in `dev`)
 from anybind.cli import main  # noqa: E402
 from anybind.encoders import create_encoder  # noqa: E402
 from anybind.encoders.random import RandomEncoder  # noqa: E402
-from anybind.errors import AnybindError, MissingDependencyError  # noqa: E402
+from anybind.errors import AnybindError, MissingDependencyError, StoreError  # noqa: E402
 from anybind.features import extract  # noqa: E402
 from anybind.run import RunFileError, load_run_file  # noqa: E402
 
@@ -179,7 +179,22 @@ def test_bad_options_are_clear_errors_before_any_work(cluster, tmp_path):
             extract("random:text", index, cache=tmp_path, **({"engine": "ray"} | bad))
     with pytest.raises(AnybindError, match="GPUs"):  # the cluster has none
         extract("random:text", index, cache=tmp_path, engine="ray", num_gpus=1, precision="fp32")
+    with pytest.raises(AnybindError, match="each actor takes a CPU, and the Ray cluster has 2"):
+        extract("random:text", index, cache=tmp_path, engine="ray", actors=3, shard_size=4, precision="fp32")
     assert not list(tmp_path.rglob("shard-*"))
+
+
+class WrongDims(RandomEncoder):
+    """An adapter bug: fewer dims than it declares (the local engine's StoreError, raised in an actor)."""
+
+    def encode(self, batch, layers, pooling=None):
+        return {k: v[:, :3] for k, v in super().encode(batch, layers, pooling).items()}
+
+
+def test_an_error_in_an_actor_is_raised_as_itself(cluster, tmp_path):
+    enc = WrongDims(create_encoder("random:text").spec)
+    with pytest.raises(StoreError, match=r"returned shape \(\d+, 3\) for layer layer.0; expected"):
+        extract(enc, toy_text_index(20), cache=tmp_path, engine="ray", actors=1, **OPTIONS)
 
 
 def test_a_missing_ray_names_the_scale_extra(monkeypatch, tmp_path):

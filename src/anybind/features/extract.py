@@ -377,8 +377,10 @@ def _write_my_shards(enc: Encoder, refs: list, request: dict, target: _Target, d
     With a Ray `runner` the shards are computed on the cluster and written here as they arrive."""
     rank, world = _rank_world()
     path, num_shards = target.path, request["num_shards"]
-    _prepare_folder(path, request)
     pending = [s for s in range(num_shards) if s % world == rank and not (path / shard_name(s)).exists()]
+    if runner is not None:
+        runner.plan(len(pending))
+    _prepare_folder(path, request)
     done_before = num_shards - len(pending) if world == 1 else None
     if done_before:
         log.info("resuming %s: %d of %d shards already done", path.name, done_before, num_shards)

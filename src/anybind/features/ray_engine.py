@@ -15,6 +15,7 @@ here only (`pip install 'anybind[scale]'`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ class RayRunner:
     address: str | None  # None: RAY_ADDRESS, else a local cluster started in this process
     num_workers: int | None  # decoding processes inside each actor (default 0: the pool is the parallelism)
     device: str | None  # as for a local run, resolved inside each actor
+    pool: tuple[float, int] | None = None  # (GPUs per actor, actors), once `plan` has seen the cluster
 
     @classmethod
     def create(cls, encoder, *, actors=None, num_gpus=None, address=None, num_workers=None,
@@ -64,15 +66,25 @@ class RayRunner:
         require_ray()
         return cls(encoder, actors, num_gpus, address, num_workers, None if device is None else str(device))
 
+    def plan(self, num_shards: int) -> None:
+        """Join the cluster and size the pool for `num_shards` (before the store's folder is made:
+        a pool the cluster cannot hold is refused, not waited for)."""
+        if num_shards:
+            self.pool = self._pool_size(_connect(self.address), num_shards)
+
     def run(self, refs, pending: list[int], request: dict, precision: str, write, progress: bool) -> None:
         """Compute the `pending` shards on the cluster; `write(shard, tensors, metadata)` each here."""
         if not pending:
             return
+        if self.pool is None:
+            self.plan(len(pending))
         ray = _connect(self.address)
-        num_gpus, actors = self._pool_size(ray, len(pending))
+        num_gpus, actors = self.pool
         log.info("engine ray: %d shards on %d actor(s) (%s GPU each), cluster %s", len(pending), actors,
                  num_gpus, ray.get_runtime_context().gcs_address)
         ray.data.DataContext.get_current().enable_progress_bars = progress
+        if not progress:  # Ray Data's own INFO lines too
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         shards = _shards_dataset(ray, refs, pending, request["shard_size"])
         with warnings.catch_warnings():  # Ray Data names no other way to bound the restarts (it defaults to forever)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,8 +95,10 @@ class RayRunner:
                 num_cpus=1, num_gpus=num_gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS)
         done = 0
         for row in encoded.iter_rows():
-            tensors, meta = pickle.loads(row["payload"])
-            write(int(row["shard"]), tensors, meta)
+            result = pickle.loads(row["payload"])
+            if "error" in result:
+                raise _raised(result["error"])
+            write(int(row["shard"]), result["tensors"], result["meta"])
             done += 1
         if done != len(pending):
             raise StoreError(f"the Ray job returned {done} of {len(pending)} shards; run extract again to finish them")
@@ -96,10 +110,15 @@ class RayRunner:
         num_gpus = self.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if gpus and self.device != "cpu" else 0.0
-        if num_gpus > gpus:
-            raise AnybindError(f"--num-gpus {num_gpus:g} per actor, but the Ray cluster has {gpus:g} GPUs")
-        actors = self.actors or (int(gpus // num_gpus) if num_gpus else int(cluster.get("CPU", 1)))
-        return num_gpus, max(1, min(actors, num_shards))
+        cpus = float(cluster.get("CPU", 0))
+        actors = self.actors or (int(gpus // num_gpus) if num_gpus else int(cpus))
+        actors = max(1, min(actors, num_shards))
+        # an actor the cluster cannot place would be waited for forever: said now instead
+        if actors * num_gpus > gpus:
+            raise AnybindError(f"{actors} actor(s) x --num-gpus {num_gpus:g}, but the Ray cluster has {gpus:g} GPUs")
+        if actors > cpus:
+            raise AnybindError(f"--actors {actors}: each actor takes a CPU, and the Ray cluster has {cpus:g}")
+        return num_gpus, actors
 
 
 def _connect(address: str | None):
@@ -135,35 +154,70 @@ def _shards_dataset(ray, refs, pending: list[int], shard_size: int):
 
 
 class _ShardEncoder:
-    """An actor: the encoder on this worker's device, checked to be the driver's, then shard after shard."""
+    """An actor: the encoder on this worker's device, checked to be the driver's, then shard after shard.
+
+    An anybind error (a worker missing a package, a bad adapter) goes back as a result, so the
+    driver raises it as itself rather than as a Ray traceback or a retried actor."""
 
     def __init__(self, source, request: dict, precision: str, device: str | None, num_workers: int | None):
-        from ..device import select_device
-        from ..encoders import create_encoder
-
-        self.enc = create_encoder(source) if isinstance(source, str) else source
-        self.device = select_device(device)
-        self.enc.to(self.device)
         self.request, self.precision = request, precision
         self.num_workers = 0 if num_workers is None else num_workers
-        mine = json.loads(json.dumps(self.enc.fingerprint(request["key"]["encoder"]["pooling"], precision)))
-        if mine != request["key"]["encoder"]:
-            raise StoreError(f"the encoder built on Ray worker {os.uname().nodename} differs from the driver's "
-                             f"(another version of its weights or packages?): {mine} != {request['key']['encoder']}")
+        self.error = None
+        try:
+            self.enc, self.device = _worker_encoder(source, request, precision, device)
+        except AnybindError as e:
+            self.error = e
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from .extract import _run_shards
-
-        shard_size = self.request["shard_size"]
         shards, payloads = [], []
         for shard, num_rows, blob in zip(batch["shard"], batch["num_rows"], batch["refs"]):
-            shard, found = int(shard), []
-            refs = _ShardRefs(pickle.loads(blob), shard * shard_size, int(num_rows))
-            _run_shards(self.enc, refs, [shard], self.request, None, self.device, self.precision,
-                        self.request["batch_size"], self.num_workers, False,
-                        sink=lambda s, tensors, meta, found=found: found.append((tensors, meta)))
-            shards.append(shard)
-            payloads.append(pickle.dumps(found[0], protocol=pickle.HIGHEST_PROTOCOL))
+            try:
+                if self.error is not None:
+                    raise self.error
+                result = self._encode(int(shard), int(num_rows), pickle.loads(blob))
+            except AnybindError as e:
+                result = {"error": (type(e).__module__, type(e).__qualname__, str(e))}
+            shards.append(int(shard))
+            payloads.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
         return {"shard": np.array(shards, dtype=np.int64), "payload": np.array(payloads, dtype=object)}
+
+    def _encode(self, shard: int, num_rows: int, refs: list) -> dict:
+        """One shard by the local engine's loop: its tensors and metadata, as the local run writes them."""
+        from .extract import _run_shards
+
+        found = []
+        refs = _ShardRefs(refs, shard * self.request["shard_size"], num_rows)
+        _run_shards(self.enc, refs, [shard], self.request, None, self.device, self.precision,
+                    self.request["batch_size"], self.num_workers, False,
+                    sink=lambda s, tensors, meta: found.append((tensors, meta)))
+        return {"tensors": found[0][0], "meta": found[0][1]}
+
+
+def _worker_encoder(source, request: dict, precision: str, device: str | None):
+    """(the encoder on this worker's device, the device); refused when it is not the driver's encoder."""
+    from ..device import select_device
+    from ..encoders import create_encoder
+
+    enc = create_encoder(source) if isinstance(source, str) else source
+    device = select_device(device)
+    enc.to(device)
+    mine = json.loads(json.dumps(enc.fingerprint(request["key"]["encoder"]["pooling"], precision)))
+    if mine != request["key"]["encoder"]:
+        raise StoreError(f"the encoder built on Ray worker {os.uname().nodename} differs from the driver's "
+                         f"(another version of its weights or packages?): {mine} != {request['key']['encoder']}")
+    return enc, device
+
+
+def _raised(error: tuple[str, str, str]) -> AnybindError:
+    """An actor's anybind error, rebuilt with its class and message (whatever its __init__ takes)."""
+    module, name, message = error
+    cls = importlib.import_module(module)
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and issubclass(cls, AnybindError)):
+        cls = AnybindError
+    rebuilt = cls.__new__(cls)
+    Exception.__init__(rebuilt, message)
+    return rebuilt
