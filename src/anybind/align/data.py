@@ -113,34 +113,30 @@ class PairedFeatures:
 
     def _join(self) -> None:
         a, p = self.sides[self.anchor_name].store, self.sides[self.partner_name].store
-        a_ids, p_ids = a.item_ids, p.item_ids
-        if self.by_row:  # both sides several rows per item: row k of an item meets row k
-            a_ids = list(zip(a_ids, a.caption_index.tolist()))
-            p_ids = list(zip(p_ids, p.caption_index.tolist()))
-        row_of = {item: r for r, item in enumerate(a_ids)}
-        keep = np.array([i in row_of for i in p_ids], dtype=bool)
+        first_a, a_key, p_key = _join_keys(a, p, self.by_row)
+        order = np.argsort(a_key, kind="stable")
+        at = np.minimum(np.searchsorted(a_key[order], p_key), len(order) - 1)
+        keep = a_key[order][at] == p_key
         if not keep.any():
             raise PairingError(f"the {self.anchor_name} and {self.partner_name} stores share no item ids: "
                                "were they extracted from the same dataset?")
         lost_p = int((~keep).sum())
-        paired_items = {i for i, k in zip(p_ids, keep) if k}
-        lost_a = len(a_ids) - len(paired_items)
-        share = max(lost_p / len(p_ids), lost_a / len(a_ids))
+        lost_a = len(a_key) - len(np.unique(p_key[keep]))
+        share = max(lost_p / len(p_key), lost_a / len(a_key))
         if share > self.max_unpaired:
             raise PairingError(
-                f"the stores hold different item sets: {lost_a} of {len(a_ids)} {self.anchor_name} items and "
-                f"{lost_p} of {len(p_ids)} {self.partner_name} rows have no partner ({share:.0%} > "
+                f"the stores hold different item sets: {lost_a} of {len(a_key)} {self.anchor_name} items and "
+                f"{lost_p} of {len(p_key)} {self.partner_name} rows have no partner ({share:.0%} > "
                 f"{self.max_unpaired:.0%}); extract both from the same dataset index")
         if lost_p or lost_a:  # a few items skipped at extraction (a corrupt image, an empty caption)
             log.warning("%d %s rows and %d %s items have no partner (skipped at extraction?) and are left out",
                         lost_p, self.partner_name, lost_a, self.anchor_name)
         self.partner_rows_all = np.nonzero(keep)[0]
-        self.anchor_rows_all = np.array([row_of[p_ids[r]] for r in self.partner_rows_all], dtype=np.int64)
+        self.anchor_rows_all = order[at[keep]].astype(np.int64)
         self.split_of_pair = self.anchor_splits()[self.anchor_rows_all]
-        # the anchor row identifies the item (joined by row: the first anchor row of the item does)
-        first = {}
-        items = a.item_ids
-        self.item_of_pair = np.array([first.setdefault(items[r], r) for r in self.anchor_rows_all], dtype=np.int64)
+        # the anchor row identifies the item (joined by row: the anchor row of the item's first pair does)
+        _, first_pair, inverse = np.unique(first_a[self.anchor_rows_all], return_index=True, return_inverse=True)
+        self.item_of_pair = self.anchor_rows_all[first_pair][inverse.ravel()]
 
     def anchor_splits(self) -> np.ndarray:
         """train/val/test per anchor row: the index's split, or the cross-validation fold's."""
@@ -192,17 +188,41 @@ def row_splits(store: FeatureStore, fold: int | None) -> np.ndarray:
     if any(c not in store.rows.column_names for c in need):
         raise StoreError(f"{store.path} has no per-row {' or '.join(need)}: re-extract it with this version of anybind")
     if fold is None:
-        return np.array(store.splits)
+        return store.rows.column("split").to_numpy(zero_copy_only=False).astype(str)
     from ..data.crossval import fold_splits
 
     return fold_splits(store.rows.column("group").to_pylist(), store.rows.column("fold").to_numpy(), fold)
+
+
+def _join_keys(a: FeatureStore, p: FeatureStore, by_row: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per anchor row the first anchor row of its item, anchor keys, partner keys): integer keys,
+    equal for rows that pair (the item; with `by_row`, the item and caption index). Hashed in
+    Arrow, so a million-row store costs no Python object per row."""
+    import pyarrow.compute as pc
+
+    a_ids, p_ids = a.rows.column("item_id"), p.rows.column("item_id")
+    first_a = pc.index_in(a_ids, value_set=a_ids).to_numpy().astype(np.int64)
+    p_item = pc.index_in(p_ids, value_set=a_ids).to_numpy(zero_copy_only=False)
+    p_item = np.where(np.isnan(p_item), -1, p_item).astype(np.int64) if p_item.dtype.kind == "f" else p_item.astype(np.int64)
+    if not by_row:
+        if len(np.unique(first_a)) != len(first_a):
+            raise PairingError(f"the anchor store {a.path.name} has several rows per item")
+        return first_a, first_a, p_item
+    span = int(max(a.caption_index.max(initial=0), p.caption_index.max(initial=0))) + 1
+    a_key = first_a * span + a.caption_index.astype(np.int64)
+    p_key = np.where(p_item < 0, -1, p_item * span + p.caption_index.astype(np.int64))
+    if len(np.unique(a_key)) != len(a_key):
+        raise PairingError(f"the anchor store {a.path.name} has several rows of one item and caption index")
+    return first_a, a_key, p_key
 
 
 def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str, bool]:
     """The anchor modality: the one named, or the store with one row per item (images; the partner
     may have several rows per item: captions); and whether rows join by (item, caption index)
     because neither side has one row per item."""
-    single = [n for n, s in stores.items() if len(s) == len(set(s.item_ids))]
+    import pyarrow.compute as pc
+
+    single = [n for n, s in stores.items() if len(s) == pc.count_distinct(s.rows.column("item_id")).as_py()]
     if anchor is not None and anchor not in stores:
         raise PairingError(f"the anchor '{anchor}' is not one of the stores ({', '.join(stores)})")
     if not single:
