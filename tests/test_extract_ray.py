@@ -97,7 +97,8 @@ def image_index(root: Path, n: int = 120):
 
 
 class DiesOnce(RandomEncoder):
-    """A `random:` encoder whose process exits at its third batch, the first time only (a lost worker)."""
+    """A `random:` encoder whose process exits at its third batch, the first time only (a lost worker);
+    every batch it finishes is logged, a line each, in `marker`.log."""
 
     def __init__(self, spec: str, marker: Path):
         super().__init__(create_encoder(spec).spec)
@@ -108,6 +109,8 @@ class DiesOnce(RandomEncoder):
         if self.calls == 3 and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os._exit(1)
+        with open(f"{self.marker}.log", "a") as log:
+            log.write(f"{os.getpid()}\n")
         return super().encode(batch, layers, pooling)
 
 
@@ -120,6 +123,9 @@ def test_a_lost_actor_is_restarted_and_its_shard_redone(cluster, tmp_path):
     remote = extract(DiesOnce("random:image", marker), index, cache=tmp_path / "ray", engine="ray", actors=2,
                      **options)
     assert marker.exists()  # an actor process did die, mid-shard
+    # 15 batches (2 a shard, 1 in the last); redone after the loss: at most the batch its shard had done
+    batches = Path(f"{marker}.log").read_text().split()
+    assert 15 <= len(batches) <= 16 and marker.read_text() in batches and len(set(batches)) >= 2
     assert remote.path.name == local.path.name  # the same key: the same folder name in any cache
     assert remote.manifest["skipped"] == 1 and len(remote) == 119 and remote.report["shards_computed"] == 8
     assert store_files(remote.path) == store_files(local.path)
