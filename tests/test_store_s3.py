@@ -18,8 +18,12 @@ pytest.importorskip("moto.server", reason="the `scale` extra (moto[server]) runs
 boto3 = pytest.importorskip("boto3")
 
 from anybind.errors import StoreError  # noqa: E402
-from anybind.features import FeatureStore, extract, list_stores  # noqa: E402
-from anybind.features import storage  # noqa: E402
+from anybind.features import (  # noqa: E402
+    FeatureStore,
+    extract,
+    list_stores,
+    storage,  # noqa: E402
+)
 from anybind.features.lock import StoreLock  # noqa: E402
 from anybind.features.safetensors_io import RemoteTensor  # noqa: E402
 from anybind.features.store import stores_dir, verify_store  # noqa: E402

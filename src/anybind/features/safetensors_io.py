@@ -93,8 +93,10 @@ def read_header(path: Path) -> tuple[dict, int]:
     """(header dict, byte offset where data starts)."""
     try:
         with open_read(path) as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+            first = f.read(1 << 16 if isinstance(path, ObjectPath) else 8)  # remote: one GET holds most headers
+            (n,) = struct.unpack("<Q", first[:8])
+            text = first[8 : 8 + n]
+            header = json.loads(text + f.read(n - len(text)) if len(text) < n else text)
     except (OSError, struct.error, ValueError) as e:
         raise StoreError(f"{path} is not a readable safetensors shard: {e}") from e
     return header, 8 + n
@@ -117,9 +119,12 @@ def map_tensor(path: Path, name: str, header: dict | None = None, offset: int | 
 
 class RemoteTensor:
     """One tensor of a shard on an object store, read lazily: each read fetches the rows asked
-    for, as few ranged GETs as the rows allow (runs of nearby rows are fetched as one range)."""
+    for as ranged GETs, several at a time. Nearby rows are fetched as one range (a request costs
+    more than a few hundred KiB more of one), a long range is cut in chunks fetched side by side."""
 
-    GAP_BYTES = 1 << 20  # rows closer than this are fetched together: one request beats two
+    GAP_BYTES = 256 << 10
+    CHUNK_BYTES = 8 << 20
+    THREADS = 8
 
     def __init__(self, path: ObjectPath, offset: int, dtype: np.dtype, shape: tuple):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
@@ -144,6 +149,14 @@ class RemoteTensor:
             raise StoreError(f"{self.path} is shorter than its header says: re-run its extraction to repair it")
         return np.frombuffer(data, dtype=self.dtype).reshape((last - first + 1, *self.shape[1:]))
 
+    def _ranges(self, wanted: np.ndarray) -> list[tuple[int, int]]:
+        """(first, last) row ranges covering the sorted unique `wanted` rows."""
+        row_bytes = max(self.row_bytes, 1)
+        breaks = np.nonzero(np.diff(wanted) > max(1, self.GAP_BYTES // row_bytes))[0] + 1
+        chunk = max(1, self.CHUNK_BYTES // row_bytes)
+        return [(lo, min(lo + chunk, int(run[-1]) + 1) - 1) for run in np.split(wanted, breaks)
+                for lo in range(int(run[0]), int(run[-1]) + 1, chunk)]
+
     def __getitem__(self, rows) -> np.ndarray:
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(len(self)))
@@ -153,16 +166,16 @@ class RemoteTensor:
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"row out of range for {len(self)} rows")
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        wanted = np.unique(rows)
-        gap = max(1, self.GAP_BYTES // max(self.row_bytes, 1))
-        breaks = np.nonzero(np.diff(wanted) > gap)[0] + 1
-        runs = np.split(wanted, breaks) if len(wanted) else []
-        run_of = np.searchsorted(wanted[np.r_[0, breaks]], rows, side="right") - 1 if runs else rows
-        order = np.argsort(run_of, kind="stable")
-        bounds = np.searchsorted(run_of[order], np.arange(len(runs) + 1))
-        for k, run in enumerate(runs):
+        if not len(rows):
+            return out
+        ranges = self._ranges(np.unique(rows))
+        range_of = np.searchsorted([lo for lo, _ in ranges], rows, side="right") - 1
+        order = np.argsort(range_of, kind="stable")
+        bounds = np.searchsorted(range_of[order], np.arange(len(ranges) + 1))
+        blocks = _pool().map(lambda r: self._fetch(*r), ranges) if len(ranges) > 1 else [self._fetch(*ranges[0])]
+        for k, block in enumerate(blocks):
             sel = order[bounds[k] : bounds[k + 1]]
-            out[sel] = self._fetch(int(run[0]), int(run[-1]))[rows[sel] - run[0]]
+            out[sel] = block[rows[sel] - ranges[k][0]]
         return out[0] if scalar else out
 
     def __array__(self, dtype=None, copy=None):
@@ -171,3 +184,17 @@ class RemoteTensor:
 
     def tolist(self) -> list:
         return self[:].tolist()
+
+
+_POOL: tuple[int, object] | None = None
+
+
+def _pool():
+    """The threads remote reads share (made again in a forked process: threads do not fork)."""
+    global _POOL
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(RemoteTensor.THREADS, thread_name_prefix="anybind-s3-read"))
+    return _POOL[1]

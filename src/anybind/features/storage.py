@@ -144,8 +144,10 @@ class ObjectPath:
         return self.info().type == FileType.Directory
 
     def stat(self) -> SimpleNamespace:
+        from pyarrow.fs import FileType
+
         info = self.info()
-        if not self.is_file():
+        if info.type != FileType.File:
             raise FileNotFoundError(f"{self} does not exist")
         mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
         return SimpleNamespace(st_size=int(info.size), st_mtime=mtime)

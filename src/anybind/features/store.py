@@ -32,7 +32,14 @@ from ..checks import slug
 from ..config import cache_location, cache_root
 from ..data.index import fold_of, split_of
 from ..errors import StoreError
-from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
+from .safetensors_io import (
+    DTYPES,
+    RemoteTensor,
+    canonical_dtype,
+    map_tensor,
+    read_header,
+    write_shard,
+)
 from .storage import ObjectPath, arrow_source, as_path, is_url, open_read, rmtree
 
 FORMAT_VERSION = 1
@@ -219,6 +226,20 @@ def check_hit(found: FeatureStore | str | os.PathLike) -> FeatureStore | None:
     return found
 
 
+_PARTS_POOL: tuple[int, object] | None = None
+
+
+def _parts_pool():
+    """Threads that read remote shards side by side (their own pool: each shard's read uses
+    `safetensors_io`'s pool for its ranges, and a pool waiting on itself could stall)."""
+    global _PARTS_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _PARTS_POOL is None or _PARTS_POOL[0] != os.getpid():
+        _PARTS_POOL = (os.getpid(), ThreadPoolExecutor(8, thread_name_prefix="anybind-s3-shards"))
+    return _PARTS_POOL[1]
+
+
 class LayerArray:
     """One layer of a store as a lazy [rows, dim] array over memory-mapped shards."""
 
@@ -245,9 +266,15 @@ class LayerArray:
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.shape[1]), dtype=dtype)
         part_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        for p in np.unique(part_of):
-            sel = np.nonzero(part_of == p)[0]
-            out[sel] = self._convert(self.parts[p][rows[sel] - self.offsets[p]], dtype)
+        picks = [(p, np.nonzero(part_of == p)[0]) for p in np.unique(part_of)]
+
+        def fetch(pick):
+            return self.parts[pick[0]][rows[pick[1]] - self.offsets[pick[0]]]
+
+        # shards on an object store are fetched side by side (a request waits mostly on the network)
+        remote = len(picks) > 1 and isinstance(self.parts[0], RemoteTensor)
+        for (_, sel), block in zip(picks, _parts_pool().map(fetch, picks) if remote else map(fetch, picks)):
+            out[sel] = self._convert(block, dtype)
         return out
 
     def __getitem__(self, rows) -> np.ndarray:
@@ -372,7 +399,9 @@ class FeatureStore:
     # ---- vectors -----------------------------------------------------------------------------
     def _shard_headers(self):
         if self._headers is None:
-            self._headers = [(self.path / s["file"], *read_header(self.path / s["file"])) for s in self.manifest["shards"]]
+            files = [self.path / s["file"] for s in self.manifest["shards"]]
+            remote = isinstance(self.path, ObjectPath) and len(files) > 1  # read side by side: latency-bound
+            self._headers = [(f, *h) for f, h in zip(files, (_parts_pool().map if remote else map)(read_header, files))]
         return self._headers
 
     def array(self, layer: str) -> LayerArray:
@@ -517,11 +546,13 @@ def write_store(
     folds: list[int] | None = None,
     groups: list[str] | None = None,
     dtype: str = "float32",
+    shard_size: int | None = None,
 ) -> FeatureStore:
     """Write features computed elsewhere (or synthetic ones) as a store: bring your own embeddings.
 
     `arrays` maps layer names to [n, d] arrays aligned with `item_ids`. Splits default to the
     dataset index's rule (a hash of the group, or of the item id when no group is given).
+    `shard_size` rows per shard (default: one shard).
     """
     path = as_path(path)
     n = len(item_ids)
@@ -533,9 +564,7 @@ def write_store(
     folds = list(folds) if folds is not None else [fold_of(g) for g in groups]
     caption_index = list(caption_index) if caption_index is not None else [0] * n
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(DTYPES[dtype][1]) for k, a in arrays.items()}
-    tensors["_row"] = torch.arange(n, dtype=torch.int64)
-    write_shard(path / shard_name(0), tensors, {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": []})})
+    shards = _write_given_shards(path, arrays, dtype, shard_size or max(n, 1))
     table = pa.table({
         "row": pa.array(range(n), pa.int64()), "item_id": pa.array(item_ids, pa.string()),
         "caption_index": pa.array(caption_index, pa.int32()), "source_row": pa.array(range(n), pa.int64()),
@@ -548,6 +577,20 @@ def write_store(
            "dataset": dataset, "dataset_fingerprint": hash_obj(item_ids), "field": field}
     manifest = {"format": FORMAT_VERSION, "key": key, "modality": modality,
                 "layers": {k: int(a.shape[1]) for k, a in arrays.items()}, "dtype": dtype, "rows": n,
-                "shards": [shard_entry(path / shard_name(0), n)], "skipped": 0}
+                "shards": shards, "skipped": 0}
     write_json(path / MANIFEST, manifest)
     return FeatureStore.open(path)
+
+
+def _write_given_shards(path, arrays: dict[str, np.ndarray], dtype: str, shard_size: int) -> list[dict]:
+    """`write_store`'s shards, `shard_size` rows each; their manifest entries."""
+    n = len(next(iter(arrays.values())))
+    entries = []
+    for i, lo in enumerate(range(0, max(n, 1), shard_size)):
+        hi = min(lo + shard_size, n)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(a[lo:hi], dtype=np.float32)).to(DTYPES[dtype][1])
+                   for k, a in arrays.items()}
+        tensors["_row"] = torch.arange(lo, hi, dtype=torch.int64)
+        write_shard(path / shard_name(i), tensors, {"anybind": json.dumps({"format": FORMAT_VERSION, "skipped": []})})
+        entries.append(shard_entry(path / shard_name(i), hi - lo))
+    return entries
