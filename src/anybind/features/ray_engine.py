@@ -83,8 +83,8 @@ class RayRunner:
         log.info("engine ray: %d shards on %d actor(s) (%s GPU each), cluster %s", len(pending), actors,
                  num_gpus, ray.get_runtime_context().gcs_address)
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        if not progress:  # Ray Data's own INFO lines too
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        if not progress:  # quiet: Ray Data's own lines too (its errors still show)
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
         shards = _shards_dataset(ray, refs, pending, request["shard_size"])
         with warnings.catch_warnings():  # Ray Data names no other way to bound the restarts (it defaults to forever)
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -127,8 +127,14 @@ def _connect(address: str | None):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                     logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise AnybindError(
+                f"could not join the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {e}. Is "
+                "`ray start --head` running there, with the same Ray version? A cluster with token "
+                "authentication (Ray's default) also needs RAY_AUTH_MODE=token here") from e
     return ray
 
 
