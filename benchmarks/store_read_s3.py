@@ -4,7 +4,7 @@ Writes one store (`write_store`, fp16, --rows x --dim, shards of --shard-size ro
 on a moto S3 server started here on 127.0.0.1, then times, interleaved, --repeats times each:
   (a) the whole layer read into memory (`store.numpy(layer)`);
   (b) --batches batches of --batch random rows (what a training loop over a store larger than
-      memory asks for);
+      memory asks for), and on s3 again with the local read cache ($ANYBIND_S3_READ_CACHE);
 and prints MB/s (stored bytes read / seconds, the median). The local figure is from the page
 cache (the store was just written): an upper bound for a disk. Needs the `scale` extra.
 
@@ -77,12 +77,19 @@ def main() -> None:
             remote = FeatureStore.open(str(remote_path))
             nbytes = args.rows * args.dim * 2
             picks = [np.random.default_rng(b).choice(args.rows, args.batch, replace=False) for b in range(args.batches)]
-            times = {k: [] for k in ("local full", "s3 full", "local batches", "s3 batches")}
+            times = {k: [] for k in ("local full", "s3 full", "local batches", "s3 batches", "s3 cached batches")}
             for _ in range(args.repeats):  # interleaved: the machine's other load hits both alike
                 for name, store in (("local", local), ("s3", remote)):
                     times[f"{name} full"].append(_timed(lambda s=store: s.numpy("final")))
                     times[f"{name} batches"].append(_timed(lambda s=store: [s["final"].read(p) for p in picks]))
+            os.environ["ANYBIND_S3_READ_CACHE"] = f"{tmp}/read-cache"  # each shard copied once, then mapped
+            t_copy = _timed(lambda: FeatureStore.open(str(remote_path))["final"].parts)
+            cached = FeatureStore.open(str(remote_path))
+            for _ in range(args.repeats):
+                times["s3 cached batches"].append(_timed(lambda: [cached["final"].read(p) for p in picks]))
             assert np.array_equal(local.numpy("final"), remote.numpy("final"))
+            print(f"read cache: the {len(remote.manifest['shards'])} shards copied in {t_copy:.2f}s "
+                  f"({nbytes / 2**20 / t_copy:.0f} MB/s)")
             print(f"store: {args.rows} rows x {args.dim} fp16 = {nbytes / 2**20:.0f} MiB; "
                   f"uploaded to moto in {t_put:.1f}s ({nbytes / 2**20 / t_put:.0f} MB/s)")
             for k, ts in times.items():

@@ -121,6 +121,20 @@ def test_remote_rows_are_read_in_ranges_as_the_memory_map_reads_them(s3_cache, t
         part[np.array([len(part)])]
 
 
+def test_a_read_cache_copies_each_shard_once_and_maps_it(s3_cache, tmp_path, monkeypatch):
+    index = toy_text_index()
+    remote, local = _extract(index, s3_cache), _extract(index, tmp_path / "c")
+    monkeypatch.setenv("ANYBIND_S3_READ_CACHE", str(tmp_path / "read-cache"))
+    cached = FeatureStore.open(str(remote.path))
+    assert all(isinstance(p, np.memmap) for p in cached["final"].parts)
+    _same_vectors(cached, local)
+    copies = sorted((tmp_path / "read-cache").iterdir())
+    assert len(copies) == len(remote.manifest["shards"])
+    stamps = [c.stat().st_mtime_ns for c in copies]
+    FeatureStore.open(str(remote.path))["final"].read()
+    assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "read-cache").iterdir())] == stamps  # not fetched again
+
+
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
@@ -143,6 +157,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_no_finished_store_and_a_resume_recomputes_only_the_rest(s3_cache, tmp_path,
                                                                                        monkeypatch):
     script = KILLED_WRITER.format(tests=str(Path(__file__).parent))
@@ -183,6 +198,7 @@ def test_a_second_writer_waits_for_the_lock_and_a_stale_one_is_taken_over(s3_cac
     lock.release()
 
 
+@pytest.mark.slow
 def test_train_reads_two_s3_stores(s3_cache, tmp_path):
     from anybind.cli import main
 

@@ -9,6 +9,8 @@ glob, iterdir, unlink), over `pyarrow.fs.S3FileSystem`. On an object store
   PUT): a reader sees the old object or the new one, never half; the manifest, written last, is
   the commit, exactly as on a disk;
 - reads are ranged GETs through pyarrow's random-access files (headers, then the rows asked for);
+  with ``ANYBIND_S3_READ_CACHE=DIR`` each shard is instead copied once to DIR and memory-mapped
+  (for training that draws random rows over many epochs: see `cached_copy`);
 - the lock is an object created with a conditional PUT (`features/lock.py`).
 
 The endpoint comes from ``ANYBIND_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL`` (a MinIO, Ceph or moto
@@ -236,6 +238,35 @@ class ObjectPath:
 
     def rmtree(self) -> None:
         s3_filesystem().delete_dir_contents(self.location, missing_dir_ok=True)
+
+
+# ---- the local read cache (optional) ---------------------------------------------------------------
+def read_cache_dir() -> Path | None:
+    """$ANYBIND_S3_READ_CACHE: where remote shards are copied once and memory-mapped (unset: none)."""
+    folder = os.environ.get("ANYBIND_S3_READ_CACHE")
+    return Path(folder).expanduser() if folder else None
+
+
+def cached_copy(path: ObjectPath, folder: Path) -> Path:
+    """A local copy of an object, downloaded once. Named by the object's URL, size and time, so a
+    rewritten object (a repaired shard) is fetched again; written atomically, so a copy is whole."""
+    import hashlib
+    import shutil
+
+    from ..atomic import write_with
+
+    info = path.info()
+    tag = hashlib.sha256(f"{path}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:24]
+    local = folder / f"{tag}-{path.name}"
+    if local.is_file() and local.stat().st_size == info.size:
+        return local
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def download(tmp: Path) -> None:
+        with s3_filesystem().open_input_stream(path.location) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    return write_with(local, download)
 
 
 # ---- the same operations on either kind of path ---------------------------------------------------------

@@ -40,7 +40,16 @@ from .safetensors_io import (
     read_header,
     write_shard,
 )
-from .storage import ObjectPath, arrow_source, as_path, is_url, open_read, rmtree
+from .storage import (
+    ObjectPath,
+    arrow_source,
+    as_path,
+    cached_copy,
+    is_url,
+    open_read,
+    read_cache_dir,
+    rmtree,
+)
 
 FORMAT_VERSION = 1
 MANIFEST, REQUEST, ROWS, SKIPPED = "manifest.json", "request.json", "rows.parquet", "skipped.jsonl"
@@ -401,6 +410,9 @@ class FeatureStore:
         if self._headers is None:
             files = [self.path / s["file"] for s in self.manifest["shards"]]
             remote = isinstance(self.path, ObjectPath) and len(files) > 1  # read side by side: latency-bound
+            if isinstance(self.path, ObjectPath) and read_cache_dir() is not None:  # copied once, then mapped
+                files = list(_parts_pool().map(lambda f: cached_copy(f, read_cache_dir()), files))
+                remote = False
             self._headers = [(f, *h) for f, h in zip(files, (_parts_pool().map if remote else map)(read_header, files))]
         return self._headers
 
