@@ -35,7 +35,7 @@ def cluster():
     """One local Ray cluster for the module (its start-up is most of the module's time)."""
     # the actors unpickle this module's encoders by reference: let them import it
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    context = ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+    context = ray.init(address="local", num_cpus=2,  # "local": never a cluster `ray start` left running object_store_memory=200 * 1024**2, include_dashboard=False,
                        runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield context.address_info["address"]
     ray.shutdown()
@@ -207,6 +207,11 @@ def test_a_missing_ray_names_the_scale_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
     with pytest.raises(MissingDependencyError, match=r"anybind\[scale\]"):
         extract("random:text", toy_text_index(10), cache=tmp_path, engine="ray")
+    run = tmp_path / "run.yaml"  # a run file says so when it is read, before any work
+    run.write_text("name: x\nencoders: {image: {spec: random:image}, text: {spec: random:text}}\nengine: ray\n")
+    with pytest.raises(MissingDependencyError, match=r"anybind\[scale\]"):
+        load_run_file(run)
+    assert not list(tmp_path.rglob("request.json"))
 
 
 def test_cli_and_run_file_refuse_bad_engine_options(tmp_path, capsys):

@@ -882,7 +882,7 @@ def _extract_args(verb: Callable) -> None:
                         "bit for bit (needs anybind[scale])")
     p.add_argument("--actors", type=int, help="--engine ray: encoder actors (default: one per GPU, else per CPU)")
     p.add_argument("--num-gpus", type=float, help="--engine ray: GPUs per actor (default: 1 if the cluster has GPUs)")
-    p.add_argument("--ray-address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--ray-address", help="--engine ray: the cluster to join (default: RAY_ADDRESS, else one on this machine, else a new one)")
     _add_encoding(p)
     p.add_argument("--out", "-o", help="store folder (default: a folder under the cache named by its key)")
     _add_device(p)
