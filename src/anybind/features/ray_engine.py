@@ -47,7 +47,7 @@ class RayRunner:
     source: object  # an encoder spec string (rebuilt in each actor) or an Encoder (pickled to them)
     actors: int | None  # None: one per GPU (num_gpus > 0) or per CPU of the cluster
     num_gpus: float | None  # GPUs per actor; None: 1 when the cluster has GPUs, else 0
-    address: str | None  # None: RAY_ADDRESS, else a local cluster started in this process
+    address: str | None  # None: RAY_ADDRESS, else a cluster `ray start` runs here, else a new local one
     num_workers: int | None  # decoding processes inside each actor (default 0: the pool is the parallelism)
     device: str | None  # as for a local run, resolved inside each actor
     pool: tuple[float, int] | None = None  # (GPUs per actor, actors), once `plan` has seen the cluster
