@@ -78,6 +78,7 @@ def main() -> None:
             nbytes = args.rows * args.dim * 2
             picks = [np.random.default_rng(b).choice(args.rows, args.batch, replace=False) for b in range(args.batches)]
             times = {k: [] for k in ("local full", "s3 full", "local batches", "s3 batches", "s3 cached batches")}
+            local.numpy("final"), remote.numpy("final")  # warm: page cache, mappings, connections
             for _ in range(args.repeats):  # interleaved: the machine's other load hits both alike
                 for name, store in (("local", local), ("s3", remote)):
                     times[f"{name} full"].append(_timed(lambda s=store: s.numpy("final")))
