@@ -25,7 +25,7 @@ import torch
 from ..atomic import clean_stale_tmp, write_json, write_text, write_with
 from ..checks import choice, integer
 from ..data.index import rows_fingerprint
-from ..device import select_device
+from ..device import make_current, select_device
 from ..encoders import Encoder, create_encoder
 from ..errors import AnybindError, DataError, StoreError
 from .layers import resolve_layers
@@ -318,6 +318,7 @@ def _store_lock(path: Path) -> StoreLock:
 
 def _open_inputs(encoder, data, field: str | None, device: torch.device, cache) -> tuple[Encoder, object, str]:
     """(the encoder on `device`, the dataset index, the field it reads), checked to agree."""
+    make_current(device)  # under torchrun: this rank's GPU, not a context on GPU 0 as well
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     enc.to(device)
     if isinstance(data, (str, os.PathLike)):
