@@ -3,6 +3,7 @@ mode, on the loopback), never a mock of the client. Extraction writes there, tra
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def test_remote_rows_are_read_in_ranges_as_the_memory_map_reads_them(s3_cache, t
     np.testing.assert_array_equal(remote["layer.2"][pick], local["layer.2"][pick])
     with pytest.raises(IndexError):
         part[np.array([len(part)])]
+    sent = pickle.loads(pickle.dumps(part))  # to a worker process: it reopens the object itself
+    np.testing.assert_array_equal(sent[rows], local["final"].parts[1][rows])
 
 
 def test_a_read_cache_copies_each_shard_once_and_maps_it(s3_cache, tmp_path, monkeypatch):

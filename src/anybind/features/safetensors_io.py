@@ -134,6 +134,9 @@ class RemoteTensor:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def __getstate__(self) -> dict:  # sent to a worker process: it opens its own connection
+        return {**self.__dict__, "_file": None, "_pid": None}
+
     def _input(self):
         import os
 
