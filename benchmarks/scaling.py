@@ -292,9 +292,22 @@ def run_child(step: str, n: int, args) -> dict:
 
 # ---- the driver -----------------------------------------------------------------------------------
 def measure(step: str, n: int, args) -> dict:
+    """The step at size n in --repeat fresh processes: the median seconds, the largest peaks."""
+    runs = [measure_once(step, n, args) for _ in range(args.repeat)]
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    return {"step": step, "n": n, "seconds": float(np.median([r["seconds"] for r in ok])), "runs": len(ok),
+            "peak_anon_mib": max(r["peak_anon_mib"] for r in ok), "hwm_mib": max(r["hwm_mib"] for r in ok)}
+
+
+def measure_once(step: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", step, str(n), "--work", args.work, "--queries", str(args.queries),
            "--gallery", str(args.gallery), "--blend-queries", str(args.blend_queries), "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"step": step, "n": n, "error": f"over the {args.timeout:.0f} s timeout"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         return {"step": step, "n": n, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
@@ -335,6 +348,7 @@ def main() -> None:
                    help="rows each baseline encodes (ASIF's output is [rows, n anchors], dense)")
     p.add_argument("--gallery", type=int, default=5000, help="fixed retrieval gallery size")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, help="runs per (step, n); the median time is kept")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one step may take")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", nargs=2, metavar=("STEP", "N"), help=argparse.SUPPRESS)

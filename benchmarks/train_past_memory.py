@@ -4,9 +4,8 @@ Writes an image and a text store that together take about `--ratio` x the bound 
 1 GiB; 1024-d float32 features), then trains the linear recipe for `--steps` steps twice, each in
 its own process:
 
-- mapped: the process's data rlimit (RLIMIT_DATA, private writable memory) is set to 2 B, less
-  than the stores plus the interpreter, so copying them into anonymous memory is impossible;
-  `memory_budget()` sees the limit and `PairedFeatures` keeps the features memory-mapped;
+- mapped: ANYBIND_MEMORY_BUDGET=B, so `memory_budget()` keeps the features memory-mapped (they
+  are more than B / 4);
 - in-memory: no limit; the features are copied to RAM as usual.
 
 Each reports steps/s (steps over the whole `train()` call: setup, one validation and the saved
@@ -25,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -69,8 +67,6 @@ def drop_cache(folder: Path) -> None:
 
 
 def child_train(folder: Path, mode: str, bound: int, steps: int) -> dict:
-    if mode == "mapped":
-        resource.setrlimit(resource.RLIMIT_DATA, (2 * bound, resource.getrlimit(resource.RLIMIT_DATA)[1]))
     import torch
 
     from anybind.align.recipe import load_recipe
@@ -78,6 +74,7 @@ def child_train(folder: Path, mode: str, bound: int, steps: int) -> dict:
     from anybind.features import FeatureStore
 
     torch.set_num_threads(2)
+    store_bytes = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
     stores = {m: FeatureStore.open(folder / m) for m in ("image", "text")}
     recipe = load_recipe("linear", ["dim=256", "train.batch_size=1024", f"train.max_steps={steps}",
                                     f"train.val_every={steps}", f"train.checkpoint_every={steps}"])
@@ -87,7 +84,7 @@ def child_train(folder: Path, mode: str, bound: int, steps: int) -> dict:
         train(recipe, stores, out=out, device="cpu", progress=False, baselines=False, resume=False)
         seconds = time.perf_counter() - t0
     return {"mode": mode, "steps": steps, "seconds": seconds, "steps_per_s": steps / seconds,
-            "peak_anon_mib": mem.peak / 1024, "store_mib": sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20}
+            "peak_anon_mib": mem.peak / 1024, "store_mib": store_bytes / 2**20}
 
 
 def child_read(folder: Path, batches: int) -> dict:
@@ -111,7 +108,8 @@ def child_read(folder: Path, batches: int) -> dict:
 def run(args, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--work", args.work, "--bound-mib", str(args.bound_mib), "--ratio", str(args.ratio),
            "--steps", str(args.steps), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, ANYBIND_MEMORY_BUDGET=f"{args.bound_mib}M") if "mapped" in extra else None
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         raise SystemExit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")

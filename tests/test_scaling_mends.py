@@ -118,3 +118,23 @@ def test_memory_budget_honours_the_data_rlimit():
             "from anybind.align.data import memory_budget; print(memory_budget())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 0 < int(out.stdout) <= 3 << 30
+
+
+def test_memory_budget_from_the_environment_keeps_stores_mapped(tmp_path, monkeypatch):
+    from anybind.align.data import PairedFeatures, memory_budget
+    from anybind.errors import AnybindError
+    from anybind.features import LayerArray
+    from anybind.features.store import write_store
+
+    monkeypatch.setenv("ANYBIND_MEMORY_BUDGET", "64K")
+    assert memory_budget() == 64 << 10
+    ids = [f"i{k:04d}" for k in range(300)]
+    rng = np.random.default_rng(1)
+    stores = {m: write_store(tmp_path / m, {"final": rng.standard_normal((300, 32)).astype(np.float32)}, ids,
+                             modality=m, field=m, dataset="t") for m in ("image", "text")}
+    assert isinstance(PairedFeatures(stores).side("image").arrays[0], LayerArray)  # 75 KiB > 64 KiB / 4
+    monkeypatch.setenv("ANYBIND_MEMORY_BUDGET", "1G")
+    assert not isinstance(PairedFeatures(stores).side("image").arrays[0], LayerArray)
+    monkeypatch.setenv("ANYBIND_MEMORY_BUDGET", "lots")
+    with pytest.raises(AnybindError, match="ANYBIND_MEMORY_BUDGET"):
+        memory_budget()

@@ -253,11 +253,20 @@ def _check_finite(side: Side, chunk_bytes: int = 16 << 20) -> None:
 
 def memory_budget() -> int:
     """Bytes this process may fill: the least of the memory available, its cgroup's limit (v2 or
-    v1) and its data rlimit. Features are copied to RAM only when they take a quarter of it, so a
-    process capped below its stores still trains, from the memory-mapped files."""
+    v1), its data rlimit and ``ANYBIND_MEMORY_BUDGET`` (bytes, or with a K/M/G suffix). Features are
+    copied to RAM only when they take a quarter of it, so a process capped below its stores still
+    trains, from the memory-mapped files."""
+    import os
     import resource
 
     limits = [_meminfo_available()]
+    asked = os.environ.get("ANYBIND_MEMORY_BUDGET", "").strip().upper()
+    if asked:
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(asked[-1], 1)
+        number = asked[:-1] if asked[-1] in "KMG" else asked
+        if not number.isdigit():
+            raise AnybindError(f"ANYBIND_MEMORY_BUDGET must be bytes, or a number with K, M or G: not {asked!r}")
+        limits.append(int(number) * scale)
     soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
     if soft != resource.RLIM_INFINITY:
         limits.append(soft)
