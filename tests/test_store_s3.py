@@ -142,7 +142,10 @@ KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from _toy import toy_text_index
+    import torch
     from anybind.features import extract, storage
+
+    torch.set_num_threads(1)  # as the test process computes: the thread count changes fp32 sums' last bits
 
     put = storage.ObjectPath.write_with
     shards = []
@@ -163,6 +166,17 @@ KILLED_WRITER = textwrap.dedent("""
 @pytest.mark.slow
 def test_killed_writer_leaves_no_finished_store_and_a_resume_recomputes_only_the_rest(s3_cache, tmp_path,
                                                                                        monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed writer computes (another test may have changed it, too)
+    try:
+        _killed_then_resumed(s3_cache, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _killed_then_resumed(s3_cache, tmp_path, monkeypatch):
     script = KILLED_WRITER.format(tests=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], env=os.environ.copy(), capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
