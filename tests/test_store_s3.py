@@ -236,3 +236,22 @@ def _strings(obj) -> list[str]:
     if isinstance(obj, dict):
         return [s for v in obj.values() for s in _strings(v)]
     return [obj] if isinstance(obj, str) else []
+
+
+def test_store_urls_given_directly_on_the_command_line(s3_cache, tmp_path, capsys):
+    """`extract --out s3://...`, `train --store side=s3://...` and `cache verify s3://...`, with a local cache."""
+    from anybind.cli import main
+
+    karpathy, *_ = replicas(tmp_path)
+    local = tmp_path / "cache"
+    stores = {side: f"{s3_cache}/mine/{side}" for side in ("image", "text")}
+    for side, url in stores.items():
+        assert main(["extract", "--encoder", f"random:{side}", "--data", f"karpathy:{karpathy}", "--cache", str(local),
+                     "--out", url, "-q"]) == 0
+        assert FeatureStore.open(url).modality == side
+    assert main(["cache", "verify", stores["image"], stores["text"], "--cache", str(local)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--store", f"image={stores['image']}", "--store", f"text={stores['text']}",
+                 "--cache", str(local), "--out", str(run), "--set", "train.max_steps=2", "--set", "train.val_every=2",
+                 "--set", "train.batch_size=16", "-q"]) == 0
+    assert set(_strings(json.loads((run / "stores.json").read_text()))) >= set(stores.values())

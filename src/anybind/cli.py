@@ -317,8 +317,9 @@ def open_store(side: str, value: str, layers: str | None, cache, progress: bool,
     from pathlib import Path
 
     from .features import FeatureStore, extract
+    from .features.storage import is_url
 
-    if Path(value).is_dir():
+    if is_url(value) or Path(value).is_dir():
         return FeatureStore.open(value)
     encoder, sep, data = value.rpartition("+")
     if not sep or not encoder or not data:
@@ -724,11 +725,11 @@ def cmd_cache_verify(args) -> int:
     Prints ok or damaged per store; exits 1 when any store is damaged. With --repair a damaged
     store is reopened, so running the same `anybind extract` again recomputes only its damaged shards.
     """
-    from pathlib import Path
 
+    from .features.storage import as_path
     from .features.store import store_folders, verify_store
 
-    paths = [Path(p) for p in args.paths] or store_folders(args.cache)
+    paths = [as_path(p) for p in args.paths] or store_folders(args.cache)
     damaged = 0
     for path in paths:
         status = verify_store(path, repair=args.repair)

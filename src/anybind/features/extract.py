@@ -32,6 +32,7 @@ from .layers import resolve_layers
 from .lock import StoreLock
 from .precision import PRECISIONS, _to, autocast, choose_precision
 from .safetensors_io import DTYPES, canonical_dtype, map_tensor, read_header, write_shard
+from .storage import as_path
 from .store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -350,7 +351,7 @@ def _find_or_place(enc: Encoder, partial: StoreKey, layers: list[str], pooling: 
         precision = choose_precision(enc, pooling, device, cache)
     key = StoreKey(enc.fingerprint(pooling, precision), partial.dataset, partial.dataset_fingerprint, partial.field)
     if out is not None:
-        return _Target(_reusable_out(Path(out), key, layers), Path(out), precision, key)
+        return _Target(_reusable_out(as_path(out), key, layers), as_path(out), precision, key)
     return _Target(find_store(key, layers, cache), stores_dir(cache) / key.folder_name(layers), precision, key)
 
 

@@ -548,7 +548,7 @@ def serve(bundle, index=None, host: str = "127.0.0.1", port: int = 8000, max_upl
     `access_log` ("-": stderr, or a file) takes JSON access lines instead of uvicorn's.
     """
     uvicorn = require("uvicorn", "the HTTP server (anybind serve)", "uvicorn", extra="serve")
-    _set_model_threads(threads)
+    previous_threads = _set_model_threads(threads)  # restored on return: a process-wide setting
     app = create_app(bundle, index, max_upload_bytes=int(max_upload_mb * 2**20), labels=labels,
                      max_audio_seconds=max_audio_seconds, load=False, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                      api_keys=api_key_file, public=public, cors_origins=cors_origins, rate_limit=rate_limit)
@@ -573,8 +573,11 @@ def serve(bundle, index=None, host: str = "127.0.0.1", port: int = 8000, max_upl
     threading.Thread(target=load, name="anybind-load", daemon=True).start()
     print(f"anybind: serving {ctx.bundle_path} at http://{host}:{port}/  (API docs: /docs; loading, see /ready)",
           flush=True)
-    with sigterm_ends_cleanly():
-        server.run()
+    try:
+        with sigterm_ends_cleanly():
+            server.run()
+    finally:
+        _set_model_threads(previous_threads)
     if failed:
         raise failed[0]
 
@@ -587,12 +590,15 @@ def _model_threads() -> int | None:
     return None if torch is None else torch.get_num_threads()
 
 
-def _set_model_threads(threads: int | None) -> None:
+def _set_model_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (default: the cores less one); the previous count."""
     import torch
 
     if threads is not None and int(threads) < 1:
         raise AnybindError(f"--threads must be at least 1, not {threads}")
+    previous = torch.get_num_threads()
     torch.set_num_threads(int(threads) if threads else max(1, len(os.sched_getaffinity(0)) - 1))
+    return previous
 
 
 def _warm_up(model) -> None:
