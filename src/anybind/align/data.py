@@ -105,7 +105,7 @@ class PairedFeatures:
         in_memory = total_bytes <= min(IN_MEMORY_BYTES, memory_budget() // 4) if in_memory is None else in_memory
         if in_memory:  # read once, then check the copy: no second pass over the files
             for side in self.sides.values():
-                side.arrays = [torch.from_numpy(a.read()) for a in side.arrays]
+                side.arrays = [torch.from_numpy(_read_all(a)) for a in side.arrays]
         if check_values:
             for side in self.sides.values():
                 _check_finite(side)
@@ -235,6 +235,15 @@ def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str
         raise PairingError(f"the anchor '{anchor}' has several rows per item: the anchor must have one row per "
                            f"item (here: {', '.join(single)})")
     return anchor, False
+
+
+def _read_all(arr: LayerArray, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """All rows as float32, copied a few MiB at a time: one copy in memory, not a transient second."""
+    out = np.empty(arr.shape, dtype=np.float32)
+    step = max(1, chunk_bytes // (4 * max(1, arr.shape[1])))
+    for lo in range(0, len(arr), step):
+        out[lo : lo + step] = arr.read(slice(lo, lo + step))
+    return out
 
 
 def _check_finite(side: Side, chunk_bytes: int = 16 << 20) -> None:
