@@ -7,9 +7,6 @@ correction so the index must carry offsets) and one exact index over the replica
 import io
 import json
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +15,7 @@ import pytest
 import torch
 
 import anybind
+from _serving import HAS_CHROMIUM, NO_CHROMIUM, headless_chromium, live
 from _toy import replicas
 from anybind.cli import main
 
@@ -26,7 +24,6 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 
 from anybind.serve.index import VectorIndex, VectorIndexError, build_index, search_index  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 COLOURS = ["red", "green", "blue"]
 
 
@@ -261,24 +258,10 @@ def test_without_an_index_or_labels(served):
 @pytest.fixture()
 def live_server(served):
     """uvicorn on a free loopback port, in a thread; stopped after the test."""
-    import uvicorn
-
     from anybind.serve.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(served.model, served.index, labels=COLOURS)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
+    with live(create_app(served.model, served.index, labels=COLOURS)) as base:
+        yield base
 
 
 def test_a_json_body_nested_100k_deep_gets_a_400_and_the_server_answers_the_next_request(served, live_server):
@@ -302,24 +285,15 @@ def test_a_json_body_nested_100k_deep_gets_a_400_and_the_server_answers_the_next
                                    atol=1e-6)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
-                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(not HAS_CHROMIUM, reason=NO_CHROMIUM)
 def test_the_page_searches_and_classifies_in_headless_chromium(served, live_server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     from PIL import Image
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver = headless_chromium(tmp_path / "profile")
     try:
-        driver.set_page_load_timeout(30)
         driver.get(live_server)
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: "60 image items" in d.find_element(By.ID, "info").text)
@@ -366,25 +340,14 @@ def test_without_the_packaged_docs_assets_the_server_says_what_to_install(served
         create_app(served.model, served.index)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
-                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(not HAS_CHROMIUM, reason=NO_CHROMIUM)
 def test_the_api_docs_render_in_headless_chromium_with_no_network(live_server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
-    from selenium.webdriver.chrome.service import Service
+    pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    # every host but the loopback fails to resolve: a page that needs a CDN stays blank
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver = headless_chromium(tmp_path / "profile")
     try:
-        driver.set_page_load_timeout(30)
         wait = WebDriverWait(driver, 30)
         driver.get(live_server + "docs")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock")) >= 4)

@@ -5,16 +5,13 @@ loopback port, in a thread), the rest through the app itself (TestClient).
 One tiny real bundle: random encoders trained 10 steps on the Karpathy replica, exported.
 """
 
-import contextlib
 import os
-import socket
-import threading
 import time
 
 import pytest
 
 import anybind
-from _toy import replicas
+from _serving import live, tiny_bundle
 from anybind.cli import main
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anybind[serve]'")
@@ -31,40 +28,11 @@ ORIGIN = "https://app.example.com"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """(the bundle folder, the loaded bundle, a key file with alice, bob and a nameless key)."""
-    root = tmp_path_factory.mktemp("access")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ANYBIND_CACHE", str(root / "cache"))
-        karpathy, *_ = replicas(root)
-        assert main(["train", "--recipe", "default", "--store", f"image=random:image+karpathy:{karpathy}",
-                     "--store", f"text=random:text+karpathy:{karpathy}", "--set", "train.max_steps=10",
-                     "--set", "train.batch_size=32", "--out", str(root / "run"), "-q"]) == 0
-        assert main(["export", "--run", str(root / "run"), "--out", str(root / "bundle"), "-q"]) == 0
-    keys = root / "keys.txt"
+    made = tiny_bundle(tmp_path_factory.mktemp("access"))
+    keys = made.root / "keys.txt"
     keys.write_text(f"# who may call\nalice:{ALICE}\n\n  bob : {BOB}\n{ANON}\n")
     keys.chmod(0o600)
-    return root / "bundle", anybind.load(root / "bundle"), keys
-
-
-@contextlib.contextmanager
-def live(app):
-    """`app` served by uvicorn on a free loopback port, in a thread: yields its base URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return made.bundle, anybind.load(made.bundle), keys
 
 
 def _one_off(key: str) -> list[str]:

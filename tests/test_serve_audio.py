@@ -7,8 +7,6 @@ onto text (`test_bundle_modalities.build_audio_bundle`, built once for both modu
 import io
 import json
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from _serving import HAS_CHROMIUM, NO_CHROMIUM, headless_chromium, live
 from anybind.cli import main
 from test_bundle_modalities import RATE, audio_paths, avtoy_data, shared_audio_bundle, tone
 
@@ -23,8 +22,6 @@ pytest.importorskip("faiss", reason="the serve extra is not installed: pip insta
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anybind[serve]'")
 
 from anybind.serve.index import VectorIndex, VectorIndexError, build_index, search_index  # noqa: E402
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -222,46 +219,23 @@ def test_a_bundle_without_audio_refuses_audio_uploads_by_name(av):
 @pytest.fixture()
 def live_server(av):
     """uvicorn on a free loopback port, in a thread; stopped after the test."""
-    import uvicorn
-
     from anybind.serve.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(av.model, av.idx), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
+    with live(create_app(av.model, av.idx)) as base:
+        yield base
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(),
-                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(not HAS_CHROMIUM, reason=NO_CHROMIUM)
 def test_the_page_searches_images_with_an_uploaded_and_a_recorded_sound(av, live_server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
-    from selenium.webdriver.chrome.service import Service
+    pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"):  # a fake microphone: a beep
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver = headless_chromium(tmp_path / "profile", "--use-fake-ui-for-media-stream",
+                               "--use-fake-device-for-media-stream")  # a fake microphone: a beep
     loaded = ("return Array.from(document.querySelectorAll('#gallery img'))"
               ".filter(i => i.complete && i.naturalWidth > 0).length")
     try:
-        driver.set_page_load_timeout(30)
         driver.get(live_server)
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: "60 image + 120 audio items" in d.find_element(By.ID, "info").text)

@@ -6,16 +6,13 @@ request gets, in fewer model calls; /ready is 503 until the bundle and index are
 """
 
 import asyncio
-import socket
 import threading
 import time
-from contextlib import contextmanager
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from _toy import replicas
+from _serving import free_port, live, tiny_bundle
 from anybind.cli import main
 from anybind.errors import AnybindError
 
@@ -140,41 +137,7 @@ def test_bad_batching_options_are_refused(options, message):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A tiny bundle (random encoders on the Karpathy replica) and a flat index over its 60 images."""
-    root = tmp_path_factory.mktemp("batching")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ANYBIND_CACHE", str(root / "cache"))
-        karpathy, *_ = replicas(root)
-        run, bundle, index = root / "run", root / "bundle", root / "index"
-        assert main(["train", "--recipe", "default", "--store", f"image=random:image+karpathy:{karpathy}",
-                     "--store", f"text=random:text+karpathy:{karpathy}", "--set", "train.max_steps=5",
-                     "--set", "train.batch_size=32", "--out", str(run), "-q"]) == 0
-        assert main(["export", "--run", str(run), "--out", str(bundle), "-q"]) == 0
-        assert main(["index", "--bundle", str(bundle), "--data", f"karpathy:{karpathy}", "--out", str(index), "-q"]) == 0
-        yield SimpleNamespace(root=root, bundle=bundle, index=index)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def live(app):
-    """uvicorn serving `app` on a free loopback port, in a thread."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return tiny_bundle(tmp_path_factory.mktemp("batching"), steps=5, index=True)
 
 
 QUERIES = [f"a {c} square number {i}" for c in ("red", "green", "blue") for i in range(6)]
@@ -257,12 +220,12 @@ def test_serve_stops_and_raises_when_loading_fails(served, tmp_path):
     (broken / "index.json").write_text("{ not json")
     t0 = time.monotonic()
     with pytest.raises(VectorIndexError):
-        serve(served.bundle, broken, port=_free_port(), log_level="warning", warmup=False)
+        serve(served.bundle, broken, port=free_port(), log_level="warning", warmup=False)
     assert time.monotonic() - t0 < 30
 
 
 def test_the_serve_command_refuses_a_folder_that_is_not_a_bundle_before_listening(tmp_path, capsys):
-    assert main(["serve", "--bundle", str(tmp_path), "--port", str(_free_port())]) != 0
+    assert main(["serve", "--bundle", str(tmp_path), "--port", str(free_port())]) != 0
     assert "not an anybind bundle" in capsys.readouterr().err
 
 

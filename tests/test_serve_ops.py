@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import anybind
-from _toy import replicas
+from _serving import free_port, live, tiny_bundle
 from anybind.cli import main
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'anybind[serve]'")
@@ -34,43 +33,11 @@ ALICE, BOB = "alice-0123456789abcdefXYZ", "bob-9876543210fedcbaQRS"
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """(the bundle folder, the loaded bundle, a key file with alice and bob)."""
-    root = tmp_path_factory.mktemp("ops")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ANYBIND_CACHE", str(root / "cache"))
-        karpathy, *_ = replicas(root)
-        assert main(["train", "--recipe", "default", "--store", f"image=random:image+karpathy:{karpathy}",
-                     "--store", f"text=random:text+karpathy:{karpathy}", "--set", "train.max_steps=10",
-                     "--set", "train.batch_size=32", "--out", str(root / "run"), "-q"]) == 0
-        assert main(["export", "--run", str(root / "run"), "--out", str(root / "bundle"), "-q"]) == 0
-    keys = root / "keys.txt"
+    made = tiny_bundle(tmp_path_factory.mktemp("ops"))
+    keys = made.root / "keys.txt"
     keys.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     keys.chmod(0o600)
-    return root / "bundle", anybind.load(root / "bundle"), keys
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live(app):
-    """`app` served by uvicorn on a free loopback port, in a thread: yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=(port := _free_port()), log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return made.bundle, anybind.load(made.bundle), keys
 
 
 # ---- a strict reader of the text format ----------------------------------------------------------------
@@ -305,7 +272,7 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_connections_and_exit
     """`anybind serve` as a process: a request whose body is still arriving when SIGTERM comes is
     answered 200, the listening socket is closed at once, and the process exits 0."""
     folder, model, keys = bundle
-    port, log = _free_port(), tmp_path / "access.jsonl"
+    port, log = free_port(), tmp_path / "access.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "anybind.cli", "serve", "--bundle", str(folder), "--port", str(port),
                              "--api-key-file", str(keys), "--rate-limit", "100/s", "--access-log", str(log),
                              "--shutdown-timeout", "20", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
