@@ -346,13 +346,14 @@ def _restore(run: _Run, resume: bool) -> None:
 
 def _checkpoint(run: _Run) -> None:
     if run.rank == 0:
+        atomic.fsync_file(run.out / METRICS_LOG)  # the log up to the checkpoint outlives a power loss too
         _atomic_save(_checkpoint_state(run), run.out / CHECKPOINT)
     dist.barrier()
 
 
 def _log(run: _Run, record: dict) -> None:
     if run.rank == 0:
-        atomic.append_json(run.out / METRICS_LOG, record)
+        atomic.append_json(run.out / METRICS_LOG, record, fsync=False)  # made durable by each checkpoint
         if run.loggers:  # none without --logger: the step pays for nothing more
             run.loggers.log_metrics(record_metrics(record), record["step"])
 

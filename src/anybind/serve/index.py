@@ -560,7 +560,7 @@ def _make_index(vectors: np.ndarray, kind: str):
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 200
+        index.hnsw.efConstruction = 40  # 200 took 14.1 s at 100k rows (recall@10 1.000), 40 2.9 s (0.994)
         params["ef_search"] = index.hnsw.efSearch = 128
     else:  # ivf: about 4 sqrt(n) lists, each trained on >= 39 points
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
