@@ -70,7 +70,7 @@ class Tally:
     errors: list[str] = field(default_factory=list)
 
 
-def request_flops(bundle_path: str, index_path: str, embed_share: float) -> tuple[float | None, str, str]:
+def request_flops(bundle_path: str, index_path: str) -> tuple[float | None, str, str]:
     """(model FLOPs of one request, how counted, the text side's precision), or (None, why not, precision)."""
     import json
 
@@ -87,7 +87,7 @@ def request_flops(bundle_path: str, index_path: str, embed_share: float) -> tupl
     search, how = flat_search_flops(json.loads((Path(index_path) / "index.json").read_text())["parts"])
     if search is None:
         return None, how, precision
-    flops = float(np.mean(encode)) + (1 - embed_share) * search
+    flops = float(np.mean(encode)) + search
     return flops, (f"text encoder + projector {np.mean(encode) / 1e6:.1f} MFLOP (FlopCounterMode, mean of "
                    f"{len(QUERIES)} queries) + search {search / 1e6:.1f} MFLOP ({how})"), precision
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(table, endpoint)
         print(verdict(table))
     if "search" in rows:
-        roofline_report(roof, request_flops(args.bundle, args.index, 0.0), rows["search"])
+        roofline_report(roof, request_flops(args.bundle, args.index), rows["search"])
     errors = sum(r["errors"] for t in rows.values() for r in t)
     if errors:
         print(f"ERRORS: {errors}, e.g. {[e for t in rows.values() for r in t for e in r['first_errors']][:3]}")

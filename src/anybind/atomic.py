@@ -86,26 +86,29 @@ def append_json(path: str | os.PathLike, record: Any, fsync: bool = True) -> Non
 
 def fsync_file(path: str | os.PathLike) -> None:
     """Make what was written to `path` durable (nothing to do when it does not exist)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, quiet=False)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable (a no-op where folders cannot be opened)."""
+    _fsync(path, quiet=True)
+
+
+def _fsync(path: str | os.PathLike, quiet: bool) -> None:
+    """fsync `path` if it exists; `quiet`: any OSError too is ignored (folders some filesystems refuse)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    except FileNotFoundError:
         return
+    except OSError:
+        if quiet:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if not quiet:
+            raise
     finally:
         os.close(fd)
 
