@@ -6,12 +6,20 @@ item are all positives of each other. When both sides have several rows per item
 captions through two encoders, or spoken), rows join on (item, caption index) instead: row k of an
 item pairs with row k of the same item. Features stay memory-mapped unless they fit comfortably
 in memory, so a store larger than RAM still trains.
+
+More than two stores (joint binding of N modalities): the first store after the anchor is the
+partner, and each further store is an *extra* modality joined to every pair of its item: one
+tuple per (pair, extra row) — the three renderings of a spoken caption make three tuples — or,
+when the partner and the extra both have several rows per item, on (item, caption index). A pair
+whose item has no extra row keeps it as -1 (absent): joint losses train it on what it has.
+Stores of different datasets join only with ``across_datasets=True``, on the items they share,
+and only when every shared item sits in the same group in each (else folds would leak).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,14 +65,21 @@ class Side:
 
 @dataclass
 class Pairs:
-    """Pairs of one split: anchor row, partner row and item code (equal codes = positives)."""
+    """Pairs (tuples) of one split: anchor row, partner row, item code (equal codes = positives) and
+    the rows of any extra modalities."""
 
     anchor_rows: np.ndarray
     partner_rows: np.ndarray
     item: np.ndarray
+    extra_rows: dict[str, np.ndarray] = field(default_factory=dict)  # per extra modality: its row, or -1
 
     def __len__(self) -> int:
         return len(self.item)
+
+    def select(self, sel: np.ndarray) -> Pairs:
+        """The pairs (tuples) picked by a boolean mask or an index array."""
+        return Pairs(self.anchor_rows[sel], self.partner_rows[sel], self.item[sel],
+                     {m: r[sel] for m, r in self.extra_rows.items()})
 
 
 class PairedFeatures:
@@ -76,24 +91,19 @@ class PairedFeatures:
 
     def __init__(self, stores: dict[str, FeatureStore], layers: dict[str, list[str]] | None = None,
                  in_memory: bool | None = None, check_values: bool = True, max_unpaired: float = 0.05,
-                 fold: int | None = None, anchor: str | None = None):
+                 fold: int | None = None, anchor: str | None = None, across_datasets: bool = False):
         self.max_unpaired = max_unpaired
         self.fold = fold  # None: the index's fixed split; 0-4: cross-validation (anybind.data.crossval)
-        if len(stores) != 2:
-            raise PairingError(f"training binds two stores at a time (got {len(stores)}: {', '.join(stores)})")
+        if len(stores) < 2:
+            raise PairingError(f"training binds at least two stores (got {len(stores)}: {', '.join(stores) or 'none'})")
         layers = layers or {}
-        names = list(stores)
-        datasets = {n: s.key["dataset"] for n, s in stores.items()}
-        if len(set(datasets.values())) != 1:
-            raise PairingError("the stores come from different datasets ("
-                               + ", ".join(f"{n}: {d}" for n, d in datasets.items())
-                               + "): pairs are joined by item id within one dataset")
+        self.across_datasets = _check_datasets(stores, across_datasets)
         anchor, self.by_row = _anchor_of(stores, anchor)
-        partner = names[1] if anchor == names[0] else names[0]
-        self.anchor_name, self.partner_name = anchor, partner
+        others = [n for n in stores if n != anchor]
+        self.anchor_name, self.partner_name, self.extra_names = anchor, others[0], others[1:]
         self.sides = {}
         total_bytes = 0
-        for n in (anchor, partner):
+        for n in self.names:
             store = stores[n]
             want = layers.get(n) or ["final"]
             missing = [lay for lay in want if lay not in store.layers]
@@ -110,6 +120,9 @@ class PairedFeatures:
             for side in self.sides.values():
                 _check_finite(side)
         self._join()
+        self.extra_rows_all: dict[str, np.ndarray] = {}
+        for name in self.extra_names:  # each expands the pairs before it into tuples
+            self.extra_rows_all[name] = self._join_extra(name)
 
     def _join(self) -> None:
         a, p = self.sides[self.anchor_name].store, self.sides[self.partner_name].store
@@ -120,23 +133,58 @@ class PairedFeatures:
         if not keep.any():
             raise PairingError(f"the {self.anchor_name} and {self.partner_name} stores share no item ids: "
                                "were they extracted from the same dataset?")
-        lost_p = int((~keep).sum())
-        lost_a = len(a_key) - len(np.unique(p_key[keep]))
-        share = max(lost_p / len(p_key), lost_a / len(a_key))
-        if share > self.max_unpaired:
-            raise PairingError(
-                f"the stores hold different item sets: {lost_a} of {len(a_key)} {self.anchor_name} items and "
-                f"{lost_p} of {len(p_key)} {self.partner_name} rows have no partner ({share:.0%} > "
-                f"{self.max_unpaired:.0%}); extract both from the same dataset index")
-        if lost_p or lost_a:  # a few items skipped at extraction (a corrupt image, an empty caption)
-            log.warning("%d %s rows and %d %s items have no partner (skipped at extraction?) and are left out",
-                        lost_p, self.partner_name, lost_a, self.anchor_name)
+        self._check_unpaired(len(a_key), len(p_key), int((~keep).sum()), len(a_key) - len(np.unique(p_key[keep])))
         self.partner_rows_all = np.nonzero(keep)[0]
         self.anchor_rows_all = order[at[keep]].astype(np.int64)
+        if self.across_datasets:
+            _check_same_groups(a, self.anchor_rows_all, p, self.partner_rows_all)
         self.split_of_pair = self.anchor_splits()[self.anchor_rows_all]
         # the anchor row identifies the item (joined by row: the anchor row of the item's first pair does)
         _, first_pair, inverse = np.unique(first_a[self.anchor_rows_all], return_index=True, return_inverse=True)
         self.item_of_pair = self.anchor_rows_all[first_pair][inverse.ravel()]
+
+    def _check_unpaired(self, n_a: int, n_p: int, lost_p: int, lost_a: int) -> None:
+        if self.across_datasets:  # the datasets overlap by design: the pairs are the shared items
+            log.info("joined across datasets: %d %s items and %d %s rows are not shared", lost_a,
+                     self.anchor_name, lost_p, self.partner_name)
+            return
+        share = max(lost_p / n_p, lost_a / n_a)
+        if share > self.max_unpaired:
+            raise PairingError(
+                f"the stores hold different item sets: {lost_a} of {n_a} {self.anchor_name} items and "
+                f"{lost_p} of {n_p} {self.partner_name} rows have no partner ({share:.0%} > "
+                f"{self.max_unpaired:.0%}); extract both from the same dataset index")
+        if lost_p or lost_a:  # a few items skipped at extraction (a corrupt image, an empty caption)
+            log.warning("%d %s rows and %d %s items have no partner (skipped at extraction?) and are left out",
+                        lost_p, self.partner_name, lost_a, self.anchor_name)
+
+    def _join_extra(self, name: str) -> np.ndarray:
+        """Join extra modality `name` to every pair (expanding the pairs into tuples); its rows."""
+        if self.by_row:
+            raise PairingError("binding more than two modalities needs an anchor with one row per item "
+                               f"(images); {self.anchor_name} has several")
+        a, p, e = (self.sides[n].store for n in (self.anchor_name, self.partner_name, name))
+        pair_key, extra_key = _extra_keys(a, p, e, self.anchor_rows_all, self.partner_rows_all)
+        if not (extra_key >= 0).any():
+            raise PairingError(f"the {name} store shares no item ids with the {self.anchor_name} store")
+        order = np.argsort(extra_key, kind="stable")
+        lo = np.searchsorted(extra_key[order], pair_key, side="left")
+        hi = np.searchsorted(extra_key[order], pair_key, side="right")
+        count = np.where(pair_key < 0, 0, hi - lo)
+        repeat = np.maximum(count, 1)  # a pair with no extra row stays, once, with -1
+        tuple_of = np.repeat(np.arange(len(pair_key)), repeat)
+        offset = np.arange(len(tuple_of)) - np.repeat(np.cumsum(repeat) - repeat, repeat)
+        rows = np.where(np.repeat(count, repeat) > 0, order[np.minimum(np.repeat(lo, repeat) + offset,
+                                                                       len(order) - 1)], -1).astype(np.int64)
+        for attr in ("anchor_rows_all", "partner_rows_all", "split_of_pair", "item_of_pair"):
+            setattr(self, attr, getattr(self, attr)[tuple_of])
+        for other, other_rows in self.extra_rows_all.items():
+            self.extra_rows_all[other] = other_rows[tuple_of]
+        if self.across_datasets:
+            have = rows >= 0
+            _check_same_groups(a, self.anchor_rows_all[have], e, rows[have])
+        log.info("%s joined: %d of %d tuples have it", name, int((rows >= 0).sum()), len(rows))
+        return rows
 
     def anchor_splits(self) -> np.ndarray:
         """train/val/test per anchor row: the index's split, or the cross-validation fold's."""
@@ -148,7 +196,8 @@ class PairedFeatures:
         sel = np.isin(self.split_of_pair, splits)
         if not sel.any():
             raise PairingError(f"no pairs in split {', '.join(splits)}: the dataset index put none there")
-        return Pairs(self.anchor_rows_all[sel], self.partner_rows_all[sel], self.item_of_pair[sel])
+        return Pairs(self.anchor_rows_all[sel], self.partner_rows_all[sel], self.item_of_pair[sel],
+                     {m: r[sel] for m, r in self.extra_rows_all.items()})
 
     @property
     def splits_fingerprint(self) -> str:
@@ -159,6 +208,8 @@ class PairedFeatures:
         h = hashlib.sha256(str(self.fold).encode())
         for name in ("split_of_pair", "anchor_rows_all", "partner_rows_all"):
             h.update(np.ascontiguousarray(getattr(self, name)).astype("U5" if name == "split_of_pair" else np.int64).tobytes())
+        for name, rows in self.extra_rows_all.items():  # none for two modalities: their hash is as before
+            h.update(name.encode() + np.ascontiguousarray(rows, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def side(self, name: str) -> Side:
@@ -166,7 +217,8 @@ class PairedFeatures:
 
     @property
     def names(self) -> list[str]:
-        return [self.anchor_name, self.partner_name]
+        """The modalities: the anchor, the partner, then any extras."""
+        return [self.anchor_name, self.partner_name, *self.extra_names]
 
     @property
     def layers(self) -> dict[str, list[str]]:
@@ -174,7 +226,8 @@ class PairedFeatures:
         return {n: list(self.sides[n].layers) for n in self.names}
 
     def summary(self) -> dict:
-        out = {"anchor": self.anchor_name, "partner": self.partner_name, "fold": self.fold}
+        out = {"anchor": self.anchor_name, "partner": self.partner_name, "fold": self.fold,
+               **({"extras": list(self.extra_names)} if self.extra_names else {})}
         for s in ("train", "val", "test"):
             sel = self.split_of_pair == s
             out[s] = {"pairs": int(sel.sum()), "items": int(len(np.unique(self.item_of_pair[sel])))}
@@ -235,6 +288,48 @@ def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str
         raise PairingError(f"the anchor '{anchor}' has several rows per item: the anchor must have one row per "
                            f"item (here: {', '.join(single)})")
     return anchor, False
+
+
+def _check_datasets(stores: dict[str, FeatureStore], across_datasets: bool) -> bool:
+    """Whether the stores come from more than one dataset (refused unless `across_datasets`)."""
+    datasets = {n: s.key["dataset"] for n, s in stores.items()}
+    if len(set(datasets.values())) == 1:
+        return False
+    if not across_datasets:
+        raise PairingError("the stores come from different datasets ("
+                           + ", ".join(f"{n}: {d}" for n, d in datasets.items())
+                           + "): pairs are joined by item id within one dataset; pass across_datasets=True "
+                           "(--across-datasets) when the datasets share item ids and groups "
+                           "(openclipart and openclipart-speech)")
+    return True
+
+
+def _check_same_groups(a: FeatureStore, a_rows: np.ndarray, b: FeatureStore, b_rows: np.ndarray) -> None:
+    """Joined rows of two datasets must sit in the same group, or a fold's test items could leak."""
+    ga = np.asarray(a.rows.column("group").to_pylist(), dtype=object)[a_rows]
+    gb = np.asarray(b.rows.column("group").to_pylist(), dtype=object)[b_rows]
+    bad = np.nonzero(ga != gb)[0]
+    if len(bad):
+        raise PairingError(f"{len(bad)} joined rows of {b.path.name} sit in another group than in {a.path.name} "
+                           f"(e.g. item {a.item_ids[int(a_rows[bad[0]])]}): the datasets do not share their "
+                           "grouping, so folds would leak")
+
+
+def _extra_keys(a: FeatureStore, p: FeatureStore, e: FeatureStore, a_rows: np.ndarray,
+                p_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer join keys of the pairs and of an extra store's rows (-1: no item in the anchor):
+    the item (its anchor row), or (item, caption index) when the partner and the extra both hold
+    several rows per item."""
+    import pyarrow.compute as pc
+
+    e_item = pc.index_in(e.rows.column("item_id"), value_set=a.rows.column("item_id")).to_numpy(zero_copy_only=False)
+    e_item = np.where(np.isnan(e_item), -1, e_item).astype(np.int64) if e_item.dtype.kind == "f" else e_item.astype(np.int64)
+    several = [len(s) > pc.count_distinct(s.rows.column("item_id")).as_py() for s in (p, e)]
+    if not all(several):
+        return a_rows.astype(np.int64), e_item
+    span = int(max(p.caption_index.max(initial=0), e.caption_index.max(initial=0))) + 1
+    pair_key = a_rows.astype(np.int64) * span + p.caption_index[p_rows].astype(np.int64)
+    return pair_key, np.where(e_item < 0, -1, e_item * span + e.caption_index.astype(np.int64))
 
 
 def _read_all(arr: LayerArray, chunk_bytes: int = 64 << 20) -> np.ndarray:

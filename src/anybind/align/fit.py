@@ -96,3 +96,35 @@ def split_retrieval(model: BoundModel, data: PairedFeatures, pairs: Pairs, ks=RE
     """Recall@k both ways on a split, ranked as the model ranks (its correction applied)."""
     za, zp, t2i = embed_split(model, data, pairs)
     return retrieval_metrics(**model.ranking_inputs(za, zp), text_to_image=t2i, ks=ks)
+
+
+def tuple_rows(data: PairedFeatures, pairs: Pairs) -> dict[str, np.ndarray]:
+    """Per modality, the store row of each tuple (-1 where the tuple lacks it)."""
+    return {data.anchor_name: pairs.anchor_rows, data.partner_name: pairs.partner_rows, **pairs.extra_rows}
+
+
+def pair_retrieval(model: BoundModel, data: PairedFeatures, pairs: Pairs, gallery: str, query: str,
+                   ks=RETRIEVAL_KS) -> dict:
+    """Recall@k both ways between two modalities on the tuples holding both: the gallery side's
+    distinct rows, each query row ranked against them (its positive: the gallery row of its tuple,
+    the first one when it joins several), CLIP_benchmark's recall."""
+    rows = tuple_rows(data, pairs)
+    both = (rows[gallery] >= 0) & (rows[query] >= 0)
+    g_rows, q_first = rows[gallery][both], np.unique(rows[query][both], return_index=True)[1]
+    g_unique, g_index = np.unique(g_rows, return_inverse=True)
+    zg = model.encode(gallery, data.side(gallery).rows(g_unique))
+    zq = model.encode(query, data.side(query).rows(rows[query][both][q_first]))
+    return retrieval_metrics(image_emb=zg, text_emb=zq, text_to_image=g_index.ravel()[q_first].astype(np.int64), ks=ks)
+
+
+def tuple_retrieval(model: BoundModel, data: PairedFeatures, pairs: Pairs, ks=RETRIEVAL_KS) -> dict:
+    """Recall@k of every pair of modalities (keys ``"image-audio/mean_R@10"``, gallery first) and
+    their mean under the plain names (``mean_R@10``): what N-modality training validates by."""
+    names, out, per_pair = data.names, {}, []
+    for i, gallery in enumerate(names):
+        for query in names[i + 1:]:
+            metrics = pair_retrieval(model, data, pairs, gallery, query, ks)
+            per_pair.append(metrics)
+            out.update({f"{gallery}-{query}/{k}": v for k, v in metrics.items()})
+    mean = {k: float(np.mean([m[k] for m in per_pair])) for k in per_pair[0]}
+    return {**mean, **out}

@@ -40,6 +40,7 @@ from .fit import (
     fit_blend,
     fit_correction,
     split_retrieval,
+    tuple_retrieval,
 )
 from .frozen import SOURCE_FILE, AddSpec, FrozenTarget, check_target_store
 from .losses import build_objective
@@ -121,8 +122,7 @@ def subsample_items(pairs: Pairs, n_items: int, seed: int) -> Pairs:
     if n_items < 2:
         raise AnybindError(f"max_train_pairs must be at least 2, not {n_items}")
     keep = np.random.default_rng([seed, 104729]).choice(items, size=n_items, replace=False)
-    sel = np.isin(pairs.item, keep)
-    return Pairs(pairs.anchor_rows[sel], pairs.partner_rows[sel], pairs.item[sel])
+    return pairs.select(np.isin(pairs.item, keep))
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -201,6 +201,33 @@ def step_loss(space: ProjectorSpace, objective, names: list[str], xa: list[torch
     return loss, record
 
 
+def joint_step_loss(space: ProjectorSpace, objective, anchor: str, xs: dict[str, list[torch.Tensor]],
+                    present: dict[str, torch.Tensor], item: torch.Tensor, step: int, autocast,
+                    seed: int) -> tuple[torch.Tensor, dict]:
+    """The loss of one batch of tuples (N modalities; an absent row is zeros, masked by `present`):
+    a joint loss on the gathered global batch, plus lambda(step) x STRUCTURE on each modality's
+    present rows."""
+    with autocast:
+        z = {m: space.project(m, x) for m, x in xs.items()}
+    z = {m: dist.gather_with_grad(v.float()) for m, v in z.items()}
+    present = {m: dist.gather(v) for m, v in present.items()}
+    items = dist.gather(item)
+    loss = objective.contrastive(z, present, items[:, None] == items[None, :], anchor=anchor)
+    record = {"contrastive": float(loss.detach())}
+    if objective.structure is not None:
+        g = torch.Generator().manual_seed(seed)
+        reg = sum(objective.structure(dist.gather(xs[m][-1].float())[present[m]], z[m][present[m]], generator=g)
+                  for m in z if int(present[m].sum()) > 2)
+        record["structure"] = float(reg.detach())
+        loss = loss + objective.weight(step) * reg
+    return loss, record
+
+
+def is_joint(objective) -> bool:
+    """Whether the objective's loss takes every modality at once (`align/joint_losses.py`)."""
+    return bool(getattr(objective.contrastive, "joint", False))
+
+
 # ---- the run: its parts, its state, its files ------------------------------------------------------
 @dataclass
 class _Run:
@@ -258,12 +285,13 @@ class _Run:
 
 
 def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device, anchor,
-           add: AddSpec | None = None) -> _Run:
+           add: AddSpec | None = None, across_datasets: bool = False) -> _Run:
     rank, world = dist.rank_world()
     stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
     if add is not None:
         layers, anchor = _add_layers(add, stores, layers), add.to
-    data = PairedFeatures(stores, layers, fold=fold, anchor=anchor)
+    _check_joint(recipe, stores, add)
+    data = PairedFeatures(stores, layers, fold=fold, anchor=anchor, across_datasets=across_datasets)
     train_pairs, val_pairs, cfg = data.pairs("train"), data.pairs("val"), recipe.train
     if max_train_pairs is not None:
         train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
@@ -282,10 +310,30 @@ def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pair
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.optimizer, total_steps))
     split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint,
-                 **({"source": add.fingerprint} if add else {})}
+                 **({"source": add.fingerprint} if add else {}),
+                 **({"across_datasets": True} if across_datasets else {})}
     return _Run(recipe, data, train_pairs, val_pairs, space, objective, optimizer, scheduler, params,
                 baseline, weight, device, resolve_precision(cfg.precision, device), batch_size,
                 steps_per_epoch, total_steps, out, split_key, rank, world, add)
+
+
+def _check_joint(recipe: Recipe, stores: dict, add: AddSpec | None) -> None:
+    """More than two modalities bind jointly: a joint loss, and no two-sided part (blend, correction)."""
+    if len(stores) <= 2:
+        return
+    from .losses import LOSSES
+
+    joint = [n for n in LOSSES.names() if getattr(LOSSES.get(n), "joint", False)]
+    if add is not None:
+        raise AnybindError(f"--add binds one modality onto a source model: give two stores, not {len(stores)}")
+    if recipe.loss.name not in joint:
+        raise AnybindError(f"{len(stores)} modalities ({', '.join(stores)}) bind jointly with a joint loss "
+                           f"({', '.join(joint)}), not {recipe.loss.name}: --set loss.name=symile")
+    for part in ("blend", "correction"):
+        cfg = getattr(recipe, part) or {}
+        if cfg.get("name", "none") != "none":
+            raise AnybindError(f"the recipe's {part} ({cfg['name']}) pairs two sides; with {len(stores)} modalities "
+                               f"use a recipe without one (freeze-align) or --set {part}.name=none")
 
 
 def _add_layers(add: AddSpec, stores: dict, layers: dict | None) -> dict:
@@ -360,7 +408,7 @@ def _log(run: _Run, record: dict) -> None:
 
 def _validate_and_keep_best(run: _Run) -> None:
     """Score the bound model (projectors + blend) on val; keep the projectors when they improved."""
-    metrics = split_retrieval(run.model(), run.data, run.val_pairs)
+    metrics = _val_retrieval(run.model(), run.data, run.val_pairs)
     value, state = metrics[run.recipe.train.metric], run.state
     if value > state["best_metric"]:
         state.update(best_metric=value, best_step=state["step"], bad_evals=0)
@@ -372,16 +420,37 @@ def _validate_and_keep_best(run: _Run) -> None:
     _log(run, {"step": state["step"], "split": "val", **metrics})
 
 
-def _step(run: _Run, batch: np.ndarray, epoch: int, read_a, read_p) -> dict:
+def _val_retrieval(model: BoundModel, data: PairedFeatures, pairs: Pairs) -> dict:
+    """Validation recall: of the two modalities, or of every pair of N (and their mean)."""
+    return tuple_retrieval(model, data, pairs) if data.extra_names else split_retrieval(model, data, pairs)
+
+
+def _batch_loss(run: _Run, local: np.ndarray, readers: dict, step: int) -> tuple[torch.Tensor, dict]:
+    """The loss of this rank's slice of a batch: pairs, or tuples of N modalities."""
+    pairs, cfg, names = run.train_pairs, run.recipe.train, run.data.names
+    item = torch.as_tensor(pairs.item[local], device=run.device)
+    seed = cfg.seed * 7919 + step
+    if not is_joint(run.objective):
+        xa, xp = readers[names[0]](pairs.anchor_rows[local]), readers[names[1]](pairs.partner_rows[local])
+        return step_loss(run.space, run.objective, names, xa, xp, item, step, run.autocast(), seed=seed)
+    rows = {names[0]: pairs.anchor_rows[local], names[1]: pairs.partner_rows[local],
+            **{m: r[local] for m, r in pairs.extra_rows.items()}}
+    xs, present = {}, {}
+    for m, r in rows.items():
+        have = r >= 0
+        present[m] = torch.as_tensor(have, device=run.device)
+        read = readers[m](r[have])
+        xs[m] = [torch.zeros((len(r), x.shape[1]), dtype=x.dtype, device=x.device).index_copy_(
+            0, torch.as_tensor(np.nonzero(have)[0], device=x.device), x) for x in read]
+    return joint_step_loss(run.space, run.objective, names[0], xs, present, item, step, run.autocast(), seed)
+
+
+def _step(run: _Run, batch: np.ndarray, epoch: int, readers: dict) -> dict:
     """One optimiser step on one global batch; returns its log record."""
     step, cfg = run.state["step"], run.recipe.train
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout etc.: the same on resume
     local = np.array_split(batch, run.world)[run.rank]
-    pairs = run.train_pairs
-    xa, xp = read_a(pairs.anchor_rows[local]), read_p(pairs.partner_rows[local])
-    item = torch.as_tensor(pairs.item[local], device=run.device)
-    loss, record = step_loss(run.space, run.objective, run.data.names, xa, xp, item, step, run.autocast(),
-                             seed=cfg.seed * 7919 + step)
+    loss, record = _batch_loss(run, local, readers, step)
     if not torch.isfinite(loss):
         raise AnybindError(f"the loss became {float(loss)} at step {step}: lower optimizer.lr or use fp32")
     run.optimizer.zero_grad(set_to_none=True)
@@ -406,13 +475,12 @@ def _loop(run: _Run, progress: bool, preload: bool | None) -> None:
     bar = tqdm(total=run.total_steps, initial=state["step"], unit="step", desc=f"train {run.recipe.name}",
                disable=not progress or run.rank != 0)
     on_device = should_preload(run.data, run.device, preload)
-    read_a = batch_reader(run.data.side(run.data.anchor_name), run.device, on_device)
-    read_p = batch_reader(run.data.side(run.data.partner_name), run.device, on_device)
+    readers = {m: batch_reader(run.data.side(m), run.device, on_device) for m in run.data.names}
     run.space.train()
     while state["step"] < run.total_steps and not state["stopped_early"]:
         epoch, offset = divmod(state["step"], run.steps_per_epoch)
         for batch in epoch_batches(run.train_pairs, run.batch_size, epoch, cfg.seed, cfg.captions, run.world)[offset:]:
-            record = _step(run, batch, epoch, read_a, read_p)
+            record = _step(run, batch, epoch, readers)
             _log(run, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", best=f"{max(state['best_metric'], 0):.3f}")
@@ -458,6 +526,7 @@ def train(
     anchor: str | None = None,
     add: AddSpec | None = None,
     loggers: Sequence = (),
+    across_datasets: bool = False,
 ) -> TrainResult:
     """Fit the recipe's bound model on two stores: train its projectors (validation and early
     stopping read the blended model), fit its correction, and save it to ``out/model``.
@@ -472,11 +541,16 @@ def train(
     of a source model (`align/frozen.py`); ``out/model`` is then the source plus that modality.
     `loggers` (`anybind.tracking.open_loggers`) also get the resolved recipe, each metrics.jsonl
     record and the final results; the caller closes them.
+
+    More than two stores bind jointly (a joint loss: `align/joint_losses.py`): the first after the
+    anchor is the partner, the rest are joined to its pairs as tuples (`PairedFeatures`), and
+    validation reads the mean recall over every pair of modalities. `across_datasets` joins
+    stores of datasets that share item ids and groups (openclipart and openclipart-speech).
     """
     t0 = time.perf_counter()
     device = select_device(device)
     distributed = dist.init_from_env(device)
-    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add)
+    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add, across_datasets)
     _restore(run, resume)
     run.loggers = as_loggers(loggers if run.rank == 0 else ())
     run.loggers.log_params(run.recipe.to_dict())
@@ -484,7 +558,7 @@ def train(
     model = _finish(run)
     state = run.state
     result = TrainResult(run.out, state["best_step"], state["best_metric"], state["step"],
-                         split_retrieval(model, run.data, run.val_pairs), model=model,
+                         _val_retrieval(model, run.data, run.val_pairs), model=model,
                          chance=chance_retrieval_metrics(run.val_pairs.anchor_rows), stopped_early=state["stopped_early"])
     if baselines and run.add is not None:  # the training-free maps into the same frozen space
         for name in INTO_MAP_BASELINES:
@@ -529,6 +603,12 @@ def format_result(result: TrainResult, metric_ks=(1, 10), names: tuple[str, str]
     """A small table: the trained model beside the baselines and chance, on the val split.
     `names` (anchor, partner) label the directions (default i2t / t2i)."""
     rows = [(f"trained (best, step {result.best_step})", result.val)]
+    pairs = sorted({k.split("/", 1)[0] for k in result.val if "/" in k})  # joint: every pair of modalities
+    if pairs:
+        rows = [(f"trained, mean of {len(pairs)} pairs", result.val)]
+        rows += [(f"  i2t = {pair.replace('-', '->')}",
+                  {k.split("/", 1)[1]: v for k, v in result.val.items() if k.startswith(pair + "/")})
+                 for pair in pairs]
     rows += [(f"baseline: {k}", v) for k, v in result.baselines.items()]
     rows += [("chance", result.chance)]
     a, p = names or ("i", "t")
