@@ -34,7 +34,7 @@ def _audio_store(root: Path, img, dataset: str, *, every: int = 5, shift_groups:
     for i, item in enumerate(img.item_ids):
         if i % every == every - 1:
             continue
-        for r in range(RENDERINGS):
+        for _ in range(RENDERINGS):
             ids.append(item)
             groups.append(item_groups[i] + ("x" if shift_groups and i == 3 else ""))
             splits.append(img.splits[i])
