@@ -378,12 +378,13 @@ def cmd_assess(args) -> int:
 
 # ---- verbs: training and recipes -------------------------------------------------------------------------
 def train_inputs(args, add=None) -> tuple[dict, dict | None]:
-    """The two stores of `anybind train` and the layers each side reads (resolved on the store).
-    With --add, the target may be a bare DATASET: extracted as the source model's target side."""
+    """The stores of `anybind train` (two, or more for joint binding) and the layers each side reads
+    (resolved on the store). With --add, the target may be a bare DATASET: extracted as the source
+    model's target side."""
     pairs = side_items(args.store, "--store")
-    if len(pairs) != 2 or len({s for s, _ in pairs}) != 2:
-        raise AnybindError("give two stores: --store image=STORE --store text=STORE "
-                           "(a store folder, or ENCODER+DATASET such as minilm-l6+openclipart)")
+    if len(pairs) < 2 or len({s for s, _ in pairs}) != len(pairs):
+        raise AnybindError("give two stores (or more, with a joint loss), one per modality: --store image=STORE "
+                           "--store text=STORE (a store folder, or ENCODER+DATASET such as minilm-l6+openclipart)")
     texts = per_modality(args.layers or [])
     unknown = set(texts) - {s for s, _ in pairs}
     if unknown:
@@ -418,7 +419,7 @@ def cmd_train(args) -> int:
     out = args.out or f"runs/{default}-{datetime.now():%Y%m%d-%H%M%S}"
     with experiment_loggers(args, out) as loggers:
         result = train(recipe, stores, out=out, layers=layers, device=device, resume=not args.restart,
-                       progress=not args.quiet, add=add, loggers=loggers)
+                       progress=not args.quiet, add=add, loggers=loggers, across_datasets=args.across_datasets)
     print(format_result(result, names=(add.to, add.modality) if add else None))
     print(f"\n{result.steps} steps in {result.seconds:.0f}s"
           + (" (stopped early)" if result.stopped_early else "")
@@ -900,11 +901,16 @@ def _extract_args(verb: Callable) -> None:
 
 
 def _train_args(verb: Callable) -> None:
-    p = verb("train", cmd_train, "train projectors that bind two stores (a recipe)")
+    p = verb("train", cmd_train, "train projectors that bind two stores, or N jointly (a recipe)")
     p.add_argument("--recipe", "-r", default="default", help="a built-in recipe (`anybind recipes`) or a YAML file")
     p.add_argument("--store", "-s", action="append", metavar="SIDE=STORE", required=True,
                    help="a store folder, or ENCODER+DATASET (extracted if missing); give two, e.g. "
-                        "image=efficientnet-lite0+openclipart text=minilm-l6+openclipart")
+                        "image=efficientnet-lite0+openclipart text=minilm-l6+openclipart; three or more bind "
+                        "jointly with a joint loss (--recipe freeze-align --set loss.name=symile, all-pairs, "
+                        "anchor-infonce): the first after the anchor is the partner, the others join its pairs")
+    p.add_argument("--across-datasets", action="store_true",
+                   help="join stores of different datasets that share item ids and groups, on the items they share "
+                        "(e.g. images of openclipart with audio and captions of openclipart-speech:3000)")
     p.add_argument("--layers", action="append", metavar="SIDE=LAYERS",
                    help="layers a side reads: image=8,final, image=last, text=auto, or image=8,final,text=3 "
                         "(several layers need projector layermix)")
