@@ -460,3 +460,14 @@ def _check_pos(loss: str, pos: Tensor | None, a: Tensor, b: Tensor) -> Tensor | 
 
 def _chunk(loss: str, chunk_size: Any) -> int | None:
     return None if chunk_size is None else integer(f"{loss}: chunk_size", chunk_size, minimum=1)
+
+
+# ---- losses over N modalities at once (anybind.align.joint_losses; imported on first use) ----------
+register_loss("anchor-infonce", "anybind.align.joint_losses:AnchorInfoNCE",
+              help="N modalities: InfoNCE of every modality against the anchor, mean over modalities")
+register_loss("anchor-siglip", "anybind.align.joint_losses:AnchorSigLIP",
+              help="N modalities: SigLIP of every modality against the anchor, mean over modalities")
+register_loss("all-pairs", "anybind.align.joint_losses:AllPairs",
+              help="N modalities: InfoNCE or SigLIP (pair_loss) over every modality pair, averaged")
+register_loss("symile", "anybind.align.joint_losses:Symile",
+              help="N modalities: Symile's multilinear inner product loss (negatives: n | all)")
