@@ -675,7 +675,7 @@ def cmd_export(args) -> int:
         from .bundle.onnx_export import check_run_exportable
 
         check_run_exportable(args.run)
-    out = export_bundle(args.run, args.out, results=args.results, overwrite=args.overwrite)
+    out = export_bundle(args.run, args.out, results=args.results, overwrite=args.overwrite, centre=args.centre)
     model = load(out)
     encoders = ", ".join(f"{m}={v['encoder']}" for m, v in model.info["modalities"].items())
     print(f"bundle: {out}  ({encoders}; dim {model.dim})\nload it with: anybind.load({str(out)!r})")
@@ -980,6 +980,8 @@ def _bundle_args(verb: Callable) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.add_argument("--onnx", action="store_true", help="also write each modality's encoder + projector as an ONNX "
                    "graph (onnx/), for the torch-free anybind.runtime")
+    p.add_argument("--centre", action="store_true", help="centre each modality on its mean embedding over the "
+                   "run's training split (removes the offset between modality centroids, the modality gap)")
 
     p = verb("index", cmd_index, "embed a dataset's images (or audio, ...) with a bundle into a search index (FAISS)")
     p.add_argument("--bundle", "-b", required=True, help="a bundle folder (anybind export)")

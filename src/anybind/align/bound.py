@@ -13,6 +13,12 @@ a training-free map (`align/into.py`); nothing bound before changes, and it save
 evaluation scores it, export ships it and the server searches with it: one object, so their
 numbers agree by construction. `anybind.align.fit` fits its parts.
 
+Centring (optional, `centred`): each modality's mean bound vector over its training items is
+subtracted before the final normalisation, removing the offset between modality centroids (the
+modality gap, Liang et al. 2022); benchmarks/modality_gap.py measures what that does to a mixed
+index. A blended vector stays [sqrt(w) z1, sqrt(1-w) z2] (each space centred and normalised on its
+own); an added modality is centred with its own mean.
+
 Torch is imported only when the model is loaded or used, so reading a bound model's config (and
 a bundle's) needs no torch at import time.
 """
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 KIND = "bound-model"
+CENTRING = "centring"  # the saved part (and folder) holding the per-modality means
 ANCHOR_SIDE, PARTNER_SIDE = "image", "text"  # the two sides baselines and corrections name
 
 
@@ -50,7 +57,7 @@ class BoundModel:
 
     def __init__(self, layers: dict[str, list[str]], anchor: str, *, space=None, baseline=None,
                  weight: float = 1.0, correction=None, recipe: dict | None = None,
-                 added: dict[str, Added] | None = None):
+                 added: dict[str, Added] | None = None, centres: dict[str, torch.Tensor] | None = None):
         if space is None and baseline is None:
             raise AnybindError("a bound model needs trained projectors, a training-free baseline, or both")
         if anchor not in layers:
@@ -63,6 +70,12 @@ class BoundModel:
         self.added: dict[str, Added] = {}
         for modality, extra in (added or {}).items():
             self._add(modality, extra)
+        self.centres = {}  # modality -> its mean bound vector (subtracted in encode); see `centred`
+        for modality, mean in (centres or {}).items():
+            self._check(modality)
+            if tuple(mean.shape) != (self.dim,):
+                raise AnybindError(f"the centre of '{modality}' has shape {tuple(mean.shape)}, not ({self.dim},)")
+            self.centres[modality] = mean.detach().float().cpu()
 
     def _add(self, modality: str, extra: Added) -> None:
         if modality in self.modalities:
@@ -76,7 +89,7 @@ class BoundModel:
         """A new model: this one plus `modality`, mapped by `part` onto the bound space of `to`.
         The parts of this model are shared, not copied: nothing of it changes."""
         new = BoundModel(self.layers, self.anchor, space=self.space, baseline=self.baseline, weight=self.weight,
-                         correction=self.correction, recipe=self.recipe, added=self.added)
+                         correction=self.correction, recipe=self.recipe, added=self.added, centres=self.centres)
         new._add(modality, Added(part, to, layers))
         return new
 
@@ -126,13 +139,18 @@ class BoundModel:
     def __repr__(self) -> str:
         parts = [p for p, on in (("projectors", self.space), ("blend", self.blended and self.baseline),
                                  ("baseline", not self.blended and self.baseline),
-                                 ("correction", self.correction)) if on]
+                                 ("correction", self.correction), ("centring", self.centres)) if on]
         extra = "".join(f"; {m} added onto {a.to}" for m, a in self.added.items())
         return f"BoundModel({', '.join(self.modalities)}; anchor {self.anchor}; {' + '.join(parts)}{extra})"
 
     # ---- encoding ------------------------------------------------------------------------------
     def encode(self, modality: str, feats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Normalised shared-space rows of one modality's features (one tensor per layer it reads)."""
+        """Normalised shared-space rows of one modality's features (one tensor per layer it reads),
+        centred when the model centres `modality`."""
+        z = self._uncentred(modality, feats)
+        return z if modality not in self.centres else self._centre(modality, z)
+
+    def _uncentred(self, modality: str, feats: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
 
@@ -150,6 +168,57 @@ class BoundModel:
             return parts[0]
         # side by side: [sqrt(w) z1, sqrt(1-w) z2], so a cosine is w * s1 + (1 - w) * s2
         return torch.cat([parts[0] * self.weight**0.5, parts[1] * (1 - self.weight) ** 0.5], dim=1)
+
+    def segments(self, modality: str) -> list[tuple[int, float]]:
+        """(width, share of a cosine) of each run of a bound vector normalised on its own: the
+        projectors' and the blended baseline's for a jointly trained modality of a blended model,
+        else the whole vector (an added modality's part normalises its output as a whole)."""
+        self._check(modality)
+        if modality in self.added or not self.blended:
+            return [(self.dim, 1.0)]
+        width = int(next(iter(self.space.projectors.values())).out_dim)
+        return [(width, self.weight), (self.dim - width, 1.0 - self.weight)]
+
+    def _centre(self, modality: str, z: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        z = z - self.centres[modality].to(z.device, z.dtype)
+        runs, lo = [], 0
+        for width, share in self.segments(modality):
+            runs.append(F.normalize(z[:, lo : lo + width], dim=1) * share**0.5)
+            lo += width
+        return torch.cat(runs, dim=1)
+
+    def centred(self, features: dict[str, list[torch.Tensor] | torch.Tensor]) -> BoundModel:
+        """A new model that centres each modality of `features` (its training items' features, one
+        tensor per layer it reads) on their mean bound vector; a retrieval correction is fitted again
+        on the centred embeddings of the anchor's and its partner's features. Other modalities keep
+        their centre (if any); nothing of this model changes."""
+        if not features:
+            raise AnybindError("centring needs the training features of at least one modality")
+        centres = dict(self.centres)
+        for modality, feats in features.items():
+            z = self._uncentred(modality, feats)
+            if len(z) < 2:
+                raise AnybindError(f"centring '{modality}' needs at least 2 training rows, not {len(z)}")
+            centres[modality] = z.mean(dim=0)
+        new = BoundModel(self.layers, self.anchor, space=self.space, baseline=self.baseline, weight=self.weight,
+                         correction=self.correction, recipe=self.recipe, added=self.added, centres=centres)
+        if self.correction is not None:
+            new.correction = new._refit_correction(features)
+        return new
+
+    def _refit_correction(self, features: dict):
+        from .corrections import build_correction
+
+        partner = next(m for m in self.layers if m != self.anchor)
+        if self.anchor not in features or partner not in features:
+            raise AnybindError(f"this model's retrieval correction is fitted on '{self.anchor}' and '{partner}' "
+                               "embeddings: centre both (give their training features) to fit it again")
+        bank = {ANCHOR_SIDE: self.encode(self.anchor, features[self.anchor]),
+                PARTNER_SIDE: self.encode(partner, features[partner])}
+        return build_correction(**self.correction.config()).fit(bank)
 
     def ranking_inputs(self, anchor_emb: torch.Tensor, partner_emb: torch.Tensor) -> dict[str, Any]:
         """The keyword arguments of `metrics.retrieval_metrics` that rank as this model does."""
@@ -187,6 +256,9 @@ class BoundModel:
         for modality, extra in self.added.items():
             extra.part.save(directory / "added" / modality)
         added = {m: {"to": a.to, "layers": a.layers, "kind": a.kind} for m, a in self.added.items()}
+        if self.centres:  # one tensor per centred modality, named by it
+            saving.save_part(directory / CENTRING, CENTRING, "modality-means", tensors=self.centres)
+            parts[CENTRING] = self.centres
         return saving.save_part(directory, KIND, "bound", layers=self.layers, anchor=self.anchor,
                                 weight=self.weight, parts=[n for n, p in parts.items() if p is not None],
                                 recipe=self.recipe, **({"added": added} if added else {}))
@@ -211,8 +283,9 @@ class BoundModel:
             correction = RetrievalCorrection.load(directory / "correction")
         added = {m: Added(_load_added(directory / "added" / m, a["kind"]), a["to"], a["layers"])
                  for m, a in (info.get("added") or {}).items()}
+        centres = saving.read_part(directory / CENTRING, CENTRING)[1] if CENTRING in parts else None
         return cls(info["layers"], info["anchor"], space=space, baseline=baseline, weight=info["weight"],
-                   correction=correction, recipe=info.get("recipe"), added=added)
+                   correction=correction, recipe=info.get("recipe"), added=added, centres=centres)
 
 
 def _load_added(directory: Path, kind: str):
@@ -231,3 +304,57 @@ def is_bound_model(directory: str | os.PathLike) -> bool:
     except saving.SavedPartError:
         return False
     return True
+
+
+# ---- centring a trained run on its own training split -------------------------------------------
+def split_features(model: BoundModel, stores: dict, fold: int | None, split: str = "train") -> dict:
+    """Each store's `split` rows (cross-validation fold `fold`, or the index's fixed split) as
+    features at the layers `model` reads for that modality: what `BoundModel.centred` fits on."""
+    import numpy as np
+
+    from .data import Side, row_splits
+
+    out = {}
+    for modality, store in stores.items():
+        rows = np.flatnonzero(row_splits(store, fold) == split)
+        layers = model.layers_of(modality)
+        out[modality] = Side(modality, store, layers, [store.array(lay) for lay in layers]).rows(rows)
+    return out
+
+
+def run_training_features(run: str | os.PathLike, model: BoundModel) -> dict:
+    """The training features of every modality of `model` from the run that trained it: its own
+    stores, and for a `train --add` run its source run's before them (each at the fold it trained on)."""
+    import json
+
+    from ..features import FeatureStore
+    from .frozen import read_source
+
+    run = Path(run)
+    stores = {m: FeatureStore.open(p) for m, p in json.loads((run / "stores.json").read_text()).items()}
+    source = read_source(run)
+    if source is None:
+        return split_features(model, {m: s for m, s in stores.items() if m in model.modalities}, run_fold(run))
+    origin = Path(source["source"])
+    if not (origin / "stores.json").exists():
+        raise AnybindError(f"{run} was added onto {origin}, which is not a training run (a bundle?): its "
+                           "modalities' training features are unknown, so they cannot be centred")
+    own = split_features(model, {source["modality"]: stores[source["modality"]]}, run_fold(run))
+    return {**run_training_features(origin, model), **own}
+
+
+def run_fold(run: Path) -> int | None:
+    """The cross-validation fold a run trained on (None: the fixed split), from its checkpoint."""
+    import torch
+
+    try:
+        return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["split"]["fold"]
+    except (OSError, KeyError, RuntimeError) as e:
+        raise AnybindError(f"{run}/checkpoint.pt does not say which split the run trained on ({e}): centring "
+                           "fits on the training split, so train the run again with this version") from e
+
+
+def centre_run(run: str | os.PathLike) -> BoundModel:
+    """A run's bound model (`run`/model) centred per modality on the run's own training split."""
+    model = BoundModel.load(Path(run) / "model")
+    return model.centred(run_training_features(run, model))

@@ -10,7 +10,8 @@ Layout (no pickles; every tensor in safetensors):
     recipe.yaml          the resolved training recipe
     card.json, card.md   the model card: training data, encoders and their licences, evaluation
 
-Nothing is refitted here: the bundle ships the model the run reported. A run trained with
+Nothing is refitted here: the bundle ships the model the run reported (with ``centre``, plus the
+per-modality means `BoundModel.centred` fits on the run's training split). A run trained with
 ``--add`` holds only the stores of its own edge (the added modality and its target), so the
 encoders of the modalities bound before come from its source (`source.json`): the source run's
 ``stores.json`` or the source bundle's ``bundle.json``, followed back through sources that were
@@ -32,24 +33,25 @@ from .model import BUNDLE_FORMAT, MODEL_DIR, is_bundle, load, read_info
 
 
 def export_bundle(run: str | os.PathLike, out: str | os.PathLike, results: list[str | os.PathLike] | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, centre: bool = False) -> Path:
     """Write the bundle of a finished `anybind train` run (its ``model``) to `out`.
 
     `results` are results documents (`anybind eval`) whose summaries go into the model card. The
     bundle is built and checked beside `out` and swapped in only then; `overwrite` replaces an
-    existing bundle, never a folder anybind did not write.
+    existing bundle, never a folder anybind did not write. `centre` centres every modality on its
+    mean over the run's training split (`anybind.align.bound.centre_run`: the offset between modality centroids removed).
 
     >>> export_bundle("runs/default-20261122", "bundles/clipart")  # doctest: +SKIP
     >>> export_bundle("runs/audio-onto-text", "bundles/clipart-audio")  # a `train --add` run  # doctest: +SKIP
     """
-    from ..align.bound import BoundModel
+    from ..align.bound import BoundModel, centre_run
     from ..align.recipe import load_recipe
 
     run, out = Path(run), Path(out)
     atomic.check_replaceable(out, overwrite, is_bundle)  # before any work
     _check_run(run)
     recipe = load_recipe(run / "recipe.yaml")
-    model = BoundModel.load(run / MODEL_DIR)
+    model = centre_run(run) if centre else BoundModel.load(run / MODEL_DIR)
     lineage = trace(run, model.anchor)
     info = bundle_info(model, lineage, run)
     card = model_card(recipe, lineage, results, joint=info["joint"])
@@ -159,8 +161,9 @@ def bundle_info(model, lineage: Lineage, run: Path) -> dict:
         modalities[name] = {**{k: entry.pop(k) for k in ("encoder", "pooling", "precision", "dtype")},
                             "layers": model.layers_of(name), **entry}
     added = {m: {"to": a.to, "kind": a.kind} for m, a in model.added.items()}
+    centred = {"centred": list(model.centres)} if model.centres else {}  # an index of another bundle.json is refused
     return {"format": BUNDLE_FORMAT, "anchor": model.anchor, "modalities": modalities, "dim": model.dim,
-            "joint": list(model.layers), **({"added": added} if added else {}),
+            "joint": list(model.layers), **({"added": added} if added else {}), **centred,
             "model": MODEL_DIR, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(), "run": str(run)}
 

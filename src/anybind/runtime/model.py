@@ -23,7 +23,7 @@ import numpy as np
 from ..bundle.model import MODEL_DIR, BundleError, read_info
 from ..bundle.onnx_export import ONNX_DIR, ONNX_FORMAT, read_onnx_info
 from ..errors import DataError
-from .blend import Baseline
+from .blend import Baseline, l2, read_saved_part
 from .correction import Correction
 from .images import open_image, pixels
 from .text import Tokenize, caption
@@ -50,6 +50,8 @@ class RuntimeBundle:
         self.baseline = Baseline(self.path / MODEL_DIR / "baseline") if "baseline" in parts else None
         self.correction = Correction(self.path / MODEL_DIR / "correction") if "correction" in parts else None
         self.weight = float(self.config.get("weight", 1.0))
+        # per-modality means subtracted before the final normalisation (`BoundModel.centred`)
+        self.centres = read_saved_part(self.path / MODEL_DIR / "centring", "centring")[1] if "centring" in parts else {}
         self._sessions: dict[str, Any] = {}
         self._tokenizers: dict[str, Tokenize] = {}
 
@@ -133,6 +135,11 @@ class RuntimeBundle:
             parts.append(outputs["space"].astype(np.float32))
         if "blend_input" in outputs:
             parts.append(self.baseline.encode(self.side(modality), outputs["blend_input"]))
+        if modality in self.centres:  # each normalised run centred on its own: the mean / its share's sqrt
+            shares = [self.weight, 1 - self.weight] if len(parts) == 2 else [1.0]
+            bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
+            parts = [l2(p - self.centres[modality][lo:hi] / s**0.5)
+                     for p, lo, hi, s in zip(parts, bounds[:-1], bounds[1:], shares)]
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([parts[0] * self.weight**0.5, parts[1] * (1 - self.weight) ** 0.5], axis=1)
