@@ -191,6 +191,28 @@ def test_cca_shared_and_private_dimensions():
     np.testing.assert_allclose(model.correlations, [1.0, 0.0], atol=1e-5)
 
 
+def test_cca_moments_in_row_blocks_equal_the_whole_array_formulas():
+    # the covariances accumulate over row blocks (never an n x d float64 copy); several captions per
+    # image and a large mean (l2 rows all near one direction): the same as the two-pass formulas
+    from anybind.align.baselines import _covariance, _paired_moments, _prepare
+
+    rng = np.random.default_rng(4)
+    image = (rng.normal(size=(700, 12)) + 4.0).astype(np.float32)
+    t2i = np.r_[np.arange(700), rng.integers(0, 700, 500)]
+    text = (image[t2i] @ rng.normal(size=(12, 9)) + rng.normal(size=(1200, 9)) + 6.0).astype(np.float32)
+    train = PairedArrays(image, text, t2i)
+    for normalize in (True, False):
+        x, y = _prepare(image[t2i], normalize), _prepare(text, normalize)
+        xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+        (mx, my), (cxx, cyy, cxy) = _paired_moments(train, normalize, block_bytes=8 * 12 * 256)  # 5 blocks
+        np.testing.assert_allclose(mx, x.mean(axis=0), rtol=1e-13)
+        np.testing.assert_allclose(my, y.mean(axis=0), rtol=1e-13)
+        for got, want in ((cxx, _covariance(xc)), (cyy, _covariance(yc)), (cxy, xc.T @ yc / 1199)):
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13 * np.abs(want).max())
+    fitted = build_baseline("cca").fit(train)
+    assert 0.5 < fitted.correlations[0] <= 1.0 and fitted.out_dim == 9  # the planted map is found
+
+
 def test_cca_power_weights_dimensions_by_correlation():
     train, test, _ = planted(noise=1.0)
     flat = build_baseline("cca", power=0.0).fit(train)

@@ -524,8 +524,8 @@ class CCA(Baseline):
         checks.number("cca: power", self.power, minimum=0.0, error=BaselineError)
         checks.flag("cca: normalize_input", self.normalize_input, error=BaselineError)
 
-    def _regularised_cov(self, xc: np.ndarray) -> np.ndarray:
-        c = _covariance(xc)
+    def _regularised(self, c: np.ndarray) -> np.ndarray:
+        c = c.copy()
         c[np.diag_indices_from(c)] += self.reg * np.trace(c) / len(c)
         return c
 
@@ -534,13 +534,10 @@ class CCA(Baseline):
         d = self.dim if self.dim is not None else min(di, dt, 256)
         if d > min(di, dt):
             raise BaselineError(f"cca: dim={d} exceeds the smaller input dimension min({di}, {dt})")
-        x = _prepare(train.paired_image_rows(), self.normalize_input)
-        y = _prepare(train.text, self.normalize_input)
-        mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
-        xc, yc = x - mean_x, y - mean_y
-        wx = _inverse_sqrt(self._regularised_cov(xc))
-        wy = _inverse_sqrt(self._regularised_cov(yc))
-        cross = wx @ ((xc.T @ yc) / max(len(xc) - 1, 1)) @ wy
+        (mean_x, mean_y), (cxx, cyy, cxy) = _paired_moments(train, self.normalize_input)
+        wx = _inverse_sqrt(self._regularised(cxx))
+        wy = _inverse_sqrt(self._regularised(cyy))
+        cross = wx @ cxy @ wy
         u, rho, vt = np.linalg.svd(cross, full_matrices=False)
         u, v = _fix_signs(u[:, :d], vt[:d].T)
         rho = rho[:d]
@@ -554,6 +551,30 @@ class CCA(Baseline):
 
     def _encode(self, side: str, x: torch.Tensor) -> torch.Tensor:
         return self._maps[side](x)
+
+
+def _paired_moments(train: PairedArrays, normalize: bool, block_bytes: int = 4 << 20):
+    """((mean_x, mean_y), (Cxx, Cyy, Cxy)) of the pairs (image row of each caption, caption), in
+    float64 from float32 row blocks that stay in the cache: two passes (means, then centred
+    products), never an n x d float64 copy. Sums as the unblocked formulas, in another order."""
+    n, width = train.n_texts, max(train.image.shape[1], train.text.shape[1])
+    blocks = list(_chunks(n, max(256, block_bytes // (8 * width))))
+
+    def rows(s: slice) -> tuple[np.ndarray, np.ndarray]:
+        return (_prepare(train.image[train.text_to_image[s]], normalize), _prepare(train.text[s], normalize))
+
+    sum_x, sum_y = 0.0, 0.0
+    for s in blocks:
+        x, y = rows(s)
+        sum_x, sum_y = sum_x + x.sum(axis=0), sum_y + y.sum(axis=0)
+    mean_x, mean_y = sum_x / n, sum_y / n
+    cxx, cyy, cxy = 0.0, 0.0, 0.0
+    for s in blocks:
+        x, y = rows(s)
+        x -= mean_x
+        y -= mean_y
+        cxx, cyy, cxy = cxx + x.T @ x, cyy + y.T @ y, cxy + x.T @ y
+    return (mean_x, mean_y), tuple(c / max(n - 1, 1) for c in (cxx, cyy, cxy))
 
 
 # --------------------------------------------------------------------------------------------
