@@ -21,6 +21,11 @@ from anybind.align.structure import StructureRegulariser, structure_regulariser,
 from anybind.errors import AnybindError
 
 
+#: The two-modality losses, ``forward(za, zb, pos)`` (the joint ones, over N modalities, are
+#: tested in tests/test_joint_losses.py).
+PAIR_LOSSES = [n for n in sorted(LOSSES) if not getattr(LOSSES.get(n), "joint", False)]
+
+
 def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 
@@ -147,7 +152,7 @@ def test_siglip_scale_and_bias_learn():
 
 
 # ---- chunking ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 @pytest.mark.parametrize("with_pos", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 32])
 def test_chunked_equals_unchunked(name, with_pos, chunk):
@@ -180,7 +185,7 @@ def test_build_loss_errors():
     with pytest.raises(
         AnybindError,
         match=r"unknown loss 'infonc' \(did you mean 'infonce'\?\); registered losses: "
-        r"infonce, siglip",
+        r"all-pairs, anchor-infonce, anchor-siglip, infonce, siglip, symile",
     ):
         build_loss("infonc")
     with pytest.raises(
@@ -191,7 +196,7 @@ def test_build_loss_errors():
         build_loss("siglip", chunk_size=0)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_bad_inputs_are_clear_errors(name):
     loss = build_loss(name)
     a, b = torch.randn(3, 4), torch.randn(3, 4)
@@ -325,7 +330,7 @@ def test_structure_bad_shapes():
         warmup_weight(-1, 1.0, 10)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_chunked_loss_keeps_no_batch_by_batch_tensor_for_backward(name):
     # what autograd keeps between forward and backward: with chunks, at most chunk x B per tensor
     # (each chunk is recomputed in backward), so a 32k batch never holds 32k x 32k logits
@@ -349,7 +354,8 @@ def test_chunked_loss_keeps_no_batch_by_batch_tensor_for_backward(name):
 
 # ---- the registry, a recipe's loss section, the objective ---------------------------------------------
 def test_losses_are_a_registry_of_modules():
-    assert LOSSES.names() == ["infonce", "siglip"]
+    assert LOSSES.names() == ["all-pairs", "anchor-infonce", "anchor-siglip", "infonce", "siglip", "symile"]
+    assert PAIR_LOSSES == ["infonce", "siglip"]
     assert LOSSES.get("infonce") is InfoNCE and LOSSES.get("siglip") is SigLIP
     assert LOSSES.options("infonce") == {"temperature": 0.07, "learn_temperature": True, "chunk_size": None}
 
@@ -381,7 +387,7 @@ def test_objective_from_a_section():
 
 
 @pytest.mark.parametrize(("section", "message"), [
-    ({"name": "infonc"}, r"loss.name must be one of infonce, siglip, not 'infonc' \(did you mean 'infonce'\?\)"),
+    ({"name": "infonc"}, r"loss.name must be one of all-pairs, anchor-infonce, anchor-siglip, infonce, siglip, symile, not 'infonc' \(did you mean 'infonce'\?\)"),
     ({"temprature": 0.1}, r"unknown recipe key 'loss.temprature' \(did you mean 'temperature'\?\)"),
     ({"structure_levle": 2}, r"unknown recipe key 'loss.structure_levle' \(did you mean 'structure_levels'\?\)"),
     ({"name": "siglip", "temperature": 0.1}, r"'loss.temperature': loss 'siglip' takes scale_init"),

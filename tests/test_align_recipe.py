@@ -62,7 +62,7 @@ def test_overrides_and_types():
     ("loss=[infonce]", "loss must be a mapping"),
     ("colour=red", "unknown recipe key 'colour'"),
     ("train.batch_sze=8", "unknown recipe key 'train.batch_sze' (did you mean 'batch_size'?)"),
-    ("loss.name=triplet", "loss.name must be one of infonce, siglip"),
+    ("loss.name=triplet", "loss.name must be one of all-pairs, anchor-infonce, anchor-siglip, infonce, siglip, symile"),
     ("loss.structure_levels=0", "loss.structure_levels: structure: levels must be at least 1"),
     ("loss.temperature=2", "loss.temperature: infonce: temperature must be in"),
     ("train.batch_size=many", "train.batch_size must be a whole number"),

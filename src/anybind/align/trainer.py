@@ -542,10 +542,8 @@ def train(
     `loggers` (`anybind.tracking.open_loggers`) also get the resolved recipe, each metrics.jsonl
     record and the final results; the caller closes them.
 
-    More than two stores bind jointly (a joint loss: `align/joint_losses.py`): the first after the
-    anchor is the partner, the rest are joined to its pairs as tuples (`PairedFeatures`), and
-    validation reads the mean recall over every pair of modalities. `across_datasets` joins
-    stores of datasets that share item ids and groups (openclipart and openclipart-speech).
+    More than two stores bind jointly (a joint loss; validation: mean recall over every pair).
+    `across_datasets` joins datasets sharing item ids and groups (see `PairedFeatures`).
     """
     t0 = time.perf_counter()
     device = select_device(device)
