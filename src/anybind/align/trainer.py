@@ -542,8 +542,7 @@ def train(
     `loggers` (`anybind.tracking.open_loggers`) also get the resolved recipe, each metrics.jsonl
     record and the final results; the caller closes them.
 
-    More than two stores bind jointly (a joint loss; validation: mean recall over every pair).
-    `across_datasets` joins datasets sharing item ids and groups (see `PairedFeatures`).
+    Three or more stores bind jointly (a joint loss); `across_datasets`: see `PairedFeatures`.
     """
     t0 = time.perf_counter()
     device = select_device(device)
