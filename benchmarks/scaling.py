@@ -283,10 +283,10 @@ def run_child(step: str, n: int, args) -> dict:
     folder = prepare(Path(args.work), n)
     run = SETUPS[step](folder, args)
     with AnonPeak() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
-        seconds = time.perf_counter() - t0
-    return {"step": step, "n": n, "seconds": seconds, "peak_anon_mib": (mem.peak - mem.start) / 1024,
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"step": step, "n": n, "seconds": seconds, "cpu_seconds": cpu, "peak_anon_mib": (mem.peak - mem.start) / 1024,
             "hwm_mib": _status("VmHWM") / 1024}
 
 

@@ -1,6 +1,10 @@
 """Near-duplicates by look: thumbnails, near-identical images joined, blanks together, bad files skipped."""
 
+import os
+from pathlib import Path
+
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
 
 from anybind.data.near_duplicates import look_keys, thumbnail, thumbnails
@@ -54,3 +58,36 @@ def test_threshold_by_hand():
     cos = float(za @ zb / np.linalg.norm(za) / np.linalg.norm(zb))
     assert look_keys([a, a + 10, b], threshold=cos - 1e-3) == ["look:0", "look:0", "look:0"]
     assert look_keys([a, a + 10, b], threshold=cos + 1e-3) == ["look:0", "look:0", None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/usr/share/openclipart/png"), reason="apt-get install openclipart-png")
+def test_openclipart_groups_are_the_all_pairs_join_on_either_path():
+    # the groups decide openclipart's splits: the exact path (8,121 images) and the LSH path
+    # (float32 rows, float64 for close calls) must both give the all-pairs join's partition
+    from anybind.data.groups import UnionFind, group_by_keys
+
+    pngs = sorted(p for p in Path("/usr/share/openclipart/png").rglob("*.png") if p.is_file())
+    thumbs = thumbnails(pngs, progress=False)
+    live = [i for i, t in enumerate(thumbs) if t is not None]
+    x = np.stack([thumbs[i] for i in live]).astype(np.float64)
+    solid = x.std(axis=1) >= 3.0
+    z = x[solid] - x[solid].mean(axis=1, keepdims=True)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    rows, cols = np.nonzero(np.triu(z @ z.T > 0.95, k=1))
+    uf = UnionFind(len(z))
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        uf.union(r, c)
+    want: list = [None] * len(thumbs)
+    for j, i in enumerate(np.array(live)[solid]):
+        want[i] = f"look:{uf.find(j)}" if uf.size[uf.find(j)] > 1 else None
+    for i in np.array(live)[~solid]:
+        want[i] = "look:blank"
+    ids = [str(p) for p in pngs]
+
+    def partition(keys):
+        return group_by_keys(ids, [[k] if k else [] for k in keys])
+
+    assert len(rows) > 50_000  # the clip-art themes: many near-identical renders
+    assert partition(look_keys(thumbs)) == partition(want)
+    assert partition(look_keys(thumbs, exact_below=0)) == partition(want)

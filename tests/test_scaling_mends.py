@@ -76,6 +76,49 @@ def test_grouping_is_the_same_as_the_old_all_pairs_join(thumbs):
     assert _partition(old) == _partition(look_keys(thumbs, exact_below=0))
 
 
+def test_every_pair_inside_each_run_of_one_code():
+    from anybind.data.near_duplicates import _same_code_pairs
+
+    code = np.array([5, 3, 5, 5, 3, 7], dtype=np.int64)
+    flat = np.sort(_same_code_pairs(code, 6))
+    assert flat.tolist() == sorted([0 * 6 + 2, 0 * 6 + 3, 2 * 6 + 3, 1 * 6 + 4])
+    many = _same_code_pairs(np.r_[np.full(100, 9), 1, 2].astype(np.int64), 102)  # a run of 100 alike images
+    assert len(many) == len(set(many.tolist())) == 100 * 99 // 2
+    assert _same_code_pairs(np.arange(4, dtype=np.int64), 4).tolist() == []
+
+
+def test_centred_rows_do_not_depend_on_the_chunk_or_the_dtype(thumbs):
+    from anybind.data.near_duplicates import centred_unit_rows
+
+    live = np.arange(len(thumbs))
+    z, blank = centred_unit_rows(thumbs, live, 3.0)
+    small, _ = centred_unit_rows(thumbs, live, 3.0, chunk=7)
+    some = np.array([3, 17, 900, 2500])
+    part, _ = centred_unit_rows(thumbs, some, 3.0)
+    assert np.array_equal(z, small, equal_nan=True) and np.array_equal(z[some], part, equal_nan=True)
+    z32, blank32 = centred_unit_rows(thumbs, live, 3.0, np.float32)
+    assert np.array_equal(z.astype(np.float32), z32, equal_nan=True) and np.array_equal(blank, blank32)
+
+
+def test_float32_rows_keep_exactly_the_float64_pairs(thumbs):
+    from anybind.data.near_duplicates import _confirmed
+
+    x = np.stack(thumbs[:3000]).astype(np.float64)
+    z = x[x.std(axis=1) >= 3.0] - x[x.std(axis=1) >= 3.0].mean(axis=1, keepdims=True)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    z32 = z.astype(np.float32)
+    assert np.array_equal(lsh_pairs(z, 0.95), lsh_pairs(z32, 0.95, exact_rows=lambda rows: z[rows]))
+    # pairs a hair either side of the threshold: float32 alone cannot tell them apart
+    pairs = np.array([[i, j] for i in range(40) for j in range(i + 1, 400)])
+    flat = pairs[:, 0] * len(z) + pairs[:, 1]
+    cos = np.einsum("ij,ij->i", z[pairs[:, 0]], z[pairs[:, 1]])
+    for threshold in (*np.sort(cos)[-3:], np.nextafter(np.sort(cos)[-2], 0.0)):
+        want = pairs[cos > threshold]
+        assert np.array_equal(_confirmed(z, flat, threshold), want)
+        assert np.array_equal(_confirmed(z32, flat, threshold, exact_rows=lambda rows: z[rows]), want)
+        assert np.array_equal(_confirmed(z32, flat, threshold, exact_rows=lambda rows: z[rows], chunk=7), want)
+
+
 def test_growth_exponent_of_the_two_largest_sizes():
     rows = [{"n": 10, "seconds": 1.0}, {"n": 100, "seconds": 2.0}, {"n": 1000, "seconds": 200.0}]
     assert exponent(rows) == pytest.approx(2.0)

@@ -61,7 +61,7 @@ def look_keys(thumbs: Sequence[np.ndarray | None], threshold: float = THRESHOLD,
 
     Images are joined when their centred thumbnails have cosine > `threshold` (transitively).
     Up to `exact_below` non-blank images every pair is compared (blocked, O(n^2)); above, the
-    candidate pairs come from random-projection LSH (`lsh_pairs`, about O(n)), each checked
+    candidate pairs come from random-projection LSH (`lsh_pairs`, about O(n^1.2)), each checked
     exactly, so no pair under the threshold is ever joined. ``<n>`` is the smallest position in
     the group.
 
@@ -73,15 +73,18 @@ def look_keys(thumbs: Sequence[np.ndarray | None], threshold: float = THRESHOLD,
     live = np.array([i for i, t in enumerate(thumbs) if t is not None], dtype=np.int64)
     if not len(live):
         return keys
-    z, blank = centred_unit_rows(thumbs, live, blank_sd)
+    # many images: float32 rows (half the memory traffic), float64 recomputed for close calls
+    z, blank = centred_unit_rows(thumbs, live, blank_sd, np.float32 if len(live) >= exact_below else np.float64)
     for j in np.nonzero(blank)[0]:
         keys[live[j]] = "look:blank"
     rest = live[~blank]
     z = z[~blank]
     if len(rest) < exact_below:
+        if z.dtype != np.float64:  # blanks took it under: the exact join, in float64 as always
+            z = centred_unit_rows(thumbs, rest, blank_sd)[0]
         pairs = exact_pairs(z, threshold, chunk)
     else:
-        pairs = lsh_pairs(z, threshold)
+        pairs = lsh_pairs(z, threshold, exact_rows=lambda rows: centred_unit_rows(thumbs, rest[rows], blank_sd)[0])
     label = components(len(rest), pairs)
     sizes = np.bincount(label, minlength=len(rest))
     for j in np.nonzero(sizes[label] > 1)[0]:  # alone: no look key
@@ -89,10 +92,10 @@ def look_keys(thumbs: Sequence[np.ndarray | None], threshold: float = THRESHOLD,
     return keys
 
 
-def centred_unit_rows(thumbs: Sequence, live: np.ndarray, blank_sd: float, chunk: int = 65536):
-    """(float64 [n, 256] centred unit rows of the readable thumbnails, near-blank mask), built
-    a chunk at a time so no second float64 copy of all of them is held."""
-    z = np.empty((len(live), SIDE * SIDE), dtype=np.float64)
+def centred_unit_rows(thumbs: Sequence, live: np.ndarray, blank_sd: float, dtype=np.float64, chunk: int = 4096):
+    """(centred unit rows of the readable thumbnails as `dtype`, near-blank mask), computed in
+    float64 a cache-sized chunk at a time (each row's values do not depend on the chunk)."""
+    z = np.empty((len(live), SIDE * SIDE), dtype=dtype)
     blank = np.empty(len(live), dtype=bool)
     for lo in range(0, len(live), chunk):
         x = np.stack([thumbs[i] for i in live[lo : lo + chunk]]).astype(np.float64)
@@ -113,31 +116,45 @@ def exact_pairs(z: np.ndarray, threshold: float, chunk: int = 2048) -> np.ndarra
     return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
-def lsh_pairs(z: np.ndarray, threshold: float, miss: float = LSH_MISS, seed: int = 0,
-              chunk: int = 16384) -> np.ndarray:
+def lsh_tables(n: int, threshold: float, miss: float = LSH_MISS) -> tuple[int, int]:
+    """(bits per table, tables) for n rows: bits grow with log2(n) (20 up to 100k rows) so unrelated
+    rows stay about O(n) candidates; tables as many as miss a pair at the threshold with chance `miss`."""
+    bits = LSH_BITS + max(0, math.ceil(math.log2(max(n, 1) / 100_000)))
+    p = (1 - math.acos(min(1.0, threshold)) / math.pi) ** bits
+    return bits, max(1, math.ceil(math.log(miss) / math.log1p(-p)))
+
+
+def lsh_pairs(z: np.ndarray, threshold: float, miss: float = LSH_MISS, seed: int = 0, chunk: int = 16384,
+              exact_rows=None) -> np.ndarray:
     """[m, 2] pairs i < j with z_i . z_j > threshold found by sign random projections.
 
     Each table hashes a row to `bits` signs of random projections; rows that share a hash in any
     table are candidates, checked exactly. Two rows at cosine c share a table's hash with chance
-    p = (1 - acos(c) / pi) ** bits. `bits` grows with log2(n) (20 up to 100k rows) so unrelated
-    rows stay O(n) candidates; the tables are as many as keep a pair at the threshold missed with
-    chance `miss` (40 at 20 bits, 57 at 24 for the 0.95 threshold); a pair at 0.97 is missed 40x
-    less often, and a near-duplicate usually has other paths to its group. Deterministic (seeded),
-    and the same whichever optional packages are installed.
+    p = (1 - acos(c) / pi) ** bits (`lsh_tables`: 41 tables of 20 bits at 100k rows, 64 of 24 at
+    1M); a pair at 0.97 is missed 40x less often than one at the threshold, and a near-duplicate
+    usually has other paths to its group. Deterministic (seeded), and the same whichever optional
+    packages are installed. float32 `z` needs `exact_rows(rows)`, its float64 rows, for the
+    candidates whose float32 cosine is too close to the threshold to decide.
     """
     n = len(z)
-    bits = LSH_BITS + max(0, math.ceil(math.log2(max(n, 1) / 100_000)))
-    p = (1 - math.acos(min(1.0, threshold)) / math.pi) ** bits
-    tables = max(1, math.ceil(math.log(miss) / math.log1p(-p)))
+    bits, tables = lsh_tables(n, threshold, miss)
     planes = np.random.default_rng(seed).standard_normal((z.shape[1], bits * tables)).astype(np.float32)
-    weights = 1 << np.arange(bits, dtype=np.int32)  # bits < 31 up to 2e9 rows
-    codes = np.empty((n, tables), dtype=np.int32)
+    codes = np.empty((tables, n), dtype=np.int32)
     for lo in range(0, n, chunk):  # one pass over the rows for every table
         signs = (z[lo : lo + chunk].astype(np.float32) @ planes > 0).reshape(-1, tables, bits)
-        codes[lo : lo + len(signs)] = signs.astype(np.int32) @ weights
-    found = [_distinct(_same_code_pairs(code) @ np.array([n, 1], dtype=np.int64)) for code in codes.T]
-    flat = _distinct(np.concatenate(found))
-    return _confirmed(z, np.stack([flat // n, flat % n], axis=1), threshold)  # each pair once, i < j
+        codes[:, lo : lo + len(signs)] = _pack_little_endian(signs).T
+    flat = _distinct(np.concatenate([_same_code_pairs(code, n) for code in codes]))  # each pair once, i < j
+    del codes
+    return _confirmed(z, flat, threshold, exact_rows)
+
+
+def _pack_little_endian(signs: np.ndarray) -> np.ndarray:
+    """int64 sum of signs[..., k] << k over the last axis (fewer than 32 bits)."""
+    packed = np.packbits(signs, axis=-1, bitorder="little")
+    code = np.zeros(packed.shape[:-1], dtype=np.int64)
+    for k in range(packed.shape[-1]):
+        code |= packed[..., k].astype(np.int64) << (8 * k)
+    return code
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:
@@ -145,42 +162,41 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
-def _same_code_pairs(code: np.ndarray, run_cap: int = 64) -> np.ndarray:
-    """[m, 2] pairs i < j of rows with equal codes (runs of one code in sorted order)."""
-    order = np.argsort(code, kind="stable")
-    sorted_code = code[order]
+def _same_code_pairs(code: np.ndarray, n: int) -> np.ndarray:
+    """i * n + j for every pair i < j of rows with equal codes: all pairs inside each run of one
+    code, the rows sorted by (code, row) in one int64 sort."""
+    keys = np.sort(code.astype(np.int64) << 32 | np.arange(len(code), dtype=np.int64))
+    rows, code = keys & 0xFFFFFFFF, keys >> 32
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+    lengths = np.diff(np.r_[starts, len(keys)])
+    later = np.repeat(starts + lengths, lengths) - np.arange(len(keys)) - 1  # rows after each in its run
+    first = np.repeat(np.arange(len(keys)), later)
+    second = first + 1 + np.arange(len(first)) - np.repeat(np.cumsum(later) - later, later)
+    return rows[first] * n + rows[second]
+
+
+def _confirmed(z: np.ndarray, flat: np.ndarray, threshold: float, exact_rows=None, chunk: int = 2048,
+               margin: float = 1e-4) -> np.ndarray:
+    """[m, 2] the candidate pairs (i * n + j, sorted) whose float64 cosine (einsum of float64 rows,
+    as always) is over the threshold.
+
+    Sorted pairs read z[i] in order. For float32 rows the float32 cosine is within 2e-5 of the
+    float64 one (256 products of unit rows), so only pairs within `margin` of the threshold are
+    decided on float64 rows from `exact_rows`: the same pairs as float64 throughout.
+    """
     found = []
-    for gap in range(1, run_cap):  # pairs `gap` apart inside a run; runs are short for unrelated rows
-        same = sorted_code[gap:] == sorted_code[:-gap]
-        if not same.any():
-            break
-        at = np.nonzero(same)[0]
-        found.append(np.stack([order[at], order[at + gap]], axis=1))
-    if len(sorted_code) > run_cap and (sorted_code[run_cap:] == sorted_code[:-run_cap]).any():
-        found.append(_long_run_pairs(sorted_code, order, run_cap))
-    pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
-    return np.sort(pairs, axis=1)
-
-
-def _long_run_pairs(sorted_code: np.ndarray, order: np.ndarray, run_cap: int) -> np.ndarray:
-    """Every pair of a run longer than `run_cap` (many alike images: rare, so all pairs, once)."""
-    starts = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1]])
-    ends = np.r_[starts[1:], len(sorted_code)]
-    found = []
-    for lo, hi in zip(starts, ends, strict=True):
-        if hi - lo > run_cap:
-            i, j = np.triu_indices(hi - lo, k=run_cap)
-            found.append(np.stack([order[lo + i], order[lo + j]], axis=1))
-    return np.concatenate(found)
-
-
-def _confirmed(z: np.ndarray, pairs: np.ndarray, threshold: float, chunk: int = 8192) -> np.ndarray:
-    """The candidate pairs whose exact cosine (as `exact_pairs` computes it) is over the threshold."""
-    keep = np.zeros(len(pairs), dtype=bool)
-    for lo in range(0, len(pairs), chunk):
-        p = pairs[lo : lo + chunk]
-        keep[lo : lo + len(p)] = np.einsum("ij,ij->i", z[p[:, 0]], z[p[:, 1]]) > threshold
-    return pairs[keep]
+    for lo in range(0, len(flat), chunk):  # a chunk's rows stay in the cache
+        p = np.stack(np.divmod(flat[lo : lo + chunk], len(z)), axis=1)
+        cos = np.einsum("ij,ij->i", z[p[:, 0]], z[p[:, 1]])
+        keep = cos > threshold
+        if z.dtype != np.float64:
+            close = np.flatnonzero(np.abs(cos - threshold) <= margin)
+            if len(close):
+                rows, where = np.unique(p[close], return_inverse=True)
+                z64 = exact_rows(rows)[where.reshape(-1, 2)]
+                keep[close] = np.einsum("ij,ij->i", z64[:, 0], z64[:, 1]) > threshold
+        found.append(p[keep])
+    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
 def components(n: int, pairs: np.ndarray) -> np.ndarray:
