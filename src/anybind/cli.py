@@ -686,6 +686,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bridge(args) -> int:
+    """Bridge two bound models through a modality they share: C is A's space plus B's other
+    modalities, mapped into it by a map fitted on a corpus of the shared modality alone."""
+    from .bundle.bridge import bridge
+
+    made = bridge(args.a, args.b, out=args.out, via=args.via, maps=args.map, corpus=args.corpus,
+                  corpus_stores=args.corpus_stores, seed=args.seed, overwrite=args.overwrite,
+                  cache=args.cache, progress=not args.quiet)
+    rep = made.report
+    print(_table([{"map": n, "options": m["options"], **{k: f"{100 * v:.1f}" for k, v in m["val"].items()}}
+                  for n, m in rep["maps"].items()], ["map", "options", "mean_R@1", "mean_R@10"]))
+    print(f"\nheld-out {rep['via']} rows: {rep['corpus']['held_out_rows']} of {rep['corpus']['rows']}; chosen: "
+          f"{rep['chosen']['map']} {rep['chosen']['options']}\n{'bundle' if made.is_bundle else 'bound model'}: "
+          f"{made.out}  ({', '.join(made.added)} added onto {rep['via']})")
+    return 0
+
+
 def cmd_cache_ls(args) -> int:
     """Show the feature stores under the cache root."""
     from .features import list_stores
@@ -1032,6 +1049,21 @@ def _bundle_args(verb: Callable) -> None:
     _serve_access_args(p)
 
 
+def _bridge_args(verb: Callable) -> None:
+    p = verb("bridge", cmd_bridge, "join two bound models through a modality they share (A's space, B's other modalities added)")
+    p.add_argument("a", help="A: a bundle or bound-model folder; C lives in its space")
+    p.add_argument("b", help="B: a bundle or bound-model folder; its modalities other than --via are added to A")
+    p.add_argument("--via", default="text", help="the modality both bind (default text): the bridge is fitted on it alone")
+    p.add_argument("--out", "-o", required=True, help="C: the folder to write (a bundle when A and B are bundles)")
+    p.add_argument("--map", default="auto", help="procrustes, ridge, cca, mlp, or auto (default): the best on held-out "
+                                                 "corpus rows")
+    p.add_argument("--corpus", help="a dataset whose --via field both bundles encode (e.g. wordnet-speech:2000)")
+    p.add_argument("--corpus-stores", nargs=2, metavar=("A_STORE", "B_STORE"),
+                   help="instead of --corpus: two stores of the same items, by A's and by B's encoder")
+    p.add_argument("--seed", type=int, default=0, help="the MLP map's seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing C written by anybind")
+
+
 def _serve_access_args(p: argparse.ArgumentParser) -> None:
     """`anybind serve`'s access control and operations flags (serve/access.py, serve/ops.py)."""
     p.add_argument("--api-key-file", help="require an API key: a file (chmod 600) with one key a line, KEY or NAME:KEY; "
@@ -1085,7 +1117,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    for add in (_listing_args, _extract_args, _train_args, _eval_args, _bundle_args):
+    for add in (_listing_args, _extract_args, _train_args, _eval_args, _bundle_args, _bridge_args):
         add(verb)
     _cache_args(sub)
     return parser

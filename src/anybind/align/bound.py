@@ -49,7 +49,9 @@ class Added:
 
     @property
     def kind(self) -> str:
-        return "projectors" if hasattr(part := self.part, "projectors") else f"map:{part.name}"
+        if hasattr(part := self.part, "projectors"):
+            return "projectors"
+        return getattr(part, "added_kind", f"map:{part.name}")  # a bridge names its own kind
 
 
 class BoundModel:
@@ -293,6 +295,10 @@ def _load_added(directory: Path, kind: str):
         from .space import ProjectorSpace
 
         return ProjectorSpace.load(directory)
+    if kind.startswith("bridge:"):  # another bound model's modality through a bridge map (align/bridge.py)
+        from .bridge import BridgePart
+
+        return BridgePart.load(directory)
     from .into import IntoMap
 
     return IntoMap.load(directory)
