@@ -30,7 +30,7 @@ from anybind.metrics.gap import (
     pairwise_gaps,
 )
 
-OVERRIDES = ["train.max_steps=30", "train.batch_size=32", "train.val_every=10"]
+OVERRIDES = ["train.max_steps=10", "train.batch_size=32", "train.val_every=5"]
 
 
 # ---- the metrics, worked by hand --------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_centring_closes_the_gap_and_keeps_the_blend_and_the_correction(added_ru
 
 
 @pytest.mark.slow  # the module's two training runs
-def test_centring_refuses_what_it_cannot_fit(added_run):
+def test_centring_refuses_what_it_cannot_fit(added_run, tmp_path):
     added, _, _ = added_run
     plain = BoundModel.load(added.out / "model")
     features = run_training_features(added.out, plain)
@@ -166,6 +166,9 @@ def test_centring_refuses_what_it_cannot_fit(added_run):
         plain.centred({"image": [f[:1] for f in features["image"]], "text": features["text"]})
     with pytest.raises(AnybindError, match="centre both"):  # the correction needs image and text
         plain.centred({"speech": features["speech"]})
+    plain.save(tmp_path / "bare" / "model")  # a model folder with no run around it
+    with pytest.raises(AnybindError, match="not a training run"):
+        centre_run(tmp_path / "bare")
     with pytest.raises(AnybindError, match=r"shape \(3,\)"):
         BoundModel(plain.layers, plain.anchor, space=plain.space, centres={"image": torch.zeros(3)})
 

@@ -337,6 +337,9 @@ def run_training_features(run: str | os.PathLike, model: BoundModel) -> dict:
     from .frozen import read_source
 
     run = Path(run)
+    if not (run / "stores.json").exists():
+        raise AnybindError(f"{run} is not a training run (no stores.json): centre a bound model from its run folder, "
+                           "or call BoundModel.centred with its training features")
     stores = {m: FeatureStore.open(p) for m, p in json.loads((run / "stores.json").read_text()).items()}
     source = read_source(run)
     if source is None:
