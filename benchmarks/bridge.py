@@ -71,8 +71,8 @@ def test_items(setup, s: dict, fold: int) -> set[str]:
     return items & set(s["audio"].item_ids)
 
 
-def train_b(s: dict, fold: int, seed: int, out: Path) -> BoundModel:
-    recipe = load_recipe("default")
+def train_b(s: dict, fold: int, seed: int, out: Path, steps: int) -> BoundModel:
+    recipe = load_recipe("default", [f"train.max_steps={steps}"])
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, seed=seed))
     return train(recipe, {"audio": s["audio"], "text": s["speech_mpnet"]}, out=out / "b" / f"fold{fold}-seed{seed}",
                  fold=fold, progress=False, baselines=False).model
@@ -98,10 +98,10 @@ def reference(setup, folder: Path, fold: int, seed: int) -> dict:
     return rec
 
 
-def one_fold(setup, record: dict, s: dict, fold: int, seed: int, mlp_seeds, out: Path) -> dict:
+def one_fold(setup, record: dict, s: dict, fold: int, seed: int, mlp_seeds, out: Path, steps: int) -> dict:
     t0 = time.perf_counter()
     a = BoundModel.load(Path(record["base_run"]) / "model")
-    b = train_b(s, fold, seed, out)
+    b = train_b(s, fold, seed, out, steps)
     t_b = time.perf_counter() - t0
     corpus = corpus_for(a, b, s, fold)
     x, y = corpus_embeddings(a, b, "text", corpus)
@@ -166,6 +166,8 @@ def main(argv=None) -> None:
                    "(its results log is reused; missing runs are trained)")
     p.add_argument("--out", default="benchmarks/results/bridge")
     p.add_argument("--work", default="runs/bridge", help="B's training runs")
+    p.add_argument("--b-steps", type=int, default=100, help="B's training steps at most (the default recipe, "
+                   "early stopping on its val split; 100 fits 5 folds on 2 shared cores)")
     args = p.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,7 @@ def main(argv=None) -> None:
             if (fold, seed) in done:
                 continue
             record = reference(setup, Path(args.progressive), fold, seed)
-            done[(fold, seed)] = one_fold(setup, record, s, fold, seed, mlp_seeds, work)
+            done[(fold, seed)] = one_fold(setup, record, s, fold, seed, mlp_seeds, work, args.b_steps)
             with log.open("a") as fh:
                 fh.write(json.dumps(done[(fold, seed)], sort_keys=True) + "\n")
             print(f"fold {fold} seed {seed}: {done[(fold, seed)]['seconds']['all']:.0f} s", flush=True)

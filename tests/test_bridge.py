@@ -211,3 +211,39 @@ def test_held_out_rows_keep_groups_together():
     for g in np.unique(groups):
         assert len(set(val[groups == g])) == 1
     assert np.array_equal(val, held_out(groups))
+
+
+# ---- one real bridge: minilm-l6 (A) and mpnet-base (B) --------------------------------------------------
+@pytest.mark.slow
+def test_a_real_minilm_to_mpnet_bridge_on_wordnet_glosses(tmp_path_factory):
+    """A reads text with minilm-l6, B with mpnet-base; the bridge is fitted on 300 WordNet glosses
+    encoded by both, and text -> text retrieval through it on held-out glosses is far above chance."""
+    from anybind.encoders import create_encoder
+
+    pytest.importorskip("transformers")
+    try:
+        create_encoder("minilm-l6"), create_encoder("mpnet-base")
+        glosses = load_dataset("wordnet-speech:300")
+    except AnybindError as e:
+        pytest.skip(f"needs the packaged minilm-l6 and mpnet-base and WordNet + espeak-ng: {e}")
+    root = tmp_path_factory.mktemp("real-bridge")
+    overrides = [*OVERRIDES, "blend={name: none}"]
+    with avtoy_data(root / "cache"):
+        index = load_dataset(make_avtoy(root))
+        image = extract("random:image", index, precision="fp32", progress=False)
+        audio = extract("random:audio", index, field="audio", precision="fp32", progress=False)
+        runs = {name: train(load_recipe("default", overrides), {first: store, "text": extract(text, index, progress=False)},
+                            out=root / name, progress=False, anchor=first)
+                for name, first, store, text in (("a", "image", image, "minilm-l6"), ("b", "audio", audio, "mpnet-base"))}
+        a, b = (export_bundle(runs[n].out, root / n.upper()) for n in ("a", "b"))
+        made = bridge(a, b, via="text", out=root / "C", corpus="wordnet-speech:300", maps=["procrustes", "ridge"],
+                      progress=False)
+    report = made.report
+    assert report["corpus"]["rows"] == len(glosses) == 300
+    held = report["corpus"]["held_out_rows"]
+    best = max(m["val"]["mean_R@1"] for m in report["maps"].values())
+    assert best > 20 / held  # chance is 1 / held
+    c = anybind.load(root / "C")
+    assert c.info["modalities"]["text"]["encoder"] == "minilm-l6" and c.info["modalities"]["audio"]["encoder"] == "random:audio"
+    z = c.encode_audio(audio_paths(index, audio)[:2])
+    assert z.shape == (2, c.dim)
