@@ -298,14 +298,17 @@ def measure(step: str, n: int, args) -> dict:
     if not ok:
         return runs[-1]
     return {"step": step, "n": n, "seconds": float(np.median([r["seconds"] for r in ok])), "runs": len(ok),
+            "cpu_seconds": float(np.median([r["cpu_seconds"] for r in ok])),
             "peak_anon_mib": max(r["peak_anon_mib"] for r in ok), "hwm_mib": max(r["hwm_mib"] for r in ok)}
 
 
 def measure_once(step: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", step, str(n), "--work", args.work, "--queries", str(args.queries),
            "--gallery", str(args.gallery), "--blend-queries", str(args.blend_queries), "--threads", str(args.threads)]
+    threads = str(args.threads)  # BLAS and OpenMP (faiss) pools too: spinning threads on a busy machine
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"step": step, "n": n, "error": f"over the {args.timeout:.0f} s timeout"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -347,7 +350,7 @@ def main() -> None:
     p.add_argument("--blend-queries", type=int, default=200,
                    help="rows each baseline encodes (ASIF's output is [rows, n anchors], dense)")
     p.add_argument("--gallery", type=int, default=5000, help="fixed retrieval gallery size")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch, BLAS and OpenMP threads of each step")
     p.add_argument("--repeat", type=int, default=1, help="runs per (step, n); the median time is kept")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one step may take")
     p.add_argument("--json", help="also write the results here")
