@@ -113,7 +113,7 @@ def one_fold(setup, record: dict, s: dict, fold: int, seed: int, mlp_seeds, out:
     scored = {}
     for label, fitted in fits.items():
         got = score_pairs(compose(a, b, "text", fitted.map), ("image", setup.base["image"]), query, items)["audio"]
-        scored[label] = {"val": fitted.val, "options": fitted.options, **{k: got[k] for k in KEYS},
+        scored[label] = {"val": fitted.val, "options": fitted.options, "tried": fitted.tried, **{k: got[k] for k in KEYS},
                          "chance": {k: got["chance"][k] for k in KEYS}, "gallery": got["gallery"]}
     auto = best_map({k: v for k, v in fits.items() if k in (*TRAINING_FREE, f"mlp seed {mlp_seeds[0]}")})
     progressive = record["scores"]["audio"]
