@@ -14,7 +14,7 @@ and @10 both ways for every pair of modalities, and the joint query (caption + s
 the multilinear product for Symile, the sum of cosines for the others), beside chance. Results
 append to OUT/results.jsonl and are reused on a rerun (a killed run resumes at the next model).
 
-    python benchmarks/joint_vs_progressive.py --folds 0,1,2,3,4 --seeds 0,1,2 --steps 300
+    python benchmarks/joint_vs_progressive.py --folds 0,1,2,3,4 --seeds 0,1,2 --steps 240
 """
 
 from __future__ import annotations
@@ -43,11 +43,15 @@ def stores() -> dict:
             "audio": extract("whisper-tiny-en", speech, layers="final")}
 
 
+BATCH = 256  # every method, every stage
+
+
 def recipe(loss: str, steps: int, seed: int):
     from anybind.align import load_recipe
 
     return load_recipe("freeze-align", [f"loss.name={loss}", f"train.max_steps={steps}", f"train.seed={seed}",
-                                        "train.patience=1000", "train.val_every=25", "train.checkpoint_every=25"])
+                                        f"train.batch_size={BATCH}", "train.patience=1000", "train.val_every=20",
+                                        "train.checkpoint_every=20"])
 
 
 def train_model(method: str, triple: dict, fold: int, seed: int, steps: int, out: Path):
@@ -110,7 +114,7 @@ def run_all(folds, seeds, steps: int, out: Path) -> list[dict]:
         test = data.pairs("test")
         for seed in seeds:
             for method in METHODS:
-                key = f"v{VERSION}|steps {steps}|fold {fold}|seed {seed}|{method}"
+                key = f"v{VERSION}|steps {steps}|batch {BATCH}|fold {fold}|seed {seed}|{method}"
                 if log.get(key) is None:
                     t0 = time.perf_counter()
                     model = train_model(method, triple, fold, seed, steps, out / f"fold{fold}-seed{seed}" / method.replace(" ", "-"))
@@ -143,7 +147,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps of every method (progressive: half each)")
+    p.add_argument("--steps", type=int, default=240, help="optimiser steps of every method (progressive: half each)")
     p.add_argument("--out", default="runs/joint-vs-progressive")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
