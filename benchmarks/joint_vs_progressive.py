@@ -83,7 +83,7 @@ def joint_query_recall(model, data, test, rule: str) -> dict:
         zq = {m: model.encode(m, data.side(m).rows(rows[m][keep])) for m in ("text", "audio")}
         scores = joint_scores(zq, zi, rule=rule)
     own = scores[torch.arange(len(target)), torch.as_tensor(target.ravel())]
-    rank = (scores > own[:, None]).sum(1)  # ties count in the query's favour only when equal
+    rank = (scores > own[:, None]).sum(1)  # gallery items scoring strictly higher (a tie ranks below the positive)
     return {f"text+audio_to_image_R@{k}": float((rank < k).float().mean()) for k in KS}
 
 
