@@ -20,7 +20,6 @@ from anybind.align.losses import (
 from anybind.align.structure import StructureRegulariser, structure_regulariser, warmup_weight
 from anybind.errors import AnybindError
 
-
 #: The two-modality losses, ``forward(za, zb, pos)`` (the joint ones, over N modalities, are
 #: tested in tests/test_joint_losses.py).
 PAIR_LOSSES = [n for n in sorted(LOSSES) if not getattr(LOSSES.get(n), "joint", False)]

@@ -121,7 +121,7 @@ def test_symile_all_negatives_by_hand():
     a_rows = (math.log(e(1) + e(0.6) + 2) - 1) + (math.log(e(0.8) + 3) - 0.8)
     c_rows = (math.log(e(1) + 3) - 1) + (math.log(e(0.6) + e(0.8) + 2) - 0.8)
     expected = (2 * a_rows / 2 + c_rows / 2) / 3  # temperature 1: logit scale 1
-    loss = Symile(negatives="all", temperature=1.0)(tiny(), anchor="a")
+    loss = Symile(normalise="l2", negatives="all", temperature=1.0)(tiny(), anchor="a")
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(ref_symile_all([A, A, C], 1.0, [[1, 0], [0, 1]]), rel=1e-12)
 
@@ -131,7 +131,7 @@ def test_symile_n_negatives_by_hand():
     # when p(j) = q(j) = i (counted a negative without pos, as the package does).
     perms = drawn_perms(3, 2, 6)
     torch.manual_seed(3)
-    loss = Symile(negatives="n", temperature=0.5)(tiny(), anchor="b")
+    loss = Symile(normalise="l2", negatives="n", temperature=0.5)(tiny(), anchor="b")
     assert loss.item() == pytest.approx(ref_symile_n([A, A, C], 2.0, perms), rel=1e-6)
     # query a with p = q = identity: row 0 scores (1 | MIP(a0, b1, c1) = 0) -> log(1 + e^-2);
     # with both swapped, column 1 of row 0 holds (b0, c0): MIP 1 -> log 2, the package's false negative
@@ -147,7 +147,7 @@ def test_symile_with_several_positives(negatives):
     reps, plist = [z[m].tolist() for m in "abc"], pos.tolist()
     perms = drawn_perms(5, 3, 6)
     torch.manual_seed(5)
-    loss = Symile(negatives=negatives, temperature=0.25)(z, pos=pos, anchor="a")
+    loss = Symile(normalise="l2", negatives=negatives, temperature=0.25)(z, pos=pos, anchor="a")
     expected = (ref_symile_all(reps, 4.0, plist) if negatives == "all"
                 else ref_symile_n(reps, 4.0, perms, plist))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -165,6 +165,32 @@ def test_symile_of_two_modalities_is_infonce():
     for negatives in ("n", "all"):
         loss = Symile(negatives=negatives, temperature=0.1)(z, anchor="a")
         assert loss.item() == pytest.approx(ref_infonce(*reps, 10.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_symile_rms_is_the_l2_mip_at_a_cosine_scale(m):
+    # rms: the mean over d of RMS-normalised rows' product = the L2 MIP x D^((M-2)/2); for M = 2
+    # that factor is 1 (a cosine); written as l2 with the temperature divided by the factor
+    torch.manual_seed(4)
+    d = 8
+    z = {f"m{k}": torch.randn(6, d) for k in range(m)}
+    factor = d ** ((m - 2) / 2)
+    for negatives in ("n", "all"):
+        torch.manual_seed(9)
+        rms = Symile(negatives=negatives, normalise="rms", temperature=0.5)(z, anchor="m0")
+        torch.manual_seed(9)
+        l2 = Symile(negatives=negatives, normalise="l2", temperature=0.5 / factor, max_logit_scale=100 * factor)(
+            z, anchor="m0")
+        assert rms.item() == pytest.approx(l2.item(), rel=1e-5)
+    # dense, equal-signed unit rows: the rms MIP of a perfectly aligned tuple is 1, as a cosine
+    ones = {f"m{k}": torch.ones(1, d) for k in range(m)}
+    assert joint_scores({k: v for k, v in ones.items() if k != "m0"}, ones["m0"], rule="multilinear").item() * factor \
+        == pytest.approx(1.0)
+
+
+def test_symile_normalise_is_checked():
+    with pytest.raises(LossError, match="normalise must be one of l2, rms, not 'layernorm'"):
+        Symile(normalise="layernorm")
 
 
 # ---- missing modalities ----------------------------------------------------------------------------
@@ -196,7 +222,7 @@ def test_symile_missing_modality_rule(negatives):
     infonce = ref_infonce(rows_of(z, "a", pair), rows_of(z, "b", pair), 5.0)
     leaves = {m: v.clone().requires_grad_(True) for m, v in z.items()}
     torch.manual_seed(7)
-    loss = Symile(negatives=negatives, temperature=0.2)(leaves, present, anchor="c")
+    loss = Symile(normalise="l2", negatives=negatives, temperature=0.2)(leaves, present, anchor="c")
     assert loss.item() == pytest.approx((3 * symile + 2 * infonce) / 5, rel=1e-5)
     loss.backward()
     for m, leaf in leaves.items():  # NaN rows get no gradient, the others a finite one
@@ -293,7 +319,7 @@ def test_symile_equals_the_authors_package(m, n, negatives):
     raw = [torch.randn(n, 8) for _ in range(m)]
     ours_in = {f"m{k}": r.clone().requires_grad_(True) for k, r in enumerate(raw)}
     theirs_in = [r.clone().requires_grad_(True) for r in raw]
-    ours = Symile(negatives=negatives, temperature=0.2)
+    ours = Symile(normalise="l2", negatives=negatives, temperature=0.2)
     scale = torch.tensor(5.0, requires_grad=True)
     torch.manual_seed(7)
     value = ours(ours_in, anchor="m0")

@@ -39,6 +39,7 @@ from .fit import (
     fit_baseline,
     fit_blend,
     fit_correction,
+    joint_retrieval,
     split_retrieval,
     tuple_retrieval,
 )
@@ -408,7 +409,7 @@ def _log(run: _Run, record: dict) -> None:
 
 def _validate_and_keep_best(run: _Run) -> None:
     """Score the bound model (projectors + blend) on val; keep the projectors when they improved."""
-    metrics = _val_retrieval(run.model(), run.data, run.val_pairs)
+    metrics = _val_retrieval(run, run.model())
     value, state = metrics[run.recipe.train.metric], run.state
     if value > state["best_metric"]:
         state.update(best_metric=value, best_step=state["step"], bad_evals=0)
@@ -420,9 +421,14 @@ def _validate_and_keep_best(run: _Run) -> None:
     _log(run, {"step": state["step"], "split": "val", **metrics})
 
 
-def _val_retrieval(model: BoundModel, data: PairedFeatures, pairs: Pairs) -> dict:
-    """Validation recall: of the two modalities, or of every pair of N (and their mean)."""
-    return tuple_retrieval(model, data, pairs) if data.extra_names else split_retrieval(model, data, pairs)
+def _val_retrieval(run: _Run, model: BoundModel) -> dict:
+    """Validation recall: of the two modalities; of every pair of N (and their mean); or, for a
+    loss scored by the multilinear rule (Symile), of every joint query (and their mean)."""
+    data, pairs = run.data, run.val_pairs
+    if not data.extra_names:
+        return split_retrieval(model, data, pairs)
+    rule = getattr(run.objective.contrastive, "query_rule", "sum-cosine")
+    return joint_retrieval(model, data, pairs, rule) if rule == "multilinear" else tuple_retrieval(model, data, pairs)
 
 
 def _batch_loss(run: _Run, local: np.ndarray, readers: dict, step: int) -> tuple[torch.Tensor, dict]:
@@ -555,7 +561,7 @@ def train(
     model = _finish(run)
     state = run.state
     result = TrainResult(run.out, state["best_step"], state["best_metric"], state["step"],
-                         _val_retrieval(model, run.data, run.val_pairs), model=model,
+                         _val_retrieval(run, model), model=model,
                          chance=chance_retrieval_metrics(run.val_pairs.anchor_rows), stopped_early=state["stopped_early"])
     if baselines and run.add is not None:  # the training-free maps into the same frozen space
         for name in INTO_MAP_BASELINES:
