@@ -710,6 +710,13 @@ class NNTransfer(Baseline):
 
     Defaults measured on openclipart (val): softmax weighting (temperature 0.03-0.1, k 10-50)
     ~23% mean recall vs 21-22% for the plain mean at k 5-10 (15% at k=50); ``center`` +0.4.
+
+    ``bank`` caps the rows searched (None or 0: every training image). With more training
+    images than ``bank``, the bank is reduced (`_reduce_bank`, seeded by ``bank_seed``) to
+    ``bank`` k-means centroids of the embedded images, each with the mean caption embedding of
+    its members (``bank_reduction: kmeans``), or to the member nearest each centroid, with its
+    own captions (``subsample``). ``member_weighted`` adds log(member count) to each bank row's
+    softmax logit (a centroid speaks for its members). The saved state has the same shape either way.
     """
 
     k: int = 10
@@ -717,6 +724,10 @@ class NNTransfer(Baseline):
     temperature: float = 0.05
     center: bool = True
     batch_size: int = 1024
+    bank: int | None = None
+    bank_reduction: str = "kmeans"
+    bank_seed: int = 0
+    member_weighted: bool = False
 
     def __post_init__(self) -> None:
         checks.integer("nn-transfer: k", self.k, minimum=1, error=BaselineError)
@@ -724,6 +735,12 @@ class NNTransfer(Baseline):
         checks.number("nn-transfer: temperature", self.temperature, minimum=0.0, strict=True, error=BaselineError)
         checks.flag("nn-transfer: center", self.center, error=BaselineError)
         checks.integer("nn-transfer: batch_size", self.batch_size, minimum=1, error=BaselineError)
+        if self.bank is not None:
+            checks.integer("nn-transfer: bank (the most bank rows; 0 or null: all)", self.bank, minimum=0,
+                           error=BaselineError)
+        checks.choice("nn-transfer: bank_reduction", self.bank_reduction, BANK_REDUCTIONS, error=BaselineError)
+        checks.integer("nn-transfer: bank_seed", self.bank_seed, minimum=0, error=BaselineError)
+        checks.flag("nn-transfer: member_weighted", self.member_weighted, error=BaselineError)
 
     def _fit(self, train: PairedArrays) -> None:
         rows, anchor_of_text = _fit_anchor_spaces(self, train)
@@ -732,19 +749,102 @@ class NNTransfer(Baseline):
         sums = torch.zeros(len(rows), captions.shape[1]).index_add_(0, index, captions)
         counts = torch.bincount(index, minlength=len(rows)).clamp(min=1)
         self._anchor_text = sums / counts[:, None].to(sums.dtype)
-        self._fitted_info.update(out_dim=train.text.shape[1], k=min(self.k, len(rows)))
+        if self.bank and len(rows) > self.bank:
+            images, texts, members = _reduce_bank(self._anchor_image.numpy(), self._anchor_text.numpy(),
+                                                  self.bank, self.bank_reduction, self.bank_seed)
+            self._anchor_image, self._anchor_text = torch.from_numpy(images), torch.from_numpy(texts)
+            self._anchor_members = torch.from_numpy(members)
+            self._fitted_info.update(bank=len(images), bank_from=len(rows))
+        self._fitted_info.update(out_dim=train.text.shape[1], k=min(self.k, len(self._anchor_image)))
+
+    def _logit_offsets(self) -> torch.Tensor | None:
+        """log(member count) of each bank row when the softmax weighs centroids by their members."""
+        members = getattr(self, "_anchor_members", None)
+        if not self.member_weighted or members is None:
+            return None
+        return torch.log(members.to(torch.float32))
 
     def _encode(self, side: str, x: torch.Tensor) -> torch.Tensor:
         q = self._spaces[side](x)
         if side == "text":
             return q
         k = min(self.k, len(self._anchor_image))
+        offsets = self._logit_offsets()
         out = torch.empty(len(q), self._anchor_text.shape[1])
         for part in _chunks(len(q), self.batch_size):
             sims, idx = (q[part] @ self._anchor_image.T).topk(k, dim=1)
             if self.weighting == "softmax":
-                weights = torch.softmax(sims / self.temperature, dim=1)
+                logits = sims / self.temperature if offsets is None else sims / self.temperature + offsets[idx]
+                weights = torch.softmax(logits, dim=1)
             else:
                 weights = torch.full_like(sims, 1.0 / k)
             out[part] = torch.einsum("bk,bkd->bd", weights, self._anchor_text[idx])
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# the bounded bank of nn-transfer: a seeded spherical k-means over the embedded training images
+
+BANK_REDUCTIONS = ("kmeans", "subsample")
+KMEANS_ITERATIONS = 20  # Lloyd passes at most (they stop early once no centroid moves)
+KMEANS_SAMPLE_PER_CENTROID = 32  # rows the centroids are fitted on, per centroid: the cost is bounded, not O(n)
+
+
+def _reduce_bank(images: np.ndarray, texts: np.ndarray, size: int, reduction: str,
+                 seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bank images, their caption embeddings, member counts): at most `size` rows standing for
+    the unit-length `images` [n, d] and their mean captions `texts` [n, dt].
+
+    ``kmeans``: each centroid's members (every image's nearest centroid) averaged, the image
+    side renormalised to unit length, each image counting once on the caption side.
+    ``subsample``: the member nearest each centroid, its own captions (real rows, one per
+    cluster: a sample that covers the space). A centroid left without members is dropped."""
+    centroids = _spherical_kmeans(images, size, seed)
+    labels, sims = _nearest_centroid(images, centroids)
+    image_sums, members = _member_sums(images, labels, size)
+    kept = np.flatnonzero(members)
+    if reduction == "subsample":
+        by_cluster = np.lexsort((-sims, labels))  # each cluster's rows, nearest first (ties: lower row)
+        first = by_cluster[np.r_[0, np.flatnonzero(np.diff(labels[by_cluster])) + 1]]
+        return images[first], texts[first], members[kept].astype(np.float32)
+    text_sums, _ = _member_sums(texts, labels, size)
+    bank_images = _l2_rows(image_sums[kept]).astype(np.float32)
+    bank_texts = (text_sums[kept] / members[kept, None]).astype(np.float32)
+    return bank_images, bank_texts, members[kept].astype(np.float32)
+
+
+def _spherical_kmeans(x: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` unit-length centroids of the unit rows `x` (cosine k-means), fitted on a seeded
+    sample of at most KMEANS_SAMPLE_PER_CENTROID * size rows, started from `size` of its rows."""
+    rng = np.random.default_rng([seed, size])
+    cap = KMEANS_SAMPLE_PER_CENTROID * size
+    sample = x if len(x) <= cap else x[np.sort(rng.choice(len(x), cap, replace=False))]
+    centroids = sample[np.sort(rng.choice(len(sample), size, replace=False))]
+    for _ in range(KMEANS_ITERATIONS):
+        labels, sims = _nearest_centroid(sample, centroids)
+        sums, members = _member_sums(sample, labels, size)
+        moved = _l2_rows(sums).astype(np.float32)
+        empty = np.flatnonzero(members == 0)  # restarted at the rows their centroids fit worst
+        moved[empty] = sample[np.argsort(sims, kind="stable")[: len(empty)]]
+        if np.array_equal(moved, centroids):
+            break
+        centroids = moved
+    return centroids
+
+
+def _nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centroid (the lowest index on ties) and its cosine, in blocks."""
+    labels, sims = np.empty(len(x), np.int64), np.empty(len(x), np.float32)
+    for part in _chunks(len(x), max(1, SIMILARITY_BLOCK // len(centroids))):
+        block = x[part] @ centroids.T
+        labels[part] = block.argmax(axis=1)
+        sims[part] = np.take_along_axis(block, labels[part, None], 1)[:, 0]
+    return labels, sims
+
+
+def _member_sums(x: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of each cluster's rows in float64 [size, d], member counts [size])."""
+    sums = torch.zeros(size, x.shape[1], dtype=torch.float64)
+    for part in _chunks(len(x), max(1, SIMILARITY_BLOCK // max(1, x.shape[1]))):
+        sums.index_add_(0, torch.from_numpy(labels[part]), torch.from_numpy(x[part]).double())
+    return sums.numpy(), np.bincount(labels, minlength=size)

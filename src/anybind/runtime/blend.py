@@ -94,6 +94,8 @@ def _nn_transfer(b: Baseline, side: str, x: np.ndarray) -> np.ndarray:
     sims, idx = _top_k(q @ anchors.T, min(int(b.options["k"]), len(anchors)))
     if b.options["weighting"] == "softmax":
         logits = sims / float(b.options["temperature"])
+        if b.options.get("member_weighted") and "_anchor_members" in b.state:  # a reduced bank's centroids
+            logits = logits + np.log(b.state["_anchor_members"])[idx]
         weights = np.exp(logits - logits.max(1, keepdims=True))
         weights /= weights.sum(1, keepdims=True)
     else:
