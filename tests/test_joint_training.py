@@ -115,6 +115,9 @@ def test_more_than_two_modalities_are_refused_with_a_two_sided_recipe(three, tmp
         train(load_recipe("freeze-align", FAST), three, out=tmp_path / "a", progress=False)
     with pytest.raises(AnybindError, match="blend"):
         train(load_recipe("default", FAST + ["loss.name=symile"]), three, out=tmp_path / "b", progress=False)
+    with pytest.raises(AnybindError, match="joint queries.*train.metric=mean_R@10"):
+        train(load_recipe("freeze-align", FAST + ["loss.name=symile", "train.metric=text_to_image_R@10"]), three,
+              out=tmp_path / "c", progress=False)
 
 
 def _joint_recall_by_loops(model, data, pairs, gallery: str, k: int) -> float:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import atomic
+from .._hashing import hash_obj
 from ..device import select_device
 from ..errors import AnybindError
 from ..features import FeatureStore
@@ -286,7 +287,7 @@ class _Run:
 
 
 def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pairs, device, anchor,
-           add: AddSpec | None = None, across_datasets: bool = False) -> _Run:
+           add: AddSpec | None = None, across_datasets: bool = False, train_items=None) -> _Run:
     rank, world = dist.rank_world()
     stores = {k: v if isinstance(v, FeatureStore) else FeatureStore.open(v) for k, v in stores.items()}
     if add is not None:
@@ -296,6 +297,10 @@ def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pair
     train_pairs, val_pairs, cfg = data.pairs("train"), data.pairs("val"), recipe.train
     if max_train_pairs is not None:
         train_pairs = subsample_items(train_pairs, max_train_pairs, seed=cfg.seed)
+    if train_items is not None:  # a chosen subset (anybind curate's items.txt)
+        from .curate import keep_items
+
+        train_pairs = keep_items(train_pairs, data.side(data.anchor_name).store.item_ids, train_items)
     if cfg.batch_size % world:
         raise AnybindError(f"train.batch_size {cfg.batch_size} must divide by the {world} processes")
     # before training (validation reads the blend); with --add the source's blend is part of the target
@@ -312,7 +317,8 @@ def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pair
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.optimizer, total_steps))
     split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint,
                  **({"source": add.fingerprint} if add else {}),
-                 **({"across_datasets": True} if across_datasets else {})}
+                 **({"across_datasets": True} if across_datasets else {}),
+                 **({"train_items": hash_obj(sorted(train_items))} if train_items is not None else {})}
     return _Run(recipe, data, train_pairs, val_pairs, space, objective, optimizer, scheduler, params,
                 baseline, weight, device, resolve_precision(cfg.precision, device), batch_size,
                 steps_per_epoch, total_steps, out, split_key, rank, world, add)
@@ -335,6 +341,10 @@ def _check_joint(recipe: Recipe, stores: dict, add: AddSpec | None) -> None:
         if cfg.get("name", "none") != "none":
             raise AnybindError(f"the recipe's {part} ({cfg['name']}) pairs two sides; with {len(stores)} modalities "
                                f"use a recipe without one (freeze-align) or --set {part}.name=none")
+    multilinear = getattr(LOSSES.get(recipe.loss.name), "query_rule", "") == "multilinear"
+    if multilinear and not recipe.train.metric.startswith("mean_R@"):  # it validates by joint queries
+        raise AnybindError(f"{recipe.loss.name} validates by its joint queries, whose mean is mean_R@k: "
+                           f"train.metric={recipe.train.metric} names a direction of a pair; --set train.metric=mean_R@10")
 
 
 def _add_layers(add: AddSpec, stores: dict, layers: dict | None) -> dict:
@@ -533,13 +543,15 @@ def train(
     add: AddSpec | None = None,
     loggers: Sequence = (),
     across_datasets: bool = False,
+    train_items: Sequence[str] | None = None,
 ) -> TrainResult:
     """Fit the recipe's bound model on two stores: train its projectors (validation and early
     stopping read the blended model), fit its correction, and save it to ``out/model``.
 
     `fold` trains on a cross-validation fold (`anybind.data.crossval`) instead of the index's
     fixed split; `max_train_pairs` keeps a seeded random subset of the train items (the
-    data-efficiency sweep), every caption of a kept item included. `preload` puts the features on
+    data-efficiency sweep), every caption of a kept item included; `train_items` keeps the train
+    items with these ids (a curated subset, `align/curate.py`). `preload` puts the features on
     the GPU once (default: when they fit in a third of its free memory; see `batch_reader`).
     `anchor` names the modality the other binds to (default: the store with one row per item).
     `result.val` is the saved model's retrieval on the val split, correction included.
@@ -553,7 +565,8 @@ def train(
     t0 = time.perf_counter()
     device = select_device(device)
     distributed = dist.init_from_env(device)
-    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add, across_datasets)
+    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add, across_datasets,
+                 train_items)
     _restore(run, resume)
     run.loggers = as_loggers(loggers if run.rank == 0 else ())
     run.loggers.log_params(run.recipe.to_dict())
