@@ -414,12 +414,14 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     device = _device(args.device)
     add = _add_spec(args)
+    items = _train_items(args.items)
     stores, layers = train_inputs(args, add)
     default = f"{slug(args.add)}-onto-{slug(add.to)}" if add else slug(recipe.name)
     out = args.out or f"runs/{default}-{datetime.now():%Y%m%d-%H%M%S}"
     with experiment_loggers(args, out) as loggers:
         result = train(recipe, stores, out=out, layers=layers, device=device, resume=not args.restart,
-                       progress=not args.quiet, add=add, loggers=loggers, across_datasets=args.across_datasets)
+                       progress=not args.quiet, add=add, loggers=loggers, across_datasets=args.across_datasets,
+                       train_items=items)
     print(format_result(result, names=(add.to, add.modality) if add else None))
     print(f"\n{result.steps} steps in {result.seconds:.0f}s"
           + (" (stopped early)" if result.stopped_early else "")
@@ -427,6 +429,51 @@ def cmd_train(args) -> int:
     if add:
         print(f"{add.modality} is bound onto the frozen {add.to} space of {add.source_path} (unchanged); "
               f"ship it with: anybind export --run {result.out} --out bundles/NAME")
+    return 0
+
+
+def _train_items(path):
+    """`--items FILE`: the item ids to train on (checked before any store is opened), or None."""
+    if not path:
+        return None
+    from .align.curate import read_items
+
+    return read_items(path)
+
+
+def cmd_curate(args) -> int:
+    """Choose n training items that cover a concept vocabulary (freeze-align's data curation).
+
+    Each concept (--concepts: WordNet's single-word nouns attested in SemCor, or a file of one
+    concept a line) is embedded by the encoder that made the caption store, at the layer it reads.
+    Each train item goes to the concept most similar to one of its captions. The n items are then
+    taken round-robin across concepts: each round every concept offers its next most similar item
+    (at most --cap per concept) and the round is taken in order of similarity, so coverage comes
+    before depth. An item whose image features have a cosine above --duplicate-cosine with one
+    already taken is skipped (near-identical drawings are not both chosen). Only the train split
+    (of --fold, or the index's) is a candidate. Writes OUT/items.txt (train on it with
+    `anybind train --items OUT/items.txt`), OUT/coverage.json and OUT/coverage.png.
+    """
+    from pathlib import Path
+
+    from .align import curate as cur
+
+    cur.check_selection(args.n, args.cap, args.min_similarity)  # before any store is opened
+    concepts = cur.read_concepts(args.concepts)
+    stores, layers = train_inputs(args)
+    pool = cur.load_pool(stores, layers, fold=args.fold)
+    feats = cur.embed_concepts(pool.text_store, concepts, pool.text_layer, progress=not args.quiet)
+    result = cur.curate_pool(pool, concepts, feats, args.n, cap=args.cap, min_similarity=args.min_similarity,
+                             duplicate_cosine=args.duplicate_cosine)
+    paths = cur.write_curation(result, Path(args.out))
+    r = result.report
+    print(f"{r['n_selected']} of {r['pool_items']} train items over {r['concepts_covered']} of {r['concepts']} concepts "
+          f"({r['concepts_in_pool']} have an item); {r['dropped_duplicates']} near-duplicates skipped")
+    if r["n_selected"] < r["n_requested"]:
+        print(f"fewer than the {r['n_requested']} asked for: the cap, the similarity floor or the near-duplicates "
+              "left no more")
+    print(_table([{"concept": c, "items": k} for c, k in list(result.per_concept.items())[:10]], ["concept", "items"]))
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in paths.items()))
     return 0
 
 
@@ -941,9 +988,33 @@ def _train_args(verb: Callable) -> None:
                         "--add audio --to bundles/default --store audio=whisper-tiny-en+openclipart-speech "
                         "--store text=openclipart-speech); the source is never modified")
     p.add_argument("--to", metavar="BUNDLE_OR_RUN", help="with --add: the bundle, run or bound model to extend")
+    p.add_argument("--items", metavar="FILE",
+                   help="train on these train-split items only: one item id a line (anybind curate's items.txt)")
     _add_encoding(p)
     _add_device(p)
     _add_loggers(p)
+
+    p = verb("curate", cmd_curate, "choose n training items that cover a concept vocabulary (freeze-align)")
+    p.add_argument("--store", "-s", action="append", metavar="SIDE=STORE", required=True,
+                   help="the image store and the caption store, as for train: "
+                        "image=efficientnet-lite0+openclipart text=minilm-l6+openclipart")
+    p.add_argument("--n", type=int, required=True, help="how many items to choose (e.g. 1000)")
+    p.add_argument("--concepts", default="wordnet",
+                   help="wordnet (single-word nouns tagged in SemCor, 9,246; wordnet:0 for all 55k), or a file of "
+                        "one concept a line, e.g. a dataset's class names")
+    p.add_argument("--cap", type=int, help="at most this many items per concept (default: no cap; the round-robin "
+                                            "already spreads n as evenly as the pool allows)")
+    p.add_argument("--min-similarity", type=float,
+                   help="drop items whose best caption-concept cosine is below this (default: keep all)")
+    p.add_argument("--duplicate-cosine", type=float, default=0.95,
+                   help="skip an item whose image-feature cosine with a chosen one exceeds this (default 0.95; "
+                        "1 keeps near-duplicates)")
+    p.add_argument("--fold", type=int, help="choose from this cross-validation fold's train split (default: the "
+                                             "dataset index's train split, what `anybind train` uses)")
+    p.add_argument("--layers", action="append", metavar="SIDE=LAYERS", help="layers a side reads (the last one is used)")
+    p.add_argument("--out", "-o", default="curated", help="folder for items.txt and the coverage report (default curated/)")
+    p.set_defaults(assessment=None)
+    _add_encoding(p)
 
     p = verb("run", cmd_run, "run a whole experiment from a run file (extract, assess, train, eval, export)")
     p.add_argument("runfile", nargs="?", default="default", help="a run YAML file or a built-in name (default)")

@@ -542,16 +542,14 @@ def train(
     anchor: str | None = None,
     add: AddSpec | None = None,
     loggers: Sequence = (),
-    across_datasets: bool = False,
-    train_items: Sequence[str] | None = None,
+    across_datasets: bool = False, train_items: Sequence[str] | None = None,
 ) -> TrainResult:
     """Fit the recipe's bound model on two stores: train its projectors (validation and early
     stopping read the blended model), fit its correction, and save it to ``out/model``.
 
     `fold` trains on a cross-validation fold (`anybind.data.crossval`) instead of the index's
     fixed split; `max_train_pairs` keeps a seeded random subset of the train items (the
-    data-efficiency sweep), every caption of a kept item included; `train_items` keeps the train
-    items with these ids (a curated subset, `align/curate.py`). `preload` puts the features on
+    data-efficiency sweep) and `train_items` those ids (`anybind curate`), with every caption. `preload` puts the features on
     the GPU once (default: when they fit in a third of its free memory; see `batch_reader`).
     `anchor` names the modality the other binds to (default: the store with one row per item).
     `result.val` is the saved model's retrieval on the val split, correction included.
@@ -565,8 +563,7 @@ def train(
     t0 = time.perf_counter()
     device = select_device(device)
     distributed = dist.init_from_env(device)
-    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add, across_datasets,
-                 train_items)
+    run = _setup(recipe, stores, Path(out), layers, fold, max_train_pairs, device, anchor, add, across_datasets, train_items)
     _restore(run, resume)
     run.loggers = as_loggers(loggers if run.rank == 0 else ())
     run.loggers.log_params(run.recipe.to_dict())
