@@ -125,7 +125,8 @@ def table(records: list[dict], sizes) -> str:
         cells = []
         for n in sizes:
             v = [100 * r["metrics"][SCORE] for r in records if r["arm"] == arm and r["n"] == n]
-            cells.append(f"{np.mean(v):.1f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.1f} ({len(v)})" if v else "-")
+            sd = f" ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else ""
+            cells.append(f"{np.mean(v):.1f}{sd} ({len(v)})" if v else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -135,13 +136,19 @@ def main() -> None:
     ap.add_argument("--stage", choices=("val", "test"), default="test")
     ap.add_argument("--folds", default="0", help="comma-separated folds (val: fold 0 only)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--report", action="store_true",
+                    help="only print and write the table of what the log holds (no training)")
     ap.add_argument("--arms", default="random,curated", help="which subsets to run (a second process can take one)")
     ap.add_argument("--sizes", default=None, help="comma-separated n (default: 500,1000,2000,4000; val: 1000,2000)")
     args = ap.parse_args()
     folds = [0] if args.stage == "val" else [int(f) for f in args.folds.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(VAL_SIZES if args.stage == "val" else SIZES)
-    suite = Suite.builtin(progress=True)
-    records = sweep(suite, args.stage, folds, range(args.seeds), sizes, args.arms.split(","))
+    if args.report:  # every logged run of this split (the recipe's bank cap, added meanwhile, changes nothing here)
+        split = "val" if args.stage == "val" else "test"
+        records = [r for r in ResultsLog(RESULTS / "log.jsonl")._done.values() if r["split"] == split and r["fold"] in folds]
+    else:
+        suite = Suite.builtin(progress=True)
+        records = sweep(suite, args.stage, folds, range(args.seeds), sizes, args.arms.split(","))
     text = f"{args.stage} split, folds {','.join(map(str, folds))}; suite score, mean ± sd (runs)\n\n" + table(records, sizes)
     print(text)
     (RESULTS / f"table-{args.stage}.md").write_text(text + "\n")

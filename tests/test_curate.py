@@ -133,6 +133,7 @@ def stores(tmp_path, cache):
     return image, text, tmp_path
 
 
+@pytest.mark.slow  # loads minilm-l6: ~10 s on 2 cores
 def test_curate_verb_balances_concepts_and_training_uses_the_items(stores):
     image, text, tmp_path = stores
     (tmp_path / "concepts.txt").write_text("dog\nbicycle\ntree\nvolcano\n")
