@@ -453,6 +453,8 @@ def cmd_curate(args) -> int:
     already taken is skipped (near-identical drawings are not both chosen). Only the train split
     (of --fold, or the index's) is a candidate. Writes OUT/items.txt (train on it with
     `anybind train --items OUT/items.txt`), OUT/coverage.json and OUT/coverage.png.
+
+      anybind curate --store image=efficientnet-lite0+openclipart --store text=minilm-l6+openclipart --n 1000
     """
     from pathlib import Path
 
