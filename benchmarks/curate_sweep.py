@@ -118,6 +118,30 @@ def sweep(suite: Suite, stage: str, folds, seeds, sizes, which=("random", "curat
     return records
 
 
+def coverage(suite: Suite, fold: int, sizes, seeds) -> str:
+    """Concepts covered (items' assigned concepts) by the random subsets and by the curated one."""
+    from anybind.align.curate import assign_concepts
+    from anybind.align.trainer import subsample_items
+
+    concepts = read_concepts(VOCABULARY)
+    feats = concept_features(suite, concepts)
+    pool = load_pool(suite.stores, suite.layers, fold=fold)
+    concept, _ = assign_concepts(pool.captions, pool.caption_item, feats)
+    position = {item: i for i, item in enumerate(pool.item_ids)}
+    train = suite.fold_data(fold).split_pairs["train"]
+    ids = suite.stores["image"].item_ids
+    rows = ["| subset | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    random_cells, curated_cells = [], []
+    for n in sizes:
+        got = [len({concept[position[ids[int(r)]]] for r in np.unique(subsample_items(train, n, s).item)}) for s in seeds]
+        random_cells.append(f"{np.mean(got):.0f}")
+        chosen = curate_pool(pool, concepts, feats, n, **VARIANTS[CHOSEN]).item_ids
+        curated_cells.append(str(len({concept[position[i]] for i in chosen})))
+    rows += [f"| random | {' | '.join(random_cells)} |", f"| curated ({CHOSEN}) | {' | '.join(curated_cells)} |"]
+    return (f"fold {fold}: WordNet concepts covered ({len(concepts):,} in the vocabulary, "
+            f"{len(set(concept.tolist()))} assigned to some train item)\n\n" + "\n".join(rows))
+
+
 def table(records: list[dict], sizes) -> str:
     arms = list(dict.fromkeys(r["arm"] for r in records))
     lines = ["| subset | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
@@ -136,6 +160,7 @@ def main() -> None:
     ap.add_argument("--stage", choices=("val", "test"), default="test")
     ap.add_argument("--folds", default="0", help="comma-separated folds (val: fold 0 only)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--coverage", action="store_true", help="only count the concepts each subset covers (fold 0)")
     ap.add_argument("--report", action="store_true",
                     help="only print and write the table of what the log holds (no training)")
     ap.add_argument("--arms", default="random,curated", help="which subsets to run (a second process can take one)")
@@ -143,6 +168,11 @@ def main() -> None:
     args = ap.parse_args()
     folds = [0] if args.stage == "val" else [int(f) for f in args.folds.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(VAL_SIZES if args.stage == "val" else SIZES)
+    if args.coverage:
+        text = coverage(Suite.builtin(progress=True), folds[0], sizes, range(args.seeds))
+        print(text)
+        (RESULTS / "coverage.md").write_text(text + "\n")
+        return
     if args.report:  # every logged run of this split (the recipe's bank cap, added meanwhile, changes nothing here)
         split = "val" if args.stage == "val" else "test"
         records = [r for r in ResultsLog(RESULTS / "log.jsonl")._done.values() if r["split"] == split and r["fold"] in folds]
