@@ -67,6 +67,49 @@ def run(specs: list[ModelSpec], suite: Suite, work: Path, folds, seeds, split: s
     return records
 
 
+def swapped(cap: int, reduction: str, weighted: bool, suite: Suite, fold: int, split: str, work: Path,
+            log_: ResultsLog) -> dict:
+    """The fold's full-bank default run (trained once, or read from the log) with its blend's bank
+    capped: the projectors are the same, only the baseline is refitted. Resumes from the log."""
+    from anybind._hashing import hash_obj
+    from anybind.align.bound import BoundModel
+    from anybind.align.fit import fit_baseline
+    from anybind.evaluate.protocol import suite_identity
+
+    spec = blend_spec(cap, reduction, weighted)
+    key = hash_obj({"swap": 1, "model": spec.settings(), "suite": suite_identity(suite), "fold": fold, "split": split})
+    if log_.get(key) is not None:
+        return log_.get(key)
+    t0 = time.perf_counter()
+    full = evaluate_one(blend_spec(0), suite, fold, 0, work, log_, split=split)
+    trained = BoundModel.load(Path(full["info"]["metrics_jsonl"]).parent / "model")
+    fd = suite.fold_data(fold)
+    options = {"k": 10, "bank": cap, "bank_reduction": reduction, "member_weighted": weighted}
+    baseline = fit_baseline("nn-transfer", options, fd.data, fd.split_pairs["train"])
+    model = BoundModel(trained.layers, trained.anchor, space=trained.space, baseline=baseline, weight=trained.weight,
+                       correction=trained.correction, recipe=trained.recipe)
+    metrics, per_class, info = suite.evaluate(model, fold, split, ("retrieval", "zeroshot", "probe"))
+    rec = {"key": key, "model": f"{spec.name} (swapped)", "fold": fold, "seed": 0, "split": split, "metrics": metrics,
+           "per_class": per_class, "info": info | {"seconds": round(time.perf_counter() - t0, 1)}}
+    log_.add(rec)
+    return rec
+
+
+def run_swapped(caps, variants, suite: Suite, work: Path, folds, split: str) -> list[dict]:
+    records = []
+    for fold in folds:
+        for cap in caps:
+            for reduction, weighted in variants:
+                log_ = ResultsLog(work / "log.jsonl")  # read again: another process may share the folder
+                rec = swapped(cap, reduction, weighted, suite, fold, split, work, log_)
+                records.append(rec)
+                print(f"{rec['model']:42s} fold {fold} {split}: {SCORE} {100 * rec['metrics'][SCORE]:.1f} "
+                      f"({rec['info']['seconds']:.0f} s)", flush=True)
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(work / "log.jsonl", RESULTS / f"log-{work.name}.jsonl")
+    return records
+
+
 def summarise(records: list[dict], keys=(SCORE, "retrieval/mean_recall", "zeroshot/balanced_accuracy",
                                          "probe/top1")) -> dict[str, dict]:
     """model name -> metric -> (mean, sd, n) in %, over the records of that model."""
@@ -96,22 +139,43 @@ def write(name: str, summary: dict, text: str) -> None:
     print(text)
 
 
-def stage_val(suite: Suite, work: Path) -> None:
-    specs = [blend_spec(0)] + [blend_spec(c, r, w) for c in VAL_CAPS for r, w in VARIANTS]
-    summary = summarise(run(specs, suite, work, [0], [0], "val"))
-    write("val", summary, table(summary, "fold 0 validation, seed 0 (%)"))
+def stage_val(suite: Suite, work: Path, caps, variants, retrain: bool) -> None:
+    if retrain:
+        records = run([blend_spec(0)] + [blend_spec(c, r, w) for c in caps for r, w in variants], suite, work, [0], [0],
+                      "val")
+    else:
+        records = run([blend_spec(0)], suite, work, [0], [0], "val") + run_swapped(caps, variants, suite, work, [0], "val")
+    summary = summarise(records)
+    write("val-retrained" if retrain else "val", summary, table(summary, "fold 0 validation, seed 0 (%)"))
 
 
-def stage_test(suite: Suite, work: Path, folds, seeds, models: str, reduction: str, weighted: bool) -> None:
+def stage_test(suite: Suite, work: Path, folds, seeds, caps, models: str, reduction: str, weighted: bool) -> None:
     """`models`: "caps" (the capped blends), "references" (the full bank, the MLP alone, nn-transfer
     alone: they do not depend on the reduction, so they may run beside the choice) or "all"."""
-    specs = [blend_spec(c, reduction, weighted) for c in CAPS if c] if models != "references" else []
-    if models != "caps":
-        specs = [blend_spec(0), ModelSpec("MLP alone", recipe="default", overrides=("blend={name: none}",)),
-                 baseline_spec("nn-transfer", k=10)] + specs
-    summary = summarise(run(specs, suite, work, folds, seeds, "test"))
-    write(f"test-{models}", summary, table(summary, f"test folds {','.join(map(str, folds))} x seeds "
+    if models == "caps":  # the full-bank run of each fold with its bank capped (trained when missing)
+        records = run_swapped(caps, [(reduction, weighted)], suite, work, folds, "test")
+    else:  # the MLP alone last: the most expensive and the least needed
+        specs = [blend_spec(0), baseline_spec("nn-transfer", k=10),
+                 ModelSpec("MLP alone", recipe="default", overrides=("blend={name: none}",))]
+        records = run(specs, suite, work, folds, seeds, "test")
+    summary = summarise(records)
+    write(f"test-{models}-{'-'.join(map(str, caps))}" if models == "caps" else f"test-{models}", summary, table(summary, f"test folds {','.join(map(str, folds))} x seeds "
                                                     f"{','.join(map(str, seeds))} (%)"))
+
+
+def stage_table() -> None:
+    """Every record of the results logs copied here (several processes may have run): a validation
+    table and a test table, each model's runs listed."""
+    logs = sorted(RESULTS.glob("log*.jsonl"))
+    unique = {r["key"]: r for log in logs for r in map(json.loads, log.read_text().splitlines())}
+    order = ["all", *(f"{c} " for c in CAPS[1:]), "nn-transfer", "MLP alone"]
+    for split, title in (("val", "fold 0 validation, seed 0 (%)"), ("test", "test folds, mean ± sd over folds (%)")):
+        records = sorted((r for r in unique.values() if r["split"] == split),
+                         key=lambda r: (next(i for i, o in enumerate(order) if r["model"].startswith(o)), r["model"],
+                                        r["fold"], r["seed"]))
+        summary = summarise(records)
+        runs = {name: sorted({(r["fold"], r["seed"]) for r in records if r["model"] == name}) for name in summary}
+        write(split, {"models": summary, "runs (fold, seed)": runs}, table(summary, title))
 
 
 def query_ms(model, images: np.ndarray, batch: int, repeats: int = 3) -> float:
@@ -173,23 +237,36 @@ def stage_cost(suite: Suite, reduction: str, weighted: bool) -> None:
     write("cost", rows, "\n".join(lines))
 
 
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=("val", "test", "cost"), required=True)
+    ap.add_argument("--stage", choices=("val", "test", "cost", "table"), required=True)
     ap.add_argument("--folds", default="0,1,2,3,4")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--models", default="all", choices=("all", "caps", "references"))
+    ap.add_argument("--caps", default=None, help=f"comma-separated caps (val: {VAL_CAPS}; test: {CAPS[1:]})")
+    ap.add_argument("--variants", default=None, help="val: reduction[+members],... (default: all four)")
     ap.add_argument("--reduction", default="kmeans", choices=("kmeans", "subsample"))
     ap.add_argument("--member-weighted", action="store_true")
+    ap.add_argument("--retrain", action="store_true",
+                    help="val: train each capped model (early stopping on its own blend) instead of capping the "
+                         "bank of the fold's full-bank run")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bounded_blend",
                     help="the results log and the trained runs (resumable)")
     args = ap.parse_args(argv)
+    if args.stage == "table":
+        return stage_table()
     suite = Suite.builtin("efficientnet-lite0", "minilm-l6", progress=False)
     if args.stage == "val":
-        stage_val(suite, args.work)
+        variants = VARIANTS if not args.variants else [(v.split("+")[0], v.endswith("+members"))
+                                                       for v in args.variants.split(",")]
+        stage_val(suite, args.work, parse_ints(args.caps) if args.caps else VAL_CAPS, variants, args.retrain)
     elif args.stage == "test":
-        stage_test(suite, args.work, [int(f) for f in args.folds.split(",")], [int(s) for s in args.seeds.split(",")],
-                   args.models, args.reduction, args.member_weighted)
+        stage_test(suite, args.work, parse_ints(args.folds), parse_ints(args.seeds),
+                   parse_ints(args.caps) if args.caps else CAPS[1:], args.models, args.reduction, args.member_weighted)
     else:
         stage_cost(suite, args.reduction, args.member_weighted)
 

@@ -43,7 +43,7 @@ def test_published_settings():
     default = load_recipe("default").to_dict()
     same = ("dim", "projector", "loss", "optimizer")
     assert {k: default[k] for k in same} == {k: fa.to_dict()[k] for k in same}
-    assert default["blend"] == {"name": "nn-transfer", "weight": 0.5, "k": 10, "bank": 10000}
+    assert default["blend"] == {"name": "nn-transfer", "weight": 0.5, "k": 10, "bank": 10000, "member_weighted": True}
     assert default["train"]["patience"] == 3
 
 
