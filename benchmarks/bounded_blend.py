@@ -175,7 +175,28 @@ def stage_table() -> None:
                                         r["fold"], r["seed"]))
         summary = summarise(records)
         runs = {name: sorted({(r["fold"], r["seed"]) for r in records if r["model"] == name}) for name in summary}
-        write(split, {"models": summary, "runs (fold, seed)": runs}, table(summary, title))
+        text = table(summary, title)
+        if split == "test":
+            text += "\n\n" + paired_differences(records)
+        write(split, {"models": summary, "runs (fold, seed)": runs}, text)
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, two-sided 95%, by degrees of freedom
+
+
+def paired_differences(records: list[dict]) -> str:
+    """Each capped model's suite score minus the full bank's on the same folds: mean and 95% t interval."""
+    full = {(r["fold"], r["seed"]): r["metrics"][SCORE] for r in records if r["model"] == "all"}
+    lines = ["model − all (suite score, points, paired by fold): mean [95% t interval], folds"]
+    for name in dict.fromkeys(r["model"] for r in records if r["model"] != "all"):
+        d = 100 * np.array([r["metrics"][SCORE] - full[(r["fold"], r["seed"])] for r in records
+                            if r["model"] == name and (r["fold"], r["seed"]) in full])
+        if len(d) > 1:
+            half = T_975.get(len(d) - 1, 2.0) * d.std(ddof=1) / np.sqrt(len(d))
+            lines.append(f"- {name}: {d.mean():+.1f} [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}], n = {len(d)}")
+        elif len(d):
+            lines.append(f"- {name}: {d.mean():+.1f}, n = 1")
+    return "\n".join(lines)
 
 
 def query_ms(model, images: np.ndarray, batch: int, repeats: int = 3) -> float:
