@@ -16,7 +16,7 @@ items, scored by the built-in suite: efficientnet-lite0 + minilm-l6 on openclipa
 `--stage val` compares the curation variants (`VARIANTS`) on fold 0's *validation* split (the only
 place a setting is chosen); `--stage test` runs `CHOSEN` on the test split. Every result is one line
 of `benchmarks/results/curate/log.jsonl` keyed by its settings, so a killed run resumes; the table
-(mean ± sd over folds x seeds) is printed and written to `table.md`, and each fold's curation
+(mean ± sd over folds x seeds) is printed and written to `table-<stage>-folds<k>.md`, and each fold's curation
 report (coverage.json, coverage.png, items.txt) to `benchmarks/results/curate/fold<k>-n<n>/`.
 """
 
@@ -39,7 +39,7 @@ from anybind.align.curate import (
 )
 from anybind.align.trainer import train
 from anybind.evaluate.protocol import ModelSpec, ResultsLog
-from anybind.evaluate.suite import Suite
+from anybind.evaluate.suite import HEADLINE, Suite
 
 RESULTS = Path(__file__).parent / "results" / "curate"
 WORK = Path.home() / ".cache" / "anybind" / "curate-sweep"  # trained runs and concept features (not committed)
@@ -142,13 +142,14 @@ def coverage(suite: Suite, fold: int, sizes, seeds) -> str:
             f"{len(set(concept.tolist()))} assigned to some train item)\n\n" + "\n".join(rows))
 
 
-def table(records: list[dict], sizes) -> str:
+def table(records: list[dict], sizes, metric: str = SCORE) -> str:
+    """mean ± sd (runs) of `metric`, in %, per subset and n."""
     arms = list(dict.fromkeys(r["arm"] for r in records))
     lines = ["| subset | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
     for arm in arms:
         cells = []
         for n in sizes:
-            v = [100 * r["metrics"][SCORE] for r in records if r["arm"] == arm and r["n"] == n]
+            v = [100 * r["metrics"][metric] for r in records if r["arm"] == arm and r["n"] == n]
             sd = f" ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else ""
             cells.append(f"{np.mean(v):.1f}{sd} ({len(v)})" if v else "-")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -179,9 +180,11 @@ def main() -> None:
     else:
         suite = Suite.builtin(progress=True)
         records = sweep(suite, args.stage, folds, range(args.seeds), sizes, args.arms.split(","))
-    text = f"{args.stage} split, folds {','.join(map(str, folds))}; suite score, mean ± sd (runs)\n\n" + table(records, sizes)
+    text = f"{args.stage} split, folds {','.join(map(str, folds))}; mean ± sd (runs)"
+    for metric in (SCORE, *HEADLINE):
+        text += f"\n\n{metric}\n\n" + table(records, sizes, metric)
     print(text)
-    (RESULTS / f"table-{args.stage}.md").write_text(text + "\n")
+    (RESULTS / f"table-{args.stage}-folds{'-'.join(map(str, folds))}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

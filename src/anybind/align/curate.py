@@ -282,7 +282,7 @@ def _coverage_plot(result: Curation, path: Path) -> Path:
     ax.set_title(f"{r['n_selected']} items over {r['concepts_covered']} of {r['concepts']} concepts", fontsize=9)
     ax.set_xlabel("items per concept")
     ax.set_ylabel("concepts")
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None}))
     fig.clf()
     return path
 
