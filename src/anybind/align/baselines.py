@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .. import checks, saving
 from ..errors import AnybindError
 from ..registry import Registry
+from .topk import bank_scores, distinct_rows, top_k
 
 __all__ = [
     "BASELINES",
@@ -268,6 +269,13 @@ class Baseline(ABC):
             cfg["fitted"] = dict(self._fitted_info)
         return cfg
 
+    def _distinct(self, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct rows of a bank attribute, found once per bank (a cache: `save` skips it)."""
+        bank, cache = getattr(self, attribute), self.__dict__.setdefault("_cache_distinct", {})
+        if attribute not in cache or cache[attribute][0] is not bank:
+            cache[attribute] = (bank, distinct_rows(bank))
+        return cache[attribute][1]
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the saved part: the options, the fitted state's description (JSON) and its
         tensors (``weights.safetensors``); no pickles, atomic, the same bytes for the same fit."""
@@ -275,7 +283,8 @@ class Baseline(ABC):
             raise BaselineError(f"baseline {self.name!r} is not fitted: nothing to save")
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         tensors: dict[str, torch.Tensor] = {}
-        state = {k: _flatten(v, k, tensors) for k, v in vars(self).items() if k not in options}
+        state = {k: _flatten(v, k, tensors) for k, v in vars(self).items()
+                 if k not in options and not k.startswith("_cache")}  # caches are rebuilt on use
         return saving.save_part(directory, KIND, self.name, options=options, tensors=tensors, state=state)
 
     @classmethod
@@ -658,7 +667,7 @@ class ASIF(Baseline):
 
     def _similarities(self, side: str, q: torch.Tensor) -> torch.Tensor:
         if side == "image":
-            return q @ self._anchor_image.T
+            return bank_scores(q, self._distinct("_anchor_image"))
         sims = q @ self._anchor_text.T  # [b, Nt] -> [b, n_anchors]
         index = self._anchor_of_text.expand_as(sims)
         reduce = "amax" if self.caption_aggregate == "max" else "mean"
@@ -672,7 +681,7 @@ class ASIF(Baseline):
         columns = self._n_anchors if side == "image" else len(self._anchor_text)
         rows = max(1, min(self.batch_size, SIMILARITY_BLOCK // max(1, columns)))  # [rows, columns] at a time
         for part in _chunks(len(q), rows):
-            vals, idx = self._similarities(side, q[part]).topk(k, dim=1)
+            vals, idx = top_k(self._similarities(side, q[part]), k)
             vals = vals.clamp(min=0.0)
             # divide by the row max before the power: same direction, no float underflow
             vals = (vals / vals[:, :1].clamp(min=1e-12)).pow(self.power)
@@ -774,7 +783,7 @@ class NNTransfer(Baseline):
         offsets = self._logit_offsets()
         out = torch.empty(len(q), self._anchor_text.shape[1])
         for part in _chunks(len(q), self.batch_size):
-            sims, idx = (q[part] @ self._anchor_image.T).topk(k, dim=1)
+            sims, idx = top_k(bank_scores(q[part], self._distinct("_anchor_image")), k)
             if self.weighting == "softmax":
                 logits = sims / self.temperature if offsets is None else sims / self.temperature + offsets[idx]
                 weights = torch.softmax(logits, dim=1)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .. import checks, saving
 from ..errors import AnybindError
 from ..registry import Registry, RegistryError
+from .topk import top_k
 
 __all__ = [
     "INTO_MAPS",
@@ -389,7 +390,7 @@ class _NeighbourMap(IntoMap):
             index = self.row_item.expand_as(sims)
             per_item = torch.zeros(len(sims), n_items, dtype=sims.dtype)
             sims = per_item.scatter_reduce_(1, index, sims, reduce="amax", include_self=False)
-        return sims.topk(min(self.k, n_items), dim=1)
+        return top_k(sims, min(self.k, n_items))
 
 
 @register_into_map("nn-transfer")

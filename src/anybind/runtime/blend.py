@@ -54,6 +54,7 @@ class Baseline:
         config, arrays = read_saved_part(directory, "baseline")
         self.name, self.options = config["name"], config.get("options", {})
         self.state = {k: _unflatten(v, arrays) for k, v in config.get("state", {}).items()}
+        self.cache: dict = {}  # derived from the state on first use
         if self.name not in _ENCODERS:
             raise AnybindError(f"the bundle blends with the '{self.name}' baseline, which anybind.runtime does not "
                                f"run (it runs {', '.join(_ENCODERS)})")
@@ -78,12 +79,30 @@ def _cosine_space(b: Baseline, side: str, x: np.ndarray) -> np.ndarray:
 
 
 def _top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest of each row, largest first, and their columns."""
-    idx = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.tile(
-        np.arange(sims.shape[1]), (len(sims), 1))
+    """The k largest of each row, largest first, and their columns; among equal values the lowest
+    column first (the rule of `anybind.align.topk.top_k`: a bank's duplicate images tie exactly)."""
+    if k >= sims.shape[1]:
+        idx = np.tile(np.arange(sims.shape[1]), (len(sims), 1))
+    else:
+        idx = np.argpartition(-sims, k, axis=1)[:, : k + 1]  # the k + 1 largest, unordered
     vals = np.take_along_axis(sims, idx, 1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)
+    order = np.lexsort((idx, -vals), axis=1)
+    vals, idx = np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)
+    if k < sims.shape[1]:
+        for row in np.flatnonzero(vals[:, k - 1] == vals[:, k]):  # the k-th place is contested
+            idx[row] = np.lexsort((np.arange(sims.shape[1]), -sims[row]))[: k + 1]
+            vals[row] = sims[row, idx[row]]
+    return vals[:, :k], idx[:, :k]
+
+
+def _bank_scores(b: Baseline, q: np.ndarray, attribute: str) -> np.ndarray:
+    """Queries against every row of a bank; exact copies get the very same score (a matrix product
+    can give two equal rows scores one ulp apart, and the tie rule must see them tie)."""
+    if attribute not in b.cache:
+        unique, inverse = np.unique(b.state[attribute], axis=0, return_inverse=True)
+        b.cache[attribute] = (unique, inverse.ravel())
+    unique, inverse = b.cache[attribute]
+    return (q @ unique.T)[:, inverse]
 
 
 def _nn_transfer(b: Baseline, side: str, x: np.ndarray) -> np.ndarray:
@@ -91,7 +110,7 @@ def _nn_transfer(b: Baseline, side: str, x: np.ndarray) -> np.ndarray:
     if side == "text":
         return q
     anchors, texts = b.state["_anchor_image"], b.state["_anchor_text"]
-    sims, idx = _top_k(q @ anchors.T, min(int(b.options["k"]), len(anchors)))
+    sims, idx = _top_k(_bank_scores(b, q, "_anchor_image"), min(int(b.options["k"]), len(anchors)))
     if b.options["weighting"] == "softmax":
         logits = sims / float(b.options["temperature"])
         if b.options.get("member_weighted") and "_anchor_members" in b.state:  # a reduced bank's centroids
@@ -107,7 +126,7 @@ def _asif(b: Baseline, side: str, x: np.ndarray) -> np.ndarray:
     q = _cosine_space(b, side, x)
     n = int(b.state["_n_anchors"])
     if side == "image":
-        sims = q @ b.state["_anchor_image"].T
+        sims = _bank_scores(b, q, "_anchor_image")
     else:  # each anchor image: the max (or mean) over its captions
         per_caption, owner = q @ b.state["_anchor_text"].T, b.state["_anchor_of_text"].astype(np.int64)
         sims = np.zeros((len(q), n), np.float32)

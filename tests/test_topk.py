@@ -1,0 +1,68 @@
+"""Ties in a bank's top k: the lowest column wins, in the model and in the torch-free runtime alike,
+and exact copies in a bank tie exactly (openclipart's bank holds 1,887 rows with a copy)."""
+
+import numpy as np
+import pytest
+import torch
+
+from anybind.align.baselines import PairedArrays, build_baseline
+from anybind.align.topk import bank_scores, distinct_rows, top_k
+from anybind.runtime.blend import Baseline as RuntimeBaseline
+from anybind.runtime.blend import _top_k
+
+
+def test_the_lowest_column_wins_a_tie_at_the_kth_place():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    values, columns = top_k(scores, 2)
+    assert columns.tolist() == [[1, 0], [0, 1]]
+    assert values.flatten().tolist() == pytest.approx([0.9, 0.5, 0.2, 0.2])
+    np_values, np_columns = _top_k(scores.numpy(), 2)
+    assert np_columns.tolist() == [[1, 0], [0, 1]]
+    np.testing.assert_array_equal(np_values, values.numpy())
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 12, 20])
+def test_torch_and_numpy_choose_the_same_columns_among_many_ties(k):
+    scores = torch.randint(0, 4, (64, 20)).float()  # four values in 20 columns: ties everywhere
+    values, columns = top_k(scores, k)
+    np_values, np_columns = _top_k(scores.numpy(), k)
+    np.testing.assert_array_equal(columns.numpy(), np_columns)
+    np.testing.assert_array_equal(values.numpy(), np_values)
+    for row, cols in zip(scores, columns):  # the k largest, largest first, then lowest column first
+        assert cols.tolist() == sorted(range(20), key=lambda j: (-row[j].item(), j))[:k]
+
+
+def test_exact_copies_in_a_bank_get_the_same_score():
+    rng = np.random.default_rng(0)
+    bank = torch.from_numpy(rng.normal(size=(40, 33)).astype(np.float32))
+    bank = bank[torch.from_numpy(rng.integers(0, 40, 300))]  # 300 rows, most of them copies
+    scores = bank_scores(torch.from_numpy(rng.normal(size=(9, 33)).astype(np.float32)), distinct_rows(bank))
+    for j in range(1, 300):
+        copies = (bank == bank[j]).all(1).nonzero().squeeze(1)
+        assert (scores[:, copies] == scores[:, j : j + 1]).all()
+
+
+def duplicated_pairs(seed: int = 0) -> PairedArrays:
+    """Images repeated up to 6 times, each copy with its own two captions (as openclipart files the
+    same drawing in several folders)."""
+    rng = np.random.default_rng(seed)
+    distinct = rng.normal(size=(60, 24)).astype(np.float32)
+    image = distinct[rng.integers(0, 60, 200)]
+    owner = np.repeat(np.arange(200), 2)
+    text = rng.normal(size=(400, 16)).astype(np.float32)
+    return PairedArrays(image, text, owner)
+
+
+@pytest.mark.parametrize("name", ["nn-transfer", "asif"])
+def test_a_bank_with_copies_encodes_alike_in_any_chunk_and_in_the_runtime(tmp_path, name):
+    train = duplicated_pairs()
+    queries = np.concatenate([train.image[:20], np.random.default_rng(1).normal(size=(20, 24))]).astype(np.float32)
+    model = build_baseline(name, k=4).fit(train)
+    one_by_one = build_baseline(name, k=4, batch_size=1).fit(train)
+    expected = model.encode("image", queries)
+    # one query per matrix product moves the last bits, never which neighbours are chosen
+    torch.testing.assert_close(one_by_one.encode("image", queries), expected, atol=1e-6, rtol=0)
+    model.save(tmp_path / "b")
+    assert not any("cache" in name for name in (tmp_path / "b" / "config.json").read_text().split('"'))
+    runtime = RuntimeBaseline(tmp_path / "b")
+    np.testing.assert_allclose(runtime.encode("image", queries), expected.numpy(), atol=1e-5)
