@@ -117,6 +117,14 @@ def test_the_bridged_bundle_serves(pair):
         np.testing.assert_allclose(r.json()["embeddings"], c.encode_text(["a blue square"]).numpy(), atol=1e-5)
 
 
+def test_a_bridged_bundle_is_refused_by_the_onnx_export_naming_the_bridge(pair):
+    from anybind.bundle.onnx_export import OnnxExportError, export_onnx
+
+    with pytest.raises(OnnxExportError, match=r"audio: added through a bridge from another bound model \(bridge:"):
+        export_onnx(pair.root / "C")
+    assert not (pair.root / "C" / "onnx").exists()  # refused before anything is written
+
+
 def test_the_cli_bridges_bound_model_folders_with_corpus_stores(pair, capsys):
     out = pair.root / "C-models"
     with avtoy_data(pair.root / "cache"):

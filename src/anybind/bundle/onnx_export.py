@@ -68,11 +68,15 @@ def check_exportable(encodings: dict[str, dict], added: dict[str, str] | None = 
     `encodings`: {modality: bundle.json entry}; `added`: {modality: kind of its part}."""
     problems = [f"{m} ({e['encoder']}): {why}" for m, e in encodings.items()
                 if (why := unexportable_reason(m, e["encoder"]))]
-    problems += [f"{m}: added through a training-free map ({kind}), which has no graph"
+    problems += [f"{m}: added through {_added_what(kind)} ({kind}), which has no graph"
                  for m, kind in (added or {}).items() if kind != "projectors"]
     if problems:
         raise OnnxExportError("cannot export this bundle with --onnx: " + "; ".join(problems)
                               + ". Export it without --onnx (anybind.load runs it with torch)")
+
+
+def _added_what(kind: str) -> str:
+    return "a bridge from another bound model" if kind.startswith("bridge:") else "a training-free map"
 
 
 def check_run_exportable(run: str | os.PathLike) -> None:
