@@ -250,7 +250,8 @@ def test_register_a_new_projector():
 
 
 def test_registry_lists_options_and_help():
-    assert projector_options("mlp") == {"depth": 2, "hidden_dim": None, "dropout": 0.0, "layernorm": True}
+    assert projector_options("mlp") == {"depth": 2, "hidden_dim": None, "dropout": 0.0, "layernorm": True, "pca": None,
+                                        "pca_whiten": False}
     assert projector_options("layermix") == {}  # in_dim and out_dim are not options
     assert {e.name: e.help for e in PROJECTORS.describe()}["linear"].startswith("One linear map")
 
@@ -286,3 +287,56 @@ def test_another_kind_of_saved_part_is_refused(tmp_path):
     save_part(tmp_path / "c", "correction", "none")
     with pytest.raises(AnybindError, match="holds a saved 'correction', not a projector"):
         Projector.load(tmp_path / "c")
+
+
+# ---- mlp with pca: the k leading principal directions of the training inputs, fitted once ----------
+def _anisotropic(n: int = 400, d: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([5.0, 3.0, 2.0, 0.5, 0.2, 0.1])[:d]
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scales @ rotation.T + 7.0).float()
+
+
+def test_pca_keeps_the_leading_principal_directions():
+    x = _anisotropic()
+    proj = build_projector("mlp", 6, 4, pca=2)
+    proj.fit_inputs(x)
+    # the same subspace as numpy's SVD of the centred data (up to each direction's sign)
+    xc = (x.double() - x.double().mean(0)).numpy()
+    _, s, vt = __import__("numpy").linalg.svd(xc, full_matrices=False)
+    basis = proj.pca.basis.double().numpy()
+    assert abs(abs(basis[:, 0] @ vt[0]) - 1) < 1e-5 and abs(abs(basis[:, 1] @ vt[1]) - 1) < 1e-5
+    z = proj.pca(x)
+    assert z.shape == (400, 2) and abs(float(z.mean(0).abs().max())) < 1e-4  # centred
+    # the variance kept per direction is the top singular values' share
+    assert torch.allclose(z.double().var(0), torch.tensor(s[:2] ** 2 / 399), rtol=1e-4)
+    assert proj.config["pca"] == 2 and proj.config["pca_whiten"] is False
+    assert proj.net[0].normalized_shape == (2,)  # the LayerNorm and first layer read the k directions
+
+
+def test_pca_whiten_gives_unit_variance_and_fits_reproducibly():
+    x = _anisotropic()
+    a, b = build_projector("mlp", 6, 4, pca=3, pca_whiten=True), build_projector("mlp", 6, 4, pca=3, pca_whiten=True)
+    a.fit_inputs(x), b.fit_inputs(x.clone())
+    assert torch.allclose(a.pca(x).var(0), torch.ones(3), atol=1e-3)
+    assert torch.equal(a.pca.basis, b.pca.basis)  # signs fixed: the same fit twice
+
+
+def test_pca_unfitted_or_too_large_is_a_clear_error(tmp_path):
+    proj = build_projector("mlp", 6, 4, pca=2)
+    with pytest.raises(AnybindError, match="never fitted"):
+        proj(torch.randn(3, 6))
+    with pytest.raises(AnybindError, match="exceeds the input dimension"):
+        build_projector("mlp", 6, 4, pca=7)
+    with pytest.raises(AnybindError, match="at least 2 training rows"):
+        proj.fit_inputs(torch.randn(1, 6))
+
+
+def test_pca_is_saved_with_the_weights(tmp_path):
+    x = _anisotropic()
+    proj = build_projector("mlp", 6, 4, pca=2, pca_whiten=True)
+    proj.fit_inputs(x)
+    proj.save(tmp_path / "p")
+    back = Projector.load(tmp_path / "p")
+    proj.eval(), back.eval()
+    assert torch.equal(proj(x), back(x)) and int(back.pca.fitted_rows) == 400

@@ -211,3 +211,18 @@ def test_preload_of_memory_mapped_features_is_refused(stores, tmp_path):
     assert should_preload(data, torch.device("cpu"), None) is False  # auto: only on a GPU
     with pytest.raises(AnybindError, match="memory-mapped"):
         should_preload(data, torch.device("cpu"), True)
+
+
+def test_pca_projectors_are_fitted_on_the_training_split_and_resume(stores, tmp_path):
+    recipe = load_recipe("default", FAST + ["train.max_steps=6", "train.val_every=3", "projector.default.pca=8",
+                                            "projector.default.pca_whiten=true"])
+    result = train(recipe, stores, out=tmp_path / "pca", progress=False, baselines=False)
+    image = result.model.space.projectors["image"]
+    from anybind.align.data import PairedFeatures
+
+    data = PairedFeatures(stores)
+    train_rows = np.unique(data.pairs("train").anchor_rows)
+    assert int(image.pca.fitted_rows) == len(train_rows)  # the training split's distinct images, no others
+    assert image.config["pca"] == 8 and 0 <= result.val["mean_R@10"] <= 1
+    again = train(recipe, stores, out=tmp_path / "pca", progress=False, baselines=False)  # a finished run reads back
+    assert torch.equal(again.model.space.projectors["image"].pca.basis, image.pca.basis)

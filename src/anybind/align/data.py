@@ -76,6 +76,15 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.item)
 
+    def rows_of(self, name: str, data: PairedFeatures) -> np.ndarray:
+        """The store rows of modality `name` in these pairs (an extra modality's missing rows left out)."""
+        if name == data.anchor_name:
+            return self.anchor_rows
+        if name == data.partner_name:
+            return self.partner_rows
+        rows = self.extra_rows[name]
+        return rows[rows >= 0]
+
     def select(self, sel: np.ndarray) -> Pairs:
         """The pairs (tuples) picked by a boolean mask or an index array."""
         return Pairs(self.anchor_rows[sel], self.partner_rows[sel], self.item[sel],

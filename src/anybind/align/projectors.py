@@ -145,6 +145,10 @@ class MLPProjector(Projector):
 
     ``hidden_dim`` defaults to ``2 * max(in_dim, out_dim)``: wide enough not to be a bottleneck
     on either side, small enough to stay cheap next to the frozen encoders (freeze-align's MLP).
+
+    ``pca: k`` first projects the features onto their k leading principal directions on the
+    training split (fixed buffers, fitted once by `fit_inputs` before training; as "Escaping
+    Plato's Cave" does before aligning), ``pca_whiten`` also scales each direction to unit variance.
     """
 
     def __init__(
@@ -156,8 +160,15 @@ class MLPProjector(Projector):
         hidden_dim: int | None = None,
         dropout: float = 0.0,
         layernorm: bool = True,
+        pca: int | None = None,
+        pca_whiten: bool = False,
     ):
         depth = _positive_int("projector 'mlp': depth", depth)
+        if pca is not None:
+            pca = _positive_int("projector 'mlp': pca", pca)
+            if pca > _positive_int("projector 'mlp': in_dim", in_dim):
+                raise ProjectorError(f"projector 'mlp': pca {pca} exceeds the input dimension {in_dim}")
+        pca_whiten = checks.flag("projector 'mlp': pca_whiten", pca_whiten, error=ProjectorError)
         if hidden_dim is None:
             hidden_dim = 2 * max(
                 _positive_int("projector 'mlp': in_dim", in_dim),
@@ -169,10 +180,13 @@ class MLPProjector(Projector):
         super().__init__(
             in_dim,
             out_dim,
-            {"depth": depth, "hidden_dim": hidden_dim, "dropout": dropout, "layernorm": layernorm},
+            {"depth": depth, "hidden_dim": hidden_dim, "dropout": dropout, "layernorm": layernorm,
+             "pca": pca, "pca_whiten": pca_whiten},
         )
-        dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
-        layers: list[nn.Module] = [nn.LayerNorm(in_dim)] if layernorm else []
+        self.pca = None if pca is None else PrincipalSubspace(in_dim, pca, whiten=pca_whiten)
+        first = in_dim if pca is None else pca
+        dims = [first] + [hidden_dim] * (depth - 1) + [out_dim]
+        layers: list[nn.Module] = [nn.LayerNorm(first)] if layernorm else []
         for i in range(depth):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < depth - 1:
@@ -180,7 +194,52 @@ class MLPProjector(Projector):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(self._prepare(x))
+        x = self._prepare(x)
+        return self.net(x if self.pca is None else self.pca(x))
+
+    def fit_inputs(self, x: Tensor) -> None:
+        """Fit what the projector derives from its training inputs (the principal subspace), if any."""
+        if self.pca is not None:
+            self.pca.fit(self._prepare(x))
+
+
+class PrincipalSubspace(nn.Module):
+    """x -> (x - mean) @ basis [/ sqrt(variance)]: the k leading principal directions of the data
+    `fit` saw. Buffers, not parameters: saved with the weights, never trained."""
+
+    def __init__(self, in_dim: int, k: int, *, whiten: bool = False):
+        super().__init__()
+        self.whiten = whiten
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("basis", torch.zeros(in_dim, k))
+        self.register_buffer("scale", torch.ones(k))
+        self.register_buffer("fitted_rows", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        k = self.basis.shape[1]
+        if x.ndim != 2 or len(x) < 2:
+            raise ProjectorError(f"projector 'mlp': pca needs at least 2 training rows, got shape {tuple(x.shape)}")
+        x64 = x.double()
+        mean = x64.mean(0)
+        cov = (x64 - mean).T @ (x64 - mean) / (len(x64) - 1)
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        values, vectors = values.flip(0)[:k].clamp_min(0), vectors.flip(1)[:, :k]
+        # a direction's sign is arbitrary: fix it (largest |coordinate| positive) so a fit is reproducible
+        signs = torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True))).squeeze(0)
+        vectors = vectors * torch.where(signs == 0, 1.0, signs)
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.basis.copy_(vectors.to(self.basis.dtype))
+        # whitening floors each variance at 1e-6 of the largest: a near-empty direction is not blown up
+        floor = values[0].clamp_min(1e-12) * 1e-6
+        self.scale.copy_((values.clamp_min(floor).rsqrt() if self.whiten else torch.ones(k)).to(self.scale.dtype))
+        self.fitted_rows.fill_(len(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and int(self.fitted_rows) == 0:
+            raise ProjectorError("projector 'mlp' with pca was never fitted: train it (the trainer calls "
+                                 "fit_inputs on the training split) or load a trained one")
+        return ((x - self.mean) @ self.basis) * self.scale
 
 
 @register_projector("star")

@@ -93,6 +93,22 @@ def build_model(recipe: Recipe, data: PairedFeatures, add: AddSpec | None = None
     return ProjectorSpace(projectors, layers)
 
 
+INPUT_FIT_ROWS = 50_000  # rows a projector's input statistics (pca) are fitted on, at most
+
+
+def fit_inputs(space: ProjectorSpace, data: PairedFeatures, train_pairs: Pairs, seed: int) -> None:
+    """Let each trained projector fit what it derives from its training inputs (`pca`), on the
+    distinct training rows of its side (a seeded sample of at most INPUT_FIT_ROWS)."""
+    for name, proj in space.projectors.items():
+        if getattr(proj, "pca", None) is None:
+            continue
+        rows = np.unique(train_pairs.rows_of(name, data))
+        if len(rows) > INPUT_FIT_ROWS:
+            rows = np.sort(np.random.default_rng([seed, 31]).choice(rows, INPUT_FIT_ROWS, replace=False))
+        feats = data.side(name).rows(rows)
+        proj.fit_inputs(feats[0] if len(feats) == 1 else feats)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":  # on these CPUs bf16 matmuls measured slower than fp32; on GPUs bf16 wins
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -306,7 +322,9 @@ def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pair
     # before training (validation reads the blend); with --add the source's blend is part of the target
     baseline, weight = fit_blend(recipe.blend, data, train_pairs) if add is None else (None, 1.0)
     torch.manual_seed(cfg.seed)  # the initial projector weights are part of the result
-    space = build_model(recipe, data, add).to(device)
+    space = build_model(recipe, data, add)
+    fit_inputs(space, data, train_pairs, cfg.seed)
+    space = space.to(device)
     objective = build_objective(recipe.loss)
     objective.contrastive.to(device)
     params = list(space.parameters()) + list(objective.contrastive.parameters())
