@@ -60,11 +60,16 @@ def run(specs: list[ModelSpec], suite: Suite, work: Path, folds, seeds, split: s
                 t0 = time.perf_counter()
                 rec = evaluate_one(spec, suite, fold, seed, work, log_, split=split)
                 records.append(rec)
-                print(f"{spec.name:32s} fold {fold} seed {rec['seed']:2d} {split}: {SCORE} "
-                      f"{100 * rec['metrics'][SCORE]:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(work / "log.jsonl", RESULTS / f"log-{work.name}.jsonl")
+                _progress(f"{spec.name:32s} fold {fold} seed {rec['seed']:2d} {split}: {SCORE} "
+                          f"{100 * rec['metrics'][SCORE]:.1f} ({time.perf_counter() - t0:.0f} s)", work)
     return records
+
+
+def _progress(line: str, work: Path) -> None:
+    """Print a finished result and copy the results log into the committed results folder."""
+    print(line, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / "log.jsonl", RESULTS / f"log-{work.name}.jsonl")
 
 
 def swapped(cap: int, reduction: str, weighted: bool, suite: Suite, fold: int, split: str, work: Path,
@@ -103,10 +108,8 @@ def run_swapped(caps, variants, suite: Suite, work: Path, folds, split: str) -> 
                 log_ = ResultsLog(work / "log.jsonl")  # read again: another process may share the folder
                 rec = swapped(cap, reduction, weighted, suite, fold, split, work, log_)
                 records.append(rec)
-                print(f"{rec['model']:42s} fold {fold} {split}: {SCORE} {100 * rec['metrics'][SCORE]:.1f} "
-                      f"({rec['info']['seconds']:.0f} s)", flush=True)
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(work / "log.jsonl", RESULTS / f"log-{work.name}.jsonl")
+                _progress(f"{rec['model']:42s} fold {fold} {split}: {SCORE} {100 * rec['metrics'][SCORE]:.1f} "
+                          f"({rec['info']['seconds']:.0f} s)", work)
     return records
 
 
