@@ -359,3 +359,18 @@ def test_the_runtime_package_never_imports_torch_or_the_torch_layers():
     code = "import sys, anybind.runtime; print(sorted(m for m in ('torch', 'pyarrow', 'safetensors') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_pca_projector_exports_and_embeds_as_the_torch_path(toy, tmp_path):
+    """The principal subspace (buffers fitted before training) is part of the exported graph."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANYBIND_CACHE", str(tmp_path / "cache"))
+        karpathy, *_ = replicas(tmp_path)
+        bundle = _train_and_export(tmp_path, [f"image=random:image+karpathy:{karpathy}",
+                                              f"text=random:text+karpathy:{karpathy}"],
+                                   ["--set", "projector.default.pca=8", "--set", "projector.default.pca_whiten=true"])
+    torch_model, onnx_model = anybind.load(bundle), runtime.load(bundle)
+    assert int(torch_model.bound.space.projectors["image"].pca.fitted_rows) > 0
+    for modality, items in (("image", toy.images), ("text", toy.captions)):
+        want = torch_model.encode(modality, items).numpy()
+        assert _worst_cosine(onnx_model.encode(modality, items, batch_size=7), want) >= MIN_COSINE
