@@ -90,6 +90,15 @@ class Projector(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items() if k != "name")
 
+    @property
+    def fits_inputs(self) -> bool:
+        """True when the projector derives something from its training inputs before training
+        (then the trainer calls `fit_inputs` once with the training split's features)."""
+        return False
+
+    def fit_inputs(self, x: Tensor | list[Tensor]) -> None:
+        """Fit what the projector derives from its training inputs; nothing by default."""
+
     def _prepare(self, x: Tensor) -> Tensor:
         """Check the feature dimension and cast to the weights' dtype (stores hold fp16)."""
         if not isinstance(x, Tensor):
@@ -197,8 +206,12 @@ class MLPProjector(Projector):
         x = self._prepare(x)
         return self.net(x if self.pca is None else self.pca(x))
 
+    @property
+    def fits_inputs(self) -> bool:
+        return self.pca is not None
+
     def fit_inputs(self, x: Tensor) -> None:
-        """Fit what the projector derives from its training inputs (the principal subspace), if any."""
+        """Fit the principal subspace (with `pca`) on the training split's features."""
         if self.pca is not None:
             self.pca.fit(self._prepare(x))
 

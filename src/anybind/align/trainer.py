@@ -97,10 +97,10 @@ INPUT_FIT_ROWS = 50_000  # rows a projector's input statistics (pca) are fitted 
 
 
 def fit_inputs(space: ProjectorSpace, data: PairedFeatures, train_pairs: Pairs, seed: int) -> None:
-    """Let each trained projector fit what it derives from its training inputs (`pca`), on the
+    """Let each trained projector fit what it derives from its training inputs (`fit_inputs`), on the
     distinct training rows of its side (a seeded sample of at most INPUT_FIT_ROWS)."""
     for name, proj in space.projectors.items():
-        if getattr(proj, "pca", None) is None:
+        if not getattr(proj, "fits_inputs", False):  # a frozen target has nothing to fit
             continue
         rows = np.unique(train_pairs.rows_of(name, data))
         if len(rows) > INPUT_FIT_ROWS:
