@@ -46,6 +46,9 @@ import torch.nn.functional as F
 from .. import checks, saving
 from ..errors import AnybindError
 from ..registry import Registry
+from .linalg import covariance as _covariance
+from .linalg import eig_desc as _sym_eig_desc
+from .linalg import fix_signs as _fix_signs
 from .topk import bank_scores, distinct_rows, top_k
 
 __all__ = [
@@ -368,30 +371,6 @@ def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def _l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _covariance(xc: np.ndarray) -> np.ndarray:
-    return (xc.T @ xc) / max(len(xc) - 1, 1)
-
-
-def _sym_eig_desc(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending, floored at zero) and eigenvectors with a fixed sign convention."""
-    vals, vecs = np.linalg.eigh(c)
-    vals, vecs = vals[::-1].clip(min=0.0), vecs[:, ::-1]
-    return vals, _fix_signs(vecs)
-
-
-def _fix_signs(vecs: np.ndarray, *others: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
-    """Flip columns so each one's largest-magnitude entry is positive (deterministic output).
-
-    Columns of ``others`` are flipped together with those of ``vecs`` (paired directions).
-    """
-    idx = np.abs(vecs).argmax(axis=0)
-    signs = np.sign(vecs[idx, np.arange(vecs.shape[1])])
-    signs[signs == 0] = 1.0
-    if not others:
-        return vecs * signs
-    return (vecs * signs, *(o * signs for o in others))
 
 
 def _inverse_sqrt(c: np.ndarray) -> np.ndarray:

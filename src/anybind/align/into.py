@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .. import checks, saving
 from ..errors import AnybindError
 from ..registry import Registry, RegistryError
+from .linalg import fix_signs
 from .topk import top_k
 
 __all__ = [
@@ -312,12 +313,8 @@ class RidgeInto(IntoMap):
 def _pca_basis(xc: np.ndarray, d: int) -> np.ndarray:
     """[dx, d]: the top-d principal directions of centred rows (descending; each column's
     largest-magnitude entry positive, so the basis is deterministic)."""
-    vals, vecs = np.linalg.eigh(xc.T @ xc)
-    vecs = vecs[:, ::-1][:, :d]
-    idx = np.abs(vecs).argmax(axis=0)
-    signs = np.sign(vecs[idx, np.arange(d)])
-    signs[signs == 0] = 1.0
-    return vecs * signs
+    _, vecs = np.linalg.eigh(xc.T @ xc)
+    return fix_signs(vecs[:, ::-1][:, :d])
 
 
 @register_into_map("procrustes")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .. import checks, saving
 from ..errors import AnybindError
 from ..registry import Registry
+from .linalg import covariance, eig_desc
 
 KIND = "projector"  # the saved-part kind
 
@@ -233,15 +234,11 @@ class PrincipalSubspace(nn.Module):
         k = self.basis.shape[1]
         if x.ndim != 2 or len(x) < 2:
             raise ProjectorError(f"projector 'mlp': pca needs at least 2 training rows, got shape {tuple(x.shape)}")
-        x64 = x.double()
+        x64 = x.detach().cpu().double().numpy()
         mean = x64.mean(0)
-        cov = (x64 - mean).T @ (x64 - mean) / (len(x64) - 1)
-        values, vectors = torch.linalg.eigh(cov)  # ascending
-        values, vectors = values.flip(0)[:k].clamp_min(0), vectors.flip(1)[:, :k]
-        # a direction's sign is arbitrary: fix it (largest |coordinate| positive) so a fit is reproducible
-        signs = torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True))).squeeze(0)
-        vectors = vectors * torch.where(signs == 0, 1.0, signs)
-        self.mean.copy_(mean.to(self.mean.dtype))
+        vals, vecs = eig_desc(covariance(x64 - mean))  # signs fixed: a fit is reproducible
+        values, vectors = torch.from_numpy(vals[:k].copy()), torch.from_numpy(vecs[:, :k].copy())
+        self.mean.copy_(torch.from_numpy(mean).to(self.mean.dtype))
         self.basis.copy_(vectors.to(self.basis.dtype))
         # whitening floors each variance at 1e-6 of the largest: a near-empty direction is not blown up
         floor = values[0].clamp_min(1e-12) * 1e-6
