@@ -213,6 +213,8 @@ def test_unknown_names_and_options_are_clear_errors():
         ("mlp", 6, {"dropout": 1.0}, "dropout must be below 1"),
         ("lowrank", 6, {"dropout": -0.1}, "dropout must be at least 0"),
         ("mlp", 6, {"layernorm": "yes"}, "layernorm must be true or false"),
+        ("mlp", 6, {"pca": 0}, "pca must be at least 1"),
+        ("mlp", 6, {"pca": 2, "pca_whiten": "yes"}, "pca_whiten must be true or false"),
         ("lowrank", 6, {"gate_init": 0.0}, "gate_init must be strictly between 0 and 1"),
         ("star", 6, {"hidden_mult": -1}, "hidden_mult must be above 0"),
         ("linear", [6, 6], {}, "use the 'layermix' projector"),
