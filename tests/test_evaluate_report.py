@@ -103,6 +103,27 @@ def test_paired_difference_matches_a_seedless_baseline_by_fold():
     assert paired_difference(trained, other, m)["n"] == 6
 
 
+def test_paired_difference_over_fold_means_hand_worked():
+    m = "retrieval/mean_R@10"
+    # differences: fold 0 seeds 0.1, 0.3 (mean 0.2); fold 1 0.2, 0.4 (0.3); fold 2 0.4, 0.4 (0.4)
+    diffs = {(0, 0): 0.1, (0, 1): 0.3, (1, 0): 0.2, (1, 1): 0.4, (2, 0): 0.4, (2, 1): 0.4}
+    a = _doc("a", values={k: {m: 0.5 + v} for k, v in diffs.items()}, seeds=(0, 1))
+    b = _doc("b", values={k: {m: 0.5} for k in diffs}, seeds=(0, 1))
+    d = paired_difference(a, b, m)
+    assert d["n"] == 6 and d["mean"] == pytest.approx(0.3)
+    f = d["folds"]  # fold means 0.2, 0.3, 0.4: mean 0.3, sd 0.1, t_{0.975, 2} = 4.303
+    assert f["n"] == 3 and f["mean"] == pytest.approx(0.3) and f["sd"] == pytest.approx(0.1)
+    assert f["low"] == pytest.approx(0.3 - 4.303 * 0.1 / math.sqrt(3), abs=1e-4)
+    assert f["high"] - f["low"] > d["high"] - d["low"]  # fewer, independent values: the wider interval
+    one_fold = paired_difference(_doc("a", values={(0, 0): {m: 0.6}, (0, 1): {m: 0.7}}, seeds=(0, 1)),
+                                 _doc("b", values={(0, 0): {m: 0.5}, (0, 1): {m: 0.5}}, seeds=(0, 1)), m)
+    assert one_fold["folds"] is None and one_fold["n"] == 2
+    from anybind.evaluate.report import compare_table
+
+    table = compare_table([a, b], "a", m)
+    assert "interval over fold means" in table and f"[{100 * f['low']:+.1f}, {100 * f['high']:+.1f}]" in table
+
+
 def test_paired_difference_needs_two_pairs_and_the_same_data():
     m = "retrieval/mean_R@10"
     a = _doc("a", values={(0, 1): {m: 0.5}, (1, 1): {m: 0.6}})

@@ -91,8 +91,9 @@ def compare_table(docs: Sequence[Mapping[str, Any]], baseline_of_interest: str |
     level = f"{confidence:.0%}"
     lines = ["", f"Paired differences in {metric} ({_cell(baseline_of_interest)} − model, percentage "
              f"points; runs matched by fold and seed, or by fold for a model without seeds; {level} t interval):", "",
-             f"| {_cell(baseline_of_interest)} − model | Δ mean | sd | n | {level} interval | |",
-             "|---|---:|---:|---:|---|---|"]
+             f"| {_cell(baseline_of_interest)} − model | Δ mean | sd | n | {level} interval | "
+             f"folds | {level} interval over fold means | |",
+             "|---|---:|---:|---:|---|---:|---|---|"]
     for doc in docs:
         if doc is ref:
             continue
@@ -101,12 +102,16 @@ def compare_table(docs: Sequence[Mapping[str, Any]], baseline_of_interest: str |
             d = paired_difference(ref, doc, metric, confidence)
         except ResultsError as e:
             log.info("no paired comparison with %s: %s", name, e)
-            lines.append(f"| {name} | – | – | – | – | not comparable: {_cell(e)} |")
+            lines.append(f"| {name} | – | – | – | – | – | – | not comparable: {_cell(e)} |")
             continue
+        f = d["folds"]
+        by_fold = f"{f['n']} | [{_pp(f['low'])}, {_pp(f['high'])}]" if f else f"{len({p['fold'] for p in d['pairs']})} | –"
         mark = "▲ above 0" if d["low"] > 0 else "▼ below 0" if d["high"] < 0 else ""
         lines.append(f"| {name} | {_pp(d['mean'])} | {_pct(d['sd'])} | {d['n']} | "
-                     f"[{_pp(d['low'])}, {_pp(d['high'])}] | {mark} |")
-    lines += ["", "▲: the whole interval is above zero (the reference is better); ▼: below zero."]
+                     f"[{_pp(d['low'])}, {_pp(d['high'])}] | {by_fold} | {mark} |")
+    lines += ["", "▲: the whole interval over runs is above zero (the reference is better); ▼: below zero. "
+              "Runs of one fold share its test set, so the interval over the per-fold means is the wider, "
+              "more honest one when there are several seeds per fold."]
     return table + "\n" + "\n".join(lines)
 
 

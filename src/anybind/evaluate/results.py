@@ -181,7 +181,9 @@ def paired_difference(doc_a: Mapping[str, Any], doc_b: Mapping[str, Any], metric
     seed 0 only; `is_seed_free`) is paired by fold alone: its value for a fold is reused for
     every seed of the other document. Both must come from the same dataset index. Interval: mean +- t_{(1+c)/2, n-1} * sd / sqrt(n).
     Runs on the same fold share a test set, so with several seeds per fold the pairs are not
-    independent and the interval is somewhat narrower than it should be.
+    independent and the interval is somewhat narrower than it should be: ``"folds"`` holds the
+    same interval over the per-fold mean differences (one value per fold, n = the folds; None with
+    fewer than 2 folds), the honest one when the test sets are what varies.
 
     >>> paired_difference(trained, procrustes, "retrieval/mean_R@10")["low"] > 0
     """
@@ -209,10 +211,20 @@ def paired_difference(doc_a: Mapping[str, Any], doc_b: Mapping[str, Any], metric
             f"only {n} run(s) of {_name(doc_a)} and {_name(doc_b)} match by (fold, seed) with "
             f"{metric!r} ({len(a)} and {len(b)} runs report it): a paired comparison needs at least 2; "
             "evaluate both on the same folds and seeds")
-    mean, sd = mean_sd([p["diff"] for p in pairs])
-    half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
-    return {"mean": mean, "sd": sd, "n": n, "low": mean - half, "high": mean + half,
-            "confidence": confidence, "pairs": pairs}
+    by_fold: dict[int, list[float]] = {}
+    for p in pairs:
+        by_fold.setdefault(p["fold"], []).append(p["diff"])
+    fold_means = [sum(v) / len(v) for _, v in sorted(by_fold.items())]
+    folds = t_interval(fold_means, confidence) if len(fold_means) >= 2 else None
+    return {**t_interval([p["diff"] for p in pairs], confidence), "confidence": confidence, "pairs": pairs,
+            "folds": folds}
+
+
+def t_interval(xs: list[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean, sample sd, n and the t interval mean +- t_{(1+c)/2, n-1} sd / sqrt(n) of >= 2 values."""
+    mean, sd = mean_sd(xs)
+    half = t_quantile((1 + confidence) / 2, len(xs) - 1) * sd / math.sqrt(len(xs))
+    return {"mean": mean, "sd": sd, "n": len(xs), "low": mean - half, "high": mean + half}
 
 
 # two-sided 95%: t_{0.975, df} for df = 1..30
