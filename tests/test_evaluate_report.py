@@ -118,6 +118,10 @@ def test_paired_difference_over_fold_means_hand_worked():
     one_fold = paired_difference(_doc("a", values={(0, 0): {m: 0.6}, (0, 1): {m: 0.7}}, seeds=(0, 1)),
                                  _doc("b", values={(0, 0): {m: 0.5}, (0, 1): {m: 0.5}}, seeds=(0, 1)), m)
     assert one_fold["folds"] is None and one_fold["n"] == 2
+    from anybind.evaluate.results import t_interval
+
+    with pytest.raises(ResultsError, match="at least 2 values"):
+        t_interval([0.3])
     from anybind.evaluate.report import compare_table
 
     table = compare_table([a, b], "a", m)

@@ -222,6 +222,8 @@ def paired_difference(doc_a: Mapping[str, Any], doc_b: Mapping[str, Any], metric
 
 def t_interval(xs: list[float], confidence: float = 0.95) -> dict[str, Any]:
     """Mean, sample sd, n and the t interval mean +- t_{(1+c)/2, n-1} sd / sqrt(n) of >= 2 values."""
+    if len(xs) < 2:
+        raise ResultsError(f"a t interval needs at least 2 values, got {len(xs)}")
     mean, sd = mean_sd(xs)
     half = t_quantile((1 + confidence) / 2, len(xs) - 1) * sd / math.sqrt(len(xs))
     return {"mean": mean, "sd": sd, "n": len(xs), "low": mean - half, "high": mean + half}
