@@ -104,6 +104,15 @@ def test_rebuilding_is_instant_and_another_kind_needs_overwrite(served):
                  str(served.root / "x"), "-q"]) == 2
 
 
+def test_cli_says_how_broadly_an_approximate_index_searches(served, capsys):
+    out = served.root / "index-hnsw-cli"
+    assert main(["index", "--bundle", str(served.bundle), "--data", f"karpathy:{served.karpathy}", "--out", str(out),
+                 "--kind", "hnsw", "-q"]) == 0
+    params = VectorIndex.load(out).part("image")["params"]
+    assert params["recall_at_10"] == 1.0 and params["ef_search"] == 64  # 60 rows: every search is exhaustive
+    assert "image: approximate search (ef_search 64), recall@10 1.000 on 60 of its own rows" in capsys.readouterr().out
+
+
 def test_a_corrupt_image_is_skipped_and_reported(served, capsys):
     copy = served.root / "corrupt"
     shutil.copytree(served.karpathy.parent, copy)
