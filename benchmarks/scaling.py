@@ -16,6 +16,9 @@ Steps:
 - near-dups: `look_keys` on n thumbnails (1 in 10 a noisy copy of another, 1 in 50 blank).
 - cache-hit: `sync_splits` of an n-row store against its index (the path of every extract hit).
 - pairing: `PairedFeatures` on the two stores (join on item id, finite check).
+- curate: `curate_pool` selecting a fixed --curate-n items from the n-item pool over 1,000 random
+  concepts, near-duplicates (cosine > 0.95) skipped: each selection is checked against the items
+  selected so far (O(n_selected^2 d)), not the pool's all pairs (it was O(n^2 d)).
 - train-epoch: `train` for one epoch of the linear recipe (batch 1024, dim 64), no blend,
   validation once at the end; the stores' val and test splits are 5,000 items each (a tenth below
   50k): the trainer validates on the whole val split, all pairs, so a val split growing with n
@@ -48,10 +51,11 @@ import numpy as np
 
 DIM = 32
 THUMB = 256
-STEPS = ("list", "near-dups", "cache-hit", "pairing", "train-epoch", "blend-procrustes", "blend-cca",
+STEPS = ("list", "near-dups", "cache-hit", "pairing", "curate", "train-epoch", "blend-procrustes", "blend-cca",
          "blend-nn-transfer", "blend-asif", "retrieval", "index-build", "index-query")
 FLAG_ABOVE = 1.15
 HELD_OUT = 5000  # val and test items of the synthetic stores
+CONCEPTS = 1000  # the curate step's vocabulary
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -193,6 +197,18 @@ def step_pairing(folder: Path, args):
     return lambda: PairedFeatures(stores)
 
 
+def step_curate(folder: Path, args):
+    from anybind.align.curate import Pool, curate_pool
+    from anybind.features import FeatureStore
+
+    stores = {m: FeatureStore.open(folder / m) for m in ("image", "text")}
+    image, text = (stores[m]["final"].read() for m in ("image", "text"))
+    pool = Pool(stores["image"].item_ids, image, text, np.arange(len(text)))  # one caption an item
+    concepts = np.random.default_rng(0).standard_normal((CONCEPTS, DIM)).astype(np.float32)
+    names = [f"c{k}" for k in range(CONCEPTS)]
+    return lambda: curate_pool(pool, names, concepts, args.curate_n, duplicate_cosine=0.95)
+
+
 def step_train_epoch(folder: Path, args):
     from anybind.align.data import PairedFeatures
     from anybind.align.recipe import load_recipe
@@ -270,6 +286,7 @@ def step_index_query(folder: Path, args):
 
 
 SETUPS = {"list": step_list, "near-dups": step_near_dups, "cache-hit": step_cache_hit, "pairing": step_pairing,
+          "curate": step_curate,
           "train-epoch": step_train_epoch, "retrieval": step_retrieval, "index-build": step_index_build,
           "index-query": step_index_query}
 SETUPS.update({s: step_blend(s.removeprefix("blend-")) for s in STEPS if s.startswith("blend-")})
@@ -304,7 +321,8 @@ def measure(step: str, n: int, args) -> dict:
 
 def measure_once(step: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", step, str(n), "--work", args.work, "--queries", str(args.queries),
-           "--gallery", str(args.gallery), "--blend-queries", str(args.blend_queries), "--threads", str(args.threads)]
+           "--gallery", str(args.gallery), "--blend-queries", str(args.blend_queries), "--threads", str(args.threads),
+           "--curate-n", str(args.curate_n)]
     threads = str(args.threads)  # BLAS and OpenMP (faiss) pools too: spinning threads on a busy machine
     env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     try:
@@ -350,6 +368,7 @@ def main() -> None:
     p.add_argument("--blend-queries", type=int, default=200,
                    help="rows each baseline encodes (ASIF's output is [rows, n anchors], dense)")
     p.add_argument("--gallery", type=int, default=5000, help="fixed retrieval gallery size")
+    p.add_argument("--curate-n", type=int, default=2000, help="items the curate step selects from the n-item pool")
     p.add_argument("--threads", type=int, default=2, help="torch, BLAS and OpenMP threads of each step")
     p.add_argument("--repeat", type=int, default=1, help="runs per (step, n); the median time is kept")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one step may take")

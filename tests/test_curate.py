@@ -8,9 +8,9 @@ import pytest
 
 from anybind.align.curate import (
     CurationError,
+    NearDuplicates,
     assign_concepts,
     keep_items,
-    near_duplicates,
     read_concepts,
     read_items,
     select_balanced,
@@ -42,10 +42,20 @@ def test_a_similarity_floor_drops_weak_matches():
 
 
 def test_near_duplicates_are_not_both_selected_and_the_concept_offers_its_next():
-    dups = [np.array([1]), np.array([0]), np.array([], int), np.array([], int), np.array([], int), np.array([], int)]
-    got = select_balanced(CONCEPT, COSINE, 4, duplicates=dups)
+    features = np.eye(6, dtype=np.float32)
+    features[1] = [1, 0.01, 0, 0, 0, 0]  # item 1 looks like item 0
+    got = select_balanced(CONCEPT, COSINE, 4, duplicates=NearDuplicates(features, 0.95))
     assert got["selected"].tolist() == [3, 0, 5, 2]  # 1 is 0's near-duplicate: concept 0 offers 2 instead
     assert got["dropped_duplicates"] == 1
+
+
+def test_a_near_duplicate_within_one_round_waits_and_is_then_dropped():
+    # items 0 (concept 0) and 3 (concept 1) look alike and are both offered in round 1: 3 is taken
+    # first (0.95), 0 is skipped, then dropped when concept 0 offers it again in round 2
+    features = np.eye(6, dtype=np.float32)
+    features[0] = features[3]
+    got = select_balanced(CONCEPT, COSINE, 5, duplicates=NearDuplicates(features, 0.95))
+    assert got["selected"].tolist() == [3, 5, 1, 4, 2] and got["dropped_duplicates"] == 1
 
 
 def test_ties_break_by_position_so_the_selection_is_deterministic():
@@ -69,10 +79,21 @@ def test_an_item_takes_the_concept_of_its_best_caption():
     assert cosine.tolist() == pytest.approx([1 / np.sqrt(1.01)] * 2, abs=1e-6)
 
 
-def test_near_duplicates_by_raw_cosine():
-    x = np.array([[1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)
-    nbrs = near_duplicates(x, 0.99)
-    assert [n.tolist() for n in nbrs] == [[1], [0], [], []]
+def test_near_duplicates_by_raw_cosine_against_the_selected_only():
+    x = np.array([[1, 0, 0], [2, 0.02, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32)  # 1 is 0 scaled: raw cosine
+    dups = NearDuplicates(x, 0.99, block=1)
+    assert dups.near([0, 1]).tolist() == [False, False]  # nothing selected yet
+    for item in (2, 3, 0):
+        dups.add(item)
+    assert dups.near([1, 2, 3]).tolist() == [True, True, True]  # 0 found in the third block
+    assert dups.near([1], since=2).tolist() == [True] and dups.near([1], since=3).tolist() == [False]
+    assert dups.near([]).tolist() == []
+    with pytest.raises(CurationError, match="one selection"):
+        select_balanced(CONCEPT, COSINE, 2, duplicates=dups)
+    many = NearDuplicates(np.eye(200, dtype=np.float32), 0.5)
+    for item in range(150):  # past the first buffer: it grows
+        many.add(item)
+    assert many.near([149, 150]).tolist() == [True, False]
 
 
 def test_concept_files_and_wordnet(tmp_path):
@@ -171,3 +192,41 @@ def test_curate_verb_refuses_bad_input_before_work(stores, capsys):
     assert main(["train", "--store", f"image={image.path}", "--store", f"text={text.path}", "--items",
                  str(tmp_path / "items.txt"), "--out", str(tmp_path / "run"), "-q"]) == 2
     assert "not in the train split" in capsys.readouterr().err
+
+
+def _select_with_all_pairs(concept, cosine, n, features, threshold):
+    """The selection as it was first written: every pair of the pool compared up front."""
+    x = features / np.linalg.norm(features, axis=1, keepdims=True)
+    dup = (x @ x.T > threshold) & ~np.eye(len(x), dtype=bool)
+    queues = [[i for i in sorted(np.flatnonzero(concept == c), key=lambda i: (-cosine[i], i))] for c in np.unique(concept)]
+    heads, blocked, selected, dropped = [0] * len(queues), np.zeros(len(x), bool), [], set()
+    while len(selected) < n:
+        offers = []
+        for q, queue in enumerate(queues):
+            while heads[q] < len(queue) and blocked[queue[heads[q]]]:
+                dropped.add(queue[heads[q]])
+                heads[q] += 1
+            if heads[q] < len(queue):
+                offers.append((q, queue[heads[q]]))
+        if not offers:
+            break
+        for q, item in sorted(offers, key=lambda o: (-cosine[o[1]], o[1])):
+            if len(selected) < n and not blocked[item]:
+                selected.append(item)
+                heads[q] += 1
+                blocked[item] = True
+                blocked[dup[item]] = True
+    return selected, len(dropped - set(selected))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_checking_against_the_selected_picks_what_all_pairs_would(seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, 16))
+    features = (centres[rng.integers(0, 40, 600)] + 0.15 * rng.standard_normal((600, 16))).astype(np.float32)
+    concept, cosine = rng.integers(0, 7, 600), rng.random(600)
+    for n in (50, 200, 600):
+        want, dropped = _select_with_all_pairs(concept, cosine, n, features, 0.97)
+        got = select_balanced(concept, cosine, n, duplicates=NearDuplicates(features, 0.97, block=64))
+        assert got["selected"].tolist() == want and got["dropped_duplicates"] == dropped
+        assert dropped > 0 or n == 50

@@ -153,24 +153,58 @@ def assign_concepts(captions: np.ndarray, caption_item: np.ndarray, concepts: np
     return concept, cosine
 
 
-def near_duplicates(features: np.ndarray, threshold: float, block: int = 1024) -> list[np.ndarray]:
-    """Per item, the other items whose raw cosine with it exceeds `threshold`."""
-    x = _unit(features)
-    out = []
-    for lo in range(0, len(x), block):
-        sim = x[lo : lo + block] @ x.T
-        for i, row in enumerate(sim):
-            hits = np.nonzero(row > threshold)[0]
-            out.append(hits[hits != lo + i])
-    return out
+class NearDuplicates:
+    """The items selected so far, and which candidates have a raw cosine above `threshold` with any
+    of them (worked out when asked): a selection of n from a pool of N items costs O(n^2 d), never
+    the pool's N^2 pairs (a pool is the larger the better: 10^5-10^7 items). One per selection."""
+
+    def __init__(self, features: np.ndarray, threshold: float, block: int = 8192):
+        self.x, self.threshold, self.block = _unit(features), float(threshold), block
+        self.chosen = np.empty((64, self.x.shape[1]), np.float32)  # rows of the selected items, in order
+        self.count = 0
+        self._known: dict[int, tuple[int, bool]] = {}  # item -> (selected count when checked, near one of them)
+
+    def add(self, item: int) -> None:
+        if self.count == len(self.chosen):  # doubling: O(n) copies in all
+            self.chosen = np.concatenate([self.chosen, np.empty_like(self.chosen)])
+        self.chosen[self.count] = self.x[item]
+        self.count += 1
+
+    def near(self, candidates: Sequence[int], since: int | Sequence[int] = 0) -> np.ndarray:
+        """bool per candidate (pool positions): a near-duplicate of a selected item, the `since`-th on
+        (one number, or one per candidate)."""
+        since = np.broadcast_to(np.asarray(since, np.int64), (len(candidates),))
+        hit = np.zeros(len(candidates), bool)
+        if len(candidates) and self.count > since.min():
+            q = self.x[np.asarray(candidates, np.int64)]
+            for lo in range(int(since.min()), self.count, self.block):  # bounded memory however many are chosen
+                hi = min(lo + self.block, self.count)
+                over = q @ self.chosen[lo:hi].T > self.threshold
+                hit |= (over & (np.arange(lo, hi) >= since[:, None])).any(axis=1)
+        return hit
+
+    def blocked(self, candidates: Sequence[int], ahead: Sequence[int] = ()) -> np.ndarray:
+        """`near(candidates)`, remembering each answer with how many items were selected then, so a
+        second question reads only the items selected since; `ahead` (items asked about soon) are
+        worked out in the same pass: a few large products instead of one small one a round."""
+        fresh = [c for c in dict.fromkeys([*candidates, *ahead]) if c not in self._known]
+        for c, b in zip(fresh, self.near(fresh).tolist(), strict=True):
+            self._known[c] = (self.count, b)
+        upto = np.array([self._known[c][0] for c in candidates], np.int64)
+        out = np.array([self._known[c][1] for c in candidates], bool)
+        stale = np.flatnonzero(~out & (upto < self.count))
+        out[stale] = self.near([candidates[i] for i in stale], since=upto[stale])
+        for i in stale:
+            self._known[candidates[i]] = (self.count, bool(out[i]))
+        return out
 
 
 def select_balanced(concept: np.ndarray, cosine: np.ndarray, n: int, *, cap: int | None = None,
-                    min_similarity: float | None = None, duplicates: Sequence[np.ndarray] | None = None) -> dict:
+                    min_similarity: float | None = None, duplicates: NearDuplicates | None = None) -> dict:
     """Round-robin selection across concepts: {"selected" (item positions, in selection order),
-    "dropped_duplicates"}. Round r takes each concept's next unblocked item (most similar first,
-    at most `cap` per concept), the round in order of similarity; a selected item blocks its
-    `duplicates`. Fewer than n when the capped, unblocked pool runs out."""
+    "dropped_duplicates"}. Round r takes each concept's next item (most similar first, at most
+    `cap` per concept), the round in order of similarity; an item that is a near-duplicate
+    (`duplicates`) of one already selected is skipped. Fewer than n when the capped pool runs out."""
     check_selection(n, cap, min_similarity)
     concept, cosine = np.asarray(concept), np.asarray(cosine, dtype=np.float64)
     ok = concept >= 0
@@ -180,37 +214,43 @@ def select_balanced(concept: np.ndarray, cosine: np.ndarray, n: int, *, cap: int
     idx = idx[np.lexsort((idx, -cosine[idx], concept[idx]))]  # by concept, most similar first
     queues = np.split(idx, np.nonzero(np.diff(concept[idx]))[0] + 1) if len(idx) else []
     heads, taken = np.zeros(len(queues), np.int64), np.zeros(len(queues), np.int64)
-    blocked, selected, dropped = np.zeros(len(concept), bool), [], set()
+    if duplicates is not None and duplicates.count:
+        raise CurationError("a NearDuplicates serves one selection: make a new one")
+    selected, dropped = [], 0
     while len(selected) < n:
-        offers = _offers(queues, heads, taken, blocked, cap, dropped)
+        offers, skipped = _offers(queues, heads, taken, cap, duplicates)
+        dropped += skipped
         if not offers:
             break
+        round_start = len(selected)
         for q, item in sorted(offers, key=lambda o: (-cosine[o[1]], o[1])):
             if len(selected) == n:
                 break
-            if blocked[item]:  # a near-duplicate of one taken earlier in this round: offered again later
-                continue
+            if duplicates is not None and duplicates.near([item], since=round_start)[0]:
+                continue  # a near-duplicate of one taken earlier in this round: dropped when offered next round
             selected.append(int(item))
+            if duplicates is not None:
+                duplicates.add(item)
             taken[q] += 1
             heads[q] += 1
-            blocked[item] = True
-            if duplicates is not None:
-                blocked[duplicates[item]] = True
-    return {"selected": np.asarray(selected, np.int64), "dropped_duplicates": len(dropped - set(selected))}
+    return {"selected": np.asarray(selected, np.int64), "dropped_duplicates": dropped}
 
 
-def _offers(queues, heads, taken, blocked, cap, dropped) -> list[tuple[int, int]]:
-    """(concept queue, item) of every concept still under its cap with an unblocked item left."""
-    offers = []
-    for q, queue in enumerate(queues):
-        if cap is not None and taken[q] >= cap:
-            continue
-        while heads[q] < len(queue) and blocked[queue[heads[q]]]:
-            dropped.add(int(queue[heads[q]]))
+def _offers(queues, heads, taken, cap, duplicates, ahead: int = 32) -> tuple[list[tuple[int, int]], int]:
+    """((concept queue, item) of every concept still under its cap with an item left that is no
+    near-duplicate of a selected one, how many items were skipped as such on the way)."""
+    live = [q for q, queue in enumerate(queues) if (cap is None or taken[q] < cap) and heads[q] < len(queue)]
+    skipped = 0
+    while duplicates is not None and live:  # heads that duplicate a selected item move on, all at once
+        soon = [int(i) for q in live for i in queues[q][heads[q] + 1 : heads[q] + ahead]]
+        blocked = duplicates.blocked([int(queues[q][heads[q]]) for q in live], ahead=soon)
+        if not blocked.any():
+            break
+        for q in np.asarray(live)[blocked]:
             heads[q] += 1
-        if heads[q] < len(queue):
-            offers.append((q, int(queue[heads[q]])))
-    return offers
+        skipped += int(blocked.sum())
+        live = [q for q in live if heads[q] < len(queues[q])]
+    return [(q, int(queues[q][heads[q]])) for q in live], skipped
 
 
 def check_selection(n, cap, min_similarity) -> None:
@@ -242,7 +282,7 @@ def curate_pool(pool: Pool, concepts: Sequence[str], concept_features: np.ndarra
     if duplicate_cosine is not None and not -1.0 < float(duplicate_cosine) <= 1.0:
         raise CurationError(f"duplicate_cosine is a cosine in (-1, 1], or None for no removal, not {duplicate_cosine!r}")
     concept, cosine = assign_concepts(pool.captions, pool.caption_item, concept_features)
-    dups = None if duplicate_cosine is None else near_duplicates(pool.image, float(duplicate_cosine))
+    dups = None if duplicate_cosine is None else NearDuplicates(pool.image, float(duplicate_cosine))
     got = select_balanced(concept, cosine, n, cap=cap, min_similarity=min_similarity, duplicates=dups)
     chosen = got["selected"]
     counts = np.bincount(concept[chosen], minlength=len(concepts))
