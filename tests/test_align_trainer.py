@@ -226,3 +226,25 @@ def test_pca_projectors_are_fitted_on_the_training_split_and_resume(stores, tmp_
     assert image.config["pca"] == 8 and 0 <= result.val["mean_R@10"] <= 1
     again = train(recipe, stores, out=tmp_path / "pca", progress=False, baselines=False)  # a finished run reads back
     assert torch.equal(again.model.space.projectors["image"].pca.basis, image.pca.basis)
+
+
+def test_block_shuffle_reads_pairs_in_runs_and_still_learns(stores, tmp_path):
+    from anybind.align.data import Pairs
+    from anybind.align.trainer import epoch_batches
+
+    rows = np.arange(80 * 256)
+    pairs = Pairs(rows, rows, rows)  # 20,480 items, one caption each, in store order: 80 full batches
+    full = epoch_batches(pairs, 256, 0, 0, "all", 1)
+    blocks = epoch_batches(pairs, 256, 0, 0, "all", 1, "blocks")
+    assert sorted(np.concatenate(blocks).tolist()) == rows.tolist() == sorted(np.concatenate(full).tolist())  # each once
+    assert blocks[1].tolist() == epoch_batches(pairs, 256, 0, 0, "all", 1, "blocks")[1].tolist()  # seeded
+    runs = [len(np.unique(b // 256)) for b in blocks]  # 256-pair stretches a batch touches
+    assert max(runs) <= 17 and np.mean([len(np.unique(b // 256)) for b in full]) > 60
+    recipe = load_recipe("linear", FAST + ["train.max_steps=120", "optimizer.lr=0.01", "train.patience=100",
+                                            "train.shuffle=blocks"])
+    assert recipe.to_dict()["train"]["shuffle"] == "blocks"
+    assert "shuffle" not in load_recipe("linear").to_dict()["train"]  # at its default: earlier results' keys hold
+    result = train(recipe, stores, out=tmp_path / "blocks", progress=False)
+    assert result.val["mean_R@1"] >= 0.9, result.val
+    with pytest.raises(RecipeError, match="train.shuffle"):
+        load_recipe("linear", ["train.shuffle=sometimes"])

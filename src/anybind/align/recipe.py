@@ -59,6 +59,11 @@ class OptimizerConfig:
         self.betas = tuple(float(b) for b in self.betas)
 
 
+SHUFFLES = ("full", "blocks")
+#: (section, setting, default) of settings added after results were keyed by the resolved recipe
+ADDED_LATER = (("train", "shuffle", "full"),)
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 4096  #: global batch (split over processes under torchrun)
@@ -71,6 +76,9 @@ class TrainConfig:
     metric: str = "mean_R@10"  #: validation metric that picks the best checkpoint
     checkpoint_every: int = 50  #: steps between resumable checkpoints
     captions: str = "all"  #: all: every caption is a pair (all positives counted) | one: one per item per epoch
+    #: full: a uniform shuffle each epoch | blocks: runs of 256 consecutive pairs in random order, shuffled
+    #: within windows of 16 runs (a memory-mapped store larger than memory is then read in stretches)
+    shuffle: str = "full"
 
     def __post_init__(self):
         integer("train.batch_size", self.batch_size, minimum=2, error=RecipeError)
@@ -83,6 +91,7 @@ class TrainConfig:
         integer("train.patience", self.patience, minimum=1, error=RecipeError)
         integer("train.checkpoint_every", self.checkpoint_every, minimum=1, error=RecipeError)
         choice("train.captions", self.captions, ("all", "one"), error=RecipeError)
+        choice("train.shuffle", self.shuffle, SHUFFLES, error=RecipeError)
         if not self.metric.startswith(("mean_R@", "image_to_text_R@", "text_to_image_R@")):
             raise RecipeError(f"train.metric must be a retrieval recall such as mean_R@10, not {self.metric!r}")
 
@@ -140,6 +149,9 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        for section, key, default in ADDED_LATER:  # at their default, left out: earlier results and checkpoints stay valid
+            if d[section].get(key) == default:
+                del d[section][key]
         d["loss"] = dict(d["loss"])  # a plain mapping, for YAML and JSON
         d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
         return d

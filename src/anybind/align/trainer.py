@@ -33,7 +33,7 @@ from ..metrics.retrieval import chance_retrieval_metrics
 from ..tracking import Loggers, as_loggers, record_metrics
 from . import distributed as dist
 from .bound import BoundModel
-from .data import PairedFeatures, Pairs
+from .data import PairedFeatures, Pairs, block_permutation
 from .fit import (
     INTO_MAP_BASELINES,
     added_map_model,
@@ -116,15 +116,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 # ---- batches -------------------------------------------------------------------------------------
-def epoch_batches(pairs: Pairs, batch_size: int, epoch: int, seed: int, captions: str, world: int) -> list[np.ndarray]:
-    """The batches (indices into `pairs`) of one epoch: a function of (seed, epoch) only."""
+def epoch_batches(pairs: Pairs, batch_size: int, epoch: int, seed: int, captions: str, world: int,
+                  shuffle: str = "full") -> list[np.ndarray]:
+    """The batches (indices into `pairs`) of one epoch: a function of (seed, epoch) only. `shuffle`
+    "blocks" keeps runs of consecutive pairs (`block_permutation`), so the rows of a batch lie in a
+    few stretches of each store."""
     rng = np.random.default_rng([seed, epoch])
     idx = np.arange(len(pairs))
     if captions == "one":  # one random caption per item this epoch
         order = rng.permutation(len(idx))
         _, first = np.unique(pairs.item[order], return_index=True)
         idx = order[first]
-    idx = idx[rng.permutation(len(idx))]
+    idx = idx[rng.permutation(len(idx)) if shuffle == "full" else block_permutation(len(idx), rng)]
     batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < batch_size // 2:
         batches.pop()  # a tiny last batch gives a noisy contrastive step
@@ -330,7 +333,7 @@ def _setup(recipe: Recipe, stores: dict, out: Path, layers, fold, max_train_pair
     params = list(space.parameters()) + list(objective.contrastive.parameters())
     optimizer = build_optimizer(recipe.optimizer, params)
     batch_size = min(cfg.batch_size, len(train_pairs) - len(train_pairs) % world)
-    steps_per_epoch = len(epoch_batches(train_pairs, batch_size, 0, cfg.seed, cfg.captions, world))
+    steps_per_epoch = len(epoch_batches(train_pairs, batch_size, 0, cfg.seed, cfg.captions, world, cfg.shuffle))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.optimizer, total_steps))
     split_key = {"fold": fold, "max_train_pairs": max_train_pairs, "splits": data.splits_fingerprint,
@@ -513,7 +516,7 @@ def _loop(run: _Run, progress: bool, preload: bool | None) -> None:
     run.space.train()
     while state["step"] < run.total_steps and not state["stopped_early"]:
         epoch, offset = divmod(state["step"], run.steps_per_epoch)
-        for batch in epoch_batches(run.train_pairs, run.batch_size, epoch, cfg.seed, cfg.captions, run.world)[offset:]:
+        for batch in epoch_batches(run.train_pairs, run.batch_size, epoch, cfg.seed, cfg.captions, run.world, cfg.shuffle)[offset:]:
             record = _step(run, batch, epoch, readers)
             _log(run, record)
             bar.update(1)
