@@ -595,8 +595,8 @@ def _tuned_breadth(index, vectors: np.ndarray, name: str, ladder: Sequence[int],
     faiss = _faiss()
     rows = np.sort(np.random.default_rng(0).choice(len(vectors), min(len(vectors), RECALL_QUERIES), replace=False))
     queries = np.ascontiguousarray(vectors[rows])
-    kth = [s[-1] if len(s) else np.inf for s in _others(*faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT),
-                                                     rows, k)]
+    exact = _others(*faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT), rows, k)
+    kth = [s[-1] if len(s) else np.inf for s in exact]  # the score a hit must reach
     for breadth in ladder:
         _set_params(index, {name: breadth})
         got = _others(*index.search(queries, k + 1), rows, k)
