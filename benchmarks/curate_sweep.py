@@ -156,6 +156,27 @@ def table(records: list[dict], sizes, metric: str = SCORE) -> str:
     return "\n".join(lines)
 
 
+def paired(records: list[dict], sizes, metric: str = SCORE) -> str:
+    """curated − random in `metric` (points), runs paired by (fold, seed): 95% t intervals over the
+    paired runs and over the per-fold mean differences (a fold's seeds share its test set)."""
+    from anybind.evaluate.results import t_interval
+
+    curated = next((r["arm"] for r in records if r["arm"] != "random"), None)
+    lines = ["| n | Δ mean | runs | 95% interval (runs) | folds | 95% interval (fold means) |", "|---:|---:|---:|---|---:|---|"]
+    for n in sizes:
+        value = {(r["arm"], r["fold"], r["seed"]): 100 * r["metrics"][metric] for r in records if r["n"] == n}
+        diffs = {(f, s): value[(curated, f, s)] - v for (a, f, s), v in value.items() if a == "random" and (curated, f, s) in value}
+        folds = sorted({f for f, _ in diffs})
+        means = [float(np.mean([d for (f, _), d in diffs.items() if f == fold])) for fold in folds]
+        if len(diffs) < 2:
+            continue
+        runs, fold = t_interval(list(diffs.values())), t_interval(means) if len(means) > 1 else None
+        by_fold = f"[{fold['low']:+.1f}, {fold['high']:+.1f}]" if fold else "-"
+        lines.append(f"| {n:,} | {runs['mean']:+.1f} | {runs['n']} | [{runs['low']:+.1f}, {runs['high']:+.1f}] | "
+                     f"{len(means)} | {by_fold} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stage", choices=("val", "test"), default="test")
@@ -183,6 +204,7 @@ def main() -> None:
     text = f"{args.stage} split, folds {','.join(map(str, folds))}; mean ± sd (runs)"
     for metric in (SCORE, *HEADLINE):
         text += f"\n\n{metric}\n\n" + table(records, sizes, metric)
+    text += "\n\ncurated − random, suite score\n\n" + paired(records, sizes)
     print(text)
     (RESULTS / f"table-{args.stage}-folds{'-'.join(map(str, folds))}.md").write_text(text + "\n")
 
