@@ -197,7 +197,9 @@ def main() -> None:
         return
     if args.report:  # every logged run of this split (the recipe's bank cap, added meanwhile, changes nothing here)
         split = "val" if args.stage == "val" else "test"
-        records = [r for r in ResultsLog(RESULTS / "log.jsonl")._done.values() if r["split"] == split and r["fold"] in folds]
+        logged = [r for r in ResultsLog(RESULTS / "log.jsonl")._done.values() if r["split"] == split and r["fold"] in folds]
+        # the newest run of each cell: a re-curated subset (new concept features, recipe) re-runs under a new key
+        records = list({(r["fold"], r["arm"], r["n"], r["seed"]): r for r in logged}.values())
     else:
         suite = Suite.builtin(progress=True)
         records = sweep(suite, args.stage, folds, range(args.seeds), sizes, args.arms.split(","))
