@@ -815,7 +815,7 @@ def cmd_index(args) -> int:
     The features come from the feature cache (batched, with a progress bar, resumable; a corrupt
     image is skipped and reported), so a second index of the same data with the same encoder is fast.
     """
-    from .serve.index import build_index
+    from .serve.index import RECALL_QUERIES, build_index
 
     device = _device(args.device)  # checked before any work
     modalities = args.modality or ["image"]
@@ -833,7 +833,7 @@ def cmd_index(args) -> int:
         if "recall_at_10" in params:
             breadth = ", ".join(f"{k} {v}" for k, v in params.items() if k != "recall_at_10")
             print(f"{m}: approximate search ({breadth}), recall@10 {params['recall_at_10']:.3f} on "
-                  f"{min(256, idx.count(m))} of its own rows")
+                  f"{min(RECALL_QUERIES, idx.count(m))} of its own rows")
     if info.get("skipped"):
         print(f"skipped {info['skipped']} unreadable items, e.g. "
               + "; ".join(f"{s['item_id']}: {s['reason']}" for s in info["skipped_items"][:3]))
