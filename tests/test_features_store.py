@@ -579,3 +579,32 @@ def test_precision_auto_does_not_depend_on_the_layers_asked_for(cache, tmp_path)
     final = extract(enc, index, layers="final", progress=False, cache=cache, num_workers=0)
     assert every.report["precision"] == final.report["precision"] == "bf16"
     assert final.report["hit"] and final.path == every.path
+
+
+def test_sync_splits_takes_the_index_split_fold_and_group_and_counts_rows_changed(tmp_path):
+    # a cache hit's sync, in Arrow: every row's split, fold and group from the index, a null fold
+    # equal only to a null, rows in the store's order (not the index's), vectors untouched
+    from anybind.data.index import DatasetIndex
+    from anybind.features.extract import sync_splits
+    from anybind.features.store import write_store
+
+    ids = [f"i{k}" for k in range(6)]
+    write_store(tmp_path / "s", {"final": np.arange(12, dtype=np.float32).reshape(6, 2)}, ids, modality="image",
+                field="image", dataset="d", splits=["train"] * 4 + ["val", "test"], folds=[0, 0, 1, 1, None, 2],
+                groups=ids)
+    records = [{"item_id": i, "image": f"{i}.png", "group": "g" if i in ("i0", "i1") else i} for i in reversed(ids)]
+    index = DatasetIndex.from_records("d", records, {"image": "image"})
+    want = {i: (s, f, g) for i, s, f, g in zip(index.item_ids, index.column("split"), index.column("fold"),
+                                              index.column("group"), strict=True)}
+    store = FeatureStore.open(tmp_path / "s")
+    before = list(zip(*(store.rows.column(c).to_pylist() for c in ("split", "fold", "group")), strict=True))
+    expected = sum(b != want[i] for i, b in zip(ids, before, strict=True))
+    assert expected > 0
+    assert sync_splits(store, index) == expected
+    store = FeatureStore.open(tmp_path / "s")
+    after = list(zip(*(store.rows.column(c).to_pylist() for c in ("split", "fold", "group")), strict=True))
+    assert after == [want[i] for i in ids] and store.rows.column("item_id").to_pylist() == ids
+    np.testing.assert_array_equal(store["final"].read(), np.arange(12, dtype=np.float32).reshape(6, 2))
+    assert sync_splits(store, index) == 0  # in step now
+    other = DatasetIndex.from_records("d", records[1:], {"image": "image"})  # lacks a store item: not its index
+    assert sync_splits(store, other) == 0
