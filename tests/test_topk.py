@@ -42,6 +42,25 @@ def test_exact_copies_in_a_bank_get_the_same_score():
         assert (scores[:, copies] == scores[:, j : j + 1]).all()
 
 
+@pytest.mark.parametrize("n,d,distinct,share_first,zeros", [
+    (1, 3, 1, False, False), (5, 1, 5, False, False), (300, 33, 40, False, False), (1000, 8, 1000, True, False),
+    (1000, 8, 50, True, True), (2000, 4, 300, True, False), (500, 2, 100, False, True)])
+def test_distinct_rows_are_torch_uniques_rows_and_inverse(n, d, distinct, share_first, zeros):
+    # sorted by the first column, then only the rows sharing a first value by the whole row:
+    # the same rows, order and inverse as torch.unique(dim=0), which sorts every row
+    rng = np.random.default_rng(n + d)
+    base = rng.normal(size=(distinct, d)).astype(np.float32)
+    if share_first:  # many rows share a first value and differ later
+        base[:, 0] = np.round(base[:, 0])
+    if zeros and d > 1:  # -0.0 and 0.0 are one value
+        base[::3, 1], base[1::3, 1], base[::2, 0] = 0.0, -0.0, 0.0
+    bank = torch.from_numpy(base[rng.integers(0, distinct, n)])
+    unique, inverse = distinct_rows(bank)
+    want_unique, want_inverse = torch.unique(bank, dim=0, return_inverse=True)
+    assert torch.equal(unique, want_unique) and torch.equal(inverse, want_inverse)
+    assert torch.equal(unique[inverse], bank)
+
+
 def duplicated_pairs(seed: int = 0) -> PairedArrays:
     """Images repeated up to 6 times, each copy with its own two captions (as openclipart files the
     same drawing in several folders)."""

@@ -12,6 +12,7 @@ the copies must tie in both: a matrix product can give two equal rows scores one
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -37,9 +38,34 @@ def _canonical(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tenso
 
 
 def distinct_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the distinct rows of `bank`, the position of each row of `bank` among them)."""
-    unique, inverse = torch.unique(bank, dim=0, return_inverse=True)
-    return unique, inverse
+    """(the distinct rows of `bank` [n, d], the position of each row of `bank` among them), the
+    distinct rows in lexicographic order of their values, as ``torch.unique(bank, dim=0)`` gives them.
+
+    Rows are sorted by their first column (a 1-d sort) and only rows sharing a first value are
+    sorted by the whole row: ``torch.unique(dim=0)`` sorts every row lexicographically, 81 s at 10M
+    rows of 32 against 2 s at 1M. Values compare as floats (-0.0 equals 0.0; finite rows assumed).
+    """
+    x = bank.detach().cpu().contiguous().numpy()
+    n = len(x)
+    if n == 0 or x.shape[1] == 0:
+        return torch.unique(bank, dim=0, return_inverse=True)
+    order = np.argsort(x[:, 0], kind="stable")
+    first = x[order, 0]
+    new_first = np.r_[True, first[1:] != first[:-1]]
+    run = np.cumsum(new_first) - 1  # run of equal first values, per sorted position
+    tied = np.flatnonzero(~new_first | np.r_[~new_first[1:], False])  # positions in a run of two or more
+    boundary = new_first.copy()
+    if len(tied):
+        rows = x[order[tied]]
+        within = np.lexsort((*rows[:, :0:-1].T, run[tied]))  # by run, then columns 1.. as the last keys
+        order[tied] = order[tied][within]
+        rows = rows[within]
+        differs = np.any(rows[1:] != rows[:-1], axis=1)
+        same_run = run[tied][1:] == run[tied][:-1]
+        boundary[tied[1:]] |= same_run & differs
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(boundary) - 1
+    return torch.from_numpy(x[order[boundary]]).to(bank.device), torch.from_numpy(inverse).to(bank.device)
 
 
 def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
