@@ -153,6 +153,44 @@ def test_procrustes_recovers_a_planted_rotation_exactly(scaling, normalize_input
     torch.testing.assert_close(zi, zt, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scaling", ["none", "standardize", "whiten"])
+def test_procrustes_in_row_blocks_equals_the_whole_array_fit(scaling):
+    # means, covariances and the pairs' cross products accumulate over row blocks (a 10M-row fit
+    # held n x d float64 copies): the same moments and maps as the whole-array PCA formulas
+    from anybind.align.baselines import _cross_products, _prepare, _row_moments
+    from anybind.align.linalg import covariance, eig_desc
+
+    rng = np.random.default_rng(5)
+    image = (rng.normal(size=(700, 12)) * np.linspace(3, 1, 12) + 4.0).astype(np.float32)
+    t2i = np.r_[np.arange(700), rng.integers(0, 700, 500)]  # several captions for some images
+    text = (image[t2i] @ rng.normal(size=(12, 9)) + rng.normal(size=(1200, 9)) + 6.0).astype(np.float32)
+    train = PairedArrays(image, text, t2i)
+    for normalize in (True, False):
+        x, y = _prepare(image, normalize), _prepare(text, normalize)
+        xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+        mx, cx = _row_moments(image, normalize, block_bytes=8 * 12 * 256)  # 3 blocks
+        np.testing.assert_allclose(mx, x.mean(axis=0), rtol=1e-13)
+        np.testing.assert_allclose(cx, covariance(xc), rtol=1e-11, atol=1e-13 * np.abs(cx).max())
+        cross = _cross_products(train, mx, y.mean(axis=0), normalize, block_bytes=8 * 12 * 256)
+        np.testing.assert_allclose(cross, xc[t2i].T @ yc, rtol=1e-11, atol=1e-12 * np.abs(cross).max())
+
+    def whole_array_projection(x, d):  # the fit as it was, on n x d float64 copies
+        xc = x - x.mean(axis=0)
+        scale = 1.0 / np.maximum(xc.std(axis=0, ddof=1), 1e-12) if scaling == "standardize" else np.ones(x.shape[1])
+        vals, vecs = eig_desc(covariance(xc * scale))
+        w = vecs[:, :d] / (np.sqrt(vals[:d]) if scaling == "whiten" else 1.0)
+        return scale[:, None] * w, (xc * scale) @ w
+
+    model = build_baseline("procrustes", dim=6, scaling=scaling).fit(train)
+    (wx, px), (wy, py) = (whole_array_projection(_prepare(a, True), 6) for a in (image, text))
+    u, _, vt = np.linalg.svd(px[t2i].T @ py)
+    np.testing.assert_allclose(model.rotation, u @ vt, atol=1e-9)
+    queries = rng.normal(size=(5, 12)).astype(np.float32)
+    want = (_prepare(queries, True) - _prepare(image, True).mean(axis=0)) @ wx @ (u @ vt)
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)  # embeddings are unit rows
+    torch.testing.assert_close(model.encode("image", queries), torch.from_numpy(want).float(), atol=1e-5, rtol=1e-5)
+
+
 def test_procrustes_default_dim_is_capped():
     train = PairedArrays(
         np.random.default_rng(0).normal(size=(30, 40)).astype(np.float32),
@@ -194,7 +232,8 @@ def test_cca_shared_and_private_dimensions():
 def test_cca_moments_in_row_blocks_equal_the_whole_array_formulas():
     # the covariances accumulate over row blocks (never an n x d float64 copy); several captions per
     # image and a large mean (l2 rows all near one direction): the same as the two-pass formulas
-    from anybind.align.baselines import _covariance, _paired_moments, _prepare
+    from anybind.align.baselines import _paired_moments, _prepare
+    from anybind.align.linalg import covariance as _covariance
 
     rng = np.random.default_rng(4)
     image = (rng.normal(size=(700, 12)) + 4.0).astype(np.float32)

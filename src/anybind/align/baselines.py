@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from .. import checks, saving
 from ..errors import AnybindError
 from ..registry import Registry
-from .linalg import covariance as _covariance
 from .linalg import eig_desc as _sym_eig_desc
 from .linalg import fix_signs as _fix_signs
 from .topk import bank_scores, distinct_rows, top_k
@@ -438,19 +437,17 @@ class Procrustes(Baseline):
         checks.flag("procrustes: normalize_input", self.normalize_input, error=BaselineError)
         checks.choice("procrustes: scaling", self.scaling, ("none", "standardize", "whiten"), error=BaselineError)
 
-    def _pca(self, x: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, projection [D, d] including any scaling, centred+projected rows)."""
-        mean = x.mean(axis=0)
-        xc = x - mean
-        scale = np.ones(x.shape[1])
-        if self.scaling == "standardize":
-            scale = 1.0 / np.maximum(xc.std(axis=0, ddof=1), 1e-12)
-            xc = xc * scale
-        vals, vecs = _sym_eig_desc(_covariance(xc))
+    def _projection(self, cov: np.ndarray, d: int) -> np.ndarray:
+        """[D, d]: the top-d principal directions of centred rows of covariance `cov`, with the scaling."""
+        scale = np.ones(len(cov))
+        if self.scaling == "standardize":  # the per-feature sd (ddof 1) is the covariance's diagonal
+            scale = 1.0 / np.maximum(np.sqrt(np.diag(cov)), 1e-12)
+            cov = scale[:, None] * cov * scale[None, :]
+        vals, vecs = _sym_eig_desc(cov)
         w = vecs[:, :d]
         if self.scaling == "whiten":
             w = w / np.sqrt(np.maximum(vals[:d], vals[0] * _EIG_FLOOR + 1e-300))
-        return mean, scale[:, None] * w, xc @ w
+        return scale[:, None] * w
 
     def _fit(self, train: PairedArrays) -> None:
         di, dt = train.image.shape[1], train.text.shape[1]
@@ -460,11 +457,11 @@ class Procrustes(Baseline):
             raise BaselineError(
                 f"procrustes: dim={d} exceeds the smaller input dimension min({di}, {dt})"
             )
-        x = _prepare(train.image, self.normalize_input)
-        y = _prepare(train.text, self.normalize_input)
-        mean_x, proj_x, px = self._pca(x, d)
-        mean_y, proj_y, py = self._pca(y, d)
-        cross = px[train.text_to_image].T @ py  # [d, d]
+        # moments in float64 over float32 row blocks: a 10M-row fit held n x d float64 copies (> 14 GB)
+        mean_x, cov_x = _row_moments(train.image, self.normalize_input)
+        mean_y, cov_y = _row_moments(train.text, self.normalize_input)
+        proj_x, proj_y = self._projection(cov_x, d), self._projection(cov_y, d)
+        cross = proj_x.T @ _cross_products(train, mean_x, mean_y, self.normalize_input) @ proj_y  # [d, d]
         u, _, vt = np.linalg.svd(cross)
         self.rotation = u @ vt  # image PCA coordinates -> text PCA coordinates
         self._maps = {
@@ -546,7 +543,7 @@ def _paired_moments(train: PairedArrays, normalize: bool, block_bytes: int = 4 <
     float64 from float32 row blocks that stay in the cache: two passes (means, then centred
     products), never an n x d float64 copy. Sums as the unblocked formulas, in another order."""
     n, width = train.n_texts, max(train.image.shape[1], train.text.shape[1])
-    blocks = list(_chunks(n, max(256, block_bytes // (8 * width))))
+    blocks = _row_blocks(n, width, block_bytes)
 
     def rows(s: slice) -> tuple[np.ndarray, np.ndarray]:
         return (_prepare(train.image[train.text_to_image[s]], normalize), _prepare(train.text[s], normalize))
@@ -563,6 +560,34 @@ def _paired_moments(train: PairedArrays, normalize: bool, block_bytes: int = 4 <
         y -= mean_y
         cxx, cyy, cxy = cxx + x.T @ x, cyy + y.T @ y, cxy + x.T @ y
     return (mean_x, mean_y), tuple(c / max(n - 1, 1) for c in (cxx, cyy, cxy))
+
+
+def _row_blocks(n: int, width: int, block_bytes: int = 4 << 20) -> list[slice]:
+    """Slices of rows whose float64 copy stays in the cache."""
+    return list(_chunks(n, max(256, block_bytes // (8 * width))))
+
+
+def _row_moments(x: np.ndarray, normalize: bool, block_bytes: int = 4 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, sample covariance) of the rows of `x` in float64, a float32 block at a time (two passes)."""
+    blocks = _row_blocks(len(x), x.shape[1], block_bytes)
+    total = 0.0
+    for s in blocks:
+        total = total + _prepare(x[s], normalize).sum(axis=0)
+    mean, cov = total / len(x), 0.0
+    for s in blocks:
+        xc = _prepare(x[s], normalize) - mean
+        cov = cov + xc.T @ xc
+    return mean, cov / max(len(x) - 1, 1)
+
+
+def _cross_products(train: PairedArrays, mean_x: np.ndarray, mean_y: np.ndarray, normalize: bool,
+                    block_bytes: int = 4 << 20) -> np.ndarray:
+    """Sum over the pairs (image row of each caption, caption) of the centred outer products."""
+    out = 0.0
+    for s in _row_blocks(train.n_texts, max(train.image.shape[1], train.text.shape[1]), block_bytes):
+        x = _prepare(train.image[train.text_to_image[s]], normalize) - mean_x
+        out = out + x.T @ (_prepare(train.text[s], normalize) - mean_y)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
