@@ -608,3 +608,10 @@ def test_sync_splits_takes_the_index_split_fold_and_group_and_counts_rows_change
     assert sync_splits(store, index) == 0  # in step now
     other = DatasetIndex.from_records("d", records[1:], {"image": "image"})  # lacks a store item: not its index
     assert sync_splits(store, other) == 0
+    # the usual hit: the store holds the index's items in the index's order (compared, not joined)
+    regrouped = [{"item_id": i, "image": f"{i}.png", "group": "h" if i in ("i2", "i3", "i4") else i} for i in ids]
+    same_order = DatasetIndex.from_records("d", regrouped, {"image": "image"})
+    want = list(zip(*(same_order.column(c) for c in ("split", "fold", "group")), strict=True))
+    assert sync_splits(store, same_order) == sum(a != b for a, b in zip(after, want, strict=True)) > 0
+    store = FeatureStore.open(tmp_path / "s")
+    assert list(zip(*(store.rows.column(c).to_pylist() for c in ("split", "fold", "group")), strict=True)) == want

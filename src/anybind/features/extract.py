@@ -427,6 +427,14 @@ def _differ(old, new):
     return pc.invert(same)
 
 
+def _index_rows(ids, index_ids):
+    """Each store row's position in the index (null: not in it), or None when the store holds the
+    index's items in its order (the usual hit: a sequential compare, no hash join of n strings)."""
+    if len(ids) == len(index_ids) and ids.type == index_ids.type and ids.equals(index_ids):
+        return None
+    return pc.index_in(ids, value_set=index_ids)
+
+
 def sync_splits(store: FeatureStore, index) -> int:
     """Give a store the index's current split, fold and group per row; returns the rows changed.
 
@@ -436,13 +444,14 @@ def sync_splits(store: FeatureStore, index) -> int:
     in train. Rewritten atomically; the vectors are not touched.
     """
     rows = store.rows
-    at = pc.index_in(rows.column("item_id"), value_set=index.table.column("item_id"))
-    if at.null_count:  # not this index's store (cannot happen for a hit by fingerprint)
+    at = _index_rows(rows.column("item_id"), index.table.column("item_id"))
+    if at is not None and at.null_count:  # not this index's store (cannot happen for a hit by fingerprint)
         return 0
     # in Arrow, not Python tuples: a hit of a 10M-row store held 5.6 GB of them
     table, changed = rows, pa.array(np.zeros(len(rows), dtype=bool))
     for name, kind in SPLIT_COLUMNS:
-        old, new = rows.column(name).cast(kind), index.table.column(name).take(at).cast(kind)
+        new = index.table.column(name)
+        old, new = rows.column(name).cast(kind), (new if at is None else new.take(at)).cast(kind)
         changed = pc.or_(changed, _differ(old, new))
         table = table.set_column(table.column_names.index(name), name, new)
     changed = pc.sum(changed).as_py() or 0
