@@ -274,8 +274,7 @@ class LayerArray:
             rows = np.arange(*rows.indices(len(self)))
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.shape[1]), dtype=dtype)
-        part_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        picks = [(p, np.nonzero(part_of == p)[0]) for p in np.unique(part_of)]
+        picks = self._picks(rows)
 
         def fetch(pick):
             return self.parts[pick[0]][rows[pick[1]] - self.offsets[pick[0]]]
@@ -285,6 +284,20 @@ class LayerArray:
         for (_, sel), block in zip(picks, _parts_pool().map(fetch, picks) if remote else map(fetch, picks)):
             out[sel] = self._convert(block, dtype)
         return out
+
+    def _picks(self, rows: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
+        """(shard, positions in `rows` of its rows) for each shard read, in shard order: a slice each
+        when the rows come sorted, else one sort of the rows by shard. (It was a pass over every row
+        per shard: reading a 10M-row store of 1,024-row shards made 10^11 comparisons.)"""
+        if not len(rows):
+            return []
+        part_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        order = None if np.all(part_of[1:] >= part_of[:-1]) else np.argsort(part_of, kind="stable")
+        parts = part_of if order is None else part_of[order]
+        starts = np.flatnonzero(np.r_[True, parts[1:] != parts[:-1]])
+        ends = np.r_[starts[1:], len(parts)]
+        return [(int(parts[a]), slice(a, b) if order is None else order[a:b])
+                for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
     def __getitem__(self, rows) -> np.ndarray:
         if isinstance(rows, (int, np.integer)):
