@@ -101,15 +101,15 @@ def item_ids(n: int) -> list[str]:
     return [f"i{k:08d}" for k in range(n)]
 
 
-def prepare(work: Path, n: int, step: str) -> Path:
+def prepare(work: Path, n: int, step: str, shard_size: int | None = None) -> Path:
     """The inputs of `step` at size n, each written once (at 10M rows the thumbnails alone are 10 GB,
     so a step writes only what it reads): the stores, the table, the thumbnails."""
-    folder = work / f"n{n}"
+    folder = work / (f"n{n}" if shard_size is None else f"n{n}-shards{shard_size}")
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(n)
     needs = INPUTS.get(step, ("stores",))
     if "stores" in needs and not (folder / "stores.done").exists():
-        write_stores(folder, item_ids(n), rng)
+        write_stores(folder, item_ids(n), rng, shard_size)
         (folder / "stores.done").write_text("")
     if "table" in needs and not (folder / "table.parquet").exists():
         import pyarrow as pa
@@ -130,8 +130,9 @@ def fixed_splits(n: int, held_out: int = HELD_OUT) -> list[str]:
     return ["val"] * m + ["test"] * m + ["train"] * (n - 2 * m)
 
 
-def write_stores(folder: Path, ids: list[str], rng: np.random.Generator) -> None:
-    """An image and a text store of correlated DIM-d features, one caption per item."""
+def write_stores(folder: Path, ids: list[str], rng: np.random.Generator, shard_size: int | None = None) -> None:
+    """An image and a text store of correlated DIM-d features, one caption per item, in one shard or in
+    shards of `shard_size` rows (extraction writes 1,024-row shards: 9,766 a store at 10M rows)."""
     from anybind.features.store import write_store
 
     n = len(ids)
@@ -141,7 +142,7 @@ def write_stores(folder: Path, ids: list[str], rng: np.random.Generator) -> None
     splits = fixed_splits(n)
     for name, x in (("image", image), ("text", text)):
         write_store(folder / name, {"final": x}, ids, modality=name, field=name if name == "image" else "caption",
-                    dataset=f"synthetic-{n}", splits=splits)
+                    dataset=f"synthetic-{n}", splits=splits, shard_size=shard_size)
 
 
 def synthetic_thumbnails(n: int, rng: np.random.Generator, chunk: int = 1 << 16) -> np.ndarray:
@@ -300,7 +301,7 @@ def run_child(step: str, n: int, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    folder = prepare(Path(args.work), n, step)
+    folder = prepare(Path(args.work), n, step, args.shard_size)
     run = SETUPS[step](folder, args)
     with AnonPeak() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -325,7 +326,7 @@ def measure(step: str, n: int, args) -> dict:
 def measure_once(step: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", step, str(n), "--work", args.work, "--queries", str(args.queries),
            "--gallery", str(args.gallery), "--blend-queries", str(args.blend_queries), "--threads", str(args.threads),
-           "--curate-n", str(args.curate_n)]
+           "--curate-n", str(args.curate_n)] + (["--shard-size", str(args.shard_size)] if args.shard_size else [])
     threads = str(args.threads)  # BLAS and OpenMP (faiss) pools too: spinning threads on a busy machine
     env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     try:
@@ -376,6 +377,7 @@ def main() -> None:
                    help="rows each baseline encodes (ASIF's output is [rows, n anchors], dense)")
     p.add_argument("--gallery", type=int, default=5000, help="fixed retrieval gallery size")
     p.add_argument("--curate-n", type=int, default=2000, help="items the curate step selects from the n-item pool")
+    p.add_argument("--shard-size", type=int, help="rows per store shard (default: one shard; extraction writes 1024)")
     p.add_argument("--threads", type=int, default=2, help="torch, BLAS and OpenMP threads of each step")
     p.add_argument("--repeat", type=int, default=1, help="runs per (step, n); the median time is kept")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one step may take")
