@@ -335,7 +335,10 @@ def measure_once(step: str, n: int, args) -> dict:
         return {"step": step, "n": n, "error": f"over the {args.timeout:.0f} s timeout"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
-        return {"step": step, "n": n, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        said = (done.stderr.strip().splitlines() or [""])[-1][:120]
+        if done.returncode < 0:  # SIGKILL with nothing said is most often the kernel's out-of-memory killer
+            said = f"killed by signal {-done.returncode}" + (" (out of memory?)" if done.returncode == -9 else "")
+        return {"step": step, "n": n, "error": said or f"exit status {done.returncode}"}
     return json.loads(lines[-1])
 
 

@@ -292,6 +292,21 @@ def test_nn_transfer_with_one_neighbour_returns_the_captions_of_that_image():
     assert model.out_dim == train.text.shape[1]  # the shared space is the text space
 
 
+@pytest.mark.parametrize("name", ["asif", "nn-transfer"])
+def test_anchor_baselines_encode_in_bounded_blocks_as_in_one(name, monkeypatch):
+    """Similarities are computed a few query rows at a time once batch x bank would pass the bound."""
+    import anybind.align.baselines as baselines
+
+    train, test, _ = planted()
+    model = build_baseline(name, k=5).fit(train)
+    whole = {side: model.encode(side, getattr(test, side)[:50]) for side in ("image", "text")}
+    monkeypatch.setattr(baselines, "SIMILARITY_BLOCK", 3 * len(train.text))  # 3 rows a block (ASIF's text: 3)
+    for side, want in whole.items():  # a matrix product's rounding depends on its shape: close, not equal
+        got = model.encode(side, getattr(test, side)[:50])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got != 0, want != 0)  # the same neighbours kept
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anybind.align.baselines import PairedArrays, build_baseline
-from anybind.align.topk import bank_scores, distinct_rows, top_k
+from anybind.align.topk import Bank, bank_scores, bank_top_k, distinct_rows, top_k
 from anybind.runtime.blend import Baseline as RuntimeBaseline
 from anybind.runtime.blend import _top_k
 
@@ -59,6 +59,27 @@ def test_distinct_rows_are_torch_uniques_rows_and_inverse(n, d, distinct, share_
     want_unique, want_inverse = torch.unique(bank, dim=0, return_inverse=True)
     assert torch.equal(unique, want_unique) and torch.equal(inverse, want_inverse)
     assert torch.equal(unique[inverse], bank)
+
+
+@pytest.mark.parametrize("k,block", [(1, 7), (5, 40), (12, 1000), (30, 10**6), (200, 64)])
+def test_bank_top_k_in_blocks_is_the_top_k_of_the_whole_bank(k, block):
+    # small integers: every product is exact, so scores tie wherever they should, whatever the block
+    rng = np.random.default_rng(k)
+    distinct = torch.from_numpy(rng.integers(-2, 3, size=(40, 3)).astype(np.float32))  # rows repeat, scores tie
+    bank = distinct[torch.from_numpy(rng.integers(0, 40, 200))]
+    queries = torch.from_numpy(rng.integers(-2, 3, size=(9, 3)).astype(np.float32))
+    want = top_k(bank_scores(queries, distinct_rows(bank)), k)
+    got = bank_top_k(queries, Bank.of(bank), k, block)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert bank_top_k(queries[:0], Bank.of(bank), k, block)[1].shape == (0, k)
+
+
+def test_bank_keeps_each_rows_copies_in_column_order():
+    bank = torch.tensor([[1.0, 0], [0, 1], [1, 0], [2, 2], [0, 1], [1, 0]])
+    b = Bank.of(bank)
+    assert torch.equal(b.rows, torch.tensor([[1.0, 0], [0, 1], [2, 2]]))  # by first copy
+    assert b.inverse.tolist() == [0, 1, 0, 2, 1, 0] and b.counts.tolist() == [3, 2, 1]
+    assert [b.columns[s:s + c].tolist() for s, c in zip(b.starts, b.counts)] == [[0, 2, 5], [1, 4], [3]]
 
 
 def duplicated_pairs(seed: int = 0) -> PairedArrays:

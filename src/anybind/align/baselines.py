@@ -48,7 +48,7 @@ from ..errors import AnybindError
 from ..registry import Registry
 from .linalg import eig_desc as _sym_eig_desc
 from .linalg import fix_signs as _fix_signs
-from .topk import bank_scores, distinct_rows, top_k
+from .topk import Bank, bank_top_k, top_k
 
 __all__ = [
     "BASELINES",
@@ -271,11 +271,11 @@ class Baseline(ABC):
             cfg["fitted"] = dict(self._fitted_info)
         return cfg
 
-    def _distinct(self, attribute: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct rows of a bank attribute, found once per bank (a cache: `save` skips it)."""
+    def _bank(self, attribute: str) -> Bank:
+        """A bank attribute's distinct rows and copies, found once per bank (a cache: `save` skips it)."""
         bank, cache = getattr(self, attribute), self.__dict__.setdefault("_cache_distinct", {})
         if attribute not in cache or cache[attribute][0] is not bank:
-            cache[attribute] = (bank, distinct_rows(bank))
+            cache[attribute] = (bank, Bank.of(bank))
         return cache[attribute][1]
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -641,8 +641,9 @@ class ASIF(Baseline):
     anchor-index space ([n, n_anchors], dense). Only the top ``k`` similarities are kept, clipped
     at zero, raised to ``power``, then L2-normalised. ``center`` re-centres each side on its
     anchors' mean before the cosine (helps features that are all positive, e.g. CNN pools).
-    Queries are processed ``batch_size`` rows at a time, so memory is
-    O(batch_size x n_captions) besides the dense output.
+    Queries are processed ``batch_size`` rows at a time (captions: fewer where that many rows of
+    similarities would pass ``SIMILARITY_BLOCK`` floats; images are scored against the anchors a
+    block at a time), so memory is bounded besides the dense output.
 
     Defaults (k=800, power=8, as in the ASIF paper) measured on openclipart (val): power 4-8 is
     flat for any k in 50-2000 (27-28% mean recall; power 8 has the better R@1), power 1 collapses
@@ -669,23 +670,26 @@ class ASIF(Baseline):
         self._n_anchors = len(rows)
         self._fitted_info.update(out_dim=self._n_anchors, k=min(self.k, self._n_anchors))
 
-    def _similarities(self, side: str, q: torch.Tensor) -> torch.Tensor:
-        if side == "image":
-            return bank_scores(q, self._distinct("_anchor_image"))
+    def _caption_similarities(self, q: torch.Tensor) -> torch.Tensor:
         sims = q @ self._anchor_text.T  # [b, Nt] -> [b, n_anchors]
         index = self._anchor_of_text.expand_as(sims)
         reduce = "amax" if self.caption_aggregate == "max" else "mean"
         out = torch.zeros(len(q), self._n_anchors, dtype=sims.dtype)
         return out.scatter_reduce_(1, index, sims, reduce=reduce, include_self=False)
 
+    def _top(self, side: str, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if side == "image":
+            return bank_top_k(q, self._bank("_anchor_image"), k, SIMILARITY_BLOCK)
+        return top_k(self._caption_similarities(q), k)
+
     def _encode(self, side: str, x: torch.Tensor) -> torch.Tensor:
         q = self._spaces[side](x)
         k = min(self.k, self._n_anchors)
         out = torch.zeros(len(q), self._n_anchors)
-        columns = self._n_anchors if side == "image" else len(self._anchor_text)
-        rows = max(1, min(self.batch_size, SIMILARITY_BLOCK // max(1, columns)))  # [rows, columns] at a time
-        for part in _chunks(len(q), rows):
-            vals, idx = top_k(self._similarities(side, q[part]), k)
+        # a caption's [rows, captions] similarities at a time (an image's are scored in bank blocks)
+        rows = self.batch_size if side == "image" else max(1, SIMILARITY_BLOCK // max(1, len(self._anchor_text)))
+        for part in _chunks(len(q), min(self.batch_size, rows)):
+            vals, idx = self._top(side, q[part], k)
             vals = vals.clamp(min=0.0)
             # divide by the row max before the power: same direction, no float underflow
             vals = (vals / vals[:, :1].clamp(min=1e-12)).pow(self.power)
@@ -786,8 +790,8 @@ class NNTransfer(Baseline):
         k = min(self.k, len(self._anchor_image))
         offsets = self._logit_offsets()
         out = torch.empty(len(q), self._anchor_text.shape[1])
-        for part in _chunks(len(q), self.batch_size):
-            sims, idx = top_k(bank_scores(q[part], self._distinct("_anchor_image")), k)
+        for part in _chunks(len(q), self.batch_size):  # the bank is scored in blocks of SIMILARITY_BLOCK
+            sims, idx = bank_top_k(q[part], self._bank("_anchor_image"), k, SIMILARITY_BLOCK)
             if self.weighting == "softmax":
                 logits = sims / self.temperature if offsets is None else sims / self.temperature + offsets[idx]
                 weights = torch.softmax(logits, dim=1)

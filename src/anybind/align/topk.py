@@ -12,8 +12,12 @@ the copies must tie in both: a matrix product can give two equal rows scores one
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
+
+BLOCK_FLOATS = 1 << 25  # scores of one block of queries x bank rows (128 MiB)
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +72,69 @@ def distinct_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x[order[boundary]]).to(bank.device), torch.from_numpy(inverse).to(bank.device)
 
 
-def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Queries [b, d] against every bank row [b, n]: exact copies get the very same score."""
-    unique, inverse = distinct
+    unique, inverse = distinct[:2]
     return (queries @ unique.T)[:, inverse]
+
+
+class Bank(NamedTuple):
+    """A bank [n, d] for `bank_top_k`: its distinct rows in the order of their first copy, each bank
+    row's position among them, and each distinct row's copies (`columns[starts[u]:][:counts[u]]`,
+    ascending)."""
+
+    rows: torch.Tensor
+    inverse: torch.Tensor
+    columns: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def of(cls, bank: torch.Tensor) -> Bank:
+        unique, inverse = distinct_rows(bank)
+        n = len(bank)
+        first = torch.full((len(unique),), n, dtype=torch.int64).scatter_reduce(
+            0, inverse, torch.arange(n), reduce="amin")
+        by_first = torch.argsort(first)
+        rank = torch.empty_like(by_first)
+        rank[by_first] = torch.arange(len(by_first))
+        inverse = rank[inverse]
+        counts = torch.bincount(inverse, minlength=len(unique))
+        return cls(unique[by_first], inverse, torch.argsort(inverse, stable=True), torch.cumsum(counts, 0) - counts,
+                   counts)
+
+
+def bank_top_k(queries: torch.Tensor, bank: Bank, k: int, block: int = BLOCK_FLOATS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_k(bank_scores(queries, bank), k)`` without the [b, n] scores: the distinct rows are
+    scored a block at a time, keeping the k best so far by (score, first copy), one pass over the
+    bank (blocks of queries would pass over it once a block: traffic quadratic in n). The k best
+    columns are copies of those k rows: a row beaten by k others by score or by first copy cannot
+    hold one of the k lowest columns among the best scores."""
+    kk = min(k, len(bank.rows))
+    values = torch.empty(len(queries), 0, dtype=queries.dtype)
+    rows = torch.empty(len(queries), 0, dtype=torch.int64)
+    step = max(1, block // max(1, len(queries)))
+    for start in range(0, len(bank.rows), step):
+        v, r = top_k(queries @ bank.rows[start:start + step].T, min(kk, len(bank.rows) - start))
+        values, rows = _canonical(torch.cat([values, v], 1), torch.cat([rows, r + start], 1))
+        values, rows = values[:, :kk], rows[:, :kk]
+    return _copies_top_k(values, rows, bank, k, block)
+
+
+def _copies_top_k(values: torch.Tensor, rows: torch.Tensor, bank: Bank, k: int,
+                  block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, column) among the copies of each query's best distinct `rows`."""
+    out_values = torch.empty(len(rows), k, dtype=values.dtype)
+    out_columns = torch.empty(len(rows), k, dtype=torch.int64)
+    if not len(rows):
+        return out_values, out_columns
+    offsets = torch.arange(min(k, int(bank.counts[rows].max())))
+    step = max(1, block // (rows.shape[1] * len(offsets)))
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
+        have = offsets < bank.counts[rows[part]][..., None]  # [b, k, copies]: the first copies of each row
+        at = (bank.starts[rows[part]][..., None] + offsets).clamp(max=len(bank.columns) - 1)
+        columns = torch.where(have, bank.columns[at], len(bank.columns)).flatten(1)
+        v, c = _canonical(torch.where(have, values[part, :, None], -torch.inf).flatten(1), columns)
+        out_values[part], out_columns[part] = v[:, :k], c[:, :k]
+    return out_values, out_columns
