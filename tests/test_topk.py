@@ -82,6 +82,24 @@ def test_bank_keeps_each_rows_copies_in_column_order():
     assert [b.columns[s:s + c].tolist() for s, c in zip(b.starts, b.counts)] == [[0, 2, 5], [1, 4], [3]]
 
 
+@pytest.mark.parametrize("n,distinct,share_first", [(1, 1, False), (300, 40, False), (2000, 300, True)])
+def test_bank_of_random_rows_matches_a_row_by_row_construction(n, distinct, share_first):
+    rng = np.random.default_rng(n)
+    base = rng.normal(size=(distinct, 5)).astype(np.float32)
+    if share_first:
+        base[:, 0] = np.round(base[:, 0])
+    bank = torch.from_numpy(base[rng.integers(0, distinct, n)])
+    b = Bank.of(bank)
+    firsts, copies = {}, {}
+    for column, row in enumerate(map(tuple, bank.tolist())):
+        firsts.setdefault(row, column)
+        copies.setdefault(row, []).append(column)
+    want_rows = sorted(firsts, key=firsts.get)
+    assert b.rows.tolist() == [list(r) for r in want_rows]
+    assert torch.equal(b.rows[b.inverse], bank)
+    assert [b.columns[s:s + c].tolist() for s, c in zip(b.starts, b.counts)] == [copies[r] for r in want_rows]
+
+
 def duplicated_pairs(seed: int = 0) -> PairedArrays:
     """Images repeated up to 6 times, each copy with its own two captions (as openclipart files the
     same drawing in several folders)."""

@@ -41,35 +41,39 @@ def _canonical(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tenso
     return values.gather(1, by_value), columns.gather(1, by_value)
 
 
-def distinct_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the distinct rows of `bank` [n, d], the position of each row of `bank` among them), the
-    distinct rows in lexicographic order of their values, as ``torch.unique(bank, dim=0)`` gives them.
+def _equal_row_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): an order of the rows of `x` [n, d] in which equal rows are adjacent, copies
+    in ascending row order, lexicographic by value; and whether each position starts a new run.
 
-    Rows are sorted by their first column (a 1-d sort) and only rows sharing a first value are
-    sorted by the whole row: ``torch.unique(dim=0)`` sorts every row lexicographically, 81 s at 10M
-    rows of 32 against 2 s at 1M. Values compare as floats (-0.0 equals 0.0; finite rows assumed).
-    """
-    x = bank.detach().cpu().contiguous().numpy()
-    n = len(x)
-    if n == 0 or x.shape[1] == 0:
-        return torch.unique(bank, dim=0, return_inverse=True)
-    order = np.argsort(x[:, 0], kind="stable")
-    first = x[order, 0]
-    new_first = np.r_[True, first[1:] != first[:-1]]
-    run = np.cumsum(new_first) - 1  # run of equal first values, per sorted position
-    tied = np.flatnonzero(~new_first | np.r_[~new_first[1:], False])  # positions in a run of two or more
-    boundary = new_first.copy()
+    Rows are sorted by their first column (a 1-d sort of a contiguous copy) and only rows sharing a
+    first value by the whole row: ``torch.unique(dim=0)`` sorts every row, 81 s at 10M rows of 32
+    against 2 s at 1M. Values compare as floats (-0.0 equals 0.0; finite rows assumed)."""
+    first_column = np.ascontiguousarray(x[:, 0])
+    order = np.argsort(first_column, kind="stable")
+    first = first_column[order]
+    starts = np.r_[True, first[1:] != first[:-1]]
+    run = np.cumsum(starts) - 1  # run of equal first values, per sorted position
+    tied = np.flatnonzero(~starts | np.r_[~starts[1:], False])  # positions in a run of two or more
     if len(tied):
         rows = x[order[tied]]
-        within = np.lexsort((*rows[:, :0:-1].T, run[tied]))  # by run, then columns 1.. as the last keys
+        within = np.lexsort((*rows[:, :0:-1].T, run[tied]))  # stable: copies stay in row order
         order[tied] = order[tied][within]
         rows = rows[within]
-        differs = np.any(rows[1:] != rows[:-1], axis=1)
         same_run = run[tied][1:] == run[tied][:-1]
-        boundary[tied[1:]] |= same_run & differs
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[order] = np.cumsum(boundary) - 1
-    return torch.from_numpy(x[order[boundary]]).to(bank.device), torch.from_numpy(inverse).to(bank.device)
+        starts[tied[1:]] |= same_run & np.any(rows[1:] != rows[:-1], axis=1)
+    return order, starts
+
+
+def distinct_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct rows of `bank` [n, d], the position of each row of `bank` among them), the
+    distinct rows in lexicographic order of their values, as ``torch.unique(bank, dim=0)`` gives them."""
+    x = bank.detach().cpu().contiguous().numpy()
+    if not x.size:
+        return torch.unique(bank, dim=0, return_inverse=True)
+    order, starts = _equal_row_runs(x)
+    inverse = np.empty(len(x), dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    return torch.from_numpy(x[order[starts]]).to(bank.device), torch.from_numpy(inverse).to(bank.device)
 
 
 def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -79,7 +83,7 @@ def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, ...]) -> to
 
 
 class Bank(NamedTuple):
-    """A bank [n, d] for `bank_top_k`: its distinct rows in the order of their first copy, each bank
+    """A non-empty bank [n, d] for `bank_top_k`: its distinct rows in the order of their first copy, each bank
     row's position among them, and each distinct row's copies (`columns[starts[u]:][:counts[u]]`,
     ascending)."""
 
@@ -91,17 +95,21 @@ class Bank(NamedTuple):
 
     @classmethod
     def of(cls, bank: torch.Tensor) -> Bank:
-        unique, inverse = distinct_rows(bank)
-        n = len(bank)
-        first = torch.full((len(unique),), n, dtype=torch.int64).scatter_reduce(
-            0, inverse, torch.arange(n), reduce="amin")
-        by_first = torch.argsort(first)
-        rank = torch.empty_like(by_first)
-        rank[by_first] = torch.arange(len(by_first))
-        inverse = rank[inverse]
-        counts = torch.bincount(inverse, minlength=len(unique))
-        return cls(unique[by_first], inverse, torch.argsort(inverse, stable=True), torch.cumsum(counts, 0) - counts,
-                   counts)
+        x = bank.detach().cpu().contiguous().numpy()
+        order, starts = _equal_row_runs(x)
+        begin = np.flatnonzero(starts)  # each run's first sorted position: its first copy, order[begin]
+        counts = np.diff(np.r_[begin, len(x)])
+        by_first = np.argsort(order[begin])  # runs in the order of their first copies
+        rank = np.empty(len(begin), dtype=np.int64)
+        rank[by_first] = np.arange(len(begin))
+        run_of = np.cumsum(starts) - 1  # per sorted position
+        inverse = np.empty(len(x), dtype=np.int64)
+        inverse[order] = rank[run_of]
+        first_slot = np.cumsum(counts[by_first]) - counts[by_first]  # per rank
+        columns = np.empty(len(x), dtype=np.int64)  # each run's copies in row order, runs by rank
+        columns[first_slot[rank[run_of]] + np.arange(len(x)) - begin[run_of]] = order
+        rows = x[np.sort(order[begin])]  # gathered in ascending row order
+        return cls(*(torch.from_numpy(a) for a in (rows, inverse, columns, first_slot, counts[by_first])))
 
 
 def bank_top_k(queries: torch.Tensor, bank: Bank, k: int, block: int = BLOCK_FLOATS) -> tuple[torch.Tensor, torch.Tensor]:
