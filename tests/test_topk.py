@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anybind.align.baselines import PairedArrays, build_baseline
-from anybind.align.topk import Bank, bank_scores, bank_top_k, distinct_rows, top_k
+from anybind.align.topk import Bank, bank_scores, bank_top_k, top_k
 from anybind.runtime.blend import Baseline as RuntimeBaseline
 from anybind.runtime.blend import _top_k
 
@@ -36,7 +36,7 @@ def test_exact_copies_in_a_bank_get_the_same_score():
     rng = np.random.default_rng(0)
     bank = torch.from_numpy(rng.normal(size=(40, 33)).astype(np.float32))
     bank = bank[torch.from_numpy(rng.integers(0, 40, 300))]  # 300 rows, most of them copies
-    scores = bank_scores(torch.from_numpy(rng.normal(size=(9, 33)).astype(np.float32)), distinct_rows(bank))
+    scores = bank_scores(torch.from_numpy(rng.normal(size=(9, 33)).astype(np.float32)), torch.unique(bank, dim=0, return_inverse=True))
     for j in range(1, 300):
         copies = (bank == bank[j]).all(1).nonzero().squeeze(1)
         assert (scores[:, copies] == scores[:, j : j + 1]).all()
@@ -45,9 +45,9 @@ def test_exact_copies_in_a_bank_get_the_same_score():
 @pytest.mark.parametrize("n,d,distinct,share_first,zeros", [
     (1, 3, 1, False, False), (5, 1, 5, False, False), (300, 33, 40, False, False), (1000, 8, 1000, True, False),
     (1000, 8, 50, True, True), (2000, 4, 300, True, False), (500, 2, 100, False, True)])
-def test_distinct_rows_are_torch_uniques_rows_and_inverse(n, d, distinct, share_first, zeros):
-    # sorted by the first column, then only the rows sharing a first value by the whole row:
-    # the same rows, order and inverse as torch.unique(dim=0), which sorts every row
+def test_bank_rows_are_torch_uniques_rows(n, d, distinct, share_first, zeros):
+    # grouped by a hash of each row, rows sharing a hash compared whole: the same distinct rows as
+    # torch.unique(dim=0), which sorts every row, in the order of their first copies
     rng = np.random.default_rng(n + d)
     base = rng.normal(size=(distinct, d)).astype(np.float32)
     if share_first:  # many rows share a first value and differ later
@@ -55,10 +55,11 @@ def test_distinct_rows_are_torch_uniques_rows_and_inverse(n, d, distinct, share_
     if zeros and d > 1:  # -0.0 and 0.0 are one value
         base[::3, 1], base[1::3, 1], base[::2, 0] = 0.0, -0.0, 0.0
     bank = torch.from_numpy(base[rng.integers(0, distinct, n)])
-    unique, inverse = distinct_rows(bank)
-    want_unique, want_inverse = torch.unique(bank, dim=0, return_inverse=True)
-    assert torch.equal(unique, want_unique) and torch.equal(inverse, want_inverse)
-    assert torch.equal(unique[inverse], bank)
+    b = Bank.of(bank)
+    want = torch.unique(bank, dim=0)
+    assert len(b.rows) == len(want) and torch.equal(torch.unique(b.rows, dim=0), want)
+    assert torch.equal(b.rows[b.inverse], bank)
+    assert (b.columns[b.starts] == torch.sort(b.columns[b.starts]).values).all()  # by first copy
 
 
 @pytest.mark.parametrize("k,block", [(1, 7), (5, 40), (12, 1000), (30, 10**6), (200, 64)])
@@ -68,7 +69,7 @@ def test_bank_top_k_in_blocks_is_the_top_k_of_the_whole_bank(k, block):
     distinct = torch.from_numpy(rng.integers(-2, 3, size=(40, 3)).astype(np.float32))  # rows repeat, scores tie
     bank = distinct[torch.from_numpy(rng.integers(0, 40, 200))]
     queries = torch.from_numpy(rng.integers(-2, 3, size=(9, 3)).astype(np.float32))
-    want = top_k(bank_scores(queries, distinct_rows(bank)), k)
+    want = top_k(bank_scores(queries, torch.unique(bank, dim=0, return_inverse=True)), k)
     got = bank_top_k(queries, Bank.of(bank), k, block)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert bank_top_k(queries[:0], Bank.of(bank), k, block)[1].shape == (0, k)
@@ -82,8 +83,13 @@ def test_bank_keeps_each_rows_copies_in_column_order():
     assert [b.columns[s:s + c].tolist() for s, c in zip(b.starts, b.counts)] == [[0, 2, 5], [1, 4], [3]]
 
 
+@pytest.mark.parametrize("collide", [False, True])
 @pytest.mark.parametrize("n,distinct,share_first", [(1, 1, False), (300, 40, False), (2000, 300, True)])
-def test_bank_of_random_rows_matches_a_row_by_row_construction(n, distinct, share_first):
+def test_bank_of_random_rows_matches_a_row_by_row_construction(n, distinct, share_first, collide, monkeypatch):
+    import anybind.align.topk as topk
+
+    if collide:  # distinct rows sharing a hash are told apart by comparing them whole
+        monkeypatch.setattr(topk, "_row_hashes", lambda x: np.round(x[:, 0]).astype(np.int64).astype(np.uint64))
     rng = np.random.default_rng(n)
     base = rng.normal(size=(distinct, 5)).astype(np.float32)
     if share_first:

@@ -7,7 +7,7 @@ training images holds exact duplicates (openclipart: 1,887 of 6,937 rows), so a 
 decides which captions are transferred, so the choice must be a rule, the same in the model and in
 the torch-free runtime (`anybind.runtime.blend` applies the same one): the lowest column wins. And
 the copies must tie in both: a matrix product can give two equal rows scores one ulp apart, so
-`bank_scores` scores each distinct row once and gives every copy that score.
+`bank_scores` and `bank_top_k` score each distinct row once and give every copy that score.
 """
 
 from __future__ import annotations
@@ -42,38 +42,39 @@ def _canonical(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _equal_row_runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, starts): an order of the rows of `x` [n, d] in which equal rows are adjacent, copies
-    in ascending row order, lexicographic by value; and whether each position starts a new run.
+    """(order, starts): an order of the rows of `x` [n, d] (n > 0) in which equal rows are adjacent,
+    copies in ascending row order; and whether each position starts a run of equal rows.
 
-    Rows are sorted by their first column (a 1-d sort of a contiguous copy) and only rows sharing a
-    first value by the whole row: ``torch.unique(dim=0)`` sorts every row, 81 s at 10M rows of 32
-    against 2 s at 1M. Values compare as floats (-0.0 equals 0.0; finite rows assumed)."""
-    first_column = np.ascontiguousarray(x[:, 0])
-    order = np.argsort(first_column, kind="stable")
-    first = first_column[order]
-    starts = np.r_[True, first[1:] != first[:-1]]
-    run = np.cumsum(starts) - 1  # run of equal first values, per sorted position
-    tied = np.flatnonzero(~starts | np.r_[~starts[1:], False])  # positions in a run of two or more
+    Rows are sorted by a 64-bit hash of their values (a 1-d sort), and rows sharing a hash are
+    compared whole. ``torch.unique(dim=0)`` sorts every row lexicographically: 81 s at 10M rows of
+    32 against 2 s at 1M; sorting by the first column ties ever more rows as n grows (float32 has
+    few values). Values compare as floats (-0.0 equals 0.0; finite rows assumed)."""
+    hashes = _row_hashes(x)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    starts = np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]]
+    tied = np.flatnonzero(~starts)  # positions whose row shares its hash with the one before
     if len(tied):
-        rows = x[order[tied]]
-        within = np.lexsort((*rows[:, :0:-1].T, run[tied]))  # stable: copies stay in row order
-        order[tied] = order[tied][within]
-        rows = rows[within]
-        same_run = run[tied][1:] == run[tied][:-1]
-        starts[tied[1:]] |= same_run & np.any(rows[1:] != rows[:-1], axis=1)
+        run = np.cumsum(starts) - 1
+        differs = np.any(x[order[tied]] != x[order[np.flatnonzero(starts)[run[tied]]]], axis=1)
+        if differs.any():  # distinct rows with one hash (chance about n^2 / 2^65): sort those runs whole
+            collided = np.isin(run, run[tied[differs]])
+            at = np.flatnonzero(collided)
+            rows = x[order[at]]
+            within = np.lexsort((*rows.T[::-1], run[at]))  # stable: copies stay in row order
+            order[at], rows = order[at][within], rows[within]
+            starts[at[1:]] |= np.any(rows[1:] != rows[:-1], axis=1)
     return order, starts
 
 
-def distinct_rows(bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the distinct rows of `bank` [n, d], the position of each row of `bank` among them), the
-    distinct rows in lexicographic order of their values, as ``torch.unique(bank, dim=0)`` gives them."""
-    x = bank.detach().cpu().contiguous().numpy()
-    if not x.size:
-        return torch.unique(bank, dim=0, return_inverse=True)
-    order, starts = _equal_row_runs(x)
-    inverse = np.empty(len(x), dtype=np.int64)
-    inverse[order] = np.cumsum(starts) - 1
-    return torch.from_numpy(x[order[starts]]).to(bank.device), torch.from_numpy(inverse).to(bank.device)
+def _row_hashes(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """A 64-bit hash a row: its values' bits (-0.0 as 0.0) times fixed odd multipliers, summed."""
+    multipliers = np.random.default_rng(0).integers(1, 2**63, size=x.shape[1], dtype=np.uint64) | np.uint64(1)
+    out = np.empty(len(x), dtype=np.uint64)
+    for start in range(0, len(x), block):
+        bits = (x[start:start + block] + x.dtype.type(0)).view(f"u{x.dtype.itemsize}").astype(np.uint64)
+        out[start:start + block] = (bits * multipliers).sum(axis=1, dtype=np.uint64)  # wraps modulo 2^64
+    return out
 
 
 def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, ...]) -> torch.Tensor:
