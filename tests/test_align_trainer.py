@@ -248,3 +248,37 @@ def test_block_shuffle_reads_pairs_in_runs_and_still_learns(stores, tmp_path):
     assert result.val["mean_R@1"] >= 0.9, result.val
     with pytest.raises(RecipeError, match="train.shuffle"):
         load_recipe("linear", ["train.shuffle=sometimes"])
+
+
+@pytest.mark.parametrize("by_row", [False, True])
+def test_pairing_is_the_row_by_row_join(tmp_path, by_row):
+    """Pairs, items and splits as a dict join row by row gives them: stores in different orders,
+    a few rows on either side without a partner; `by_row`: both sides have several rows an item."""
+    from anybind.align.data import PairedFeatures
+
+    rng = np.random.default_rng(1)
+    items = [f"it{i:03d}" for i in range(100)]
+    split_of = {i: ("train", "val", "test")[k % 3] for k, i in enumerate(items)}
+    a_keys = [(i, j) for i in items[:98] for j in range(2 if by_row else 1)]  # it098, it099: no anchor
+    a_keys = [a_keys[r] for r in rng.permutation(len(a_keys))]
+    p_keys = [(i, j) for i in items if i not in ("it000", "it001") for j in range(2)]  # it000/1: no partner
+    p_keys = [p_keys[r] for r in rng.permutation(len(p_keys))]
+
+    def store(name, keys, modality, field):
+        caption = {"caption_index": [j for _, j in keys]} if field == "caption" else {}
+        return write_store(tmp_path / name, {"final": rng.standard_normal((len(keys), 4)).astype(np.float32)},
+                           [i for i, _ in keys], modality=modality, field=field, dataset="d",
+                           splits=[split_of[i] for i, _ in keys], **caption)
+
+    a = store("a", a_keys, "audio" if by_row else "image", "caption" if by_row else "image")
+    p = store("p", p_keys, "text", "caption")
+    data = PairedFeatures({"a": a, "p": p}, anchor="a")
+    a_row = {key: r for r, key in enumerate(a_keys)}
+    want = [(a_row[key if by_row else (key[0], 0)], r) for r, key in enumerate(p_keys)
+            if (key if by_row else (key[0], 0)) in a_row]
+    assert list(zip(data.anchor_rows_all.tolist(), data.partner_rows_all.tolist())) == want
+    first_of_item = {}
+    for anchor_row, _ in want:
+        first_of_item.setdefault(a_keys[anchor_row][0], anchor_row)
+    assert data.item_of_pair.tolist() == [first_of_item[a_keys[r][0]] for r, _ in want]
+    assert data.split_of_pair.tolist() == [split_of[a_keys[r][0]] for r, _ in want]

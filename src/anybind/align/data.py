@@ -136,21 +136,26 @@ class PairedFeatures:
     def _join(self) -> None:
         a, p = self.sides[self.anchor_name].store, self.sides[self.partner_name].store
         first_a, a_key, p_key = _join_keys(a, p, self.by_row)
-        order = np.argsort(a_key, kind="stable")
-        at = np.minimum(np.searchsorted(a_key[order], p_key), len(order) - 1)
-        keep = a_key[order][at] == p_key
+        if self.by_row:
+            order = np.argsort(a_key, kind="stable")
+            at = np.minimum(np.searchsorted(a_key[order], p_key), len(order) - 1)
+            keep = a_key[order][at] == p_key
+            anchor_rows = order[at[keep]].astype(np.int64)
+        else:  # one anchor row an item: a partner's key is its anchor row (-1: none), no sort needed
+            keep = p_key >= 0
+            anchor_rows = p_key[keep]
         if not keep.any():
             raise PairingError(f"the {self.anchor_name} and {self.partner_name} stores share no item ids: "
                                "were they extracted from the same dataset?")
-        self._check_unpaired(len(a_key), len(p_key), int((~keep).sum()), len(a_key) - len(np.unique(p_key[keep])))
+        lost_a = len(a_key) - np.count_nonzero(np.bincount(anchor_rows, minlength=len(a_key)))
+        self._check_unpaired(len(a_key), len(p_key), int((~keep).sum()), lost_a)
         self.partner_rows_all = np.nonzero(keep)[0]
-        self.anchor_rows_all = order[at[keep]].astype(np.int64)
+        self.anchor_rows_all = anchor_rows
         if self.across_datasets:
             _check_same_groups(a, self.anchor_rows_all, p, self.partner_rows_all)
         self.split_of_pair = self.anchor_splits()[self.anchor_rows_all]
         # the anchor row identifies the item (joined by row: the anchor row of the item's first pair does)
-        _, first_pair, inverse = np.unique(first_a[self.anchor_rows_all], return_index=True, return_inverse=True)
-        self.item_of_pair = self.anchor_rows_all[first_pair][inverse.ravel()]
+        self.item_of_pair = anchor_rows.copy() if not self.by_row else _first_of_item(first_a, anchor_rows)
 
     def _check_unpaired(self, n_a: int, n_p: int, lost_p: int, lost_a: int) -> None:
         if self.across_datasets:  # the datasets overlap by design: the pairs are the shared items
@@ -267,7 +272,7 @@ def _join_keys(a: FeatureStore, p: FeatureStore, by_row: bool) -> tuple[np.ndarr
     p_item = pc.index_in(p_ids, value_set=a_ids).to_numpy(zero_copy_only=False)
     p_item = np.where(np.isnan(p_item), -1, p_item).astype(np.int64) if p_item.dtype.kind == "f" else p_item.astype(np.int64)
     if not by_row:
-        if len(np.unique(first_a)) != len(first_a):
+        if not np.array_equal(first_a, np.arange(len(first_a))):  # each row its own first: ids unique
             raise PairingError(f"the anchor store {a.path.name} has several rows per item")
         return first_a, first_a, p_item
     span = int(max(a.caption_index.max(initial=0), p.caption_index.max(initial=0))) + 1
@@ -276,6 +281,12 @@ def _join_keys(a: FeatureStore, p: FeatureStore, by_row: bool) -> tuple[np.ndarr
     if len(np.unique(a_key)) != len(a_key):
         raise PairingError(f"the anchor store {a.path.name} has several rows of one item and caption index")
     return first_a, a_key, p_key
+
+
+def _first_of_item(first_a: np.ndarray, anchor_rows: np.ndarray) -> np.ndarray:
+    """Per pair, the anchor row of the first pair of its item (`first_a`: each anchor row's item)."""
+    _, first_pair, inverse = np.unique(first_a[anchor_rows], return_index=True, return_inverse=True)
+    return anchor_rows[first_pair][inverse.ravel()]
 
 
 def _anchor_of(stores: dict[str, FeatureStore], anchor: str | None) -> tuple[str, bool]:
