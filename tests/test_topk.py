@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anybind.align.baselines import PairedArrays, build_baseline
-from anybind.align.topk import Bank, bank_scores, bank_top_k, top_k
+from anybind.align.topk import Bank, bank_top_k, top_k
 from anybind.runtime.blend import Baseline as RuntimeBaseline
 from anybind.runtime.blend import _top_k
 
@@ -36,7 +36,9 @@ def test_exact_copies_in_a_bank_get_the_same_score():
     rng = np.random.default_rng(0)
     bank = torch.from_numpy(rng.normal(size=(40, 33)).astype(np.float32))
     bank = bank[torch.from_numpy(rng.integers(0, 40, 300))]  # 300 rows, most of them copies
-    scores = bank_scores(torch.from_numpy(rng.normal(size=(9, 33)).astype(np.float32)), torch.unique(bank, dim=0, return_inverse=True))
+    queries = torch.from_numpy(rng.normal(size=(9, 33)).astype(np.float32))
+    values, columns = bank_top_k(queries, Bank.of(bank), 300, block=64)  # every column, scored in blocks
+    scores = torch.empty(9, 300).scatter_(1, columns, values)
     for j in range(1, 300):
         copies = (bank == bank[j]).all(1).nonzero().squeeze(1)
         assert (scores[:, copies] == scores[:, j : j + 1]).all()
@@ -62,6 +64,12 @@ def test_bank_rows_are_torch_uniques_rows(n, d, distinct, share_first, zeros):
     assert (b.columns[b.starts] == torch.sort(b.columns[b.starts]).values).all()  # by first copy
 
 
+def whole_bank_scores(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """The reference: every bank row's score, each copy given its distinct row's (torch.unique)."""
+    unique, inverse = torch.unique(bank, dim=0, return_inverse=True)
+    return (queries @ unique.T)[:, inverse]
+
+
 @pytest.mark.parametrize("k,block", [(1, 7), (5, 40), (12, 1000), (30, 10**6), (200, 64)])
 def test_bank_top_k_in_blocks_is_the_top_k_of_the_whole_bank(k, block):
     # small integers: every product is exact, so scores tie wherever they should, whatever the block
@@ -69,7 +77,7 @@ def test_bank_top_k_in_blocks_is_the_top_k_of_the_whole_bank(k, block):
     distinct = torch.from_numpy(rng.integers(-2, 3, size=(40, 3)).astype(np.float32))  # rows repeat, scores tie
     bank = distinct[torch.from_numpy(rng.integers(0, 40, 200))]
     queries = torch.from_numpy(rng.integers(-2, 3, size=(9, 3)).astype(np.float32))
-    want = top_k(bank_scores(queries, torch.unique(bank, dim=0, return_inverse=True)), k)
+    want = top_k(whole_bank_scores(queries, bank), k)
     got = bank_top_k(queries, Bank.of(bank), k, block)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert bank_top_k(queries[:0], Bank.of(bank), k, block)[1].shape == (0, k)

@@ -48,7 +48,7 @@ from ..errors import AnybindError
 from ..registry import Registry
 from .linalg import eig_desc as _sym_eig_desc
 from .linalg import fix_signs as _fix_signs
-from .topk import Bank, bank_top_k, top_k
+from .topk import BLOCK_FLOATS, Bank, bank_top_k, top_k
 
 __all__ = [
     "BASELINES",
@@ -617,7 +617,7 @@ class _CosineSpace:
 _STATE_CLASSES.update(_AffineMap=_AffineMap, _CosineSpace=_CosineSpace)
 
 
-SIMILARITY_BLOCK = 1 << 25  # floats of one block of query x anchor similarities (128 MiB)
+SIMILARITY_BLOCK = BLOCK_FLOATS  # floats of one block of query x anchor similarities (128 MiB)
 
 
 def _chunks(n: int, size: int):

@@ -7,7 +7,7 @@ training images holds exact duplicates (openclipart: 1,887 of 6,937 rows), so a 
 decides which captions are transferred, so the choice must be a rule, the same in the model and in
 the torch-free runtime (`anybind.runtime.blend` applies the same one): the lowest column wins. And
 the copies must tie in both: a matrix product can give two equal rows scores one ulp apart, so
-`bank_scores` and `bank_top_k` score each distinct row once and give every copy that score.
+`bank_top_k` scores each distinct row once and gives every copy that score.
 """
 
 from __future__ import annotations
@@ -77,12 +77,6 @@ def _row_hashes(x: np.ndarray, block: int = 1 << 16) -> np.ndarray:
     return out
 
 
-def bank_scores(queries: torch.Tensor, distinct: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Queries [b, d] against every bank row [b, n]: exact copies get the very same score."""
-    unique, inverse = distinct[:2]
-    return (queries @ unique.T)[:, inverse]
-
-
 class Bank(NamedTuple):
     """A non-empty bank [n, d] for `bank_top_k`: its distinct rows in the order of their first copy, each bank
     row's position among them, and each distinct row's copies (`columns[starts[u]:][:counts[u]]`,
@@ -114,7 +108,8 @@ class Bank(NamedTuple):
 
 
 def bank_top_k(queries: torch.Tensor, bank: Bank, k: int, block: int = BLOCK_FLOATS) -> tuple[torch.Tensor, torch.Tensor]:
-    """``top_k(bank_scores(queries, bank), k)`` without the [b, n] scores: the distinct rows are
+    """``top_k`` of the queries' scores against every bank row, each copy given its distinct row's
+    score (``(queries @ bank.rows.T)[:, bank.inverse]``), without the [b, n] scores: the distinct rows are
     scored a block at a time, keeping the k best so far by (score, first copy), one pass over the
     bank (blocks of queries would pass over it once a block: traffic quadratic in n). The k best
     columns are copies of those k rows: a row beaten by k others by score or by first copy cannot
